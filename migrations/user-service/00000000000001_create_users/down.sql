@@ -1,0 +1,2 @@
+DROP TABLE create_user_requests;
+DROP TABLE users;

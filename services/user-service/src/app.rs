@@ -1,0 +1,123 @@
+//! Building and running the service: the pool (database created and migrated
+//! on the way), the gRPC server on its bound listener, and the outbox relay.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use shop_bootstrap::db::Pool;
+use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
+use shop_contracts::user::user_service_server::UserServiceServer;
+use shop_outbox::Relay;
+use tonic::transport::server::TcpIncoming;
+
+use crate::grpc::UserGrpc;
+use crate::settings::Settings;
+
+/// The migrations of `migrations/user-service`, compiled into the binary.
+pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
+    diesel_migrations::embed_migrations!("../../migrations/user-service");
+
+/// A service ready to run: database migrated, listener bound.
+pub struct Application {
+    settings: Settings,
+    pool: Pool,
+    incoming: TcpIncoming,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects to (and if needed creates and migrates) the database and
+    /// binds the gRPC listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = shop_bootstrap::db::connect(&settings.database, MIGRATIONS).await?;
+        let incoming = TcpIncoming::bind(settings.grpc_addr)
+            .map_err(|error| anyhow::anyhow!("failed to bind {}: {error}", settings.grpc_addr))?
+            .with_nodelay(Some(true));
+        let local_addr = incoming.local_addr().context("bound listener has no address")?;
+        Ok(Self {
+            settings,
+            pool,
+            incoming,
+            local_addr,
+        })
+    }
+
+    /// The address the gRPC server listens on (the real port when the
+    /// settings asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The database pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Serves gRPC and runs the relay (unless disabled) until `shutdown`,
+    /// then drains in-flight calls and the relay's batch within the grace
+    /// period.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut tasks = TaskGroup::new(shutdown.clone());
+        if self.settings.relay_enabled {
+            tasks.spawn(
+                "outbox relay",
+                relay(&self.settings, self.pool.clone()).run(shutdown.clone()),
+            );
+        }
+        tasks.spawn("grpc server", serve(self.pool, self.incoming, shutdown.clone()));
+        tracing::info!(addr = %self.local_addr, relay = self.settings.relay_enabled, "user service started");
+        let outcome = tasks.run(self.settings.shutdown_grace).await;
+        tracing::info!("user service stopped");
+        outcome
+    }
+}
+
+/// The outbox relay of the user service.
+pub fn relay(settings: &Settings, pool: Pool) -> Relay {
+    Relay::new(
+        pool,
+        settings.database.url.clone(),
+        settings.amqp.clone(),
+        settings.relay.clone(),
+    )
+}
+
+/// Runs only the relay, for deployments that keep it out of the gRPC
+/// processes.
+pub async fn run_relay(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = shop_bootstrap::db::connect(&settings.database, MIGRATIONS).await?;
+    let mut tasks = TaskGroup::new(shutdown.clone());
+    tasks.spawn("outbox relay", relay(&settings, pool).run(shutdown));
+    tasks.run(settings.shutdown_grace).await
+}
+
+async fn serve(pool: Pool, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<UserServiceServer<UserGrpc>>().await;
+    let (reflection_v1, reflection_v1alpha) = shop_bootstrap::grpc::reflection()?;
+    let stopping = {
+        let health = health.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<UserServiceServer<UserGrpc>>().await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(UserServiceServer::new(UserGrpc::new(pool)))
+        .serve_with_incoming_shutdown(incoming, stopping)
+        .await
+        .context("gRPC server failed")
+}

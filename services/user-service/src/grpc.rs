@@ -1,0 +1,101 @@
+//! `shop.user.v1.UserService` over gRPC: validate, run the command, map the
+//! outcome to a response or a status.
+
+use shop_bootstrap::db::{Pool, PooledConnection};
+use shop_contracts::user as pb;
+use shop_contracts::user::user_service_server::UserService;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::store::{self, NewUser, UserChange};
+use crate::validate::{self, Deletion, Page};
+
+/// The gRPC handlers, over a connection pool.
+#[derive(Clone)]
+pub struct UserGrpc {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for UserGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserGrpc").finish_non_exhaustive()
+    }
+}
+
+impl UserGrpc {
+    /// Handlers using `pool`.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn conn(&self) -> Result<PooledConnection, Error> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for UserGrpc {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let new = NewUser::try_from(request.into_inner()).map_err(Error::from)?;
+        let user = store::create_user(&mut *self.conn().await?, &new).await?;
+        Ok(Response::new(pb::CreateUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let id = validate::get_user(request.get_ref()).map_err(Error::from)?;
+        let user = store::find(&mut *self.conn().await?, id)
+            .await?
+            .ok_or(Error::NotFound(id))?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::UpdateUserResponse>, Status> {
+        let change = UserChange::try_from(request.into_inner()).map_err(Error::from)?;
+        let user = store::update_user(&mut *self.conn().await?, &change).await?;
+        Ok(Response::new(pb::UpdateUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let deletion = Deletion::try_from(request.into_inner()).map_err(Error::from)?;
+        store::delete_user(&mut *self.conn().await?, deletion.id, deletion.expected_version).await?;
+        Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let page = Page::try_from(request.into_inner()).map_err(Error::from)?;
+        // One extra row tells whether another page follows.
+        let mut users = store::list(&mut *self.conn().await?, page.after, page.size + 1).await?;
+        let mut next_page_token = String::new();
+        if users.len() > page.size as usize {
+            users.truncate(page.size as usize);
+            if let Some(last) = users.last() {
+                next_page_token = validate::page_token(last.id);
+            }
+        }
+        Ok(Response::new(pb::ListUsersResponse {
+            users: users.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+}

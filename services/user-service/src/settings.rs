@@ -1,0 +1,65 @@
+//! The user service's settings, from environment variables with defaults
+//! that work against a local PostgreSQL and RabbitMQ (or `docker compose`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shop_bootstrap::db::DatabaseSettings;
+use shop_bootstrap::settings as env;
+use shop_messaging::{AmqpSettings, Backoff};
+use shop_outbox::RelayConfig;
+
+/// Everything the user service reads at start-up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL` (default `postgres://postgres:postgres@localhost:5432/users`),
+    /// `DATABASE_POOL_SIZE` (16), `DATABASE_ACQUIRE_TIMEOUT_MS` (5000).
+    pub database: DatabaseSettings,
+    /// `AMQP_URL` (default `amqp://guest:guest@localhost:5672/%2f`).
+    pub amqp: AmqpSettings,
+    /// `GRPC_ADDR` (default `0.0.0.0:50051`); port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// `RELAY_ENABLED` (default `true`): run the outbox relay in this
+    /// process. Turn it off to run it as its own process
+    /// (`user-service relay`).
+    pub relay_enabled: bool,
+    /// `USER_EVENTS_EXCHANGE` (default `user.events`), `RELAY_BATCH_SIZE`
+    /// (1000), `RELAY_POLL_INTERVAL_MS` (1000), `OUTBOX_RETENTION_SECS`
+    /// (86400).
+    pub relay: RelayConfig,
+    /// `SHUTDOWN_GRACE_MS` (default 10000): how long in-flight calls and the
+    /// relay's last batch may take after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// The service name: `app_id` of its events, `service.name` of its traces.
+pub const SERVICE_NAME: &str = "user-service";
+
+impl Settings {
+    /// Reads the settings; fails on a malformed value, naming the variable.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let mut relay = RelayConfig::new(env::string("USER_EVENTS_EXCHANGE", "user.events"), SERVICE_NAME);
+        relay.batch_size = env::parse("RELAY_BATCH_SIZE", relay.batch_size)?;
+        relay.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", relay.poll_interval)?;
+        relay.retention =
+            Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", relay.retention.as_secs())?);
+        relay.backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        Ok(Self {
+            database: DatabaseSettings {
+                url: env::secret(
+                    "DATABASE_URL",
+                    "postgres://postgres:postgres@localhost:5432/users",
+                ),
+                pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
+                acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
+            },
+            amqp: AmqpSettings {
+                url: env::secret("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f"),
+            },
+            grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
+            relay_enabled: env::flag("RELAY_ENABLED", true)?,
+            relay,
+            shutdown_grace: env::millis("SHUTDOWN_GRACE_MS", Duration::from_secs(10))?,
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! The user service's storage: every command is one transaction that changes
+//! the `users` row and writes the event describing the change to the outbox.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable,
+    SelectableHelper as _,
+};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use shop_contracts::user as pb;
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::schema::{create_user_requests, users};
+
+/// A stored user.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = users)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct User {
+    /// See `shop.user.v1.User`.
+    pub id: Uuid,
+    /// As given; unique case-insensitively.
+    pub email: String,
+    /// Trimmed display name.
+    pub name: String,
+    /// 1 after creation, +1 per change.
+    pub version: i64,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<User> for pb::User {
+    fn from(user: User) -> Self {
+        Self {
+            id: user.id.to_string(),
+            email: user.email,
+            name: user.name,
+            version: user.version,
+            created_at: Some(timestamp(user.created_at)),
+            updated_at: Some(timestamp(user.updated_at)),
+        }
+    }
+}
+
+/// The protobuf timestamp of a database time.
+pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(std::time::SystemTime::from(time))
+}
+
+use shop_contracts::prost_types;
+
+/// A validated `CreateUser`.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Checked email.
+    pub email: String,
+    /// Trimmed name.
+    pub name: String,
+    /// Idempotency key, when the client sent one.
+    pub request_id: Option<Uuid>,
+}
+
+/// A validated `UpdateUser`.
+#[derive(Debug, Clone)]
+pub struct UserChange {
+    /// The user.
+    pub id: Uuid,
+    /// The version the caller saw.
+    pub expected_version: i64,
+    /// New email, if it changes.
+    pub email: Option<String>,
+    /// New name, if it changes.
+    pub name: Option<String>,
+}
+
+/// Creates a user and its `UserCreated` event, or returns the user a previous
+/// call with the same request id created.
+#[tracing::instrument(name = "db.create_user", skip_all, fields(db.system = "postgresql", user.id))]
+pub async fn create_user(conn: &mut AsyncPgConnection, new: &NewUser) -> Result<User, Error> {
+    conn.transaction(async |conn| {
+        let id = Uuid::now_v7();
+        if let Some(request_id) = new.request_id {
+            let claimed = diesel::insert_into(create_user_requests::table)
+                .values((
+                    create_user_requests::request_id.eq(request_id),
+                    create_user_requests::user_id.eq(id),
+                    create_user_requests::email.eq(&new.email),
+                    create_user_requests::name.eq(&new.name),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if claimed == 0 {
+                return repeated_create(conn, request_id, new).await;
+            }
+        }
+        let now = Utc::now();
+        let user: User = diesel::insert_into(users::table)
+            .values((
+                users::id.eq(id),
+                users::email.eq(&new.email),
+                users::name.eq(&new.name),
+                users::version.eq(1),
+                users::created_at.eq(now),
+                users::updated_at.eq(now),
+            ))
+            .returning(User::as_returning())
+            .get_result(conn)
+            .await?;
+        tracing::Span::current().record("user.id", tracing::field::display(user.id));
+        shop_outbox::enqueue(
+            conn,
+            &pb::UserCreated {
+                user_id: user.id.to_string(),
+                version: user.version,
+                email: user.email.clone(),
+                name: user.name.clone(),
+                occurred_at: Some(timestamp(now)),
+            },
+        )
+        .await?;
+        Ok(user)
+    })
+    .await
+}
+
+/// The answer to a `CreateUser` whose request id was seen before.
+async fn repeated_create(
+    conn: &mut AsyncPgConnection,
+    request_id: Uuid,
+    new: &NewUser,
+) -> Result<User, Error> {
+    let (user_id, email, name): (Uuid, String, String) = create_user_requests::table
+        .find(request_id)
+        .select((
+            create_user_requests::user_id,
+            create_user_requests::email,
+            create_user_requests::name,
+        ))
+        .first(conn)
+        .await?;
+    if email != new.email || name != new.name {
+        return Err(Error::RequestIdReused(request_id));
+    }
+    find(conn, user_id)
+        .await?
+        .ok_or(Error::CreatedUserDeleted { request_id, user_id })
+}
+
+/// Changes a user's email and/or name and writes `UserUpdated`; a change that
+/// changes nothing returns the user as it is, with no new version or event.
+#[tracing::instrument(name = "db.update_user", skip_all, fields(db.system = "postgresql", user.id = %change.id))]
+pub async fn update_user(conn: &mut AsyncPgConnection, change: &UserChange) -> Result<User, Error> {
+    conn.transaction(async |conn| {
+        let current = lock(conn, change.id, change.expected_version).await?;
+        let email = change.email.clone().unwrap_or_else(|| current.email.clone());
+        let name = change.name.clone().unwrap_or_else(|| current.name.clone());
+        if email == current.email && name == current.name {
+            return Ok(current);
+        }
+        let now = Utc::now();
+        let user: User = diesel::update(users::table.find(change.id))
+            .set((
+                users::email.eq(&email),
+                users::name.eq(&name),
+                users::version.eq(current.version + 1),
+                users::updated_at.eq(now),
+            ))
+            .returning(User::as_returning())
+            .get_result(conn)
+            .await?;
+        shop_outbox::enqueue(
+            conn,
+            &pb::UserUpdated {
+                user_id: user.id.to_string(),
+                version: user.version,
+                email: user.email.clone(),
+                name: user.name.clone(),
+                occurred_at: Some(timestamp(now)),
+            },
+        )
+        .await?;
+        Ok(user)
+    })
+    .await
+}
+
+/// Deletes a user and writes `UserDeleted` (at the version after the last
+/// change).
+#[tracing::instrument(name = "db.delete_user", skip_all, fields(db.system = "postgresql", user.id = %id))]
+pub async fn delete_user(conn: &mut AsyncPgConnection, id: Uuid, expected_version: i64) -> Result<(), Error> {
+    conn.transaction(async |conn| {
+        let current = lock(conn, id, expected_version).await?;
+        diesel::delete(users::table.find(id)).execute(conn).await?;
+        shop_outbox::enqueue(
+            conn,
+            &pb::UserDeleted {
+                user_id: id.to_string(),
+                version: current.version + 1,
+                occurred_at: Some(timestamp(Utc::now())),
+            },
+        )
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The user, locked for the rest of the transaction, if it is at
+/// `expected_version`. Taking the row lock before writing the event is what
+/// makes outbox order per user equal to commit order.
+async fn lock(conn: &mut AsyncPgConnection, id: Uuid, expected_version: i64) -> Result<User, Error> {
+    let current: User = users::table
+        .find(id)
+        .select(User::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(Error::NotFound(id))?;
+    if current.version != expected_version {
+        return Err(Error::VersionMismatch {
+            id,
+            expected: expected_version,
+            actual: current.version,
+        });
+    }
+    Ok(current)
+}
+
+/// One user, if it exists.
+pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<User>, Error> {
+    Ok(users::table
+        .find(id)
+        .select(User::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Up to `limit` users created after `after` (ids are UUIDv7, so id order is
+/// creation order).
+pub async fn list(conn: &mut AsyncPgConnection, after: Option<Uuid>, limit: i64) -> Result<Vec<User>, Error> {
+    let mut query = users::table
+        .select(User::as_select())
+        .order(users::id.asc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(after) = after {
+        query = query.filter(users::id.gt(after));
+    }
+    Ok(query.load(conn).await?)
+}

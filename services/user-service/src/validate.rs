@@ -1,0 +1,310 @@
+//! The rules a request must meet, checked before any database work.
+//!
+//! Each check records a field violation instead of stopping at the first
+//! problem, so a caller learns everything wrong with a request at once, and
+//! returns the value it read; a value is only used once
+//! [`FieldViolations::check`] passed. The `TryFrom` impls at the end turn
+//! each request into the validated command the store takes.
+
+use base64::Engine as _;
+use shop_bootstrap::grpc::FieldViolations;
+use shop_contracts::user as pb;
+use uuid::Uuid;
+
+use crate::store::{NewUser, UserChange};
+
+/// Longest email address (RFC 5321 path limit).
+pub const EMAIL_MAX: usize = 254;
+/// Longest local part of an email address.
+const EMAIL_LOCAL_MAX: usize = 64;
+/// Longest name, in characters, after trimming.
+pub const NAME_MAX: usize = 200;
+/// Page size when the request sets none.
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+/// Largest page a caller may ask for.
+pub const MAX_PAGE_SIZE: i32 = 1000;
+
+/// Checks an email address: at most 254 characters, one `@`, a dot-atom
+/// local part of at most 64 characters (letters, digits and
+/// ``!#$%&'*+/=?^_`{|}~-``, dots between), and a domain of at least two
+/// dot-separated labels of letters, digits and inner hyphens, each at most 63
+/// characters. ASCII only; quoted local parts and address literals are
+/// refused. Returns the address unchanged: case is kept, uniqueness ignores
+/// it.
+pub fn email(field: &str, value: &str, violations: &mut FieldViolations) -> String {
+    if let Err(problem) = check_email(value) {
+        violations.add(field, problem);
+    }
+    value.to_owned()
+}
+
+fn check_email(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if value.len() > EMAIL_MAX {
+        return Err(format!("must be at most {EMAIL_MAX} characters"));
+    }
+    let Some((local, domain)) = value.rsplit_once('@') else {
+        return Err("must be an email address like name@example.com".to_owned());
+    };
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c);
+    let local_ok = !local.is_empty()
+        && local.len() <= EMAIL_LOCAL_MAX
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if !local_ok {
+        return Err("has an invalid part before the @".to_owned());
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    let label_ok = |label: &&str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err("has an invalid domain after the @".to_owned());
+    }
+    Ok(())
+}
+
+/// Checks a display name: trimmed, 1 to 200 characters, no control
+/// characters. Returns the trimmed name.
+pub fn name(field: &str, value: &str, violations: &mut FieldViolations) -> String {
+    let trimmed = value.trim();
+    let length = trimmed.chars().count();
+    if length == 0 {
+        violations.add(field, "must not be empty");
+    } else if length > NAME_MAX {
+        violations.add(field, format!("must be at most {NAME_MAX} characters"));
+    } else if trimmed.chars().any(char::is_control) {
+        violations.add(field, "must not contain control characters");
+    }
+    trimmed.to_owned()
+}
+
+/// Checks a required UUID.
+pub fn uuid(field: &str, value: &str, violations: &mut FieldViolations) -> Uuid {
+    if value.is_empty() {
+        violations.add(field, "is required");
+        return Uuid::nil();
+    }
+    Uuid::try_parse(value).unwrap_or_else(|_| {
+        violations.add(field, "must be a UUID");
+        Uuid::nil()
+    })
+}
+
+/// Checks an optional UUID: empty means absent.
+pub fn optional_uuid(field: &str, value: &str, violations: &mut FieldViolations) -> Option<Uuid> {
+    (!value.is_empty()).then(|| uuid(field, value, violations))
+}
+
+/// Checks an expected version: a version the caller has seen, so at least 1.
+pub fn expected_version(field: &str, value: i64, violations: &mut FieldViolations) -> i64 {
+    if value < 1 {
+        violations.add(field, "must be the current version of the user (1 or more)");
+    }
+    value
+}
+
+/// Checks a page size: 1 to 1000 when set, the default when unset.
+pub fn page_size(field: &str, value: Option<i32>, violations: &mut FieldViolations) -> i64 {
+    match value {
+        None => DEFAULT_PAGE_SIZE,
+        Some(size) if (1..=MAX_PAGE_SIZE).contains(&size) => i64::from(size),
+        Some(_) => {
+            violations.add(field, format!("must be between 1 and {MAX_PAGE_SIZE}"));
+            DEFAULT_PAGE_SIZE
+        }
+    }
+}
+
+/// The opaque token of the page after `last_id`.
+pub fn page_token(last_id: Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id.as_bytes())
+}
+
+/// Checks a page token from [`page_token`]; empty means the first page.
+pub fn page_after(field: &str, token: &str, violations: &mut FieldViolations) -> Option<Uuid> {
+    if token.is_empty() {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| Uuid::from_slice(&bytes).ok());
+    if decoded.is_none() {
+        violations.add(field, "is not a token from a previous response");
+    }
+    decoded
+}
+
+impl TryFrom<pb::CreateUserRequest> for NewUser {
+    type Error = FieldViolations;
+
+    fn try_from(request: pb::CreateUserRequest) -> Result<Self, FieldViolations> {
+        let mut violations = FieldViolations::new();
+        let new = NewUser {
+            email: email("email", &request.email, &mut violations),
+            name: name("name", &request.name, &mut violations),
+            request_id: optional_uuid("request_id", &request.request_id, &mut violations),
+        };
+        violations.check().map(|()| new)
+    }
+}
+
+impl TryFrom<pb::UpdateUserRequest> for UserChange {
+    type Error = FieldViolations;
+
+    fn try_from(request: pb::UpdateUserRequest) -> Result<Self, FieldViolations> {
+        let mut violations = FieldViolations::new();
+        if request.email.is_none() && request.name.is_none() {
+            violations.add("email", "set email or name (or both) to change");
+        }
+        let change = UserChange {
+            id: uuid("id", &request.id, &mut violations),
+            expected_version: expected_version("expected_version", request.expected_version, &mut violations),
+            email: request.email.map(|value| email("email", &value, &mut violations)),
+            name: request.name.map(|value| name("name", &value, &mut violations)),
+        };
+        violations.check().map(|()| change)
+    }
+}
+
+/// A validated `DeleteUser`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deletion {
+    /// The user.
+    pub id: Uuid,
+    /// The version the caller saw.
+    pub expected_version: i64,
+}
+
+impl TryFrom<pb::DeleteUserRequest> for Deletion {
+    type Error = FieldViolations;
+
+    fn try_from(request: pb::DeleteUserRequest) -> Result<Self, FieldViolations> {
+        let mut violations = FieldViolations::new();
+        let deletion = Deletion {
+            id: uuid("id", &request.id, &mut violations),
+            expected_version: expected_version("expected_version", request.expected_version, &mut violations),
+        };
+        violations.check().map(|()| deletion)
+    }
+}
+
+/// A validated `ListUsers`.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Rows per page.
+    pub size: i64,
+    /// Last id of the previous page.
+    pub after: Option<Uuid>,
+}
+
+impl TryFrom<pb::ListUsersRequest> for Page {
+    type Error = FieldViolations;
+
+    fn try_from(request: pb::ListUsersRequest) -> Result<Self, FieldViolations> {
+        let mut violations = FieldViolations::new();
+        let page = Page {
+            size: page_size("page_size", request.page_size, &mut violations),
+            after: page_after("page_token", &request.page_token, &mut violations),
+        };
+        violations.check().map(|()| page)
+    }
+}
+
+/// The id of a `GetUser`.
+pub fn get_user(request: &pb::GetUserRequest) -> Result<Uuid, FieldViolations> {
+    let mut violations = FieldViolations::new();
+    let id = uuid("id", &request.id, &mut violations);
+    violations.check().map(|()| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn email_ok(value: &str) -> bool {
+        let mut v = FieldViolations::new();
+        email("email", value, &mut v);
+        v.is_empty()
+    }
+
+    #[test]
+    fn accepts_ordinary_email_addresses() {
+        for value in [
+            "ada@example.com",
+            "Ada.Lovelace+shop@mail.example.co.uk",
+            "a_b-c@x-y.io",
+            "o'brien@example.ie",
+        ] {
+            assert!(email_ok(value), "{value} should be accepted");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_email_addresses() {
+        let too_long = format!("{}@example.com", "a".repeat(250));
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        for value in [
+            "",
+            "plain",
+            "@example.com",
+            "ada@",
+            "ada@localhost",
+            "ada@@example.com",
+            "ada@exa mple.com",
+            "ada..l@example.com",
+            ".ada@example.com",
+            "ada@-example.com",
+            "ada@example..com",
+            "ädä@example.com",
+            "\"quoted\"@example.com",
+            " ada@example.com",
+            too_long.as_str(),
+            long_local.as_str(),
+        ] {
+            assert!(!email_ok(value), "{value:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn names_are_trimmed_and_bounded_in_characters() {
+        let mut v = FieldViolations::new();
+        assert_eq!(name("name", "  Ada  ", &mut v), "Ada");
+        assert_eq!(name("name", &"é".repeat(200), &mut v).chars().count(), 200);
+        assert!(v.is_empty());
+        name("name", "   ", &mut v);
+        name("name", &"x".repeat(201), &mut v);
+        name("name", "a\u{0}b", &mut v);
+        assert_eq!(v.fields().count(), 3);
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_refused() {
+        let id = Uuid::now_v7();
+        let mut v = FieldViolations::new();
+        assert_eq!(page_after("page_token", &page_token(id), &mut v), Some(id));
+        assert!(v.is_empty());
+        assert_eq!(page_after("page_token", "not-a-token!", &mut v), None);
+        assert_eq!(v.fields().collect::<Vec<_>>(), ["page_token"]);
+    }
+
+    #[test]
+    fn page_size_defaults_when_unset_and_is_bounded_when_set() {
+        let mut v = FieldViolations::new();
+        assert_eq!(page_size("page_size", None, &mut v), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size("page_size", Some(1000), &mut v), 1000);
+        assert!(v.is_empty());
+        page_size("page_size", Some(0), &mut v);
+        page_size("page_size", Some(1001), &mut v);
+        page_size("page_size", Some(-5), &mut v);
+        assert_eq!(v.fields().count(), 3);
+    }
+}

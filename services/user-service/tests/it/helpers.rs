@@ -1,0 +1,168 @@
+//! `spawn_app()`: the service in process on port 0, with typed clients.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::RunQueryDsl as _;
+use shop_bootstrap::shutdown::CancellationToken;
+use shop_contracts::user as pb;
+use shop_contracts::user::user_service_client::UserServiceClient;
+use shop_testkit::{TestBroker, TestDatabase};
+use tonic::transport::Channel;
+use user_service::app::MIGRATIONS;
+use user_service::{Application, Settings};
+
+pub fn migrations_dir() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../migrations/user-service"
+    ))
+}
+
+pub async fn test_database() -> TestDatabase {
+    TestDatabase::create(MIGRATIONS, migrations_dir())
+        .await
+        .expect("test database")
+}
+
+/// Settings for a service over `db`, publishing to this test's exchange.
+pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
+    let mut relay = shop_outbox::RelayConfig::new(broker.exchange("user.events"), "user-service");
+    relay.poll_interval = Duration::from_millis(200);
+    Settings {
+        database: db.settings(),
+        amqp: broker.settings(),
+        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        relay_enabled: true,
+        relay,
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: UserServiceClient<Channel>,
+    pub exchange: String,
+    pub shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub pool: shop_bootstrap::db::Pool,
+    // Dropped last: the service must stop before its database goes.
+    pub broker: TestBroker,
+    pub db: TestDatabase,
+}
+
+impl Drop for TestApp {
+    /// Stops the service and waits for it, so nothing it does (a relay
+    /// reconnecting, a late declare) outlives the test's names.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+            });
+        });
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    shop_testkit::init_test_log();
+    let db = test_database().await;
+    let broker = TestBroker::new();
+    let mut settings = settings(&db, &broker);
+    adjust(&mut settings);
+    let exchange = settings.relay.exchange.clone();
+    let app = Application::build(settings).await.expect("application builds");
+    let addr = app.local_addr();
+    let pool = app.pool().clone();
+    let shutdown = CancellationToken::new();
+    let handle = Some(tokio::spawn(app.run(shutdown.clone())));
+    let client = UserServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("client connects");
+    TestApp {
+        addr,
+        client,
+        exchange,
+        shutdown,
+        handle,
+        pool,
+        broker,
+        db,
+    }
+}
+
+impl TestApp {
+    /// Requests shutdown and waits (up to 10 s) for the service to stop;
+    /// returns what its `run` returned.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let handle = self.handle.take().expect("service still running");
+        tokio::time::timeout(Duration::from_secs(10), handle).await??
+    }
+
+    pub async fn create_user(&self, email: &str, name: &str) -> pb::User {
+        self.client
+            .clone()
+            .create_user(pb::CreateUserRequest {
+                email: email.to_owned(),
+                name: name.to_owned(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create user")
+            .into_inner()
+            .user
+            .expect("user in response")
+    }
+
+    /// Rows in the outbox, oldest first: (event type, aggregate id, version).
+    pub async fn outbox(&self) -> Vec<(String, String, i64)> {
+        use shop_outbox::schema::outbox::dsl;
+        let mut conn = self.pool.get().await.unwrap();
+        dsl::outbox
+            .order(dsl::seq.asc())
+            .select((dsl::event_type, dsl::aggregate_id, dsl::aggregate_version))
+            .load(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    pub async fn unpublished(&self) -> i64 {
+        use shop_outbox::schema::outbox::dsl;
+        let mut conn = self.pool.get().await.unwrap();
+        dsl::outbox
+            .filter(dsl::published_at.is_null())
+            .count()
+            .get_result(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    pub async fn user_count(&self) -> i64 {
+        use user_service::schema::users::dsl;
+        let mut conn = self.pool.get().await.unwrap();
+        dsl::users.count().get_result(&mut conn).await.unwrap()
+    }
+}
+
+/// The field paths of the `BadRequest` detail of an `INVALID_ARGUMENT`.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

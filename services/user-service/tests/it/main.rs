@@ -1,0 +1,9 @@
+//! Integration tests of the user service against the real PostgreSQL and
+//! RabbitMQ: each test has its own database and its own exchange.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod atomicity;
+mod helpers;
+mod relay;
+mod rpc;
+mod server;

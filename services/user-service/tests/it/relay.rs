@@ -1,0 +1,288 @@
+//! The outbox relay against the real broker.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::RunQueryDsl as _;
+use prost::Message as _;
+use secrecy::SecretString;
+use shop_bootstrap::shutdown::CancellationToken;
+use shop_contracts::Event as _;
+use shop_contracts::user as pb;
+use shop_messaging::AmqpSettings;
+use shop_messaging::wire::{header_i64, header_str};
+use shop_outbox::RelayError;
+
+use crate::helpers::{self, TestApp, spawn_app, spawn_app_with};
+
+const WAIT: Duration = Duration::from_secs(15);
+const QUIET: Duration = Duration::from_millis(500);
+
+fn relay_for(app: &TestApp) -> shop_outbox::Relay {
+    relay_with_batch(app, 1000)
+}
+
+fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.relay.batch_size = batch_size;
+    user_service::app::relay(&settings, app.pool.clone())
+}
+
+async fn spawn_app_without_relay() -> TestApp {
+    spawn_app_with(|settings| settings.relay_enabled = false).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_committed_event_arrives_once_with_the_wire_properties() {
+    let app = spawn_app().await;
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let mut client = app.client.clone();
+
+    let user = app.create_user("wire@example.com", "Wire").await;
+    client
+        .update_user(pb::UpdateUserRequest {
+            id: user.id.clone(),
+            expected_version: 1,
+            email: None,
+            name: Some("Wired".to_owned()),
+        })
+        .await
+        .unwrap();
+    client
+        .delete_user(pb::DeleteUserRequest {
+            id: user.id.clone(),
+            expected_version: 2,
+        })
+        .await
+        .unwrap();
+
+    let deliveries = probe.expect(3, WAIT, QUIET).await;
+    let expected = [
+        (pb::UserCreated::TYPE_NAME, pb::UserCreated::ROUTING_KEY),
+        (pb::UserUpdated::TYPE_NAME, pb::UserUpdated::ROUTING_KEY),
+        (pb::UserDeleted::TYPE_NAME, pb::UserDeleted::ROUTING_KEY),
+    ];
+    let mut event_ids = HashSet::new();
+    for ((delivery, (type_name, routing_key)), version) in deliveries.iter().zip(expected).zip(1..) {
+        let p = &delivery.properties;
+        assert_eq!(delivery.exchange.as_str(), app.exchange);
+        assert_eq!(delivery.routing_key.as_str(), routing_key);
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), type_name);
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/x-protobuf"
+        );
+        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "user-service");
+        assert_eq!(*p.delivery_mode(), Some(2));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(p.timestamp().unwrap().abs_diff(now) < 60);
+        let id = uuid::Uuid::parse_str(p.message_id().as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(id.get_version_num(), 7, "event ids are UUIDv7");
+        event_ids.insert(id);
+        let headers = p.headers().as_ref().unwrap();
+        assert_eq!(header_str(headers, "aggregate_id"), Some(user.id.as_str()));
+        assert_eq!(header_str(headers, "aggregate_type"), Some("user"));
+        assert_eq!(header_i64(headers, "aggregate_version"), Some(version));
+    }
+    assert_eq!(event_ids.len(), 3);
+
+    let created = pb::UserCreated::decode(&*deliveries[0].data).unwrap();
+    assert_eq!(
+        (created.user_id.as_str(), created.version, created.email.as_str()),
+        (user.id.as_str(), 1, "wire@example.com")
+    );
+    assert_eq!(created.name, "Wire");
+    assert!(created.occurred_at.is_some());
+    let updated = pb::UserUpdated::decode(&*deliveries[1].data).unwrap();
+    assert_eq!(
+        (updated.version, updated.name.as_str(), updated.email.as_str()),
+        (2, "Wired", "wire@example.com")
+    );
+    let deleted = pb::UserDeleted::decode(&*deliveries[2].data).unwrap();
+    assert_eq!((deleted.user_id.as_str(), deleted.version), (user.id.as_str(), 3));
+
+    wait_until_all_published(&app).await;
+}
+
+async fn wait_until_all_published(app: &TestApp) {
+    shop_testkit::eventually("every outbox row marked published", WAIT, || async {
+        (app.unpublished().await == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_carries_its_trace_context_into_the_message_headers() {
+    let app = spawn_app().await;
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(pb::CreateUserRequest {
+        email: "traced@example.com".to_owned(),
+        name: "Traced".to_owned(),
+        request_id: String::new(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+
+    app.client.clone().create_user(request).await.unwrap();
+
+    let delivery = probe.expect(1, WAIT, QUIET).await.remove(0);
+    let headers = delivery.properties.headers().as_ref().unwrap();
+    let traceparent = header_str(headers, "traceparent").expect("traceparent header");
+    assert!(
+        traceparent.contains(trace_id),
+        "{traceparent} continues the caller's trace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broker_is_back() {
+    let app = spawn_app_without_relay().await;
+    for i in 0..3 {
+        app.create_user(&format!("wait{i}@example.com"), "Waiting").await;
+    }
+    let mut down = helpers::settings(&app.db, &app.broker);
+    down.amqp = AmqpSettings {
+        url: SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f"),
+    };
+    let mut unreachable = user_service::app::relay(&down, app.pool.clone());
+
+    let error = unreachable.run_once().await.unwrap_err();
+    assert!(matches!(error, RelayError::Broker(_)), "{error}");
+    // Running against the closed port keeps retrying without losing rows or
+    // ending the task.
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(unreachable.run(stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!running.is_finished());
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(app.unpublished().await, 3);
+
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let mut relay = relay_for(&app);
+    let outcome = relay.run_once().await.unwrap();
+
+    assert_eq!((outcome.claimed, outcome.published), (3, 3));
+    let deliveries = probe.expect(3, WAIT, QUIET).await;
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.routing_key.as_str() == "user.created")
+    );
+    assert_eq!(app.unpublished().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_publish_each_event_once_and_each_users_events_in_order() {
+    const USERS: usize = 5;
+    const UPDATES_PER_USER: i64 = 60;
+    let app = spawn_app_without_relay().await;
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let stop = CancellationToken::new();
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            // Small batches, so the relays take turns many times.
+            tokio::spawn(relay_with_batch(&app, 7).run(stop.clone()))
+        })
+        .collect();
+
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(app.create_user(&format!("order{i}@example.com"), "Order").await);
+    }
+    let writers = users.iter().map(|user| {
+        let mut client = app.client.clone();
+        let id = user.id.clone();
+        tokio::spawn(async move {
+            for version in 1..=UPDATES_PER_USER {
+                client
+                    .update_user(pb::UpdateUserRequest {
+                        id: id.clone(),
+                        expected_version: version,
+                        email: None,
+                        name: Some(format!("Order v{}", version + 1)),
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    for writer in futures::future::join_all(writers).await {
+        writer.unwrap();
+    }
+
+    let total = USERS * (1 + UPDATES_PER_USER as usize);
+    let deliveries = probe
+        .expect(total, Duration::from_secs(30), Duration::from_secs(1))
+        .await;
+    stop.cancel();
+    for relay in relays {
+        relay.await.unwrap().unwrap();
+    }
+
+    let ids: HashSet<_> = deliveries
+        .iter()
+        .map(|d| d.properties.message_id().clone())
+        .collect();
+    assert_eq!(ids.len(), total, "no event published twice");
+    let mut last_version: HashMap<String, i64> = HashMap::new();
+    for delivery in &deliveries {
+        let headers = delivery.properties.headers().as_ref().unwrap();
+        let user = header_str(headers, "aggregate_id").unwrap().to_owned();
+        let version = header_i64(headers, "aggregate_version").unwrap();
+        let previous = last_version.insert(user.clone(), version).unwrap_or(0);
+        assert_eq!(
+            version,
+            previous + 1,
+            "user {user}: version {version} arrived after {previous}"
+        );
+    }
+    assert_eq!(app.unpublished().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn published_rows_past_retention_are_deleted_and_unpublished_rows_never() {
+    let app = spawn_app_without_relay().await;
+    app.create_user("old@example.com", "Old").await;
+    app.create_user("new@example.com", "New").await;
+    app.create_user("pending@example.com", "Pending").await;
+    {
+        use shop_outbox::schema::outbox::dsl;
+        let mut conn = app.pool.get().await.unwrap();
+        let seqs: Vec<i64> = dsl::outbox
+            .order(dsl::seq.asc())
+            .select(dsl::seq)
+            .load(&mut conn)
+            .await
+            .unwrap();
+        let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
+        diesel::update(dsl::outbox.filter(dsl::seq.eq(seqs[0])))
+            .set(dsl::published_at.eq(two_days_ago))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        diesel::update(dsl::outbox.filter(dsl::seq.eq(seqs[1])))
+            .set(dsl::published_at.eq(chrono::Utc::now()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let relay = relay_for(&app);
+
+    let deleted = relay
+        .delete_published_before(SystemTime::now() - Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+
+    assert_eq!(deleted, 1);
+    let left = app.outbox().await;
+    assert_eq!(left.len(), 2);
+    assert_eq!(app.unpublished().await, 1);
+}

@@ -1,0 +1,103 @@
+//! Reflection, health and graceful shutdown.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+use crate::helpers::{TestApp, spawn_app};
+
+async fn channel(app: &TestApp) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_user_service_health_and_reflection() {
+    let app = spawn_app().await;
+    let mut client = ServerReflectionClient::new(channel(&app).await);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response: {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "shop.user.v1.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_serving_then_not_serving_on_shutdown() {
+    let app = spawn_app().await;
+    let mut health = HealthClient::new(channel(&app).await);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.to_owned(),
+    };
+
+    let status = health
+        .check(check("shop.user.v1.UserService"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let overall = health.check(check("")).await.unwrap().into_inner().status;
+    assert_eq!(overall, ServingStatus::Serving as i32);
+
+    let mut watch = health
+        .watch(check("shop.user.v1.UserService"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    app.shutdown.cancel();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap();
+    if let Some(Ok(update)) = next {
+        assert_eq!(update.status, ServingStatus::NotServing as i32);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_stops_the_service_within_the_grace_period() {
+    let mut app = spawn_app().await;
+    app.create_user("bye@example.com", "Bye").await;
+
+    app.stop().await.expect("clean stop within the grace period");
+
+    assert!(
+        tokio::net::TcpStream::connect(app.addr).await.is_err(),
+        "the listener is closed"
+    );
+}

@@ -1,0 +1,110 @@
+//! gRPC server parts shared by the services: reflection over every contract
+//! and errors with `google.rpc.BadRequest` field violations.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+
+/// Server reflection (v1 and v1alpha, so both new and older grpcurl builds
+/// work) over every service and message of the system, and the health
+/// service.
+pub fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(shop_contracts::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder().build_v1()?;
+    let v1alpha = builder().build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// Collects what is wrong with a request, field by field, and turns it into
+/// one `INVALID_ARGUMENT` status carrying a `google.rpc.BadRequest`.
+#[derive(Debug, Default)]
+pub struct FieldViolations {
+    violations: Vec<FieldViolation>,
+}
+
+impl FieldViolations {
+    /// No violations yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` (a path such as `items[2].quantity`) is invalid.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push(FieldViolation::new(field, description));
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// `Ok` when nothing was recorded, otherwise these violations as the
+    /// error.
+    pub fn check(self) -> Result<(), Self> {
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// The field paths recorded, in order.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.violations.iter().map(|v| v.field.as_str())
+    }
+
+    /// The `INVALID_ARGUMENT` status whose message lists every violation and
+    /// whose details carry them as a `google.rpc.BadRequest`.
+    pub fn into_status(self) -> Status {
+        let summary = self
+            .violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {summary}"),
+            ErrorDetails::with_bad_request(self.violations),
+        )
+    }
+}
+
+/// Asks the gRPC health service at `addr` whether the server is serving:
+/// the container health check (`<service> healthcheck`), with no extra
+/// binary in the image.
+pub async fn check_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::Serving as i32,
+        "not serving (status {status})"
+    );
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! The parts every service is built from, so each service's `main.rs` stays a
+//! page long and both services start, serve and stop the same way.
+//!
+//! - [`settings`]: typed values from environment variables, with secrets that
+//!   never print.
+//! - [`db`]: the PostgreSQL pool (diesel-async on deadpool), creating the
+//!   database on first run and applying embedded migrations under a lock.
+//! - [`grpc`]: reflection, health, and field-violation errors.
+//! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token, and waiting for
+//!   tasks bounded by a grace period.
+#![forbid(unsafe_code)]
+
+pub mod db;
+pub mod grpc;
+pub mod settings;
+pub mod shutdown;

@@ -1,0 +1,76 @@
+//! Event metadata bound to the generated messages.
+
+use crate::user::{UserCreated, UserDeleted, UserUpdated};
+
+/// A protobuf message that is published as an event.
+///
+/// Every event is bound here, once, to the names it carries on the wire: the
+/// AMQP `type` property ([`Event::TYPE_NAME`], the full protobuf message name)
+/// and the routing key on its producer's topic exchange
+/// ([`Event::ROUTING_KEY`]). Producers and consumers use these constants, so a
+/// renamed message or routing key is a compile-time change in one place.
+pub trait Event: prost::Message + prost::Name + Default + Clone + Send + Sync + 'static {
+    /// Full protobuf message name, e.g. `shop.user.v1.UserCreated`.
+    const TYPE_NAME: &'static str;
+    /// Routing key on the producing service's topic exchange, e.g. `user.created`.
+    const ROUTING_KEY: &'static str;
+    /// Kind of aggregate the event belongs to, e.g. `user`.
+    const AGGREGATE_TYPE: &'static str;
+
+    /// Id of the aggregate (the user, the order) the event is about.
+    fn aggregate_id(&self) -> &str;
+    /// Version of the aggregate after this event; consumers use it to ignore
+    /// stale and repeated events.
+    fn aggregate_version(&self) -> i64;
+}
+
+/// The names of one event type, as plain data: for tools that deal with
+/// events they do not decode (dead-letter listings, replay filters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventType {
+    /// See [`Event::TYPE_NAME`].
+    pub type_name: &'static str,
+    /// See [`Event::ROUTING_KEY`].
+    pub routing_key: &'static str,
+}
+
+macro_rules! events {
+    ($($ty:ident { type_name: $name:literal, routing_key: $key:literal, aggregate: $agg:literal, id: $id:ident })*) => {
+        $(
+            impl Event for $ty {
+                const TYPE_NAME: &'static str = $name;
+                const ROUTING_KEY: &'static str = $key;
+                const AGGREGATE_TYPE: &'static str = $agg;
+
+                fn aggregate_id(&self) -> &str {
+                    &self.$id
+                }
+
+                fn aggregate_version(&self) -> i64 {
+                    self.version
+                }
+            }
+        )*
+
+        /// Every event type of the system.
+        pub fn all_event_types() -> &'static [EventType] {
+            &[$(EventType { type_name: $name, routing_key: $key }),*]
+        }
+
+        #[cfg(test)]
+        mod bound_names {
+            use super::*;
+
+            #[test]
+            fn every_type_name_is_the_full_protobuf_name() {
+                $(assert_eq!(<$ty as Event>::TYPE_NAME, <$ty as prost::Name>::full_name());)*
+            }
+        }
+    };
+}
+
+events! {
+    UserCreated { type_name: "shop.user.v1.UserCreated", routing_key: "user.created", aggregate: "user", id: user_id }
+    UserUpdated { type_name: "shop.user.v1.UserUpdated", routing_key: "user.updated", aggregate: "user", id: user_id }
+    UserDeleted { type_name: "shop.user.v1.UserDeleted", routing_key: "user.deleted", aggregate: "user", id: user_id }
+}

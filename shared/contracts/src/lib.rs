@@ -1,0 +1,37 @@
+//! The wire contracts of the system, generated from `proto/` at build time.
+//!
+//! This is the only crate that compiles protobuf: services, the client SDK and
+//! the tests use the types from here, and [`tonic`] and [`prost`] are
+//! re-exported so every crate speaks the same versions.
+//!
+//! - [`user`]: `shop.user.v1`, the user service and its events.
+//! - [`Event`]: binds each event message to its wire type name, its routing
+//!   key and its aggregate, once, so no call site types those strings.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
+#![forbid(unsafe_code)]
+
+pub use prost;
+pub use prost_types;
+pub use tonic;
+
+mod event;
+
+pub use event::{Event, EventType, all_event_types};
+
+/// Generated code, laid out by protobuf package.
+pub mod shop {
+    /// `shop.user.*`
+    pub mod user {
+        /// `shop.user.v1`: the user service and the events it publishes.
+        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shop.user.v1.rs"));
+        }
+    }
+}
+
+pub use shop::user::v1 as user;
+
+/// Encoded `FileDescriptorSet` of every `.proto` in the system, for
+/// `tonic-reflection` and for tools that decode messages by name.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shop_descriptor");

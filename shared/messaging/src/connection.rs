@@ -1,0 +1,86 @@
+//! Connecting to RabbitMQ, and waiting between attempts when it is away.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret as _, SecretString};
+
+/// Where the broker is.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost` (the vhost `/` is `%2f`).
+    pub url: SecretString,
+}
+
+/// Opens a connection named `name` (shown in the management UI and by
+/// `rabbitmqctl list_connections`).
+pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(settings.url.expose_secret(), properties)
+        .await
+        .with_context(|| format!("failed to connect to RabbitMQ as {name}"))
+}
+
+/// Capped exponential backoff with jitter, for reconnecting: no busy loop
+/// while a dependency is down, and replicas do not retry in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Starts at `initial`, doubles up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay (the current step, jittered to 50–100 %), then doubles
+    /// the step.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.current;
+        self.current = (self.current * 2).min(self.max);
+        step.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    /// Back to the initial step, after a success.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    /// Whether the next delay is already at the cap (the dependency has been
+    /// away for a while: log less).
+    pub fn at_cap(&self) -> bool {
+        self.current >= self.max
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let delays: Vec<_> = (0..5).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays[0] >= Duration::from_millis(50));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
+        assert!(delays[4] >= Duration::from_millis(200));
+        assert!(backoff.at_cap());
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,16 @@
+//! RabbitMQ for the services, with lapin.
+//!
+//! - [`connection`]: connecting with a name and reconnecting with capped
+//!   exponential backoff ([`Backoff`]).
+//! - [`wire`]: the wire contract of an event (AMQP properties and headers),
+//!   written by the outbox relay and read by consumers, and the trace context
+//!   carried in the headers.
+//! - [`topology`]: every exchange and queue the system declares, in one
+//!   place, each option written out.
+#![forbid(unsafe_code)]
+
+pub mod connection;
+pub mod topology;
+pub mod wire;
+
+pub use connection::{AmqpSettings, Backoff};

@@ -1,0 +1,122 @@
+//! The transactional outbox.
+//!
+//! A command writes its domain rows and its event in **one** PostgreSQL
+//! transaction ([`enqueue`]), so an event exists exactly when the change it
+//! describes does. The [`Relay`] then publishes the stored events to the
+//! service's topic exchange with publisher confirms, and marks a row
+//! published only after the broker confirmed it: a crash or a lost connection
+//! at any point leaves the row to be published again (at-least-once; the
+//! consumers' inbox makes a repeat harmless).
+//!
+//! # Ordering and several relays: partitioned claiming
+//!
+//! Rows are spread over [`PARTITIONS`] partitions by a stable hash of their
+//! aggregate id, so all events of one aggregate share a partition. A relay
+//! batch runs in one transaction that first takes
+//! `pg_try_advisory_xact_lock(namespace, partition)` for every partition it
+//! can get, then reads the unpublished rows of those partitions in `seq`
+//! order, publishes them in that order on one channel, waits for the
+//! confirms, marks the confirmed rows and commits, which releases the locks.
+//!
+//! - Two relays never hold the same partition at once, so in normal operation
+//!   each event is published once, and an aggregate's events leave in `seq`
+//!   order. `seq` is commit order per aggregate because every command locks
+//!   the aggregate's row before it inserts the event.
+//! - When a confirm is missing or negative, only the rows before the first
+//!   failure are marked; the rest stay unpublished and go out again, in order,
+//!   in a later batch.
+//! - A relay that dies mid-batch loses its transaction, its locks and its
+//!   marks: another relay (or the restarted one) publishes those rows again.
+//!   That is the one case where an event is published twice.
+//!
+//! Advisory locks were chosen over `FOR UPDATE SKIP LOCKED` on rows (which
+//! lets a second relay publish a later event of an aggregate while the first
+//! still holds an earlier one) and over leases in a table (which need clocks,
+//! renewal and fencing). Transaction-scoped locks disappear with the
+//! transaction or the connection, so a crashed relay never blocks a partition.
+//! The cost: a second relay mostly waits while the first holds the
+//! partitions. Extra relays buy availability, not throughput; one relay
+//! publishes tens of thousands of events per second, more than the command
+//! path produces.
+//!
+//! # Waking up
+//!
+//! An `AFTER INSERT` statement trigger on `outbox` runs `NOTIFY outbox`; the
+//! relay `LISTEN`s on a dedicated connection and wakes at each commit, with
+//! [`RelayConfig::poll_interval`] as the fallback when notifications are lost
+//! (the listening connection dropped, or a relay in another process).
+#![forbid(unsafe_code)]
+
+mod relay;
+pub mod schema;
+
+pub use relay::{BatchOutcome, Relay, RelayConfig, RelayError};
+
+use diesel::{ExpressionMethods as _, QueryResult};
+use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use shop_contracts::Event;
+use uuid::Uuid;
+
+/// Number of partitions rows are spread over. Changing it re-partitions rows
+/// written afterwards only; keep it fixed for a deployment.
+pub const PARTITIONS: i16 = 32;
+
+/// The partition of an aggregate: FNV-1a of its id, stable across builds and
+/// platforms.
+pub fn partition_of(aggregate_id: &str) -> i16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in aggregate_id.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    // The remainder is below PARTITIONS, so it fits.
+    i16::try_from(hash % PARTITIONS.unsigned_abs() as u32).unwrap_or(0)
+}
+
+/// Writes `event` to the outbox on `conn`, which should be inside the
+/// transaction that makes the change the event describes. The current span's
+/// trace context is stored with it, so the publish continues the trace.
+///
+/// Returns the new event id (UUIDv7).
+pub async fn enqueue<E: Event>(conn: &mut AsyncPgConnection, event: &E) -> QueryResult<Uuid> {
+    use schema::outbox::dsl;
+
+    let event_id = Uuid::now_v7();
+    let trace = shop_telemetry::propagation::current_map();
+    let trace = serde_json::to_value(trace).unwrap_or_default();
+    diesel::insert_into(dsl::outbox)
+        .values((
+            dsl::event_id.eq(event_id),
+            dsl::aggregate_type.eq(E::AGGREGATE_TYPE),
+            dsl::aggregate_id.eq(event.aggregate_id()),
+            dsl::aggregate_version.eq(event.aggregate_version()),
+            dsl::partition_key.eq(partition_of(event.aggregate_id())),
+            dsl::event_type.eq(E::TYPE_NAME),
+            dsl::routing_key.eq(E::ROUTING_KEY),
+            dsl::payload.eq(event.encode_to_vec()),
+            dsl::trace_context.eq(trace),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(event_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        assert_eq!(
+            partition_of("3f2504e0-4f89-41d3-9a0c-0305e82c3301"),
+            partition_of("3f2504e0-4f89-41d3-9a0c-0305e82c3301")
+        );
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let p = partition_of(&Uuid::from_u128(i * 7919).to_string());
+            assert!((0..PARTITIONS).contains(&p));
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), PARTITIONS as usize, "ids spread over every partition");
+    }
+}

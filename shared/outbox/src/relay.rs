@@ -1,0 +1,489 @@
+//! The relay: publishes stored events with publisher confirms, then marks
+//! them. See the crate docs for the claiming and ordering rules.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use diesel::sql_types::{Integer, SmallInt, Timestamptz};
+use diesel::{
+    ExpressionMethods as _, QueryDsl as _, Queryable, QueryableByName, Selectable, SelectableHelper as _,
+};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use futures::StreamExt as _;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection};
+use secrecy::{ExposeSecret as _, SecretString};
+use shop_bootstrap::db::Pool;
+use shop_messaging::wire::EventHeaders;
+use shop_messaging::{AmqpSettings, Backoff};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use uuid::Uuid;
+
+use crate::PARTITIONS;
+use crate::schema::outbox::dsl;
+
+/// Namespace (first key) of the relay's advisory locks; the second key is the
+/// partition.
+const LOCK_NAMESPACE: i32 = 0x6f75_7462; // "outb"
+
+/// How a relay publishes.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Topic exchange the events go to (`user.events`).
+    pub exchange: String,
+    /// AMQP `app_id` of every event: the producing service.
+    pub app_id: String,
+    /// Most rows published per batch (one transaction, one round of confirms).
+    pub batch_size: i64,
+    /// How long to wait without a notification before looking anyway.
+    pub poll_interval: Duration,
+    /// How long a broker confirm may take before the batch counts as failed.
+    pub confirm_timeout: Duration,
+    /// Published rows older than this are deleted.
+    pub retention: Duration,
+    /// How often published rows past retention are deleted.
+    pub cleanup_interval: Duration,
+    /// Waits between attempts while the broker or the database is away.
+    pub backoff: Backoff,
+}
+
+impl RelayConfig {
+    /// Defaults for publishing to `exchange` as `app_id`.
+    pub fn new(exchange: impl Into<String>, app_id: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.into(),
+            app_id: app_id.into(),
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Why a batch did not publish everything it claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed or is unreachable.
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// No pooled connection could be had.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] diesel_async::pooled_connection::deadpool::PoolError),
+    /// The broker is unreachable, closed the channel, nacked a publish or did
+    /// not confirm in time.
+    #[error("broker error: {0}")]
+    Broker(String),
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Partitions this relay held during the batch.
+    pub partitions: usize,
+    /// Unpublished rows read.
+    pub claimed: usize,
+    /// Rows confirmed by the broker and marked published.
+    pub published: usize,
+}
+
+/// One outbox row, as the relay reads it.
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = crate::schema::outbox)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct PendingEvent {
+    seq: i64,
+    event_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    aggregate_version: i64,
+    event_type: String,
+    routing_key: String,
+    payload: Vec<u8>,
+    trace_context: serde_json::Value,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, QueryableByName)]
+struct HeldPartition {
+    #[diesel(sql_type = SmallInt)]
+    partition: i16,
+}
+
+/// A confirm-mode channel on its own connection.
+struct Publisher {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// Publishes a service's outbox; see the crate docs.
+pub struct Relay {
+    pool: Pool,
+    database_url: SecretString,
+    amqp: AmqpSettings,
+    config: RelayConfig,
+    publisher: Option<Publisher>,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .field("connected", &self.publisher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay over the outbox in `pool`'s database. `database_url` is the
+    /// same database, for the dedicated `LISTEN` connection.
+    pub fn new(pool: Pool, database_url: SecretString, amqp: AmqpSettings, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            database_url,
+            amqp,
+            config,
+            publisher: None,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Publishes one batch: claims the free partitions, publishes their oldest
+    /// unpublished rows (at most `batch_size`), waits for the confirms and
+    /// marks the confirmed rows, all in one transaction.
+    ///
+    /// Rows confirmed before a failure are marked even when it returns an
+    /// error.
+    pub async fn run_once(&mut self) -> Result<BatchOutcome, RelayError> {
+        if self.publisher.is_none() {
+            self.publisher = Some(self.open_publisher().await?);
+        }
+        let mut conn = self.pool.get().await?;
+        let result = {
+            let Some(publisher) = self.publisher.as_ref() else {
+                return Err(RelayError::Broker("no channel".to_owned()));
+            };
+            let config = &self.config;
+            conn.transaction(async |conn| publish_batch(conn, &publisher.channel, config).await)
+                .await
+        };
+        match result {
+            Ok((outcome, None)) => Ok(outcome),
+            Ok((_, Some(error))) | Err(error @ RelayError::Broker(_)) => {
+                self.drop_publisher().await;
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Runs until `shutdown`: publishes whenever rows are committed (or
+    /// the poll interval passes), reconnects with backoff while the broker or
+    /// the database is away, and deletes published rows past retention. A
+    /// batch under way when shutdown comes is finished first.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let listener = tokio::spawn(
+            listen(self.database_url.clone(), self.wake.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("outbox.listen")),
+        );
+        let mut backoff = self.config.backoff.clone();
+        let mut failures: u32 = 0;
+        let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+        tracing::info!(exchange = %self.config.exchange, "outbox relay started");
+        while !shutdown.is_cancelled() {
+            let wait = match self.run_once().await {
+                Ok(outcome) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "outbox relay recovered");
+                    }
+                    failures = 0;
+                    backoff.reset();
+                    if outcome.claimed > 0 {
+                        tracing::debug!(
+                            published = outcome.published,
+                            partitions = outcome.partitions,
+                            "published batch"
+                        );
+                    }
+                    if outcome.claimed as i64 >= self.config.batch_size {
+                        continue;
+                    }
+                    None
+                }
+                Err(error) => {
+                    failures += 1;
+                    let delay = backoff.next_delay();
+                    // First failure, then sparsely: a broker that is down for
+                    // an hour does not flood the log.
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(%error, failures, retry_in_ms = delay.as_millis() as u64, "outbox relay batch failed");
+                    }
+                    Some(delay)
+                }
+            };
+            if tokio::time::Instant::now() >= next_cleanup {
+                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+                match self
+                    .delete_published_before(SystemTime::now() - self.config.retention)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "deleted published outbox rows past retention"),
+                    Err(error) => tracing::warn!(%error, "outbox cleanup failed"),
+                }
+            }
+            let sleep = wait.unwrap_or(self.config.poll_interval);
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = self.wake.notified(), if wait.is_none() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+        self.drop_publisher().await;
+        listener.abort();
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+
+    /// Deletes published rows published before `cutoff`, in chunks; returns
+    /// how many.
+    pub async fn delete_published_before(&self, cutoff: SystemTime) -> Result<usize, RelayError> {
+        let cutoff = chrono::DateTime::<chrono::Utc>::from(cutoff);
+        let mut conn = self.pool.get().await?;
+        let mut total = 0;
+        loop {
+            let deleted = diesel::sql_query(
+                "DELETE FROM outbox WHERE seq IN \
+                 (SELECT seq FROM outbox WHERE published_at < $1 LIMIT 10000)",
+            )
+            .bind::<Timestamptz, _>(cutoff)
+            .execute(&mut conn)
+            .await?;
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn open_publisher(&self) -> Result<Publisher, RelayError> {
+        let broker = |error: lapin::Error| RelayError::Broker(error.to_string());
+        let connection =
+            shop_messaging::connection::connect(&self.amqp, &format!("{} outbox relay", self.config.app_id))
+                .await
+                .map_err(|error| RelayError::Broker(format!("{error:#}")))?;
+        let channel = connection.create_channel().await.map_err(broker)?;
+        shop_messaging::topology::declare_event_exchange(&channel, &self.config.exchange)
+            .await
+            .map_err(broker)?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await
+            .map_err(broker)?;
+        tracing::info!(exchange = %self.config.exchange, "outbox relay connected to the broker");
+        Ok(Publisher { connection, channel })
+    }
+
+    async fn drop_publisher(&mut self) {
+        if let Some(publisher) = self.publisher.take() {
+            let _ = publisher
+                .connection
+                .close(200, "relay reconnecting or stopping".into())
+                .await;
+        }
+    }
+}
+
+/// The body of a batch transaction. Returns the outcome and, when the broker
+/// failed part-way, the error (the rows confirmed before it are marked).
+async fn publish_batch(
+    conn: &mut AsyncPgConnection,
+    channel: &Channel,
+    config: &RelayConfig,
+) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
+    let held: Vec<i16> = diesel::sql_query(
+        "SELECT p::smallint AS partition FROM generate_series(0, $1 - 1) AS p \
+         WHERE pg_try_advisory_xact_lock($2, p)",
+    )
+    .bind::<SmallInt, _>(PARTITIONS)
+    .bind::<Integer, _>(LOCK_NAMESPACE)
+    .load::<HeldPartition>(conn)
+    .await?
+    .into_iter()
+    .map(|row| row.partition)
+    .collect();
+    let mut outcome = BatchOutcome {
+        partitions: held.len(),
+        ..BatchOutcome::default()
+    };
+    if held.is_empty() {
+        return Ok((outcome, None));
+    }
+    let rows: Vec<PendingEvent> = dsl::outbox
+        .filter(dsl::published_at.is_null())
+        .filter(dsl::partition_key.eq_any(&held))
+        .order(dsl::seq.asc())
+        .limit(config.batch_size)
+        .select(PendingEvent::as_select())
+        .load(conn)
+        .await?;
+    outcome.claimed = rows.len();
+    if rows.is_empty() {
+        return Ok((outcome, None));
+    }
+    let (confirmed, failure) = publish_in_order(channel, config, &rows).await;
+    if !confirmed.is_empty() {
+        diesel::update(dsl::outbox.filter(dsl::seq.eq_any(&confirmed)))
+            .set(dsl::published_at.eq(diesel::dsl::now))
+            .execute(conn)
+            .await?;
+    }
+    outcome.published = confirmed.len();
+    Ok((outcome, failure))
+}
+
+/// Publishes `rows` pipelined (all sent, then all confirms awaited) and
+/// returns the `seq` of the confirmed prefix, with the error that ended it
+/// early.
+async fn publish_in_order(
+    channel: &Channel,
+    config: &RelayConfig,
+    rows: &[PendingEvent],
+) -> (Vec<i64>, Option<RelayError>) {
+    let mut pending = Vec::with_capacity(rows.len());
+    let mut failure = None;
+    for row in rows {
+        let span = publish_span(config, row);
+        let trace = if span.is_none() {
+            HashMap::new()
+        } else {
+            shop_telemetry::propagation::inject_map(&span.context())
+        };
+        let event_id = row.event_id.to_string();
+        let headers = EventHeaders {
+            event_id: &event_id,
+            type_name: &row.event_type,
+            app_id: &config.app_id,
+            timestamp: unix_seconds(row.created_at),
+            aggregate_type: &row.aggregate_type,
+            aggregate_id: &row.aggregate_id,
+            aggregate_version: row.aggregate_version,
+            trace: &trace,
+        };
+        let sent = channel
+            .basic_publish(
+                config.exchange.as_str().into(),
+                row.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &row.payload,
+                headers.properties(),
+            )
+            .await;
+        match sent {
+            Ok(confirm) => pending.push((row.seq, confirm, span)),
+            Err(error) => {
+                failure = Some(RelayError::Broker(error.to_string()));
+                break;
+            }
+        }
+    }
+    let mut confirmed = Vec::with_capacity(pending.len());
+    for (seq, confirm, span) in pending {
+        let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err("the broker rejected the publish (nack)".to_owned()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no confirm within {:?}", config.confirm_timeout)),
+        };
+        match outcome {
+            Ok(()) => confirmed.push(seq),
+            Err(reason) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", reason.as_str());
+                failure.get_or_insert(RelayError::Broker(reason));
+                break;
+            }
+        }
+    }
+    (confirmed, failure)
+}
+
+/// The producer span of one publish, a child of the command that wrote the
+/// row (so one call is one trace); `Span::none()` for rows without a stored
+/// context, which saves the span's cost on bulk loads.
+fn publish_span(config: &RelayConfig, row: &PendingEvent) -> tracing::Span {
+    let fields: HashMap<String, String> =
+        serde_json::from_value(row.trace_context.clone()).unwrap_or_default();
+    if !fields.contains_key("traceparent") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "outbox.publish",
+        otel.name = %format_args!("{} publish", config.exchange),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %config.exchange,
+        messaging.rabbitmq.destination.routing_key = %row.routing_key,
+        messaging.message.id = %row.event_id,
+        messaging.message.body.size = row.payload.len(),
+    );
+    let _ = span.set_parent(shop_telemetry::propagation::extract_map(&fields));
+    span
+}
+
+fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
+    SystemTime::from(time)
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Keeps a `LISTEN outbox` connection open and turns each notification into
+/// a wake-up of the relay loop; reconnects with backoff when it drops.
+async fn listen(url: SecretString, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        match listen_once(url.expose_secret(), &wake, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn listen_once(url: &str, wake: &Notify, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    use diesel_async::AsyncConnection as _;
+
+    let mut conn = AsyncPgConnection::establish(url).await?;
+    diesel::sql_query("LISTEN outbox").execute(&mut conn).await?;
+    // Rows may have been committed while nobody listened.
+    wake.notify_one();
+    let mut notifications = std::pin::pin!(conn.notifications_stream());
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = notifications.next() => match next {
+                Some(Ok(_)) => wake.notify_one(),
+                Some(Err(error)) => return Err(error.into()),
+                None => anyhow::bail!("notification stream ended"),
+            },
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! A broker namespace per test.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use secrecy::SecretString;
+use shop_messaging::AmqpSettings;
+
+fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672/%2f".to_owned())
+}
+
+/// A prefix for every exchange and queue one test uses, and the deletion of
+/// the names it registered when it is dropped, so tests run in parallel on
+/// one broker and leave nothing behind.
+#[derive(Debug)]
+pub struct TestBroker {
+    prefix: String,
+    exchanges: Mutex<Vec<String>>,
+    queues: Mutex<Vec<String>>,
+}
+
+impl Default for TestBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestBroker {
+    /// A new namespace.
+    pub fn new() -> Self {
+        Self {
+            prefix: format!("t{}", crate::short_id()),
+            exchanges: Mutex::new(Vec::new()),
+            queues: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Broker settings for a service under test.
+    pub fn settings(&self) -> AmqpSettings {
+        AmqpSettings {
+            url: SecretString::from(amqp_url()),
+        }
+    }
+
+    /// The prefixed name of exchange `base` (`user.events`), deleted at the
+    /// end of the test.
+    pub fn exchange(&self, base: &str) -> String {
+        let name = format!("{}.{base}", self.prefix);
+        push_unique(&self.exchanges, &name);
+        name
+    }
+
+    /// The prefixed name of queue `base`, deleted at the end of the test.
+    pub fn queue(&self, base: &str) -> String {
+        let name = format!("{}.{base}", self.prefix);
+        self.track_queue(&name);
+        name
+    }
+
+    /// Registers a queue declared under another name (derived queues such as
+    /// retry and dead-letter queues) for deletion.
+    pub fn track_queue(&self, name: &str) {
+        push_unique(&self.queues, name);
+    }
+
+    /// A queue bound to `exchange` with `binding_key` (`#` for all), declared
+    /// now, so it sees every message published from here on.
+    pub async fn probe(&self, exchange: &str, binding_key: &str) -> anyhow::Result<ProbeQueue> {
+        ProbeQueue::bind(exchange, binding_key).await
+    }
+}
+
+fn push_unique(names: &Mutex<Vec<String>>, name: &str) {
+    let mut names = names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !names.iter().any(|n| n == name) {
+        names.push(name.to_owned());
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let queues = std::mem::take(
+            &mut *self
+                .queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let exchanges = std::mem::take(
+            &mut *self
+                .exchanges
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if queues.is_empty() && exchanges.is_empty() {
+            return;
+        }
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                for queue in queues {
+                    // A channel per delete: deleting a missing queue is fine,
+                    // but any channel error closes the channel.
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in exchanges {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "test done".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// An exclusive queue that records what is published to an exchange; the
+/// broker deletes it when its connection closes.
+#[derive(Debug)]
+pub struct ProbeQueue {
+    connection: Connection,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+impl ProbeQueue {
+    async fn bind(exchange: &str, binding_key: &str) -> anyhow::Result<Self> {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        shop_messaging::topology::declare_event_exchange(&channel, exchange).await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "probe".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            connection,
+            channel,
+            consumer,
+        })
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Delivery> {
+        let delivery = tokio::time::timeout(timeout, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        Some(delivery)
+    }
+
+    /// Exactly `count` messages (panics if they do not arrive within
+    /// `timeout`), then checks that nothing more arrives for `quiet`.
+    pub async fn expect(&mut self, count: usize, timeout: Duration, quiet: Duration) -> Vec<Delivery> {
+        let until = tokio::time::Instant::now() + timeout;
+        let mut received = Vec::with_capacity(count);
+        while received.len() < count {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(delivery) => received.push(delivery),
+                None => panic!(
+                    "expected {count} messages within {timeout:?}, got {}",
+                    received.len()
+                ),
+            }
+        }
+        if let Some(extra) = self.next(quiet).await {
+            panic!(
+                "expected exactly {count} messages, got another: type {:?}, id {:?}",
+                extra.properties.kind(),
+                extra.properties.message_id()
+            );
+        }
+        received
+    }
+
+    /// The channel, for publishing test messages.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+}

@@ -1,0 +1,232 @@
+//! A database per test.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use diesel_migrations::EmbeddedMigrations;
+use secrecy::SecretString;
+use shop_bootstrap::db::{DatabaseSettings, Pool, quote_identifier};
+use tokio_postgres::NoTls;
+
+/// A database created for one test from a migrated template, dropped (with
+/// its connections) when this value is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    url: String,
+    admin_url: String,
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned())
+}
+
+/// `url` with its database replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority_end = base.find("://").map_or(0, |at| at + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    format!("{base}/{name}{query}")
+}
+
+async fn admin_client() -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(&admin_url(), NoTls)
+        .await
+        .context("PostgreSQL is not reachable at TEST_DATABASE_URL (is it running?)")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl TestDatabase {
+    /// A new database with `migrations` applied. `migrations_dir` is the
+    /// folder they were embedded from: its contents name the template, so a
+    /// changed migration gets a new template.
+    pub async fn create(migrations: EmbeddedMigrations, migrations_dir: &Path) -> anyhow::Result<Self> {
+        let template = ensure_template(migrations, migrations_dir).await?;
+        let name = format!("test_{}", crate::short_id());
+        let client = admin_client().await?;
+        let statement = format!(
+            "CREATE DATABASE {} TEMPLATE {}",
+            quote_identifier(&name),
+            quote_identifier(&template)
+        );
+        // Copies of one template may collide briefly ("source database is
+        // being accessed by other users"); retry those.
+        let mut attempt = 0;
+        loop {
+            match client.batch_execute(&statement).await {
+                Ok(()) => break,
+                Err(error)
+                    if attempt < 50
+                        && error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 + attempt * 5)).await;
+                }
+                Err(error) => return Err(error).context("failed to create the test database"),
+            }
+        }
+        Ok(Self {
+            url: with_database(&admin_url(), &name),
+            admin_url: admin_url(),
+            name,
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its connection URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Settings for a service pool over it.
+    pub fn settings(&self) -> DatabaseSettings {
+        DatabaseSettings {
+            url: SecretString::from(self.url.clone()),
+            pool_size: 8,
+            acquire_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+
+    /// A pool over it.
+    pub fn pool(&self) -> Pool {
+        #[allow(clippy::expect_used)]
+        shop_bootstrap::db::pool(&self.settings()).expect("pool settings are valid")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let statement = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_identifier(&self.name)
+        );
+        let admin_url = self.admin_url.clone();
+        // Drop runs inside the test's runtime; a thread of its own can block
+        // on a small runtime without upsetting it.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client.batch_execute(&statement).await.ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// The name of the migrated template for `migrations_dir`, creating it if
+/// needed (under an advisory lock, so parallel tests build it once).
+async fn ensure_template(migrations: EmbeddedMigrations, migrations_dir: &Path) -> anyhow::Result<String> {
+    let template = format!("tpl_{}", digest(migrations_dir)?);
+    let client = admin_client().await?;
+    if template_exists(&client, &template).await? {
+        return Ok(template);
+    }
+    client.batch_execute("SELECT pg_advisory_lock(7315)").await?;
+    let built = async {
+        if template_exists(&client, &template).await? {
+            return Ok(());
+        }
+        let building = format!("{template}_building_{}", crate::short_id());
+        client
+            .batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&building)))
+            .await?;
+        let settings = DatabaseSettings {
+            url: SecretString::from(with_database(&admin_url(), &building)),
+            pool_size: 1,
+            acquire_timeout: std::time::Duration::from_secs(10),
+        };
+        let pool = shop_bootstrap::db::pool(&settings)?;
+        shop_bootstrap::db::migrate(&pool, migrations).await?;
+        pool.close();
+        drop(pool);
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote_identifier(&building),
+                quote_identifier(&template)
+            ))
+            .await
+            .context("failed to publish the template database")?;
+        anyhow::Ok(())
+    }
+    .await;
+    client.batch_execute("SELECT pg_advisory_unlock(7315)").await?;
+    built?;
+    Ok(template)
+}
+
+async fn template_exists(client: &tokio_postgres::Client, template: &str) -> anyhow::Result<bool> {
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await?
+        .is_some())
+}
+
+/// FNV-1a over the names and contents of every file below `dir`, as 16 hex
+/// digits.
+fn digest(dir: &Path) -> anyhow::Result<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for file in files {
+        let name = file
+            .strip_prefix(dir)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
+        for byte in name.bytes().chain(std::fs::read(&file)?) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(format!("{hash:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn with_database_replaces_only_the_database() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "t1"),
+            "postgres://u:p@h:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://h/postgres?sslmode=disable", "t1"),
+            "postgres://h/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t1"), "postgres://h/t1");
+    }
+}

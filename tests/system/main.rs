@@ -1,0 +1,4 @@
+//! Cross-service tests against the real PostgreSQL and RabbitMQ.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod golden;
