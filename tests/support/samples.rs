@@ -3,9 +3,10 @@
 //! the current code must decode them back to the same values.
 
 use prost_types::Timestamp;
-use shop_contracts::user;
+use shop_contracts::{order, user};
 
 const USER_ID: &str = "0192f4c0-7d1e-7a3b-9c4d-5e6f708192a3";
+const ORDER_ID: &str = "0192f4c1-0a2b-7c3d-8e4f-5a6b7c8d9e0f";
 
 fn at(seconds: i64) -> Option<Timestamp> {
     Some(Timestamp {
@@ -70,6 +71,34 @@ pub fn all() -> Vec<Sample> {
                 user_id: USER_ID.to_owned(),
                 version: 3,
                 occurred_at: at(1_764_000_120),
+            }
+        ),
+        sample!(
+            order::OrderCreated,
+            order::OrderCreated {
+                order_id: ORDER_ID.to_owned(),
+                version: 1,
+                user_id: USER_ID.to_owned(),
+                items: vec![
+                    order::OrderItem {
+                        product_id: "sku-0001".to_owned(),
+                        quantity: 2,
+                    },
+                    order::OrderItem {
+                        product_id: "sku-0042".to_owned(),
+                        quantity: 1,
+                    },
+                ],
+                occurred_at: at(1_764_000_030),
+            }
+        ),
+        sample!(
+            order::OrderCancelled,
+            order::OrderCancelled {
+                order_id: ORDER_ID.to_owned(),
+                version: 2,
+                user_id: USER_ID.to_owned(),
+                occurred_at: at(1_764_000_090),
             }
         ),
     ]

@@ -102,22 +102,10 @@ pub async fn run_relay(settings: Settings, shutdown: CancellationToken) -> anyho
 async fn serve(pool: Pool, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UserServiceServer<UserGrpc>>().await;
-    let (reflection_v1, reflection_v1alpha) = shop_bootstrap::grpc::reflection()?;
-    let stopping = {
-        let health = health.clone();
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            health.set_not_serving::<UserServiceServer<UserGrpc>>().await;
-        }
+    let stopping = async move {
+        shutdown.cancelled().await;
+        health.set_not_serving::<UserServiceServer<UserGrpc>>().await;
     };
-    tonic::transport::Server::builder()
-        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(UserServiceServer::new(UserGrpc::new(pool)))
-        .serve_with_incoming_shutdown(incoming, stopping)
-        .await
-        .context("gRPC server failed")
+    let routes = tonic::service::Routes::new(UserServiceServer::new(UserGrpc::new(pool)));
+    shop_bootstrap::grpc::serve(routes, health_service, incoming, stopping).await
 }

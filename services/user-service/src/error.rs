@@ -53,15 +53,12 @@ pub enum Error {
 
 impl From<diesel::result::Error> for Error {
     fn from(error: diesel::result::Error) -> Self {
-        use diesel::result::{DatabaseErrorKind, Error as D};
         if shop_bootstrap::db::is_unique_violation(&error, "users_email_key") {
-            return Self::EmailTaken;
-        }
-        match &error {
-            D::DatabaseError(DatabaseErrorKind::ClosedConnection, _) | D::BrokenTransactionManager => {
-                Self::Unavailable(error.to_string())
-            }
-            _ => Self::Internal(error.to_string()),
+            Self::EmailTaken
+        } else if shop_bootstrap::db::is_unavailable(&error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Internal(error.to_string())
         }
     }
 }

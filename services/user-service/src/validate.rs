@@ -6,8 +6,10 @@
 //! [`FieldViolations::check`] passed. The `TryFrom` impls at the end turn
 //! each request into the validated command the store takes.
 
-use base64::Engine as _;
 use shop_bootstrap::grpc::FieldViolations;
+pub use shop_bootstrap::validate::{
+    expected_version, optional_uuid, page_after, page_size, page_token, uuid,
+};
 use shop_contracts::user as pb;
 use uuid::Uuid;
 
@@ -19,11 +21,6 @@ pub const EMAIL_MAX: usize = 254;
 const EMAIL_LOCAL_MAX: usize = 64;
 /// Longest name, in characters, after trimming.
 pub const NAME_MAX: usize = 200;
-/// Page size when the request sets none.
-pub const DEFAULT_PAGE_SIZE: i64 = 50;
-/// Largest page a caller may ask for.
-pub const MAX_PAGE_SIZE: i32 = 1000;
-
 /// Checks an email address: at most 254 characters, one `@`, a dot-atom
 /// local part of at most 64 characters (letters, digits and
 /// ``!#$%&'*+/=?^_`{|}~-``, dots between), and a domain of at least two
@@ -84,63 +81,6 @@ pub fn name(field: &str, value: &str, violations: &mut FieldViolations) -> Strin
         violations.add(field, "must not contain control characters");
     }
     trimmed.to_owned()
-}
-
-/// Checks a required UUID.
-pub fn uuid(field: &str, value: &str, violations: &mut FieldViolations) -> Uuid {
-    if value.is_empty() {
-        violations.add(field, "is required");
-        return Uuid::nil();
-    }
-    Uuid::try_parse(value).unwrap_or_else(|_| {
-        violations.add(field, "must be a UUID");
-        Uuid::nil()
-    })
-}
-
-/// Checks an optional UUID: empty means absent.
-pub fn optional_uuid(field: &str, value: &str, violations: &mut FieldViolations) -> Option<Uuid> {
-    (!value.is_empty()).then(|| uuid(field, value, violations))
-}
-
-/// Checks an expected version: a version the caller has seen, so at least 1.
-pub fn expected_version(field: &str, value: i64, violations: &mut FieldViolations) -> i64 {
-    if value < 1 {
-        violations.add(field, "must be the current version of the user (1 or more)");
-    }
-    value
-}
-
-/// Checks a page size: 1 to 1000 when set, the default when unset.
-pub fn page_size(field: &str, value: Option<i32>, violations: &mut FieldViolations) -> i64 {
-    match value {
-        None => DEFAULT_PAGE_SIZE,
-        Some(size) if (1..=MAX_PAGE_SIZE).contains(&size) => i64::from(size),
-        Some(_) => {
-            violations.add(field, format!("must be between 1 and {MAX_PAGE_SIZE}"));
-            DEFAULT_PAGE_SIZE
-        }
-    }
-}
-
-/// The opaque token of the page after `last_id`.
-pub fn page_token(last_id: Uuid) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id.as_bytes())
-}
-
-/// Checks a page token from [`page_token`]; empty means the first page.
-pub fn page_after(field: &str, token: &str, violations: &mut FieldViolations) -> Option<Uuid> {
-    if token.is_empty() {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| Uuid::from_slice(&bytes).ok());
-    if decoded.is_none() {
-        violations.add(field, "is not a token from a previous response");
-    }
-    decoded
 }
 
 impl TryFrom<pb::CreateUserRequest> for NewUser {
@@ -283,28 +223,6 @@ mod tests {
         name("name", "   ", &mut v);
         name("name", &"x".repeat(201), &mut v);
         name("name", "a\u{0}b", &mut v);
-        assert_eq!(v.fields().count(), 3);
-    }
-
-    #[test]
-    fn page_tokens_round_trip_and_garbage_is_refused() {
-        let id = Uuid::now_v7();
-        let mut v = FieldViolations::new();
-        assert_eq!(page_after("page_token", &page_token(id), &mut v), Some(id));
-        assert!(v.is_empty());
-        assert_eq!(page_after("page_token", "not-a-token!", &mut v), None);
-        assert_eq!(v.fields().collect::<Vec<_>>(), ["page_token"]);
-    }
-
-    #[test]
-    fn page_size_defaults_when_unset_and_is_bounded_when_set() {
-        let mut v = FieldViolations::new();
-        assert_eq!(page_size("page_size", None, &mut v), DEFAULT_PAGE_SIZE);
-        assert_eq!(page_size("page_size", Some(1000), &mut v), 1000);
-        assert!(v.is_empty());
-        page_size("page_size", Some(0), &mut v);
-        page_size("page_size", Some(1001), &mut v);
-        page_size("page_size", Some(-5), &mut v);
         assert_eq!(v.fields().count(), 3);
     }
 }

@@ -137,3 +137,14 @@ pub fn is_unique_violation(error: &diesel::result::Error, constraint: &str) -> b
             if info.constraint_name() == Some(constraint)
     )
 }
+
+/// Whether `error` means the database could not be reached (the connection
+/// closed under the query) rather than that the query failed: the call may
+/// succeed if retried, so it maps to `UNAVAILABLE`.
+pub fn is_unavailable(error: &diesel::result::Error) -> bool {
+    matches!(
+        error,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _)
+            | diesel::result::Error::BrokenTransactionManager
+    )
+}

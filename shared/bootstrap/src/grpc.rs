@@ -108,3 +108,29 @@ pub async fn check_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Serves `routes` (the service's own, plus health and reflection, which
+/// this adds) on `incoming` until `shutdown` resolves, then drains the calls
+/// in flight. Every call gets a server span
+/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]).
+pub async fn serve<H>(
+    routes: tonic::service::Routes,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+    incoming: tonic::transport::server::TcpIncoming,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()>
+where
+    H: tonic_health::pb::health_server::Health,
+{
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    tonic::transport::Server::builder()
+        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|error| anyhow::anyhow!("gRPC server failed: {error}"))
+}

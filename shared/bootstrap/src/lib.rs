@@ -14,3 +14,4 @@ pub mod db;
 pub mod grpc;
 pub mod settings;
 pub mod shutdown;
+pub mod validate;

@@ -73,6 +73,26 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A comma-separated list of durations in milliseconds from `name`
+/// (`1000,10000,60000`), or `default`.
+pub fn millis_list(name: &str, default: &[Duration]) -> anyhow::Result<Vec<Duration>> {
+    let value = string(name, "");
+    if value.is_empty() {
+        return Ok(default.to_vec());
+    }
+    value
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .with_context(|| {
+                    format!("invalid value {value:?} for {name}: expected milliseconds like 1000,10000")
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;

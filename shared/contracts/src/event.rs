@@ -1,5 +1,6 @@
 //! Event metadata bound to the generated messages.
 
+use crate::order::{OrderCancelled, OrderCreated};
 use crate::user::{UserCreated, UserDeleted, UserUpdated};
 
 /// A protobuf message that is published as an event.
@@ -57,6 +58,16 @@ macro_rules! events {
             &[$(EventType { type_name: $name, routing_key: $key }),*]
         }
 
+        /// A readable rendering of an encoded event of type `type_name`, for
+        /// tools showing messages they do not handle (dead letters): `None`
+        /// for an unknown type, an error for a body that does not decode.
+        pub fn describe_event(type_name: &str, body: &[u8]) -> Option<Result<String, prost::DecodeError>> {
+            match type_name {
+                $($name => Some(<$ty as prost::Message>::decode(body).map(|event| format!("{event:#?}"))),)*
+                _ => None,
+            }
+        }
+
         #[cfg(test)]
         mod bound_names {
             use super::*;
@@ -73,4 +84,6 @@ events! {
     UserCreated { type_name: "shop.user.v1.UserCreated", routing_key: "user.created", aggregate: "user", id: user_id }
     UserUpdated { type_name: "shop.user.v1.UserUpdated", routing_key: "user.updated", aggregate: "user", id: user_id }
     UserDeleted { type_name: "shop.user.v1.UserDeleted", routing_key: "user.deleted", aggregate: "user", id: user_id }
+    OrderCreated { type_name: "shop.order.v1.OrderCreated", routing_key: "order.created", aggregate: "order", id: order_id }
+    OrderCancelled { type_name: "shop.order.v1.OrderCancelled", routing_key: "order.cancelled", aggregate: "order", id: order_id }
 }

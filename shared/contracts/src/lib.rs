@@ -5,6 +5,7 @@
 //! re-exported so every crate speaks the same versions.
 //!
 //! - [`user`]: `shop.user.v1`, the user service and its events.
+//! - [`order`]: `shop.order.v1`, the order service and its events.
 //! - [`Event`]: binds each event message to its wire type name, its routing
 //!   key and its aggregate, once, so no call site types those strings.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
@@ -16,10 +17,19 @@ pub use tonic;
 
 mod event;
 
-pub use event::{Event, EventType, all_event_types};
+pub use event::{Event, EventType, all_event_types, describe_event};
 
 /// Generated code, laid out by protobuf package.
 pub mod shop {
+    /// `shop.order.*`
+    pub mod order {
+        /// `shop.order.v1`: the order service and the events it publishes.
+        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shop.order.v1.rs"));
+        }
+    }
+
     /// `shop.user.*`
     pub mod user {
         /// `shop.user.v1`: the user service and the events it publishes.
@@ -30,6 +40,7 @@ pub mod shop {
     }
 }
 
+pub use shop::order::v1 as order;
 pub use shop::user::v1 as user;
 
 /// Encoded `FileDescriptorSet` of every `.proto` in the system, for

@@ -7,9 +7,14 @@
 //!   carried in the headers.
 //! - [`topology`]: every exchange and queue the system declares, in one
 //!   place, each option written out.
+//! - [`consumer`]: typed subscriptions (`subscribe::<UserCreated>(handler)`)
+//!   applied with an [`inbox`] in batches, delayed retries and dead letters.
 #![forbid(unsafe_code)]
 
 pub mod connection;
+pub mod consumer;
+pub mod dlq;
+pub mod inbox;
 pub mod topology;
 pub mod wire;
 

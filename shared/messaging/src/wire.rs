@@ -118,3 +118,81 @@ pub fn extract_trace(headers: Option<&FieldTable>) -> Context {
         .collect();
     shop_telemetry::propagation::extract_map(&fields)
 }
+
+/// Header: the delivery attempt a message is on (absent on the first).
+pub const ATTEMPT: &str = "attempt";
+/// Header: exchange the message was first published to (kept through retries
+/// and dead-lettering).
+pub const ORIGINAL_EXCHANGE: &str = "original_exchange";
+/// Header: routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "original_routing_key";
+/// Header: queue the message was consumed from when it was retried or
+/// dead-lettered; replay sends it back there.
+pub const ORIGINAL_QUEUE: &str = "original_queue";
+/// Header: the last error of a message sent to a retry queue.
+pub const LAST_ERROR: &str = "last_error";
+/// Header: why a message was dead-lettered (a [`DeadLetterReason`]).
+pub const DEAD_LETTER_REASON: &str = "dead_letter_reason";
+/// Header: the error text that made it a dead letter.
+pub const DEAD_LETTER_ERROR: &str = "dead_letter_error";
+/// Header: how many attempts were made before it was dead-lettered.
+pub const DEAD_LETTER_ATTEMPTS: &str = "dead_letter_attempts";
+/// Header: when it was dead-lettered (RFC 3339).
+pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
+
+/// Why a message ended in a dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    /// No `message_id`, or not a UUID: the inbox cannot deduplicate it.
+    MissingMessageId,
+    /// No `type`, or one no handler is subscribed to.
+    UnknownType,
+    /// The body does not decode as its `type`.
+    Undecodable,
+    /// The handler refused it as something that can never succeed.
+    Rejected,
+    /// The handler failed on every attempt.
+    MaxAttempts,
+}
+
+impl DeadLetterReason {
+    /// Every reason.
+    pub const ALL: [Self; 5] = [
+        Self::MissingMessageId,
+        Self::UnknownType,
+        Self::Undecodable,
+        Self::Rejected,
+        Self::MaxAttempts,
+    ];
+
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingMessageId => "missing-message-id",
+            Self::UnknownType => "unknown-type",
+            Self::Undecodable => "undecodable",
+            Self::Rejected => "rejected",
+            Self::MaxAttempts => "max-attempts",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadLetterReason {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == value)
+            .ok_or_else(|| {
+                let known: Vec<_> = Self::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown reason {value:?}; known: {}", known.join(", "))
+            })
+    }
+}

@@ -14,9 +14,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use secrecy::SecretString;
 use shop_messaging::AmqpSettings;
 
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672/%2f".to_owned())
-}
+use crate::amqp_url;
 
 /// A prefix for every exchange and queue one test uses, and the deletion of
 /// the names it registered when it is dropped, so tests run in parallel on

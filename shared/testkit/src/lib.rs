@@ -6,6 +6,11 @@
 //! - [`TestBroker`]: a name prefix per test for exchanges and queues, and the
 //!   deletion of what the test declared when it ends; [`ProbeQueue`] reads
 //!   what was published to an exchange.
+//! - [`TestPublisher`]: publishes events as the relay would, or any bytes.
+//! - [`TcpProxy`]: a proxy between a service and PostgreSQL or RabbitMQ that
+//!   cuts or refuses connections on demand.
+//! - [`Running`]: a service running in the test process, stopped with the
+//!   test.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //!
 //! `TEST_DATABASE_URL` (default
@@ -17,9 +22,15 @@
 
 mod broker;
 mod database;
+mod proxy;
+mod publisher;
+mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
 pub use database::TestDatabase;
+pub use proxy::TcpProxy;
+pub use publisher::TestPublisher;
+pub use running::Running;
 
 use std::future::Future;
 use std::time::Duration;
@@ -64,4 +75,34 @@ where
 /// A short random id for names.
 pub(crate) fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// `TEST_AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672/%2f".to_owned())
+}
+
+/// The address of the broker in [`amqp_url`].
+pub async fn amqp_addr() -> std::net::SocketAddr {
+    let url = amqp_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    };
+    #[allow(clippy::expect_used)]
+    let addrs: Vec<_> = tokio::net::lookup_host(host_port)
+        .await
+        .expect("TEST_AMQP_URL host resolves")
+        .collect();
+    // Brokers often listen on IPv4 only, while `localhost` may resolve to ::1 first.
+    addrs
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .expect("TEST_AMQP_URL host has an address")
 }

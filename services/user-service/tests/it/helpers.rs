@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl as _;
-use shop_bootstrap::shutdown::CancellationToken;
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_client::UserServiceClient;
-use shop_testkit::{TestBroker, TestDatabase};
+use shop_testkit::{Running, TestBroker, TestDatabase};
 use tonic::transport::Channel;
 use user_service::app::MIGRATIONS;
 use user_service::{Application, Settings};
@@ -45,28 +44,11 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: UserServiceClient<Channel>,
     pub exchange: String,
-    pub shutdown: CancellationToken,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub running: Running,
     pub pool: shop_bootstrap::db::Pool,
     // Dropped last: the service must stop before its database goes.
     pub broker: TestBroker,
     pub db: TestDatabase,
-}
-
-impl Drop for TestApp {
-    /// Stops the service and waits for it, so nothing it does (a relay
-    /// reconnecting, a late declare) outlives the test's names.
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        let Some(handle) = self.handle.take() else {
-            return;
-        };
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
-            });
-        });
-    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -83,8 +65,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
     let pool = app.pool().clone();
-    let shutdown = CancellationToken::new();
-    let handle = Some(tokio::spawn(app.run(shutdown.clone())));
+    let running = Running::spawn(|shutdown| app.run(shutdown));
     let client = UserServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("client connects");
@@ -92,8 +73,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         addr,
         client,
         exchange,
-        shutdown,
-        handle,
+        running,
         pool,
         broker,
         db,
@@ -101,14 +81,6 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 impl TestApp {
-    /// Requests shutdown and waits (up to 10 s) for the service to stop;
-    /// returns what its `run` returned.
-    pub async fn stop(&mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let handle = self.handle.take().expect("service still running");
-        tokio::time::timeout(Duration::from_secs(10), handle).await??
-    }
-
     pub async fn create_user(&self, email: &str, name: &str) -> pb::User {
         self.client
             .clone()

@@ -80,7 +80,7 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
         watch.next().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32
     );
-    app.shutdown.cancel();
+    app.running.shutdown().cancel();
     let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap();
@@ -94,7 +94,10 @@ async fn shutdown_stops_the_service_within_the_grace_period() {
     let mut app = spawn_app().await;
     app.create_user("bye@example.com", "Bye").await;
 
-    app.stop().await.expect("clean stop within the grace period");
+    app.running
+        .stop()
+        .await
+        .expect("clean stop within the grace period");
 
     assert!(
         tokio::net::TcpStream::connect(app.addr).await.is_err(),

@@ -1,0 +1,3 @@
+DROP TABLE create_order_requests;
+DROP TABLE order_items;
+DROP TABLE orders;

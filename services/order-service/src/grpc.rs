@@ -1,0 +1,98 @@
+//! `shop.order.v1.OrderService` over gRPC: validate, run the command, map the
+//! outcome to a response or a status.
+
+use shop_bootstrap::db::{Pool, PooledConnection};
+use shop_contracts::order as pb;
+use shop_contracts::order::order_service_server::OrderService;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::store::{self, NewOrder};
+use crate::validate::{self, Cancellation, OrdersPage};
+
+/// The gRPC handlers, over a connection pool.
+#[derive(Clone)]
+pub struct OrderGrpc {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for OrderGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderGrpc").finish_non_exhaustive()
+    }
+}
+
+impl OrderGrpc {
+    /// Handlers using `pool`.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn conn(&self) -> Result<PooledConnection, Error> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderGrpc {
+    async fn create_order(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+    ) -> Result<Response<pb::CreateOrderResponse>, Status> {
+        let new = NewOrder::try_from(request.into_inner()).map_err(Error::from)?;
+        let order = store::create_order(&mut *self.conn().await?, &new).await?;
+        Ok(Response::new(pb::CreateOrderResponse {
+            order: Some(order.into()),
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::GetOrderResponse>, Status> {
+        let id = validate::get_order(request.get_ref()).map_err(Error::from)?;
+        let order = store::find(&mut *self.conn().await?, id)
+            .await?
+            .ok_or(Error::NotFound(id))?;
+        Ok(Response::new(pb::GetOrderResponse {
+            order: Some(order.into()),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let page = OrdersPage::try_from(request.into_inner()).map_err(Error::from)?;
+        // One extra row tells whether another page follows.
+        let mut orders =
+            store::list(&mut *self.conn().await?, page.user_id, page.after, page.size + 1).await?;
+        let mut next_page_token = String::new();
+        if orders.len() > page.size as usize {
+            orders.truncate(page.size as usize);
+            if let Some(last) = orders.last() {
+                next_page_token = shop_bootstrap::validate::page_token(last.row.id);
+            }
+        }
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders: orders.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let cancellation = Cancellation::try_from(request.into_inner()).map_err(Error::from)?;
+        let order = store::cancel_order(
+            &mut *self.conn().await?,
+            cancellation.id,
+            cancellation.expected_version,
+        )
+        .await?;
+        Ok(Response::new(pb::CancelOrderResponse {
+            order: Some(order.into()),
+        }))
+    }
+}

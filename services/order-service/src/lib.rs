@@ -1,0 +1,27 @@
+//! The order service: owns orders and keeps a projection of users from the
+//! user service's events.
+//!
+//! - Commands (`CreateOrder`, `CancelOrder`) validate their request
+//!   ([`validate`]) and run one transaction that writes the order rows and
+//!   the event (`OrderCreated`, `OrderCancelled`) to the outbox ([`store`]);
+//!   the relay publishes them to the `order.events` exchange.
+//! - An order can only be placed for a user the projection knows and has not
+//!   seen deleted: `known_users`, fed by `user.created`, `user.updated` and
+//!   `user.deleted` through a typed consumer with an inbox, retries and
+//!   dead-lettering ([`projection`], `shop_messaging::consumer`).
+//! - [`app::Application`] builds and runs it; [`cli`] is the command line of
+//!   the binary, including the dead-letter commands.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod error;
+pub mod grpc;
+pub mod projection;
+pub mod schema;
+pub mod settings;
+pub mod store;
+pub mod validate;
+
+pub use app::Application;
+pub use settings::Settings;

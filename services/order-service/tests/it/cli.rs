@@ -1,0 +1,75 @@
+//! The binary's dead-letter commands, run as a user would.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use shop_contracts::Event as _;
+use shop_contracts::user::UserCreated;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, spawn_app};
+
+fn dlq(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("dlq")
+        .args(args)
+        .env("AMQP_URL", shop_testkit::amqp_url())
+        .env("USER_EVENTS_QUEUE", &app.settings.consumer.queue)
+        .env("USER_EVENTS_EXCHANGE", &app.settings.consumer.exchange)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_commands_list_show_replay_and_purge() {
+    let app = spawn_app().await;
+    let id = Uuid::now_v7().to_string();
+    app.publisher
+        .publish_raw(
+            &app.settings.consumer.exchange,
+            UserCreated::ROUTING_KEY,
+            b"\xff\xfe",
+            BasicProperties::default()
+                .with_type(UserCreated::TYPE_NAME.into())
+                .with_message_id(id.as_str().into()),
+        )
+        .await
+        .unwrap();
+    let dead_letters =
+        shop_messaging::dlq::DeadLetters::connect(&app.settings.amqp, &app.settings.consumer.queue)
+            .await
+            .unwrap();
+    shop_testkit::eventually("the dead letter", Duration::from_secs(10), || async {
+        (dead_letters.summary().await.ok()?.count == 1).then_some(())
+    })
+    .await;
+    dead_letters.close().await;
+
+    let (ok, listed, _) = dlq(&app, &["list"]);
+    assert!(ok);
+    assert!(listed.contains(": 1 dead letter(s)"), "{listed}");
+    assert!(listed.contains("reason undecodable: 1"), "{listed}");
+
+    let (ok, shown, _) = dlq(&app, &["show", &id]);
+    assert!(ok);
+    assert!(shown.contains("reason: undecodable"), "{shown}");
+    assert!(shown.contains("dead_letter_error"), "{shown}");
+
+    let (ok, _, stderr) = dlq(&app, &["purge"]);
+    assert!(!ok, "purge without --yes is refused");
+    assert!(stderr.contains("--yes"), "{stderr}");
+
+    let (ok, replayed, _) = dlq(&app, &["replay", "--reason", "max-attempts"]);
+    assert!(ok);
+    assert_eq!(replayed.trim(), "replayed 0, kept 1");
+
+    let (ok, purged, _) = dlq(&app, &["purge", "--yes"]);
+    assert!(ok);
+    assert!(purged.starts_with("purged 1"), "{purged}");
+}

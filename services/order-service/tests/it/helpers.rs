@@ -1,0 +1,255 @@
+//! `spawn_app()`: the order service in process on port 0, consuming this
+//! test's user exchange.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::RunQueryDsl as _;
+use order_service::app::MIGRATIONS;
+use order_service::schema::known_users;
+use order_service::{Application, Settings};
+use shop_contracts::Event;
+use shop_contracts::order as pb;
+use shop_contracts::order::order_service_client::OrderServiceClient;
+use shop_contracts::user::UserCreated;
+use shop_testkit::{Running, TestBroker, TestDatabase, TestPublisher};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use uuid::Uuid;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
+    let mut relay = shop_outbox::RelayConfig::new(broker.exchange("order.events"), "order-service");
+    relay.poll_interval = Duration::from_millis(200);
+    let mut consumer = shop_messaging::consumer::ConsumerConfig::new(
+        broker.exchange("user.events"),
+        broker.queue("order-service.user-events"),
+    );
+    consumer.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    consumer.max_attempts = 3;
+    Settings {
+        database: db.settings(),
+        amqp: broker.settings(),
+        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        relay_enabled: true,
+        relay,
+        consumer,
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: OrderServiceClient<Channel>,
+    pub settings: Settings,
+    pub publisher: TestPublisher,
+    _running: Running,
+    pub pool: shop_bootstrap::db::Pool,
+    pub broker: TestBroker,
+    _db: TestDatabase,
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The service, started and SERVING (its consumer connected, so its queue
+/// exists and user events published from now on reach it).
+pub async fn spawn_app() -> TestApp {
+    let app = spawn_app_with(|_| {}).await;
+    let health = HealthClient::new(channel(app.addr).await);
+    shop_testkit::eventually("the order service to report SERVING", WAIT, || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            (status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+    app
+}
+
+/// The service, started with adjusted settings; not waited for.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    shop_testkit::init_test_log();
+    let db = TestDatabase::create(
+        MIGRATIONS,
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../migrations/order-service"
+        )),
+    )
+    .await
+    .unwrap();
+    let broker = TestBroker::new();
+    let mut settings = settings(&db, &broker);
+    adjust(&mut settings);
+    for queue in order_service::app::user_events_consumer(&settings, db.pool())
+        .topology()
+        .queue_names()
+    {
+        broker.track_queue(&queue);
+    }
+    let publisher = TestPublisher::connect(&settings.consumer.exchange).await.unwrap();
+    let app = Application::build(settings.clone()).await.unwrap();
+    let addr = app.local_addr();
+    let pool = app.pool().clone();
+    let running = Running::spawn(|shutdown| app.run(shutdown));
+    let client = OrderServiceClient::new(channel(addr).await);
+    TestApp {
+        addr,
+        client,
+        settings,
+        publisher,
+        _running: running,
+        pool,
+        broker,
+        _db: db,
+    }
+}
+
+/// What the projection holds about a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownUser {
+    pub email: String,
+    pub name: String,
+    pub version: i64,
+    pub deleted: bool,
+}
+
+impl TestApp {
+    pub async fn publish_user_event<E: Event>(&self, event: &E) -> Uuid {
+        let id = Uuid::now_v7();
+        self.publish_user_event_with_id(event, id).await;
+        id
+    }
+
+    pub async fn publish_user_event_with_id<E: Event>(&self, event: &E, id: Uuid) {
+        self.publisher
+            .publish(&self.settings.consumer.exchange, event, id)
+            .await
+            .unwrap();
+    }
+
+    pub async fn known_user(&self, user_id: Uuid) -> Option<KnownUser> {
+        let mut conn = self.pool.get().await.unwrap();
+        known_users::table
+            .find(user_id)
+            .select((
+                known_users::email,
+                known_users::name,
+                known_users::version,
+                known_users::deleted,
+            ))
+            .first::<(String, String, i64, bool)>(&mut conn)
+            .await
+            .ok()
+            .map(|(email, name, version, deleted)| KnownUser {
+                email,
+                name,
+                version,
+                deleted,
+            })
+    }
+
+    /// Waits until the projection holds `user_id` at `version`.
+    pub async fn wait_for_user_version(&self, user_id: Uuid, version: i64) -> KnownUser {
+        shop_testkit::eventually(&format!("user {user_id} at version {version}"), WAIT, || async {
+            self.known_user(user_id)
+                .await
+                .filter(|user| user.version == version)
+        })
+        .await
+    }
+
+    /// A user the projection knows (published `user.created` and waited).
+    pub async fn known_user_id(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        self.publish_user_event(&UserCreated {
+            user_id: id.to_string(),
+            version: 1,
+            email: format!("{id}@example.com"),
+            name: "Buyer".to_owned(),
+            occurred_at: None,
+        })
+        .await;
+        self.wait_for_user_version(id, 1).await;
+        id
+    }
+
+    pub async fn create_order(&self, user_id: Uuid, items: &[(&str, i32)]) -> pb::Order {
+        self.client
+            .clone()
+            .create_order(create_request(user_id, items))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap()
+    }
+
+    /// (event type, aggregate id, version) of every outbox row, oldest first.
+    pub async fn outbox(&self) -> Vec<(String, String, i64)> {
+        use shop_outbox::schema::outbox::dsl;
+        let mut conn = self.pool.get().await.unwrap();
+        dsl::outbox
+            .order(dsl::seq.asc())
+            .select((dsl::event_type, dsl::aggregate_id, dsl::aggregate_version))
+            .load(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    pub async fn inbox_count(&self) -> i64 {
+        use shop_messaging::inbox::inbox;
+        let mut conn = self.pool.get().await.unwrap();
+        inbox::table
+            .filter(inbox::consumer.eq(&self.settings.consumer.queue))
+            .count()
+            .get_result(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+pub fn create_request(user_id: Uuid, items: &[(&str, i32)]) -> pb::CreateOrderRequest {
+    pb::CreateOrderRequest {
+        user_id: user_id.to_string(),
+        items: items
+            .iter()
+            .map(|(product_id, quantity)| pb::OrderItem {
+                product_id: (*product_id).to_owned(),
+                quantity: *quantity,
+            })
+            .collect(),
+        request_id: String::new(),
+    }
+}
+
+/// The field paths of the `BadRequest` detail of an `INVALID_ARGUMENT`.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the order service against the real PostgreSQL and
+//! RabbitMQ: each test has its own database, exchanges and queues.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod cli;
+mod helpers;
+mod projection;
+mod rpc;
+mod server;

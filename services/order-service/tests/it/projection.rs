@@ -1,0 +1,180 @@
+//! The users projection: known users gate CreateOrder; events are applied
+//! once and by version.
+
+use std::time::Duration;
+
+use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::helpers::{KnownUser, create_request, spawn_app};
+
+fn created(id: Uuid, version: i64, name: &str) -> UserCreated {
+    UserCreated {
+        user_id: id.to_string(),
+        version,
+        email: format!("{name}@example.com").to_lowercase(),
+        name: name.to_owned(),
+        occurred_at: None,
+    }
+}
+
+fn updated(id: Uuid, version: i64, name: &str) -> UserUpdated {
+    UserUpdated {
+        user_id: id.to_string(),
+        version,
+        email: format!("{name}@example.com").to_lowercase(),
+        name: name.to_owned(),
+        occurred_at: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_order_is_refused_until_the_users_creation_arrives_then_succeeds() {
+    let app = spawn_app().await;
+    let user = Uuid::now_v7();
+
+    let status = app
+        .client
+        .clone()
+        .create_order(create_request(user, &[("sku-1", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("not known"), "{}", status.message());
+
+    app.publish_user_event(&created(user, 1, "Ada")).await;
+    app.wait_for_user_version(user, 1).await;
+    let order = app.create_order(user, &[("sku-1", 1)]).await;
+
+    assert_eq!(order.user_id, user.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_order_for_a_deleted_user_is_refused() {
+    let app = spawn_app().await;
+    let user = app.known_user_id().await;
+
+    app.publish_user_event(&UserDeleted {
+        user_id: user.to_string(),
+        version: 2,
+        occurred_at: None,
+    })
+    .await;
+    app.wait_for_user_version(user, 2).await;
+    let status = app
+        .client
+        .clone()
+        .create_order(create_request(user, &[("sku-1", 1)]))
+        .await
+        .unwrap_err();
+
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("deleted"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_event_delivered_three_times_has_one_effect() {
+    let app = spawn_app().await;
+    let user = Uuid::now_v7();
+    let event_id = Uuid::now_v7();
+
+    for _ in 0..3 {
+        app.publish_user_event_with_id(&created(user, 1, "Grace"), event_id)
+            .await;
+    }
+    app.wait_for_user_version(user, 1).await;
+    // A later event, so that all three copies are known to be consumed.
+    app.publish_user_event(&updated(user, 2, "Grace Hopper")).await;
+    app.wait_for_user_version(user, 2).await;
+
+    assert_eq!(
+        app.inbox_count().await,
+        2,
+        "the duplicates were recognised, not recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_delivered_before_its_create_ends_in_the_updated_state() {
+    let app = spawn_app().await;
+    let user = Uuid::now_v7();
+
+    app.publish_user_event(&updated(user, 2, "Later")).await;
+    app.wait_for_user_version(user, 2).await;
+    app.publish_user_event(&created(user, 1, "Earlier")).await;
+    // Another user's event after it, to know the stale create was consumed.
+    let marker = Uuid::now_v7();
+    app.publish_user_event(&created(marker, 1, "Marker")).await;
+    app.wait_for_user_version(marker, 1).await;
+
+    assert_eq!(
+        app.known_user(user).await.unwrap(),
+        KnownUser {
+            email: "later@example.com".to_owned(),
+            name: "Later".to_owned(),
+            version: 2,
+            deleted: false
+        }
+    );
+    assert_eq!(
+        app.inbox_count().await,
+        3,
+        "the stale create was consumed, and ignored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_delivered_before_the_create_keeps_the_user_deleted() {
+    let app = spawn_app().await;
+    let user = Uuid::now_v7();
+
+    app.publish_user_event(&UserDeleted {
+        user_id: user.to_string(),
+        version: 2,
+        occurred_at: None,
+    })
+    .await;
+    app.wait_for_user_version(user, 2).await;
+    app.publish_user_event(&created(user, 1, "Ghost")).await;
+    let marker = app.known_user_id().await;
+
+    assert!(app.known_user(user).await.unwrap().deleted);
+    assert!(app.known_user(marker).await.is_some());
+    let status = app
+        .client
+        .clone()
+        .create_order(create_request(user, &[("sku-1", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_event_with_a_malformed_user_id_is_dead_lettered_and_the_next_one_applied() {
+    let app = spawn_app().await;
+    let bad = UserCreated {
+        user_id: "not-a-uuid".to_owned(),
+        version: 1,
+        email: String::new(),
+        name: String::new(),
+        occurred_at: None,
+    };
+
+    app.publish_user_event(&bad).await;
+    let good = app.known_user_id().await;
+
+    assert!(app.known_user(good).await.is_some());
+    let dlq = shop_messaging::dlq::DeadLetters::connect(&app.settings.amqp, &app.settings.consumer.queue)
+        .await
+        .unwrap();
+    let letters = shop_testkit::eventually("the dead letter", Duration::from_secs(10), || async {
+        let letters = dlq.browse(10).await.ok()?;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    dlq.close().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "rejected");
+    assert!(letters[0].error.as_deref().unwrap().contains("not a UUID"));
+}

@@ -1,0 +1,301 @@
+//! Typed consumers with an inbox, delayed retries and dead-lettering.
+//!
+//! ```no_run
+//! # use shop_messaging::consumer::*;
+//! # use shop_contracts::user::UserCreated;
+//! # use diesel_async::AsyncPgConnection;
+//! struct ApplyUserCreated;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler<UserCreated> for ApplyUserCreated {
+//!     async fn handle(&self, conn: &mut AsyncPgConnection, event: UserCreated, meta: &EventMeta) -> Result<(), HandlerError> {
+//!         // write the projection with `conn`: it is inside the transaction
+//!         // that also records meta.event_id in the inbox
+//!         Ok(())
+//!     }
+//! }
+//! # fn build(pool: shop_bootstrap::db::Pool, amqp: shop_messaging::AmqpSettings) {
+//! let consumer = Consumer::new(ConsumerConfig::new("user.events", "order-service.user-events"), pool, amqp)
+//!     .subscribe::<UserCreated, _>(ApplyUserCreated);
+//! # }
+//! ```
+//!
+//! # What happens to a message
+//!
+//! 1. The body is decoded by its AMQP `type` into the subscribed event type:
+//!    the queue is bound to exactly the subscribed routing keys, both names
+//!    coming from [`shop_contracts::Event`].
+//! 2. A message that can never succeed (no or malformed `message_id`, unknown
+//!    `type`, undecodable body) is re-published to `<queue>.dlq` at once with
+//!    the reason in its headers, and acknowledged.
+//! 3. The others are applied in batches (up to
+//!    [`ConsumerConfig::batch_size`] messages already delivered): one
+//!    transaction records every event id in the inbox (skipping the ones
+//!    already there: duplicates and redeliveries have no second effect) and
+//!    runs the handlers; the messages are acknowledged (one `multiple` ack)
+//!    only after the commit.
+//! 4. If the batch fails, each message is applied alone to find the culprit.
+//!    A [`HandlerError::Transient`] failure is re-published to the delay queue
+//!    of its attempt (`<queue>.retry.<ms>`, dead-lettered back to `<queue>`
+//!    when the delay is over); after [`ConsumerConfig::max_attempts`], or at
+//!    once for [`HandlerError::Permanent`], it goes to `<queue>.dlq`. Every
+//!    re-publish waits for its publisher confirm before the original is
+//!    acknowledged, so nothing is lost, and the worker carries on with the
+//!    next messages meanwhile.
+//! 5. When the database itself is unreachable the batch is held, unacked,
+//!    and retried with backoff: an outage is not the message's fault and does
+//!    not use up its attempts.
+//!
+//! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
+//! `dead_letter_attempts`, `original_exchange`, `original_routing_key`,
+//! `original_queue` and `dead_lettered_at`; [`crate::dlq`] lists, shows,
+//! replays and purges them.
+//!
+//! After the broker drops the connection (or restarts), the consumer
+//! reconnects with backoff and declares its topology again; unacknowledged
+//! messages are redelivered and the inbox absorbs the repeats.
+
+mod worker;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel_async::AsyncPgConnection;
+use shop_bootstrap::db::Pool;
+use shop_bootstrap::shutdown::CancellationToken;
+use shop_contracts::Event;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::topology::ConsumerTopology;
+use crate::{AmqpSettings, Backoff};
+
+/// How a consumer consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The producer's topic exchange.
+    pub exchange: String,
+    /// This consumer's queue, shared by all its replicas.
+    pub queue: String,
+    /// Unacknowledged messages the broker may push to each worker.
+    pub prefetch: u16,
+    /// Workers (channels) consuming the queue in this process.
+    pub concurrency: usize,
+    /// Most messages applied in one transaction.
+    pub batch_size: usize,
+    /// Delay before each retry; the number of entries is the number of delay
+    /// queues.
+    pub retry_delays: Vec<Duration>,
+    /// Attempts before a failing message is dead-lettered (the first delivery
+    /// counts).
+    pub max_attempts: u32,
+    /// How long applied event ids are kept in the inbox.
+    pub inbox_retention: Duration,
+    /// Waits between reconnection attempts.
+    pub backoff: Backoff,
+}
+
+impl ConsumerConfig {
+    /// Defaults for consuming `queue` from `exchange`: prefetch 200, 2
+    /// workers, batches of up to 100, retries after 1 s, 10 s and 60 s, 4
+    /// attempts, inbox kept 7 days.
+    pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.into(),
+            queue: queue.into(),
+            prefetch: 200,
+            concurrency: 2,
+            batch_size: 100,
+            retry_delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            ],
+            max_attempts: 4,
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What a handler knows about the message besides the event.
+#[derive(Debug, Clone)]
+pub struct EventMeta {
+    /// The AMQP `message_id`, also the inbox key.
+    pub event_id: Uuid,
+    /// The AMQP `type`.
+    pub type_name: String,
+    /// Exchange the event was first published to.
+    pub exchange: String,
+    /// Routing key it was first published with.
+    pub routing_key: String,
+    /// Aggregate id from the headers, when present.
+    pub aggregate_id: Option<String>,
+    /// Aggregate version from the headers, when present.
+    pub aggregate_version: Option<i64>,
+    /// 1 on the first delivery, then one more per retry.
+    pub attempt: u32,
+}
+
+/// Why a handler could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might succeed later (a conflict, a dependency away): retried after a
+    /// delay, dead-lettered after the last attempt.
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+    /// Can never succeed (the event breaks an invariant): dead-lettered at
+    /// once.
+    #[error("{0:#}")]
+    Permanent(anyhow::Error),
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn transient(error: impl Into<anyhow::Error>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    /// A failure not worth retrying.
+    pub fn permanent(error: impl Into<anyhow::Error>) -> Self {
+        Self::Permanent(error.into())
+    }
+}
+
+impl From<diesel::result::Error> for HandlerError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::Transient(error.into())
+    }
+}
+
+/// Applies events of type `E` inside the consumer's transaction.
+#[async_trait::async_trait]
+pub trait Handler<E: Event>: Send + Sync + 'static {
+    /// Applies `event`. `conn` is inside the transaction that also records
+    /// the event in the inbox; it commits only if every handler of the batch
+    /// succeeds.
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: E,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError>;
+}
+
+type Decoded = Box<dyn Any + Send>;
+
+/// A handler with its event type erased, so one consumer dispatches several
+/// types by name.
+#[async_trait::async_trait]
+trait ErasedHandler: Send + Sync {
+    fn decode(&self, body: &[u8]) -> Result<Decoded, prost::DecodeError>;
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: Decoded,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError>;
+}
+
+struct Typed<E, H> {
+    handler: H,
+    event: PhantomData<fn() -> E>,
+}
+
+#[async_trait::async_trait]
+impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
+    fn decode(&self, body: &[u8]) -> Result<Decoded, prost::DecodeError> {
+        Ok(Box::new(E::decode(body)?))
+    }
+
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: Decoded,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        match event.downcast::<E>() {
+            Ok(event) => self.handler.handle(conn, *event, meta).await,
+            Err(_) => Err(HandlerError::permanent(anyhow::anyhow!(
+                "decoded event is not a {}",
+                E::TYPE_NAME
+            ))),
+        }
+    }
+}
+
+/// A consumer of one queue: typed subscriptions, inbox, retries, dead
+/// letters. See the module docs.
+pub struct Consumer {
+    config: ConsumerConfig,
+    pool: Pool,
+    amqp: AmqpSettings,
+    handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    routing_keys: Vec<String>,
+    connected: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .field("types", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// A consumer with no subscriptions yet.
+    pub fn new(config: ConsumerConfig, pool: Pool, amqp: AmqpSettings) -> Self {
+        Self {
+            config,
+            pool,
+            amqp,
+            handlers: HashMap::new(),
+            routing_keys: Vec::new(),
+            connected: watch::Sender::new(false),
+        }
+    }
+
+    /// Routes events of type `E` (by AMQP `type`) to `handler` and binds the
+    /// queue to `E`'s routing key.
+    #[must_use]
+    pub fn subscribe<E: Event, H: Handler<E>>(mut self, handler: H) -> Self {
+        self.handlers.insert(
+            E::TYPE_NAME,
+            Arc::new(Typed {
+                handler,
+                event: PhantomData::<fn() -> E>,
+            }),
+        );
+        if !self.routing_keys.iter().any(|key| key == E::ROUTING_KEY) {
+            self.routing_keys.push(E::ROUTING_KEY.to_owned());
+        }
+        self
+    }
+
+    /// The exchange, queues and bindings this consumer declares.
+    pub fn topology(&self) -> ConsumerTopology {
+        ConsumerTopology {
+            exchange: self.config.exchange.clone(),
+            queue: self.config.queue.clone(),
+            routing_keys: self.routing_keys.clone(),
+            retry_delays: self.config.retry_delays.clone(),
+        }
+    }
+
+    /// Whether the consumer is connected and consuming right now (for health
+    /// reporting).
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    /// Consumes until `shutdown`, reconnecting whenever the broker goes away.
+    /// The batch under way when shutdown comes is finished and acknowledged.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        worker::run(self, shutdown).await
+    }
+}

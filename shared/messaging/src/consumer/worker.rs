@@ -1,0 +1,640 @@
+//! The consuming loop: sessions (one connection each), workers (one channel
+//! each), batches.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+use futures::{FutureExt as _, StreamExt as _};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Confirmation};
+use opentelemetry::trace::TraceContextExt as _;
+use shop_bootstrap::db::Pool;
+use shop_bootstrap::shutdown::CancellationToken;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use uuid::Uuid;
+
+use super::{Consumer, ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
+use crate::topology::ConsumerTopology;
+use crate::wire::{self, DeadLetterReason, header_i64, header_str, long_string};
+use crate::{AmqpSettings, Backoff, inbox};
+
+/// What every worker of a consumer shares.
+struct Shared {
+    config: ConsumerConfig,
+    topology: ConsumerTopology,
+    pool: Pool,
+    handlers: std::collections::HashMap<&'static str, Arc<dyn ErasedHandler>>,
+}
+
+pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let topology = consumer.topology();
+    let Consumer {
+        config,
+        pool,
+        amqp,
+        handlers,
+        connected,
+        ..
+    } = consumer;
+    let shared = Arc::new(Shared {
+        config,
+        topology,
+        pool,
+        handlers,
+    });
+    let cleanup = tokio::spawn(clean_inbox(shared.clone(), shutdown.clone()));
+    let mut backoff = shared.config.backoff.clone();
+    let mut failures: u32 = 0;
+    tracing::info!(queue = %shared.config.queue, "consumer started");
+    while !shutdown.is_cancelled() {
+        let result = session(&shared, &amqp, &connected, &shutdown, &mut backoff, &mut failures).await;
+        connected.send_replace(false);
+        let Err(error) = result else { break };
+        failures += 1;
+        let delay = backoff.next_delay();
+        if failures == 1 || failures.is_power_of_two() {
+            tracing::warn!(error = format!("{error:#}"), failures, retry_in_ms = delay.as_millis() as u64, queue = %shared.config.queue, "consumer disconnected");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    cleanup.abort();
+    tracing::info!(queue = %shared.config.queue, "consumer stopped");
+    Ok(())
+}
+
+/// One connection: declare the topology, run the workers until one fails or
+/// shutdown, close.
+async fn session(
+    shared: &Arc<Shared>,
+    amqp: &AmqpSettings,
+    connected: &watch::Sender<bool>,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+    failures: &mut u32,
+) -> anyhow::Result<()> {
+    let queue = &shared.config.queue;
+    let connection = crate::connection::connect(amqp, &format!("{queue} consumer")).await?;
+    let setup = connection.create_channel().await?;
+    shared.topology.declare(&setup).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+
+    let stop = shutdown.child_token();
+    let mut workers = JoinSet::new();
+    for n in 0..shared.config.concurrency.max(1) {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(shared.config.prefetch, BasicQosOptions { global: false })
+            .await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await?;
+        let tag = format!("{queue}.{n}.{}", Uuid::new_v4().simple());
+        let deliveries = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let worker = Worker {
+            shared: shared.clone(),
+            channel,
+            publisher,
+            deliveries,
+            tag,
+        };
+        workers.spawn(worker.run(stop.clone()));
+    }
+    connected.send_replace(true);
+    if *failures > 0 {
+        tracing::info!(queue = %queue, failures = *failures, "consumer reconnected");
+    } else {
+        tracing::info!(queue = %queue, "consumer connected");
+    }
+    backoff.reset();
+    *failures = 0;
+
+    // A worker ends on shutdown or on an error of its own channel; a lost
+    // connection is reported on the connection's events (a worker waiting on
+    // an acknowledgement of the dead connection would never learn of it).
+    let mut events = std::pin::pin!(connection.events_listener());
+    let first = tokio::select! {
+        first = workers.join_next() => first,
+        error = connection_error(events.as_mut()) => Some(Ok(Err(error))),
+    };
+    stop.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        // Stuck on the dead connection: what they did not acknowledge is
+        // redelivered, and an open transaction rolls back with its connection.
+        workers.abort_all();
+    }
+    let _ = connection.close(200, "consumer session ending".into()).await;
+    match first {
+        Some(Ok(Ok(()))) if shutdown.is_cancelled() => Ok(()),
+        Some(Ok(Ok(()))) | None => anyhow::bail!("a worker stopped"),
+        Some(Ok(Err(error))) => Err(error),
+        Some(Err(error)) => Err(anyhow::anyhow!("a worker panicked: {error}")),
+    }
+}
+
+/// The first error the connection reports.
+async fn connection_error(
+    mut events: std::pin::Pin<&mut impl futures::Stream<Item = lapin::Event>>,
+) -> anyhow::Error {
+    while let Some(event) = events.next().await {
+        if let lapin::Event::Error(error) = event {
+            return anyhow::Error::new(error).context("connection lost");
+        }
+    }
+    anyhow::anyhow!("connection closed")
+}
+
+/// A delivery that passed the checks, with what the handler gets.
+struct Incoming {
+    delivery: Delivery,
+    meta: EventMeta,
+    handler: Arc<dyn ErasedHandler>,
+    span: tracing::Span,
+}
+
+/// Why applying failed.
+enum ApplyError {
+    /// The database is unreachable: hold the messages and try again.
+    Unavailable(anyhow::Error),
+    /// A handler, or the transaction itself, failed.
+    Failed(HandlerError),
+}
+
+impl From<diesel::result::Error> for ApplyError {
+    fn from(error: diesel::result::Error) -> Self {
+        if shop_bootstrap::db::is_unavailable(&error) {
+            Self::Unavailable(error.into())
+        } else {
+            Self::Failed(HandlerError::Transient(error.into()))
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    channel: Channel,
+    publisher: Channel,
+    deliveries: lapin::Consumer,
+    tag: String,
+}
+
+impl Worker {
+    async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    let _ = self.channel.basic_cancel(self.tag.as_str().into(), lapin::options::BasicCancelOptions::default()).await;
+                    return Ok(());
+                }
+                next = self.deliveries.next() => match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(error)) => return Err(error.into()),
+                    None => anyhow::bail!("the broker cancelled the consumer"),
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.shared.config.batch_size {
+                // Only what has already arrived: a batch never waits.
+                match self.deliveries.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    _ => break,
+                }
+            }
+            self.process(batch, &stop).await?;
+        }
+    }
+
+    async fn process(&self, batch: Vec<Delivery>, stop: &CancellationToken) -> anyhow::Result<()> {
+        let mut ready = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match self.check(delivery) {
+                Ok(incoming) => ready.push(incoming),
+                Err((delivery, reason, error)) => {
+                    let attempt = attempt_of(&delivery);
+                    let span = process_span(&self.shared.config.queue, &delivery);
+                    self.dead_letter(&delivery, reason, &error, attempt, &span)
+                        .await?;
+                    delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let first_failure = loop {
+            match self.apply(&ready).await {
+                Ok(()) => {
+                    if let Some(last) = ready.last() {
+                        // Everything up to the last tag on this channel is in
+                        // this batch or was acknowledged before.
+                        last.delivery
+                            .acker
+                            .ack(BasicAckOptions { multiple: true })
+                            .await?;
+                    }
+                    return Ok(());
+                }
+                Err(ApplyError::Unavailable(error)) => {
+                    if !self.wait_for_database(&error, &mut backoff, stop).await {
+                        return Ok(());
+                    }
+                }
+                Err(ApplyError::Failed(error)) => break error,
+            }
+        };
+
+        // A batch of one failed for its own reason; a larger batch is split to
+        // find the culprit, one transaction per message.
+        let mut known_failure = (ready.len() == 1).then_some(first_failure);
+        for incoming in &ready {
+            loop {
+                let outcome = match known_failure.take() {
+                    Some(error) => Err(ApplyError::Failed(error)),
+                    None => self.apply(std::slice::from_ref(incoming)).await,
+                };
+                match outcome {
+                    Ok(()) => {
+                        incoming
+                            .delivery
+                            .acker
+                            .ack(BasicAckOptions { multiple: false })
+                            .await?;
+                        break;
+                    }
+                    Err(ApplyError::Unavailable(error)) => {
+                        if !self.wait_for_database(&error, &mut backoff, stop).await {
+                            return Ok(());
+                        }
+                    }
+                    Err(ApplyError::Failed(error)) => {
+                        // A transient failure while the database is away is
+                        // the outage's, not the message's: it keeps its
+                        // attempts.
+                        if matches!(error, HandlerError::Transient(_)) && !self.database_reachable().await {
+                            if !self.wait_for_database(&error.into(), &mut backoff, stop).await {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        self.fail(incoming, error).await?;
+                        incoming
+                            .delivery
+                            .acker
+                            .ack(BasicAckOptions { multiple: false })
+                            .await?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleeps before the next attempt while the database is away; false when
+    /// shutdown came first (the messages stay unacknowledged and are
+    /// redelivered).
+    async fn wait_for_database(
+        &self,
+        error: &anyhow::Error,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            error = format!("{error:#}"),
+            retry_in_ms = delay.as_millis() as u64,
+            "database unavailable, holding the batch"
+        );
+        tokio::select! {
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    async fn database_reachable(&self) -> bool {
+        let Ok(mut conn) = self.shared.pool.get().await else {
+            return false;
+        };
+        diesel::sql_query("SELECT 1").execute(&mut conn).await.is_ok()
+    }
+
+    /// The checks a message must pass before any handler sees it.
+    #[allow(clippy::result_large_err)] // the delivery travels back to be dead-lettered
+    fn check(&self, delivery: Delivery) -> Result<Incoming, (Delivery, DeadLetterReason, String)> {
+        let properties = &delivery.properties;
+        let Some(event_id) = properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::try_parse(id.as_str()).ok())
+        else {
+            let error = format!(
+                "message_id {:?} is not a UUID",
+                properties.message_id().as_ref().map(|id| id.as_str())
+            );
+            return Err((delivery, DeadLetterReason::MissingMessageId, error));
+        };
+        let type_name = properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str().to_owned())
+            .unwrap_or_default();
+        let Some(handler) = self.shared.handlers.get(type_name.as_str()).cloned() else {
+            let error = format!("no handler for type {type_name:?}");
+            return Err((delivery, DeadLetterReason::UnknownType, error));
+        };
+        if let Err(error) = handler.decode(&delivery.data) {
+            let error = format!("body is not a valid {type_name}: {error}");
+            return Err((delivery, DeadLetterReason::Undecodable, error));
+        }
+        let headers = properties.headers().as_ref();
+        let header = |key| headers.and_then(|h| header_str(h, key)).map(str::to_owned);
+        let meta = EventMeta {
+            event_id,
+            type_name,
+            exchange: header(wire::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string()),
+            routing_key: header(wire::ORIGINAL_ROUTING_KEY)
+                .unwrap_or_else(|| delivery.routing_key.to_string()),
+            aggregate_id: header(wire::AGGREGATE_ID),
+            aggregate_version: headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION)),
+            attempt: attempt_of(&delivery),
+        };
+        let span = process_span(&self.shared.config.queue, &delivery);
+        Ok(Incoming {
+            delivery,
+            meta,
+            handler,
+            span,
+        })
+    }
+
+    /// Applies `incoming` in one transaction: inbox first, then the handlers
+    /// of the events that are new.
+    async fn apply(&self, incoming: &[Incoming]) -> Result<(), ApplyError> {
+        let mut conn = self
+            .shared
+            .pool
+            .get()
+            .await
+            .map_err(|error| ApplyError::Unavailable(error.into()))?;
+        let transaction = match incoming.first() {
+            Some(first) => tracing::info_span!(
+                parent: &first.span,
+                "db.transaction",
+                db.system = "postgresql",
+                messaging.batch.message_count = incoming.len(),
+            ),
+            None => return Ok(()),
+        };
+        for other in incoming.iter().skip(1) {
+            transaction.add_link(other.span.context().span().span_context().clone());
+        }
+        let queue = self.shared.config.queue.as_str();
+        conn.transaction(async |conn| {
+            let ids: Vec<(Uuid, &str)> = incoming.iter().map(|i| (i.meta.event_id, i.meta.type_name.as_str())).collect();
+            let fresh = inbox::record(conn, queue, &ids).await?;
+            let mut applied = HashSet::with_capacity(fresh.len());
+            for item in incoming {
+                if !fresh.contains(&item.meta.event_id) || !applied.insert(item.meta.event_id) {
+                    tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
+                    continue;
+                }
+                let event = item
+                    .handler
+                    .decode(&item.delivery.data)
+                    .map_err(|error| ApplyError::Failed(HandlerError::permanent(error)))?;
+                item.handler
+                    .handle(conn, event, &item.meta)
+                    .instrument(item.span.clone())
+                    .await
+                    .map_err(ApplyError::Failed)?;
+            }
+            Ok(())
+        })
+        .instrument(transaction)
+        .await
+    }
+
+    /// Sends a message whose handler failed to its next delay queue or, when
+    /// it has no attempts left or can never succeed, to the dead-letter
+    /// queue.
+    async fn fail(&self, incoming: &Incoming, error: HandlerError) -> anyhow::Result<()> {
+        let attempt = incoming.meta.attempt;
+        let (reason, text) = match &error {
+            HandlerError::Permanent(error) => (DeadLetterReason::Rejected, format!("{error:#}")),
+            HandlerError::Transient(error) if attempt >= self.shared.config.max_attempts => {
+                (DeadLetterReason::MaxAttempts, format!("{error:#}"))
+            }
+            HandlerError::Transient(error) => {
+                let text = format!("{error:#}");
+                let step = (attempt as usize)
+                    .saturating_sub(1)
+                    .min(self.shared.config.retry_delays.len().saturating_sub(1));
+                if self.shared.config.retry_delays.is_empty() {
+                    return self
+                        .dead_letter(
+                            &incoming.delivery,
+                            DeadLetterReason::MaxAttempts,
+                            &text,
+                            attempt,
+                            &incoming.span,
+                        )
+                        .await;
+                }
+                let queue = self.shared.topology.retry_queue(step);
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    wire::ATTEMPT.into(),
+                    AMQPValue::LongLongInt(i64::from(attempt) + 1),
+                );
+                headers.insert(wire::LAST_ERROR.into(), long_string(&truncate(&text)));
+                self.republish(&incoming.delivery, &queue, headers).await?;
+                tracing::warn!(
+                    parent: &incoming.span,
+                    event_id = %incoming.meta.event_id,
+                    attempt,
+                    retry_queue = %queue,
+                    error = %text,
+                    "handler failed, retrying later"
+                );
+                return Ok(());
+            }
+        };
+        self.dead_letter(&incoming.delivery, reason, &text, attempt, &incoming.span)
+            .await
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: DeadLetterReason,
+        error: &str,
+        attempts: u32,
+        span: &tracing::Span,
+    ) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(wire::DEAD_LETTER_REASON.into(), long_string(reason.as_str()));
+        headers.insert(wire::DEAD_LETTER_ERROR.into(), long_string(&truncate(error)));
+        headers.insert(
+            wire::DEAD_LETTER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        headers.insert(
+            wire::DEAD_LETTERED_AT.into(),
+            long_string(&chrono::Utc::now().to_rfc3339()),
+        );
+        let queue = self.shared.topology.dead_letter_queue();
+        self.republish(delivery, &queue, headers).await?;
+        tracing::warn!(
+            parent: span,
+            reason = %reason,
+            error,
+            attempts,
+            message_id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+            dead_letter_queue = %queue,
+            "message dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Publishes a copy of `delivery` to `queue` through the default
+    /// exchange, with `extra` headers and the original routing kept, and
+    /// waits for the broker's confirm.
+    async fn republish(&self, delivery: &Delivery, queue: &str, extra: FieldTable) -> anyhow::Result<()> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let has = |headers: &FieldTable, key: &str| {
+            headers
+                .inner()
+                .contains_key(&lapin::types::ShortString::from(key))
+        };
+        if !has(&headers, wire::ORIGINAL_EXCHANGE) {
+            headers.insert(
+                wire::ORIGINAL_EXCHANGE.into(),
+                long_string(delivery.exchange.as_str()),
+            );
+        }
+        if !has(&headers, wire::ORIGINAL_ROUTING_KEY) {
+            headers.insert(
+                wire::ORIGINAL_ROUTING_KEY.into(),
+                long_string(delivery.routing_key.as_str()),
+            );
+        }
+        headers.insert(
+            wire::ORIGINAL_QUEUE.into(),
+            long_string(&self.shared.config.queue),
+        );
+        for (key, value) in extra.inner() {
+            headers.insert(key.clone(), value.clone());
+        }
+        let properties = delivery.properties.clone().with_headers(headers);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                // Mandatory: a missing queue comes back as a return instead of
+                // silently dropping the message.
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => anyhow::bail!("queue {queue} does not exist"),
+            Confirmation::Nack(_) => anyhow::bail!("the broker refused the copy for {queue}"),
+        }
+    }
+}
+
+/// The attempt a delivery is on: the `attempt` header, 1 without it.
+fn attempt_of(delivery: &Delivery) -> u32 {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| header_i64(headers, wire::ATTEMPT))
+        .and_then(|attempt| u32::try_from(attempt).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The consumer span of one message, continuing the trace in its headers.
+fn process_span(queue: &str, delivery: &Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "messaging.process",
+        otel.name = %format_args!("{queue} process"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "consume",
+        messaging.destination.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.message.id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        messaging.message.body.size = delivery.data.len(),
+    );
+    let parent = wire::extract_trace(delivery.properties.headers().as_ref());
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Header values stay small: error texts are cut at 1 KiB.
+fn truncate(text: &str) -> String {
+    const MAX: usize = 1024;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Deletes inbox records past retention, every ten minutes.
+async fn clean_inbox(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        let cutoff = chrono::Utc::now() - shared.config.inbox_retention;
+        let Ok(mut conn) = shared.pool.get().await else {
+            continue;
+        };
+        match inbox::delete_before(&mut conn, &shared.config.queue, cutoff).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "deleted inbox records past retention"),
+            Err(error) => tracing::warn!(%error, "inbox cleanup failed"),
+        }
+    }
+}

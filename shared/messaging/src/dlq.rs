@@ -1,0 +1,342 @@
+//! Operating a consumer's dead-letter queue: list, show, replay, purge.
+//!
+//! Dead letters sit in `<queue>.dlq` (see [`crate::consumer`]). Listing and
+//! showing read the messages without removing them (they are fetched
+//! unacknowledged and returned when the channel closes). Replay sends the
+//! selected messages back to `<queue>` itself, through the default exchange,
+//! so only the consumer that failed sees them again (other queues bound to
+//! the producer's exchange already have them); their original exchange and
+//! routing key stay in the headers, their attempt count starts over. The
+//! others are moved to the back of the dead-letter queue unchanged. Every
+//! move waits for the publisher confirm before the original is acknowledged.
+
+use std::collections::BTreeMap;
+
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use crate::AmqpSettings;
+use crate::topology::dead_letter_queue;
+use crate::wire::{self, header_i64, header_str};
+
+/// One dead letter, as read from the queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// AMQP `message_id` (the event id), if any.
+    pub message_id: Option<String>,
+    /// AMQP `type`, if any.
+    pub type_name: Option<String>,
+    /// `dead_letter_reason`, or the broker's own reason (`x-first-death-reason`)
+    /// for messages the broker dead-lettered.
+    pub reason: String,
+    /// `dead_letter_error`.
+    pub error: Option<String>,
+    /// `dead_letter_attempts`.
+    pub attempts: Option<i64>,
+    /// `original_exchange`.
+    pub original_exchange: Option<String>,
+    /// `original_routing_key`.
+    pub original_routing_key: Option<String>,
+    /// `dead_lettered_at`.
+    pub dead_lettered_at: Option<String>,
+    /// Every header, rendered as text.
+    pub headers: BTreeMap<String, String>,
+    /// The body, untouched.
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    fn from_properties(properties: &BasicProperties, body: &[u8]) -> Self {
+        let empty = FieldTable::default();
+        let headers = properties.headers().as_ref().unwrap_or(&empty);
+        let text = |key: &str| header_str(headers, key).map(str::to_owned);
+        Self {
+            message_id: properties.message_id().as_ref().map(|id| id.to_string()),
+            type_name: properties.kind().as_ref().map(|kind| kind.to_string()),
+            reason: text(wire::DEAD_LETTER_REASON)
+                .or_else(|| text("x-first-death-reason").map(|r| format!("broker: {r}")))
+                .unwrap_or_else(|| "unknown".to_owned()),
+            error: text(wire::DEAD_LETTER_ERROR),
+            attempts: header_i64(headers, wire::DEAD_LETTER_ATTEMPTS),
+            original_exchange: text(wire::ORIGINAL_EXCHANGE),
+            original_routing_key: text(wire::ORIGINAL_ROUTING_KEY),
+            dead_lettered_at: text(wire::DEAD_LETTERED_AT),
+            headers: headers
+                .inner()
+                .iter()
+                .map(|(key, value)| (key.to_string(), render(value)))
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+}
+
+fn render(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        AMQPValue::ShortString(text) => text.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Which dead letters a replay takes; every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only this reason (`max-attempts`, `undecodable`, …).
+    pub reason: Option<String>,
+    /// Only this AMQP `type`.
+    pub type_name: Option<String>,
+    /// Only this message id.
+    pub message_id: Option<String>,
+}
+
+impl Selection {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        self.reason.as_ref().is_none_or(|r| *r == letter.reason)
+            && self
+                .type_name
+                .as_ref()
+                .is_none_or(|t| Some(t) == letter.type_name.as_ref())
+            && self
+                .message_id
+                .as_ref()
+                .is_none_or(|m| Some(m) == letter.message_id.as_ref())
+    }
+}
+
+/// Counts of a dead-letter queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Messages in the queue.
+    pub count: usize,
+    /// Messages per reason.
+    pub by_reason: BTreeMap<String, usize>,
+    /// Messages per type.
+    pub by_type: BTreeMap<String, usize>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// Sent back to the consumer's queue.
+    pub replayed: usize,
+    /// Not selected, left in the dead-letter queue.
+    pub kept: usize,
+}
+
+/// The dead-letter queue of one consumer queue.
+#[derive(Debug)]
+pub struct DeadLetters {
+    connection: Connection,
+    queue: String,
+    dead_letter_queue: String,
+}
+
+impl DeadLetters {
+    /// Connects to the dead-letter queue of consumer queue `queue` (e.g.
+    /// `order-service.user-events`).
+    pub async fn connect(amqp: &AmqpSettings, queue: &str) -> anyhow::Result<Self> {
+        let connection = crate::connection::connect(amqp, &format!("{queue} dead letters")).await?;
+        Ok(Self {
+            connection,
+            queue: queue.to_owned(),
+            dead_letter_queue: dead_letter_queue(queue),
+        })
+    }
+
+    /// The dead-letter queue's name.
+    pub fn name(&self) -> &str {
+        &self.dead_letter_queue
+    }
+
+    async fn count(&self, channel: &Channel) -> anyhow::Result<u32> {
+        let queue = channel
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!("dead-letter queue {} not found: {error}", self.dead_letter_queue)
+            })?;
+        Ok(queue.message_count())
+    }
+
+    /// Up to `limit` dead letters, oldest first, left in the queue.
+    pub async fn browse(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let channel = self.connection.create_channel().await?;
+        let count = self.count(&channel).await? as usize;
+        let mut letters = Vec::new();
+        while letters.len() < count.min(limit) {
+            let Some(message) = self.get(&channel).await? else {
+                break;
+            };
+            letters.push(DeadLetter::from_properties(
+                &message.delivery.properties,
+                &message.delivery.data,
+            ));
+        }
+        // Closing the channel returns every unacknowledged message; the queue
+        // takes them back asynchronously, so wait until it shows them again
+        // (a listing right after this one must see them).
+        let _ = channel.close(200, "browsed".into()).await;
+        self.wait_for_count(count).await?;
+        Ok(letters)
+    }
+
+    /// Waits (up to 5 s) until the queue holds at least `expected` ready
+    /// messages again.
+    async fn wait_for_count(&self, expected: usize) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (self.count(&channel).await? as usize) < expected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        Ok(())
+    }
+
+    /// Counts per reason and type.
+    pub async fn summary(&self) -> anyhow::Result<Summary> {
+        let letters = self.browse(usize::MAX).await?;
+        let mut summary = Summary {
+            count: letters.len(),
+            ..Summary::default()
+        };
+        for letter in letters {
+            *summary.by_reason.entry(letter.reason).or_default() += 1;
+            *summary
+                .by_type
+                .entry(letter.type_name.unwrap_or_else(|| "(none)".to_owned()))
+                .or_default() += 1;
+        }
+        Ok(summary)
+    }
+
+    /// The dead letter with this message id, if it is in the queue.
+    pub async fn show(&self, message_id: &str) -> anyhow::Result<Option<DeadLetter>> {
+        Ok(self
+            .browse(usize::MAX)
+            .await?
+            .into_iter()
+            .find(|letter| letter.message_id.as_deref() == Some(message_id)))
+    }
+
+    /// Sends the selected dead letters back to the consumer's queue and keeps
+    /// the others (see the module docs).
+    pub async fn replay(&self, selection: &Selection) -> anyhow::Result<ReplayOutcome> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await?;
+        let count = self.count(&channel).await?;
+        let mut outcome = ReplayOutcome::default();
+        for _ in 0..count {
+            let Some(message) = self.get(&channel).await? else {
+                break;
+            };
+            let delivery = &message.delivery;
+            let letter = DeadLetter::from_properties(&delivery.properties, &delivery.data);
+            if selection.matches(&letter) {
+                let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+                let mut kept = FieldTable::default();
+                for (key, value) in headers.inner() {
+                    if !is_dead_letter_header(key.as_str()) {
+                        kept.insert(key.clone(), value.clone());
+                    }
+                }
+                headers = kept;
+                let properties = delivery.properties.clone().with_headers(headers);
+                publish_confirmed(&channel, &self.queue, &delivery.data, properties).await?;
+                outcome.replayed += 1;
+            } else {
+                publish_confirmed(
+                    &channel,
+                    &self.dead_letter_queue,
+                    &delivery.data,
+                    delivery.properties.clone(),
+                )
+                .await?;
+                outcome.kept += 1;
+            }
+            delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+        }
+        let _ = channel.close(200, "replayed".into()).await;
+        Ok(outcome)
+    }
+
+    /// Deletes every dead letter; returns how many.
+    pub async fn purge(&self) -> anyhow::Result<u32> {
+        let channel = self.connection.create_channel().await?;
+        self.count(&channel).await?;
+        let purged = channel
+            .queue_purge(
+                self.dead_letter_queue.as_str().into(),
+                QueuePurgeOptions { nowait: false },
+            )
+            .await?;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(purged)
+    }
+
+    async fn get(&self, channel: &Channel) -> anyhow::Result<Option<BasicGetMessage>> {
+        Ok(channel
+            .basic_get(
+                self.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?)
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// Headers a replayed message sheds: it starts over as a fresh delivery.
+fn is_dead_letter_header(key: &str) -> bool {
+    key.starts_with("dead_letter")
+        || key.starts_with("x-death")
+        || key.starts_with("x-first-death")
+        || key.starts_with("x-last-death")
+        || [wire::ATTEMPT, wire::LAST_ERROR, wire::ORIGINAL_QUEUE].contains(&key)
+}
+
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> anyhow::Result<()> {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(""),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => anyhow::bail!("queue {queue} does not exist"),
+        Confirmation::Nack(_) => anyhow::bail!("the broker refused the message for {queue}"),
+    }
+}

@@ -1,0 +1,79 @@
+//! The inbox: ids of the events a consumer has applied, written in the same
+//! transaction as the handler's changes, so a redelivered or duplicated
+//! event is recognised and acknowledged without a second effect.
+//!
+//! Each consuming service's migrations create the table:
+//!
+//! ```sql
+//! CREATE TABLE inbox (
+//!     consumer      TEXT NOT NULL,          -- the queue, e.g. order-service.user-events
+//!     event_id      UUID NOT NULL,          -- the AMQP message_id
+//!     event_type    TEXT NOT NULL,
+//!     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+//!     PRIMARY KEY (consumer, event_id)
+//! );
+//! CREATE INDEX inbox_processed_at ON inbox (processed_at);
+//! ```
+//!
+//! Rows older than the consumer's inbox retention are deleted; a duplicate
+//! arriving later than that is still harmless to projections that ignore
+//! stale versions.
+
+use std::collections::HashSet;
+
+use diesel::ExpressionMethods as _;
+use diesel::sql_types::Timestamptz;
+use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use uuid::Uuid;
+
+diesel::table! {
+    /// Events applied per consumer.
+    inbox (consumer, event_id) {
+        consumer -> Text,
+        event_id -> Uuid,
+        event_type -> Text,
+        processed_at -> Timestamptz,
+    }
+}
+
+/// Records `events` (id, type) as applied by `consumer` in one statement and
+/// returns the ids that were new; the others were applied before.
+pub async fn record(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    events: &[(Uuid, &str)],
+) -> diesel::QueryResult<HashSet<Uuid>> {
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(id, event_type)| {
+            (
+                inbox::consumer.eq(consumer),
+                inbox::event_id.eq(*id),
+                inbox::event_type.eq(*event_type),
+            )
+        })
+        .collect();
+    let fresh: Vec<Uuid> = diesel::insert_into(inbox::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(inbox::event_id)
+        .get_results(conn)
+        .await?;
+    Ok(fresh.into_iter().collect())
+}
+
+/// Deletes the records of `consumer` older than `cutoff`; returns how many.
+pub async fn delete_before(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> diesel::QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM inbox WHERE ctid IN \
+         (SELECT ctid FROM inbox WHERE consumer = $1 AND processed_at < $2 LIMIT 10000)",
+    )
+    .bind::<diesel::sql_types::Text, _>(consumer)
+    .bind::<Timestamptz, _>(cutoff)
+    .execute(conn)
+    .await
+}

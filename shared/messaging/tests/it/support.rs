@@ -1,0 +1,283 @@
+//! A consumer over a test database, with a handler whose failures the test
+//! controls, and a publisher of hand-made messages.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use lapin::BasicProperties;
+use shop_bootstrap::shutdown::CancellationToken;
+use shop_contracts::Event;
+use shop_contracts::user::{UserCreated, UserUpdated};
+use shop_messaging::AmqpSettings;
+use shop_messaging::consumer::{Consumer, ConsumerConfig, EventMeta, Handler, HandlerError};
+use shop_testkit::{TestBroker, TestDatabase, TestPublisher};
+use uuid::Uuid;
+
+pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
+    diesel_migrations::embed_migrations!("tests/migrations");
+
+diesel::table! {
+    applied (event_id, applied_at) {
+        event_id -> Uuid,
+        user_id -> Text,
+        version -> BigInt,
+        applied_at -> Timestamptz,
+    }
+}
+
+/// How the test handler behaves.
+#[derive(Debug, Default)]
+pub struct Behavior {
+    /// Fail (transiently) this many more times.
+    pub fail_times: AtomicU32,
+    /// Fail transiently every time while set.
+    pub always_fail: AtomicBool,
+    /// Fail permanently every time while set.
+    pub reject: AtomicBool,
+    /// Fail transiently every time for this user id.
+    pub fail_user: std::sync::Mutex<Option<String>>,
+    /// Calls so far.
+    pub calls: AtomicU32,
+}
+
+/// Records each application in `applied`, failing as told.
+#[derive(Debug, Clone)]
+pub struct Recorder(pub Arc<Behavior>);
+
+impl Recorder {
+    async fn record(
+        &self,
+        conn: &mut AsyncPgConnection,
+        user_id: &str,
+        version: i64,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        self.0.calls.fetch_add(1, Ordering::SeqCst);
+        if AtomicBool::load(&self.0.reject, Ordering::SeqCst) {
+            return Err(HandlerError::permanent(anyhow::anyhow!("rejected by the test")));
+        }
+        if self.0.fail_user.lock().unwrap().as_deref() == Some(user_id) {
+            return Err(HandlerError::transient(anyhow::anyhow!(
+                "failing on purpose for {user_id}"
+            )));
+        }
+        if AtomicBool::load(&self.0.always_fail, Ordering::SeqCst) {
+            return Err(HandlerError::transient(anyhow::anyhow!("failing on purpose")));
+        }
+        if self
+            .0
+            .fail_times
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(HandlerError::transient(anyhow::anyhow!(
+                "failing on purpose, for now"
+            )));
+        }
+        diesel::insert_into(applied::table)
+            .values((
+                applied::event_id.eq(meta.event_id),
+                applied::user_id.eq(user_id),
+                applied::version.eq(version),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<UserCreated> for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: UserCreated,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        self.record(conn, &event.user_id, event.version, meta).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler<UserUpdated> for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: UserUpdated,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        self.record(conn, &event.user_id, event.version, meta).await
+    }
+}
+
+pub struct Harness {
+    pub behavior: Arc<Behavior>,
+    pub exchange: String,
+    pub queue: String,
+    pub config: ConsumerConfig,
+    pub publisher: TestPublisher,
+    pub shutdown: CancellationToken,
+    pub connected: tokio::sync::watch::Receiver<bool>,
+    consumer: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub pool: shop_bootstrap::db::Pool,
+    pub broker: TestBroker,
+    _db: TestDatabase,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(consumer) = self.consumer.take() {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+                });
+            });
+        }
+    }
+}
+
+pub fn config(broker: &TestBroker) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(broker.exchange("user.events"), broker.queue("consumer"));
+    config.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    config.max_attempts = 3;
+    config.prefetch = 100;
+    config.batch_size = 50;
+    config
+}
+
+/// A consumer (not yet started) over a fresh database and namespace.
+pub async fn harness() -> Harness {
+    harness_with(|config, _| config).await
+}
+
+pub async fn harness_with(adjust: impl FnOnce(ConsumerConfig, &TestBroker) -> ConsumerConfig) -> Harness {
+    shop_testkit::init_test_log();
+    let db = TestDatabase::create(
+        MIGRATIONS,
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/migrations")),
+    )
+    .await
+    .unwrap();
+    let broker = TestBroker::new();
+    let config = adjust(config(&broker), &broker);
+    let publisher = TestPublisher::connect(&config.exchange).await.unwrap();
+    let pool = db.pool();
+    let (connected_tx, connected) = tokio::sync::watch::channel(false);
+    drop(connected_tx);
+    Harness {
+        behavior: Arc::new(Behavior::default()),
+        exchange: config.exchange.clone(),
+        queue: config.queue.clone(),
+        config,
+        publisher,
+        shutdown: CancellationToken::new(),
+        connected,
+        consumer: None,
+        pool,
+        broker,
+        _db: db,
+    }
+}
+
+impl Harness {
+    /// Starts the consumer with `amqp` (the broker itself, or a proxy) and
+    /// waits until its queues exist.
+    pub async fn start_with(&mut self, amqp: AmqpSettings) {
+        let consumer = Consumer::new(self.config.clone(), self.pool.clone(), amqp)
+            .subscribe::<UserCreated, _>(Recorder(self.behavior.clone()))
+            .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone()));
+        for queue in consumer.topology().queue_names() {
+            self.broker.track_queue(&queue);
+        }
+        self.connected = consumer.connected();
+        self.consumer = Some(tokio::spawn(consumer.run(self.shutdown.clone())));
+        let mut connected = self.connected.clone();
+        tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    pub async fn start(&mut self) {
+        self.start_with(self.broker.settings()).await;
+    }
+
+    /// Publishes `event` as the relay would, with `event_id`.
+    pub async fn publish<E: Event>(&self, event: &E, event_id: Uuid) {
+        self.publisher
+            .publish(&self.exchange, event, event_id)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes any bytes with any properties to the exchange.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.publisher
+            .publish_raw(&self.exchange, routing_key, body, properties)
+            .await
+            .unwrap();
+    }
+
+    /// (event id, user id, version) of every application so far, in order.
+    pub async fn applied(&self) -> Vec<(Uuid, String, i64)> {
+        let mut conn = self.pool.get().await.unwrap();
+        applied::table
+            .order(applied::applied_at.asc())
+            .select((applied::event_id, applied::user_id, applied::version))
+            .load(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `count` applications are recorded, then a little longer
+    /// to catch any extra one.
+    pub async fn expect_applied(&self, count: usize) -> Vec<(Uuid, String, i64)> {
+        shop_testkit::eventually(
+            &format!("{count} applied events"),
+            Duration::from_secs(20),
+            || async { (self.applied().await.len() >= count).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let applied = self.applied().await;
+        assert_eq!(applied.len(), count, "{applied:?}");
+        applied
+    }
+
+    /// Messages waiting in the dead-letter queue.
+    pub async fn dead_letters(&self) -> Vec<shop_messaging::dlq::DeadLetter> {
+        let dlq = shop_messaging::dlq::DeadLetters::connect(&self.broker.settings(), &self.queue)
+            .await
+            .unwrap();
+        let letters = dlq.browse(usize::MAX).await.unwrap();
+        dlq.close().await;
+        letters
+    }
+
+    pub async fn expect_dead_letters(&self, count: usize) -> Vec<shop_messaging::dlq::DeadLetter> {
+        shop_testkit::eventually(
+            &format!("{count} dead letters"),
+            Duration::from_secs(20),
+            || async { (self.dead_letters().await.len() >= count).then_some(()) },
+        )
+        .await;
+        let letters = self.dead_letters().await;
+        assert_eq!(letters.len(), count);
+        letters
+    }
+}
+
+pub fn created(user_id: &str, version: i64) -> UserCreated {
+    UserCreated {
+        user_id: user_id.to_owned(),
+        version,
+        email: format!("{user_id}@example.com"),
+        name: "Test".to_owned(),
+        occurred_at: None,
+    }
+}

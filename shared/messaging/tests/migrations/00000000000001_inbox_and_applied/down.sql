@@ -1,0 +1,2 @@
+DROP TABLE applied;
+DROP TABLE inbox;
