@@ -4,8 +4,8 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context as _;
 use shop_bootstrap::db::Pool;
+use shop_bootstrap::grpc::Prepared;
 use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
 use shop_contracts::order::order_service_server::OrderServiceServer;
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
@@ -26,15 +26,13 @@ pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
 /// A service ready to run: database migrated, listener bound.
 pub struct Application {
     settings: Settings,
-    pool: Pool,
-    incoming: TcpIncoming,
-    local_addr: SocketAddr,
+    prepared: Prepared,
 }
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.prepared.local_addr)
             .finish_non_exhaustive()
     }
 }
@@ -43,47 +41,44 @@ impl Application {
     /// Connects to (and if needed creates and migrates) the database and
     /// binds the gRPC listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shop_bootstrap::db::connect(&settings.database, MIGRATIONS).await?;
-        let incoming = TcpIncoming::bind(settings.grpc_addr)
-            .map_err(|error| anyhow::anyhow!("failed to bind {}: {error}", settings.grpc_addr))?
-            .with_nodelay(Some(true));
-        let local_addr = incoming.local_addr().context("bound listener has no address")?;
-        Ok(Self {
-            settings,
-            pool,
-            incoming,
-            local_addr,
-        })
+        let prepared = Prepared::new(&settings.database, MIGRATIONS, settings.grpc_addr).await?;
+        Ok(Self { settings, prepared })
     }
 
-    /// The address the gRPC server listens on.
+    /// The address the gRPC server listens on (the real port when the
+    /// settings asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.prepared.local_addr
     }
 
     /// The database pool.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.prepared.pool
     }
 
     /// Serves gRPC, consumes user events and runs the relay (unless
     /// disabled) until `shutdown`, then drains within the grace period.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = TaskGroup::new(shutdown.clone());
-        let consumer = user_events_consumer(&self.settings, self.pool.clone());
+        let consumer = user_events_consumer(&self.settings, self.prepared.pool.clone());
         let connected = consumer.connected();
         tasks.spawn("user events consumer", consumer.run(shutdown.clone()));
         if self.settings.relay_enabled {
             tasks.spawn(
                 "outbox relay",
-                relay(&self.settings, self.pool.clone()).run(shutdown.clone()),
+                relay(&self.settings, self.prepared.pool.clone()).run(shutdown.clone()),
             );
         }
         tasks.spawn(
             "grpc server",
-            serve(self.pool, self.incoming, connected, shutdown.clone()),
+            serve(
+                self.prepared.pool,
+                self.prepared.incoming,
+                connected,
+                shutdown.clone(),
+            ),
         );
-        tracing::info!(addr = %self.local_addr, relay = self.settings.relay_enabled, "order service started");
+        tracing::info!(addr = %self.prepared.local_addr, relay = self.settings.relay_enabled, "order service started");
         let outcome = tasks.run(self.settings.shutdown_grace).await;
         tracing::info!("order service stopped");
         outcome
@@ -159,8 +154,14 @@ async fn serve(
     };
     let follower = tokio::spawn(follow);
     let routes = tonic::service::Routes::new(OrderServiceServer::new(OrderGrpc::new(pool)));
-    let served =
-        shop_bootstrap::grpc::serve(routes, health_service, incoming, shutdown.cancelled_owned()).await;
+    let served = shop_bootstrap::grpc::serve(
+        routes,
+        &[<OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME],
+        health_service,
+        incoming,
+        shutdown.cancelled_owned(),
+    )
+    .await;
     follower.abort();
     served
 }

@@ -41,36 +41,16 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings; fails on a malformed value, naming the variable.
     pub fn from_env() -> anyhow::Result<Self> {
-        let mut relay = RelayConfig::new(env::string("ORDER_EVENTS_EXCHANGE", "order.events"), SERVICE_NAME);
-        relay.batch_size = env::parse("RELAY_BATCH_SIZE", relay.batch_size)?;
-        relay.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", relay.poll_interval)?;
-        relay.retention =
-            Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", relay.retention.as_secs())?);
-        let mut consumer = ConsumerConfig::new(
-            env::string("USER_EVENTS_EXCHANGE", "user.events"),
-            env::string("USER_EVENTS_QUEUE", "order-service.user-events"),
-        );
-        consumer.prefetch = env::parse("CONSUMER_PREFETCH", consumer.prefetch)?;
-        consumer.concurrency = env::parse("CONSUMER_CONCURRENCY", consumer.concurrency)?;
-        consumer.batch_size = env::parse("CONSUMER_BATCH_SIZE", consumer.batch_size)?;
-        consumer.retry_delays = env::millis_list("CONSUMER_RETRY_DELAYS_MS", &consumer.retry_delays)?;
-        consumer.max_attempts = env::parse("CONSUMER_MAX_ATTEMPTS", consumer.max_attempts)?;
         Ok(Self {
-            database: DatabaseSettings {
-                url: env::secret(
-                    "DATABASE_URL",
-                    "postgres://postgres:postgres@localhost:5432/orders",
-                ),
-                pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
-                acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
-            },
-            amqp: AmqpSettings {
-                url: env::secret("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f"),
-            },
+            database: DatabaseSettings::from_env("orders")?,
+            amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50052)))?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
-            relay,
-            consumer,
+            relay: RelayConfig::from_env("ORDER_EVENTS_EXCHANGE", "order.events", SERVICE_NAME)?,
+            consumer: ConsumerConfig::from_env(
+                ("USER_EVENTS_EXCHANGE", "user.events"),
+                ("USER_EVENTS_QUEUE", "order-service.user-events"),
+            )?,
             shutdown_grace: env::millis("SHUTDOWN_GRACE_MS", Duration::from_secs(10))?,
         })
     }

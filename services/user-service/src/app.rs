@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context as _;
 use shop_bootstrap::db::Pool;
+use shop_bootstrap::grpc::Prepared;
 use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
 use shop_contracts::user::user_service_server::UserServiceServer;
 use shop_outbox::Relay;
@@ -20,15 +20,13 @@ pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
 /// A service ready to run: database migrated, listener bound.
 pub struct Application {
     settings: Settings,
-    pool: Pool,
-    incoming: TcpIncoming,
-    local_addr: SocketAddr,
+    prepared: Prepared,
 }
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.prepared.local_addr)
             .finish_non_exhaustive()
     }
 }
@@ -37,28 +35,19 @@ impl Application {
     /// Connects to (and if needed creates and migrates) the database and
     /// binds the gRPC listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shop_bootstrap::db::connect(&settings.database, MIGRATIONS).await?;
-        let incoming = TcpIncoming::bind(settings.grpc_addr)
-            .map_err(|error| anyhow::anyhow!("failed to bind {}: {error}", settings.grpc_addr))?
-            .with_nodelay(Some(true));
-        let local_addr = incoming.local_addr().context("bound listener has no address")?;
-        Ok(Self {
-            settings,
-            pool,
-            incoming,
-            local_addr,
-        })
+        let prepared = Prepared::new(&settings.database, MIGRATIONS, settings.grpc_addr).await?;
+        Ok(Self { settings, prepared })
     }
 
     /// The address the gRPC server listens on (the real port when the
     /// settings asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.prepared.local_addr
     }
 
     /// The database pool.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.prepared.pool
     }
 
     /// Serves gRPC and runs the relay (unless disabled) until `shutdown`,
@@ -69,11 +58,14 @@ impl Application {
         if self.settings.relay_enabled {
             tasks.spawn(
                 "outbox relay",
-                relay(&self.settings, self.pool.clone()).run(shutdown.clone()),
+                relay(&self.settings, self.prepared.pool.clone()).run(shutdown.clone()),
             );
         }
-        tasks.spawn("grpc server", serve(self.pool, self.incoming, shutdown.clone()));
-        tracing::info!(addr = %self.local_addr, relay = self.settings.relay_enabled, "user service started");
+        tasks.spawn(
+            "grpc server",
+            serve(self.prepared.pool, self.prepared.incoming, shutdown.clone()),
+        );
+        tracing::info!(addr = %self.prepared.local_addr, relay = self.settings.relay_enabled, "user service started");
         let outcome = tasks.run(self.settings.shutdown_grace).await;
         tracing::info!("user service stopped");
         outcome
@@ -107,5 +99,12 @@ async fn serve(pool: Pool, incoming: TcpIncoming, shutdown: CancellationToken) -
         health.set_not_serving::<UserServiceServer<UserGrpc>>().await;
     };
     let routes = tonic::service::Routes::new(UserServiceServer::new(UserGrpc::new(pool)));
-    shop_bootstrap::grpc::serve(routes, health_service, incoming, stopping).await
+    shop_bootstrap::grpc::serve(
+        routes,
+        &[<UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME],
+        health_service,
+        incoming,
+        stopping,
+    )
+    .await
 }

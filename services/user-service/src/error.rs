@@ -82,14 +82,8 @@ impl From<Error> for Status {
             Error::NotFound(_) | Error::CreatedUserDeleted { .. } => Status::not_found(error.to_string()),
             Error::EmailTaken | Error::RequestIdReused(_) => Status::already_exists(error.to_string()),
             Error::VersionMismatch { .. } => Status::aborted(error.to_string()),
-            Error::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "database unavailable");
-                Status::unavailable("the service is temporarily unavailable, retry later")
-            }
-            Error::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                Status::internal("internal error")
-            }
+            Error::Unavailable(detail) => shop_bootstrap::grpc::unavailable(&detail),
+            Error::Internal(detail) => shop_bootstrap::grpc::internal(&detail),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shop_bootstrap::db::DatabaseSettings;
 use shop_bootstrap::settings as env;
-use shop_messaging::{AmqpSettings, Backoff};
+use shop_messaging::AmqpSettings;
 use shop_outbox::RelayConfig;
 
 /// Everything the user service reads at start-up.
@@ -38,27 +38,12 @@ pub const SERVICE_NAME: &str = "user-service";
 impl Settings {
     /// Reads the settings; fails on a malformed value, naming the variable.
     pub fn from_env() -> anyhow::Result<Self> {
-        let mut relay = RelayConfig::new(env::string("USER_EVENTS_EXCHANGE", "user.events"), SERVICE_NAME);
-        relay.batch_size = env::parse("RELAY_BATCH_SIZE", relay.batch_size)?;
-        relay.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", relay.poll_interval)?;
-        relay.retention =
-            Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", relay.retention.as_secs())?);
-        relay.backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         Ok(Self {
-            database: DatabaseSettings {
-                url: env::secret(
-                    "DATABASE_URL",
-                    "postgres://postgres:postgres@localhost:5432/users",
-                ),
-                pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
-                acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
-            },
-            amqp: AmqpSettings {
-                url: env::secret("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f"),
-            },
+            database: DatabaseSettings::from_env("users")?,
+            amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
-            relay,
+            relay: RelayConfig::from_env("USER_EVENTS_EXCHANGE", "user.events", SERVICE_NAME)?,
             shutdown_grace: env::millis("SHUTDOWN_GRACE_MS", Duration::from_secs(10))?,
         })
     }

@@ -33,6 +33,22 @@ pub struct DatabaseSettings {
     pub acquire_timeout: Duration,
 }
 
+impl DatabaseSettings {
+    /// `DATABASE_URL` (default `postgres://postgres:postgres@localhost:5432/<database>`),
+    /// `DATABASE_POOL_SIZE` (16), `DATABASE_ACQUIRE_TIMEOUT_MS` (5000).
+    pub fn from_env(database: &str) -> anyhow::Result<Self> {
+        use crate::settings as env;
+        Ok(Self {
+            url: env::secret(
+                "DATABASE_URL",
+                &format!("postgres://postgres:postgres@localhost:5432/{database}"),
+            ),
+            pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
+            acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
+        })
+    }
+}
+
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x7368_6f70_6d69_6772; // "shopmigr"
 

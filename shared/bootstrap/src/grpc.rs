@@ -5,22 +5,45 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
 
 /// Server reflection (v1 and v1alpha, so both new and older grpcurl builds
-/// work) over every service and message of the system, and the health
-/// service.
-pub fn reflection() -> anyhow::Result<(
+/// work) advertising `services` and the health service, with every message
+/// of the system described.
+pub fn reflection(
+    services: &[&str],
+) -> anyhow::Result<(
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 )> {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(shop_contracts::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
     };
     let v1 = builder().build_v1()?;
     let v1alpha = builder().build_v1alpha()?;
     Ok((v1, v1alpha))
+}
+
+/// The `UNAVAILABLE` status of a call that could not reach a dependency; the
+/// detail is logged, the caller is told to retry.
+pub fn unavailable(detail: &str) -> Status {
+    tracing::warn!(error = %detail, "dependency unavailable");
+    Status::unavailable("the service is temporarily unavailable, retry later")
+}
+
+/// The `INTERNAL` status of a failure that is not the caller's doing; the
+/// detail is logged and never sent.
+pub fn internal(detail: &str) -> Status {
+    tracing::error!(error = %detail, "internal error");
+    Status::internal("internal error")
 }
 
 /// Collects what is wrong with a request, field by field, and turns it into
@@ -109,12 +132,16 @@ pub async fn check_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `routes` (the service's own, plus health and reflection, which
-/// this adds) on `incoming` until `shutdown` resolves, then drains the calls
-/// in flight. Every call gets a server span
+/// Name of the gRPC health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Serves `routes` (the service's own, named `services`, plus health and
+/// reflection, which this adds) on `incoming` until `shutdown` resolves, then
+/// drains the calls in flight. Every call gets a server span
 /// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]).
 pub async fn serve<H>(
     routes: tonic::service::Routes,
+    services: &[&str],
     health: tonic_health::pb::health_server::HealthServer<H>,
     incoming: tonic::transport::server::TcpIncoming,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -122,7 +149,7 @@ pub async fn serve<H>(
 where
     H: tonic_health::pb::health_server::Health,
 {
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(services)?;
     let routes = routes
         .add_service(health)
         .add_service(reflection_v1)
@@ -133,4 +160,47 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|error| anyhow::anyhow!("gRPC server failed: {error}"))
+}
+
+/// What every service holds once started and before it runs: a migrated
+/// database pool and a bound gRPC listener (its real address known, so tests
+/// can ask for port 0).
+pub struct Prepared {
+    /// The migrated database's pool.
+    pub pool: crate::db::Pool,
+    /// The bound listener.
+    pub incoming: tonic::transport::server::TcpIncoming,
+    /// The address it is bound to.
+    pub local_addr: std::net::SocketAddr,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// Connects to (creating and migrating as needed) the database and binds
+    /// `grpc_addr`.
+    pub async fn new(
+        database: &crate::db::DatabaseSettings,
+        migrations: diesel_migrations::EmbeddedMigrations,
+        grpc_addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let pool = crate::db::connect(database, migrations).await?;
+        let incoming = tonic::transport::server::TcpIncoming::bind(grpc_addr)
+            .map_err(|error| anyhow::anyhow!("failed to bind {grpc_addr}: {error}"))?
+            .with_nodelay(Some(true));
+        let local_addr = incoming
+            .local_addr()
+            .map_err(|error| anyhow::anyhow!("bound listener has no address: {error}"))?;
+        Ok(Self {
+            pool,
+            incoming,
+            local_addr,
+        })
+    }
 }

@@ -13,6 +13,15 @@ pub struct AmqpSettings {
     pub url: SecretString,
 }
 
+impl AmqpSettings {
+    /// `AMQP_URL` (default `amqp://guest:guest@localhost:5672/%2f`).
+    pub fn from_env() -> Self {
+        Self {
+            url: shop_bootstrap::settings::secret("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f"),
+        }
+    }
+}
+
 /// Opens a connection named `name` (shown in the management UI and by
 /// `rabbitmqctl list_connections`).
 pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {

@@ -65,6 +65,19 @@ impl RelayConfig {
             backoff: Backoff::default(),
         }
     }
+
+    /// Defaults with the overrides of the environment: the exchange from
+    /// `exchange_var` (default `default_exchange`), `RELAY_BATCH_SIZE`,
+    /// `RELAY_POLL_INTERVAL_MS`, `OUTBOX_RETENTION_SECS`.
+    pub fn from_env(exchange_var: &str, default_exchange: &str, app_id: &str) -> anyhow::Result<Self> {
+        use shop_bootstrap::settings as env;
+        let mut config = Self::new(env::string(exchange_var, default_exchange), app_id);
+        config.batch_size = env::parse("RELAY_BATCH_SIZE", config.batch_size)?;
+        config.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", config.poll_interval)?;
+        config.retention =
+            Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", config.retention.as_secs())?);
+        Ok(config)
+    }
 }
 
 /// Why a batch did not publish everything it claimed.

@@ -58,7 +58,7 @@ pub struct TelemetryConfig {
     pub service_version: String,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
-    /// `RUST_LOG`; `info` when unset.
+    /// `RUST_LOG`; `info,lapin=off` when unset.
     pub log_filter: String,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`; export is off when unset or empty.
     pub otlp_endpoint: Option<String>,
@@ -77,7 +77,9 @@ impl TelemetryConfig {
                 Some("json") => LogFormat::Json,
                 _ => LogFormat::Text,
             },
-            log_filter: var("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
+            // lapin logs the normal closing of a channel as an error; connection
+            // problems are reported by the services themselves, with context.
+            log_filter: var("RUST_LOG").unwrap_or_else(|| "info,lapin=off".to_owned()),
             otlp_endpoint: var("OTEL_EXPORTER_OTLP_ENDPOINT"),
             shutdown_timeout: Duration::from_secs(3),
         }

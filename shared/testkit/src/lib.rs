@@ -106,3 +106,13 @@ pub async fn amqp_addr() -> std::net::SocketAddr {
         .copied()
         .expect("TEST_AMQP_URL host has an address")
 }
+
+/// The field paths of the `google.rpc.BadRequest` of an `INVALID_ARGUMENT`
+/// status (panics on any other status).
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    #[allow(clippy::expect_used)]
+    let details = status.get_details_bad_request().expect("BadRequest details");
+    details.field_violations.into_iter().map(|v| v.field).collect()
+}

@@ -241,15 +241,4 @@ pub fn create_request(user_id: Uuid, items: &[(&str, i32)]) -> pb::CreateOrderRe
     }
 }
 
-/// The field paths of the `BadRequest` detail of an `INVALID_ARGUMENT`.
-pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    use tonic_types::StatusExt as _;
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
-}
+pub use shop_testkit::violated_fields;

@@ -119,6 +119,27 @@ impl ConsumerConfig {
             backoff: Backoff::default(),
         }
     }
+
+    /// Defaults with the overrides of the environment: the exchange from
+    /// `exchange_var`, the queue from `queue_var`, `CONSUMER_PREFETCH`,
+    /// `CONSUMER_CONCURRENCY`, `CONSUMER_BATCH_SIZE`,
+    /// `CONSUMER_RETRY_DELAYS_MS` (comma-separated), `CONSUMER_MAX_ATTEMPTS`.
+    pub fn from_env(
+        (exchange_var, default_exchange): (&str, &str),
+        (queue_var, default_queue): (&str, &str),
+    ) -> anyhow::Result<Self> {
+        use shop_bootstrap::settings as env;
+        let mut config = Self::new(
+            env::string(exchange_var, default_exchange),
+            env::string(queue_var, default_queue),
+        );
+        config.prefetch = env::parse("CONSUMER_PREFETCH", config.prefetch)?;
+        config.concurrency = env::parse("CONSUMER_CONCURRENCY", config.concurrency)?;
+        config.batch_size = env::parse("CONSUMER_BATCH_SIZE", config.batch_size)?;
+        config.retry_delays = env::millis_list("CONSUMER_RETRY_DELAYS_MS", &config.retry_delays)?;
+        config.max_attempts = env::parse("CONSUMER_MAX_ATTEMPTS", config.max_attempts)?;
+        Ok(config)
+    }
 }
 
 /// What a handler knows about the message besides the event.
