@@ -1,5 +1,7 @@
 //! Cross-service tests against the real PostgreSQL and RabbitMQ.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+// `system` is shared with the trace tests, which use more of it.
+#![allow(dead_code)]
 
 mod flow;
 mod golden;

@@ -11,6 +11,7 @@ use shop_contracts::user::user_service_client::UserServiceClient;
 use shop_testkit::{Running, TestBroker, TestDatabase};
 use tonic::transport::Channel;
 
+#[allow(dead_code)] // not every test binary waits
 pub const WAIT: Duration = Duration::from_secs(20);
 
 fn migrations(service: &str) -> std::path::PathBuf {
@@ -23,11 +24,12 @@ pub struct System {
     pub users: UserServiceClient<Channel>,
     pub orders: OrderServiceClient<Channel>,
     pub user_settings: user_service::Settings,
+    pub order_settings: order_service::Settings,
     // Dropped in this order: the services stop before their names and
     // databases go.
     _user_service: Running,
     _order_service: Running,
-    _broker: TestBroker,
+    pub broker: TestBroker,
     _user_db: TestDatabase,
     _order_db: TestDatabase,
 }
@@ -80,10 +82,7 @@ pub async fn start(user_relay: bool) -> System {
         consumer,
         shutdown_grace: Duration::from_secs(5),
     };
-    for queue in order_service::app::user_events_consumer(&order_settings, order_db.pool())
-        .topology()
-        .queue_names()
-    {
+    for queue in order_settings.consumer.queue_names() {
         broker.track_queue(&queue);
     }
 
@@ -100,9 +99,10 @@ pub async fn start(user_relay: bool) -> System {
         users: UserServiceClient::new(channel(user_addr).await),
         orders: OrderServiceClient::new(channel(order_addr).await),
         user_settings,
+        order_settings,
         _user_service: user_service,
         _order_service: order_service,
-        _broker: broker,
+        broker,
         _user_db: user_db,
         _order_db: order_db,
     };

@@ -39,6 +39,19 @@
 //! publishes tens of thousands of events per second, more than the command
 //! path produces.
 //!
+//! # Tracing
+//!
+//! [`enqueue`] stores the W3C propagation fields of the current span (the
+//! command's) with the row. The relay opens one producer span per row,
+//! `<exchange> publish`, as a **child** of that stored context and injects its
+//! own context into the AMQP headers, so the consumer's process span is in
+//! turn its child and one client call is one trace. The messaging
+//! conventions also allow a link instead of a parent; a child was chosen
+//! because each row is published once, on behalf of exactly one command,
+//! and the waiting time in the outbox then shows up in the trace as the gap
+//! between the command and its publish. The span lasts until the broker's
+//! confirm. Rows without a stored context (bulk loads) get no span.
+//!
 //! # Waking up
 //!
 //! An `AFTER INSERT` statement trigger on `outbox` runs `NOTIFY outbox`; the

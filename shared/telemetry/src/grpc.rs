@@ -4,8 +4,9 @@
 //! it continues the caller's trace from the `traceparent` metadata, names the
 //! span `package.Service/Method`, sets `rpc.system`, `rpc.service`,
 //! `rpc.method` and, once the response head is known,
-//! `rpc.grpc.status_code`. Health checks and reflection get no span: they
-//! would flood the trace store with probes.
+//! `rpc.grpc.status_code`, and logs `call finished` (debug) with the code and
+//! the latency. Health checks and reflection get no span: they would flood
+//! the trace store with probes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,7 +71,7 @@ pub fn server_span(path: &str, headers: &http::HeaderMap) -> Span {
 /// Records the gRPC status of a response head on its server span. A unary
 /// success carries its status in the trailers, so a head without
 /// `grpc-status` means OK.
-pub fn record_status(span: &Span, headers: &http::HeaderMap) {
+pub fn record_status(span: &Span, headers: &http::HeaderMap) -> i64 {
     let code = headers
         .get("grpc-status")
         .and_then(|value| value.to_str().ok())
@@ -80,6 +81,7 @@ pub fn record_status(span: &Span, headers: &http::HeaderMap) {
     if SERVER_ERROR_CODES.contains(&code) {
         span.record("otel.status_code", "ERROR");
     }
+    code
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for GrpcServerTrace<S>
@@ -102,10 +104,12 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
+        let started = std::time::Instant::now();
         Box::pin(async move {
             let result = tracing::Instrument::instrument(future, span.clone()).await;
             if let Ok(response) = &result {
-                record_status(&span, response.headers());
+                let code = record_status(&span, response.headers());
+                tracing::debug!(parent: &span, code, elapsed_us = started.elapsed().as_micros() as u64, "call finished");
             }
             result
         })

@@ -96,6 +96,13 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
+    /// Exports every finished span now instead of at the next batch tick.
+    pub fn force_flush(&self) {
+        if let Err(error) = self.provider.force_flush() {
+            tracing::debug!(%error, "span flush incomplete");
+        }
+    }
+
     /// Exports what is still buffered (bounded by the timeout) and stops the
     /// exporter. Call it while the tokio runtime still runs.
     pub fn shutdown(self) {

@@ -9,6 +9,8 @@
 //! - [`TestPublisher`]: publishes events as the relay would, or any bytes.
 //! - [`TcpProxy`]: a proxy between a service and PostgreSQL or RabbitMQ that
 //!   cuts or refuses connections on demand.
+//! - [`ServiceProcess`]: a service binary run as a child process, stopped
+//!   with SIGTERM or killed.
 //! - [`Running`]: a service running in the test process, stopped with the
 //!   test.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
@@ -22,12 +24,14 @@
 
 mod broker;
 mod database;
+mod process;
 mod proxy;
 mod publisher;
 mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
 pub use database::TestDatabase;
+pub use process::ServiceProcess;
 pub use proxy::TcpProxy;
 pub use publisher::TestPublisher;
 pub use running::Running;

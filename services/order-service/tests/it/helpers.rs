@@ -99,10 +99,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let broker = TestBroker::new();
     let mut settings = settings(&db, &broker);
     adjust(&mut settings);
-    for queue in order_service::app::user_events_consumer(&settings, db.pool())
-        .topology()
-        .queue_names()
-    {
+    for queue in settings.consumer.queue_names() {
         broker.track_queue(&queue);
     }
     let publisher = TestPublisher::connect(&settings.consumer.exchange).await.unwrap();

@@ -120,6 +120,18 @@ impl ConsumerConfig {
         }
     }
 
+    /// Every queue a consumer with this configuration declares (its own,
+    /// the delay queues and the dead-letter queue), for tooling and clean-up.
+    pub fn queue_names(&self) -> Vec<String> {
+        ConsumerTopology {
+            exchange: self.exchange.clone(),
+            queue: self.queue.clone(),
+            routing_keys: Vec::new(),
+            retry_delays: self.retry_delays.clone(),
+        }
+        .queue_names()
+    }
+
     /// Defaults with the overrides of the environment: the exchange from
     /// `exchange_var`, the queue from `queue_var`, `CONSUMER_PREFETCH`,
     /// `CONSUMER_CONCURRENCY`, `CONSUMER_BATCH_SIZE`,

@@ -1,0 +1,74 @@
+//! The binary as an operator runs it.
+
+use shop_testkit::{ServiceProcess, TestBroker, TestDatabase};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigterm() {
+    let db = TestDatabase::create(
+        order_service::app::MIGRATIONS,
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../migrations/order-service"
+        )),
+    )
+    .await
+    .unwrap();
+    let broker = TestBroker::new();
+    let queue = broker.queue("order-service.user-events");
+    for derived in [
+        format!("{queue}.dlq"),
+        format!("{queue}.retry.1000ms"),
+        format!("{queue}.retry.10000ms"),
+        format!("{queue}.retry.60000ms"),
+    ] {
+        broker.track_queue(&derived);
+    }
+    let mut service = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_order-service"),
+        &[
+            ("DATABASE_URL", db.url().to_owned()),
+            ("AMQP_URL", shop_testkit::amqp_url()),
+            ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
+            ("ORDER_EVENTS_EXCHANGE", broker.exchange("order.events")),
+            ("USER_EVENTS_QUEUE", queue),
+        ],
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+
+    shop_testkit::eventually("SERVING", std::time::Duration::from_secs(20), || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            (status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+    let status = service.terminate().await.unwrap();
+
+    assert!(status.success(), "exit status {status}");
+    for line in service.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        let level = value["level"].as_str().unwrap_or_default();
+        assert!(
+            level != "WARN" && level != "ERROR",
+            "unexpected {level} line: {line}"
+        );
+    }
+}

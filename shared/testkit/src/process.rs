@@ -1,0 +1,144 @@
+//! A service binary run as a child process, the way an operator runs it:
+//! configured by environment variables, logging JSON lines, stopped with
+//! SIGTERM (or killed with SIGKILL).
+
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running service binary and everything it has logged.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: Child,
+    /// Where its gRPC server listens.
+    pub addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `envs` (plus `GRPC_ADDR=127.0.0.1:0` unless
+    /// given, and `LOG_FORMAT=json`), and waits (up to 60 s) for the log line
+    /// that says it started, which carries its address.
+    pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .env("GRPC_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command.spawn()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            let started_tx = started_tx.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if let Some(addr) = started_addr(&line) {
+                        let _ = started_tx.send(addr);
+                    }
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            });
+        }
+        let addr = match tokio::time::timeout(Duration::from_secs(60), started_rx.recv()).await {
+            Ok(Some(addr)) => addr,
+            _ => {
+                let _ = child.kill().await;
+                let lines = lines
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .join("\n");
+                anyhow::bail!("{binary} did not start:\n{lines}");
+            }
+        };
+        Ok(Self { child, addr, lines })
+    }
+
+    /// Every line it has written to stdout and stderr so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Its operating-system process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for it to exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal("TERM").await?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+
+    /// Sends SIGKILL and reaps it: no shutdown, no flush, as a crash.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("process already exited"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+}
+
+/// The address in a JSON log line `… service started` (`"addr":"…"`).
+fn started_addr(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let message = value.get("message")?.as_str()?;
+    if !message.ends_with("service started") {
+        return None;
+    }
+    value.get("addr")?.as_str()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::started_addr;
+
+    #[test]
+    fn the_started_line_gives_the_address() {
+        let line = r#"{"timestamp":"x","level":"INFO","message":"user service started","addr":"127.0.0.1:4321","target":"user_service::app"}"#;
+        assert_eq!(started_addr(line), Some("127.0.0.1:4321".parse().unwrap()));
+        assert_eq!(started_addr(r#"{"message":"other"}"#), None);
+        assert_eq!(started_addr("not json"), None);
+    }
+}
