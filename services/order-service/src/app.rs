@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
 use shop_bootstrap::grpc::Prepared;
 use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
@@ -41,7 +42,13 @@ impl Application {
     /// Connects to (and if needed creates and migrates) the database and
     /// binds the gRPC listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let prepared = Prepared::new(&settings.database, MIGRATIONS, settings.grpc_addr).await?;
+        let prepared = Prepared::new(
+            &settings.database,
+            MIGRATIONS,
+            settings.grpc_addr,
+            settings.admin_addr,
+        )
+        .await?;
         Ok(Self { settings, prepared })
     }
 
@@ -49,6 +56,11 @@ impl Application {
     /// settings asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.prepared.local_addr
+    }
+
+    /// The address of the admin HTTP port (metrics, health).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.prepared.admin_addr
     }
 
     /// The database pool.
@@ -60,25 +72,31 @@ impl Application {
     /// disabled) until `shutdown`, then drains within the grace period.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = TaskGroup::new(shutdown.clone());
-        let consumer = user_events_consumer(&self.settings, self.prepared.pool.clone());
+        let health = DependencyHealth::default();
+        let Prepared {
+            pool,
+            incoming,
+            local_addr,
+            admin,
+            admin_addr,
+        } = self.prepared;
+        tasks.spawn(
+            "admin port",
+            shop_bootstrap::admin::run(admin, pool.clone(), health.clone(), shutdown.clone()),
+        );
+        let consumer = user_events_consumer(&self.settings, pool.clone()).with_health(health.clone());
         let connected = consumer.connected();
         tasks.spawn("user events consumer", consumer.run(shutdown.clone()));
         if self.settings.relay_enabled {
             tasks.spawn(
                 "outbox relay",
-                relay(&self.settings, self.prepared.pool.clone()).run(shutdown.clone()),
+                relay(&self.settings, pool.clone())
+                    .with_health(health)
+                    .run(shutdown.clone()),
             );
         }
-        tasks.spawn(
-            "grpc server",
-            serve(
-                self.prepared.pool,
-                self.prepared.incoming,
-                connected,
-                shutdown.clone(),
-            ),
-        );
-        tracing::info!(addr = %self.prepared.local_addr, relay = self.settings.relay_enabled, "order service started");
+        tasks.spawn("grpc server", serve(pool, incoming, connected, shutdown.clone()));
+        tracing::info!(addr = %local_addr, admin = %admin_addr, relay = self.settings.relay_enabled, "order service started");
         let outcome = tasks.run(self.settings.shutdown_grace).await;
         tracing::info!("order service stopped");
         outcome

@@ -23,6 +23,9 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// `GRPC_ADDR` (default `0.0.0.0:50052`).
     pub grpc_addr: SocketAddr,
+    /// `ADMIN_ADDR` (default `0.0.0.0:9102`): HTTP `/metrics` (Prometheus)
+    /// and `/health` (dependencies).
+    pub admin_addr: SocketAddr,
     /// `RELAY_ENABLED` (default `true`).
     pub relay_enabled: bool,
     /// `ORDER_EVENTS_EXCHANGE` (default `order.events`), `RELAY_BATCH_SIZE`,
@@ -45,6 +48,7 @@ impl Settings {
             database: DatabaseSettings::from_env("orders")?,
             amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50052)))?,
+            admin_addr: env::parse("ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9102)))?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
             relay: RelayConfig::from_env("ORDER_EVENTS_EXCHANGE", "order.events", SERVICE_NAME)?,
             consumer: ConsumerConfig::from_env(

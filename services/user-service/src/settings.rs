@@ -19,6 +19,9 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// `GRPC_ADDR` (default `0.0.0.0:50051`); port 0 picks a free port.
     pub grpc_addr: SocketAddr,
+    /// `ADMIN_ADDR` (default `0.0.0.0:9101`): HTTP `/metrics` (Prometheus)
+    /// and `/health` (dependencies).
+    pub admin_addr: SocketAddr,
     /// `RELAY_ENABLED` (default `true`): run the outbox relay in this
     /// process. Turn it off to run it as its own process
     /// (`user-service relay`).
@@ -42,6 +45,7 @@ impl Settings {
             database: DatabaseSettings::from_env("users")?,
             amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
+            admin_addr: env::parse("ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
             relay: RelayConfig::from_env("USER_EVENTS_EXCHANGE", "user.events", SERVICE_NAME)?,
             shutdown_grace: env::millis("SHUTDOWN_GRACE_MS", Duration::from_secs(10))?,

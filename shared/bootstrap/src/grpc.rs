@@ -172,6 +172,10 @@ pub struct Prepared {
     pub incoming: tonic::transport::server::TcpIncoming,
     /// The address it is bound to.
     pub local_addr: std::net::SocketAddr,
+    /// The bound admin HTTP listener (metrics, health).
+    pub admin: tokio::net::TcpListener,
+    /// The address the admin listener is bound to.
+    pub admin_addr: std::net::SocketAddr,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -184,12 +188,15 @@ impl std::fmt::Debug for Prepared {
 
 impl Prepared {
     /// Connects to (creating and migrating as needed) the database and binds
-    /// `grpc_addr`.
+    /// `grpc_addr` and `admin_addr`.
     pub async fn new(
         database: &crate::db::DatabaseSettings,
         migrations: diesel_migrations::EmbeddedMigrations,
         grpc_addr: std::net::SocketAddr,
+        admin_addr: std::net::SocketAddr,
     ) -> anyhow::Result<Self> {
+        // Installed before anything records a metric.
+        crate::admin::metrics_handle()?;
         let pool = crate::db::connect(database, migrations).await?;
         let incoming = tonic::transport::server::TcpIncoming::bind(grpc_addr)
             .map_err(|error| anyhow::anyhow!("failed to bind {grpc_addr}: {error}"))?
@@ -197,10 +204,16 @@ impl Prepared {
         let local_addr = incoming
             .local_addr()
             .map_err(|error| anyhow::anyhow!("bound listener has no address: {error}"))?;
+        let admin = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .map_err(|error| anyhow::anyhow!("failed to bind the admin port {admin_addr}: {error}"))?;
+        let admin_addr = admin.local_addr()?;
         Ok(Self {
             pool,
             incoming,
             local_addr,
+            admin,
+            admin_addr,
         })
     }
 }

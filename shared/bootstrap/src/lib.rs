@@ -1,6 +1,7 @@
 //! The parts every service is built from, so each service's `main.rs` stays a
 //! page long and both services start, serve and stop the same way.
 //!
+//! - [`admin`]: the admin HTTP port (Prometheus metrics, dependency health).
 //! - [`settings`]: typed values from environment variables, with secrets that
 //!   never print.
 //! - [`db`]: the PostgreSQL pool (diesel-async on deadpool), creating the
@@ -10,6 +11,7 @@
 //!   tasks bounded by a grace period.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod db;
 pub mod grpc;
 pub mod settings;

@@ -14,6 +14,7 @@ use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
 use secrecy::{ExposeSecret as _, SecretString};
+use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
 use shop_messaging::wire::EventHeaders;
 use shop_messaging::{AmqpSettings, Backoff};
@@ -25,6 +26,9 @@ use uuid::Uuid;
 
 use crate::PARTITIONS;
 use crate::schema::outbox::dsl;
+
+/// How the relay's broker connection appears in the dependency health.
+const HEALTH_NAME: &str = "rabbitmq (outbox relay)";
 
 /// Namespace (first key) of the relay's advisory locks; the second key is the
 /// partition.
@@ -143,6 +147,7 @@ pub struct Relay {
     config: RelayConfig,
     publisher: Option<Publisher>,
     wake: Arc<Notify>,
+    health: DependencyHealth,
 }
 
 impl std::fmt::Debug for Relay {
@@ -165,7 +170,16 @@ impl Relay {
             config,
             publisher: None,
             wake: Arc::new(Notify::new()),
+            health: DependencyHealth::default(),
         }
+    }
+
+    /// Reports the relay's broker connection in `health` (as
+    /// `rabbitmq (outbox relay)`).
+    #[must_use]
+    pub fn with_health(mut self, health: DependencyHealth) -> Self {
+        self.health = health;
+        self
     }
 
     /// Publishes one batch: claims the free partitions, publishes their oldest
@@ -206,12 +220,19 @@ impl Relay {
             listen(self.database_url.clone(), self.wake.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("outbox.listen")),
         );
+        let depth = tokio::spawn(watch_depth(
+            self.pool.clone(),
+            self.config.exchange.clone(),
+            shutdown.clone(),
+        ));
         let mut backoff = self.config.backoff.clone();
         let mut failures: u32 = 0;
         let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
         tracing::info!(exchange = %self.config.exchange, "outbox relay started");
         while !shutdown.is_cancelled() {
-            let wait = match self.run_once().await {
+            let result = self.run_once().await;
+            self.health.set(HEALTH_NAME, self.publisher.is_some());
+            let wait = match result {
                 Ok(outcome) => {
                     if failures > 0 {
                         tracing::info!(failures, "outbox relay recovered");
@@ -232,6 +253,8 @@ impl Relay {
                 }
                 Err(error) => {
                     failures += 1;
+                    metrics::counter!("outbox_batch_failures_total", "exchange" => self.config.exchange.clone())
+                        .increment(1);
                     let delay = backoff.next_delay();
                     // First failure, then sparsely: a broker that is down for
                     // an hour does not flood the log.
@@ -261,6 +284,7 @@ impl Relay {
         }
         self.drop_publisher().await;
         listener.abort();
+        depth.abort();
         tracing::info!("outbox relay stopped");
         Ok(())
     }
@@ -400,7 +424,7 @@ async fn publish_in_order(
             )
             .await;
         match sent {
-            Ok(confirm) => pending.push((row.seq, confirm, span)),
+            Ok(confirm) => pending.push((row.seq, confirm, span, std::time::Instant::now())),
             Err(error) => {
                 failure = Some(RelayError::Broker(error.to_string()));
                 break;
@@ -408,7 +432,9 @@ async fn publish_in_order(
         }
     }
     let mut confirmed = Vec::with_capacity(pending.len());
-    for (seq, confirm, span) in pending {
+    let confirm_seconds =
+        metrics::histogram!("outbox_confirm_seconds", "exchange" => config.exchange.clone());
+    for (seq, confirm, span, sent_at) in pending {
         let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
             Ok(Ok(Confirmation::Nack(_))) => Err("the broker rejected the publish (nack)".to_owned()),
@@ -416,7 +442,10 @@ async fn publish_in_order(
             Err(_) => Err(format!("no confirm within {:?}", config.confirm_timeout)),
         };
         match outcome {
-            Ok(()) => confirmed.push(seq),
+            Ok(()) => {
+                confirm_seconds.record(sent_at.elapsed().as_secs_f64());
+                confirmed.push(seq);
+            }
             Err(reason) => {
                 span.record("otel.status_code", "ERROR");
                 span.record("error.type", reason.as_str());
@@ -425,7 +454,42 @@ async fn publish_in_order(
             }
         }
     }
+    metrics::counter!("outbox_events_published_total", "exchange" => config.exchange.clone())
+        .increment(confirmed.len() as u64);
     (confirmed, failure)
+}
+
+/// Every five seconds, `outbox_pending_events` (rows not yet published) and
+/// `outbox_oldest_pending_seconds` (age of the oldest one; 0 when none).
+async fn watch_depth(pool: Pool, exchange: String, shutdown: CancellationToken) {
+    #[derive(QueryableByName)]
+    struct Depth {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        pending: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        oldest_seconds: f64,
+    }
+    let pending = metrics::gauge!("outbox_pending_events", "exchange" => exchange.clone());
+    let oldest = metrics::gauge!("outbox_oldest_pending_seconds", "exchange" => exchange);
+    loop {
+        if let Ok(mut conn) = pool.get().await {
+            let depth = diesel::sql_query(
+                "SELECT count(*) AS pending, \
+                 COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_seconds \
+                 FROM outbox WHERE published_at IS NULL",
+            )
+            .get_result::<Depth>(&mut conn)
+            .await;
+            if let Ok(depth) = depth {
+                pending.set(depth.pending as f64);
+                oldest.set(depth.oldest_seconds);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// The producer span of one publish, a child of the command that wrote the

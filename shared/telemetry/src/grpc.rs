@@ -4,8 +4,9 @@
 //! it continues the caller's trace from the `traceparent` metadata, names the
 //! span `package.Service/Method`, sets `rpc.system`, `rpc.service`,
 //! `rpc.method` and, once the response head is known,
-//! `rpc.grpc.status_code`, and logs `call finished` (debug) with the code and
-//! the latency. Health checks and reflection get no span: they would flood
+//! `rpc.grpc.status_code`, logs `call finished` (debug) with the code and
+//! the latency, and counts the call in `grpc_server_requests_total` and
+//! `grpc_server_request_duration_seconds`. Health checks and reflection get no span: they would flood
 //! the trace store with probes.
 
 use std::future::Future;
@@ -84,6 +85,57 @@ pub fn record_status(span: &Span, headers: &http::HeaderMap) -> i64 {
     code
 }
 
+/// `grpc_server_requests_total{service, method, code}` and
+/// `grpc_server_request_duration_seconds{service, method}`; health checks and
+/// reflection are not counted.
+fn record_metrics(path: &str, code: i64, elapsed: std::time::Duration) {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("unknown", "unknown"));
+    if UNTRACED.contains(&service) {
+        return;
+    }
+    let (service, method) = (service.to_owned(), method.to_owned());
+    metrics::counter!(
+        "grpc_server_requests_total",
+        "service" => service.clone(),
+        "method" => method.clone(),
+        "code" => code_name(code),
+    )
+    .increment(1);
+    metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method)
+        .record(elapsed.as_secs_f64());
+}
+
+/// The canonical name of a gRPC status code.
+fn code_name(code: i64) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
 impl<S, B, RB> tower::Service<http::Request<B>> for GrpcServerTrace<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
@@ -99,7 +151,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let span = server_span(request.uri().path(), request.headers());
+        let path = request.uri().path().to_owned();
+        let span = server_span(&path, request.headers());
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -109,7 +162,9 @@ where
             let result = tracing::Instrument::instrument(future, span.clone()).await;
             if let Ok(response) = &result {
                 let code = record_status(&span, response.headers());
-                tracing::debug!(parent: &span, code, elapsed_us = started.elapsed().as_micros() as u64, "call finished");
+                let elapsed = started.elapsed();
+                record_metrics(&path, code, elapsed);
+                tracing::debug!(parent: &span, code, elapsed_us = elapsed.as_micros() as u64, "call finished");
             }
             result
         })

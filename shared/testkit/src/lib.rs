@@ -31,7 +31,7 @@ mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
 pub use database::TestDatabase;
-pub use process::ServiceProcess;
+pub use process::{ServiceProcess, http_get};
 pub use proxy::TcpProxy;
 pub use publisher::TestPublisher;
 pub use running::Running;
@@ -119,4 +119,46 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
     #[allow(clippy::expect_used)]
     let details = status.get_details_bad_request().expect("BadRequest details");
     details.field_violations.into_iter().map(|v| v.field).collect()
+}
+
+/// The value of the Prometheus sample `name` whose labels include every one
+/// of `labels`, in the text exposition `metrics`.
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let present: Vec<(&str, &str)> = series_labels
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key, value.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|wanted| present.contains(wanted))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::metric;
+
+    #[test]
+    fn metric_finds_a_sample_by_name_and_labels() {
+        let text = "# TYPE a counter\na{x=\"1\",y=\"2\"} 3\na{x=\"2\"} 4\nb 5\n";
+        assert_eq!(metric(text, "a", &[("y", "2")]), Some(3.0));
+        assert_eq!(metric(text, "a", &[("x", "2")]), Some(4.0));
+        assert_eq!(metric(text, "b", &[]), Some(5.0));
+        assert_eq!(metric(text, "a", &[("x", "3")]), None);
+    }
 }

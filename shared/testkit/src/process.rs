@@ -16,17 +16,20 @@ pub struct ServiceProcess {
     child: Child,
     /// Where its gRPC server listens.
     pub addr: SocketAddr,
+    /// Where its admin HTTP port (metrics, health) listens.
+    pub admin_addr: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServiceProcess {
-    /// Starts `binary` with `envs` (plus `GRPC_ADDR=127.0.0.1:0` unless
-    /// given, and `LOG_FORMAT=json`), and waits (up to 60 s) for the log line
-    /// that says it started, which carries its address.
+    /// Starts `binary` with `envs` (plus `GRPC_ADDR` and `ADMIN_ADDR` on free
+    /// ports unless given, and `LOG_FORMAT=json`), and waits (up to 60 s) for
+    /// the log line that says it started, which carries its addresses.
     pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         command
             .env("GRPC_ADDR", "127.0.0.1:0")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
@@ -67,8 +70,9 @@ impl ServiceProcess {
                 }
             });
         }
-        let addr = match tokio::time::timeout(Duration::from_secs(60), started_rx.recv()).await {
-            Ok(Some(addr)) => addr,
+        let (addr, admin_addr) = match tokio::time::timeout(Duration::from_secs(60), started_rx.recv()).await
+        {
+            Ok(Some(addrs)) => addrs,
             _ => {
                 let _ = child.kill().await;
                 let lines = lines
@@ -78,7 +82,12 @@ impl ServiceProcess {
                 anyhow::bail!("{binary} did not start:\n{lines}");
             }
         };
-        Ok(Self { child, addr, lines })
+        Ok(Self {
+            child,
+            addr,
+            admin_addr,
+            lines,
+        })
     }
 
     /// Every line it has written to stdout and stderr so far.
@@ -120,14 +129,39 @@ impl ServiceProcess {
     }
 }
 
-/// The address in a JSON log line `… service started` (`"addr":"…"`).
-fn started_addr(line: &str) -> Option<SocketAddr> {
+/// The addresses in a JSON log line `… service started` (`"addr":"…"`, and
+/// `"admin":"…"` when it has one).
+fn started_addr(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let message = value.get("message")?.as_str()?;
     if !message.ends_with("service started") {
         return None;
     }
-    value.get("addr")?.as_str()?.parse().ok()
+    let addr = value.get("addr")?.as_str()?.parse().ok()?;
+    let admin = value
+        .get("admin")
+        .and_then(|a| a.as_str())
+        .and_then(|a| a.parse().ok());
+    Some((addr, admin))
+}
+
+/// The text of `GET /<path>` on `addr` (a tiny HTTP/1.0 client, enough for
+/// the admin port).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {head}"))?;
+    Ok((status, body.to_owned()))
 }
 
 #[cfg(test)]
@@ -136,8 +170,14 @@ mod tests {
 
     #[test]
     fn the_started_line_gives_the_address() {
-        let line = r#"{"timestamp":"x","level":"INFO","message":"user service started","addr":"127.0.0.1:4321","target":"user_service::app"}"#;
-        assert_eq!(started_addr(line), Some("127.0.0.1:4321".parse().unwrap()));
+        let line = r#"{"timestamp":"x","level":"INFO","message":"user service started","addr":"127.0.0.1:4321","admin":"127.0.0.1:9101","target":"user_service::app"}"#;
+        assert_eq!(
+            started_addr(line),
+            Some((
+                "127.0.0.1:4321".parse().unwrap(),
+                Some("127.0.0.1:9101".parse().unwrap())
+            ))
+        );
         assert_eq!(started_addr(r#"{"message":"other"}"#), None);
         assert_eq!(started_addr("not json"), None);
     }

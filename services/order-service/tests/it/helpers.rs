@@ -35,6 +35,7 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
         database: db.settings(),
         amqp: broker.settings(),
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         relay_enabled: true,
         relay,
         consumer,
@@ -44,6 +45,7 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub client: OrderServiceClient<Channel>,
     pub settings: Settings,
     pub publisher: TestPublisher,
@@ -105,11 +107,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let publisher = TestPublisher::connect(&settings.consumer.exchange).await.unwrap();
     let app = Application::build(settings.clone()).await.unwrap();
     let addr = app.local_addr();
+    let admin = app.admin_addr();
     let pool = app.pool().clone();
     let running = Running::spawn(|shutdown| app.run(shutdown));
     let client = OrderServiceClient::new(channel(addr).await);
     TestApp {
         addr,
+        admin,
         client,
         settings,
         publisher,

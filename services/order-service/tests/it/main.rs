@@ -5,6 +5,7 @@
 mod binary;
 mod cli;
 mod helpers;
+mod metrics;
 mod projection;
 mod rpc;
 mod server;

@@ -46,6 +46,12 @@
 //!    and retried with backoff: an outage is not the message's fault and does
 //!    not use up its attempts.
 //!
+//! Metrics: `consumer_events_total{queue, outcome}` (outcome `applied`,
+//! `duplicate` for events the inbox already had, `retried`,
+//! `dead_lettered`), `consumer_dead_letters_total{queue, reason}`,
+//! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}` and
+//! `consumer_connected{queue}`.
+//!
 //! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
 //! `dead_letter_attempts`, `original_exchange`, `original_routing_key`,
 //! `original_queue` and `dead_lettered_at`; [`crate::dlq`] lists, shows,
@@ -64,6 +70,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
+use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
 use shop_bootstrap::shutdown::CancellationToken;
 use shop_contracts::Event;
@@ -269,6 +276,7 @@ pub struct Consumer {
     handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     routing_keys: Vec<String>,
     connected: watch::Sender<bool>,
+    health: DependencyHealth,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -290,7 +298,16 @@ impl Consumer {
             handlers: HashMap::new(),
             routing_keys: Vec::new(),
             connected: watch::Sender::new(false),
+            health: DependencyHealth::default(),
         }
+    }
+
+    /// Reports the consumer's broker connection in `health` (as
+    /// `rabbitmq (consumer <queue>)`).
+    #[must_use]
+    pub fn with_health(mut self, health: DependencyHealth) -> Self {
+        self.health = health;
+        self
     }
 
     /// Routes events of type `E` (by AMQP `type`) to `handler` and binds the

@@ -43,6 +43,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         amqp,
         handlers,
         connected,
+        health,
         ..
     } = consumer;
     let shared = Arc::new(Shared {
@@ -55,6 +56,19 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
     let mut backoff = shared.config.backoff.clone();
     let mut failures: u32 = 0;
     tracing::info!(queue = %shared.config.queue, "consumer started");
+    let health_name = format!("rabbitmq (consumer {})", shared.config.queue);
+    let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
+    let mut states = connected.subscribe();
+    let reporter = tokio::spawn(async move {
+        loop {
+            let up = *states.borrow_and_update();
+            health.set(&health_name, up);
+            connected_gauge.set(if up { 1.0 } else { 0.0 });
+            if states.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     while !shutdown.is_cancelled() {
         let result = session(&shared, &amqp, &connected, &shutdown, &mut backoff, &mut failures).await;
         connected.send_replace(false);
@@ -70,6 +84,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         }
     }
     cleanup.abort();
+    reporter.abort();
     tracing::info!(queue = %shared.config.queue, "consumer stopped");
     Ok(())
 }
@@ -394,8 +409,26 @@ impl Worker {
     }
 
     /// Applies `incoming` in one transaction: inbox first, then the handlers
-    /// of the events that are new.
+    /// of the events that are new; counts them once committed.
     async fn apply(&self, incoming: &[Incoming]) -> Result<(), ApplyError> {
+        let started = std::time::Instant::now();
+        let duplicates = self.apply_in_transaction(incoming).await?;
+        let queue = self.shared.config.queue.clone();
+        metrics::histogram!("consumer_apply_seconds", "queue" => queue.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("consumer_batch_size", "queue" => queue.clone()).record(incoming.len() as f64);
+        metrics::counter!("consumer_events_total", "queue" => queue.clone(), "outcome" => "applied")
+            .increment((incoming.len() - duplicates) as u64);
+        if duplicates > 0 {
+            metrics::counter!("consumer_events_total", "queue" => queue, "outcome" => "duplicate")
+                .increment(duplicates as u64);
+        }
+        Ok(())
+    }
+
+    /// The transaction of [`Self::apply`]; returns how many events were
+    /// duplicates.
+    async fn apply_in_transaction(&self, incoming: &[Incoming]) -> Result<usize, ApplyError> {
         let mut conn = self
             .shared
             .pool
@@ -409,7 +442,7 @@ impl Worker {
                 db.system = "postgresql",
                 messaging.batch.message_count = incoming.len(),
             ),
-            None => return Ok(()),
+            None => return Ok(0),
         };
         for other in incoming.iter().skip(1) {
             transaction.add_link(other.span.context().span().span_context().clone());
@@ -419,9 +452,11 @@ impl Worker {
             let ids: Vec<(Uuid, &str)> = incoming.iter().map(|i| (i.meta.event_id, i.meta.type_name.as_str())).collect();
             let fresh = inbox::record(conn, queue, &ids).await?;
             let mut applied = HashSet::with_capacity(fresh.len());
+            let mut duplicates = 0;
             for item in incoming {
                 if !fresh.contains(&item.meta.event_id) || !applied.insert(item.meta.event_id) {
                     tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
+                    duplicates += 1;
                     continue;
                 }
                 let event = item
@@ -434,7 +469,7 @@ impl Worker {
                     .await
                     .map_err(ApplyError::Failed)?;
             }
-            Ok(())
+            Ok(duplicates)
         })
         .instrument(transaction)
         .await
@@ -474,6 +509,8 @@ impl Worker {
                 );
                 headers.insert(wire::LAST_ERROR.into(), long_string(&truncate(&text)));
                 self.republish(&incoming.delivery, &queue, headers).await?;
+                metrics::counter!("consumer_events_total", "queue" => self.shared.config.queue.clone(), "outcome" => "retried")
+                    .increment(1);
                 tracing::warn!(
                     parent: &incoming.span,
                     event_id = %incoming.meta.event_id,
@@ -510,6 +547,11 @@ impl Worker {
         );
         let queue = self.shared.topology.dead_letter_queue();
         self.republish(delivery, &queue, headers).await?;
+        let consumer_queue = self.shared.config.queue.clone();
+        metrics::counter!("consumer_events_total", "queue" => consumer_queue.clone(), "outcome" => "dead_lettered")
+            .increment(1);
+        metrics::counter!("consumer_dead_letters_total", "queue" => consumer_queue, "reason" => reason.as_str())
+            .increment(1);
         tracing::warn!(
             parent: span,
             reason = %reason,
