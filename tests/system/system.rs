@@ -21,6 +21,8 @@ fn migrations(service: &str) -> std::path::PathBuf {
 }
 
 pub struct System {
+    pub user_addr: SocketAddr,
+    pub order_addr: SocketAddr,
     pub users: UserServiceClient<Channel>,
     pub orders: OrderServiceClient<Channel>,
     pub user_settings: user_service::Settings,
@@ -48,12 +50,18 @@ async fn channel(addr: SocketAddr) -> Channel {
 pub async fn start(user_relay: bool) -> System {
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
-    let user_db = TestDatabase::create(user_service::app::MIGRATIONS, &migrations("user-service"))
-        .await
-        .unwrap();
-    let order_db = TestDatabase::create(order_service::app::MIGRATIONS, &migrations("order-service"))
-        .await
-        .unwrap();
+    let user_db = TestDatabase::create(
+        user_service::app::MIGRATIONS,
+        Path::new(user_service::app::MIGRATIONS_DIR),
+    )
+    .await
+    .unwrap();
+    let order_db = TestDatabase::create(
+        order_service::app::MIGRATIONS,
+        Path::new(order_service::app::MIGRATIONS_DIR),
+    )
+    .await
+    .unwrap();
     let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
 
     let mut relay = shop_outbox::RelayConfig::new(broker.exchange("user.events"), "user-service");
@@ -98,6 +106,8 @@ pub async fn start(user_relay: bool) -> System {
     let user_service = Running::spawn(|shutdown| user_app.run(shutdown));
     let order_service = Running::spawn(|shutdown| order_app.run(shutdown));
     let system = System {
+        user_addr,
+        order_addr,
         users: UserServiceClient::new(channel(user_addr).await),
         orders: OrderServiceClient::new(channel(order_addr).await),
         user_settings,

@@ -10,7 +10,7 @@
 //!   `user.deleted` through a typed consumer with an inbox, retries and
 //!   dead-lettering ([`projection`], `shop_messaging::consumer`).
 //! - [`app::Application`] builds and runs it; [`cli`] is the command line of
-//!   the binary, including the dead-letter commands.
+//!   the binary.
 #![forbid(unsafe_code)]
 
 pub mod app;

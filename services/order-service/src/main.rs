@@ -1,4 +1,4 @@
-//! `order-service [serve|relay|healthcheck|dlq …]`; see `order-service --help`.
+//! `order-service [serve|relay|healthcheck]`; see `order-service --help`.
 
 use clap::Parser as _;
 use order_service::cli::{Cli, Command};
@@ -11,8 +11,8 @@ use shop_telemetry::TelemetryConfig;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = TelemetryConfig::from_env(SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-    if matches!(cli.command, Some(Command::Dlq(_) | Command::Healthcheck)) {
-        // One-shot commands print their own report; only problems are logged.
+    if matches!(cli.command, Some(Command::Healthcheck)) {
+        // A one-shot probe: only problems are logged.
         config.log_filter = "warn".to_owned();
         config.otlp_endpoint = None;
     }
@@ -33,6 +33,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => Application::build(settings).await?.run(shutdown).await,
         Command::Relay => order_service::app::run_relay(settings, shutdown).await,
         Command::Healthcheck => shop_bootstrap::grpc::check_health(settings.grpc_addr).await,
-        Command::Dlq(command) => order_service::cli::run_dlq(&settings, command).await,
     }
 }

@@ -18,6 +18,10 @@ use crate::settings::Settings;
 pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
     diesel_migrations::embed_migrations!("../../migrations/user-service");
 
+/// Where [`MIGRATIONS`] come from, for tools that read the files (the test
+/// databases' templates are named after their contents).
+pub const MIGRATIONS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations/user-service");
+
 /// A service ready to run: database migrated, listener bound.
 pub struct Application {
     settings: Settings,

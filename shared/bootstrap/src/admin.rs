@@ -28,24 +28,24 @@ const SIZES: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 /// The process's Prometheus recorder, installed on first use. Fails only if
 /// another recorder was installed first.
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS)?
-        .set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZES)?
-        .build_recorder();
-    let handle = recorder.handle();
-    // Two callers racing here: the loser's recorder is dropped and it uses
-    // the winner's handle.
-    if metrics::set_global_recorder(recorder).is_ok() {
-        let _ = HANDLE.set(handle);
-    }
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    // get_or_init runs the installation once; concurrent callers wait for it.
     HANDLE
-        .get()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("another metrics recorder is installed"))
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS)
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZES)
+                })
+                .map_err(|error| error.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|_| "another metrics recorder is installed".to_owned())?;
+            Ok(handle)
+        })
+        .clone()
+        .map_err(|error| anyhow::anyhow!(error))
 }
 
 /// Whether each dependency of the service is up, shared by the parts that

@@ -109,7 +109,7 @@ fn record_metrics(path: &str, code: i64, elapsed: std::time::Duration) {
 }
 
 /// The canonical name of a gRPC status code.
-fn code_name(code: i64) -> &'static str {
+pub fn code_name(code: i64) -> &'static str {
     const NAMES: [&str; 17] = [
         "OK",
         "CANCELLED",

@@ -19,6 +19,7 @@ pub struct ServiceProcess {
     /// Where its admin HTTP port (metrics, health) listens.
     pub admin_addr: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ServiceProcess {
@@ -42,6 +43,7 @@ impl ServiceProcess {
         let mut child = command.spawn()?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -57,7 +59,7 @@ impl ServiceProcess {
         {
             let lines = lines.clone();
             let started_tx = started_tx.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     if let Some(addr) = started_addr(&line) {
@@ -68,7 +70,7 @@ impl ServiceProcess {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .push(line);
                 }
-            });
+            }));
         }
         let (addr, admin_addr) = match tokio::time::timeout(Duration::from_secs(60), started_rx.recv()).await
         {
@@ -87,6 +89,7 @@ impl ServiceProcess {
             addr,
             admin_addr,
             lines,
+            readers,
         })
     }
 
@@ -103,10 +106,15 @@ impl ServiceProcess {
         self.child.id()
     }
 
-    /// Sends SIGTERM and waits (up to 30 s) for it to exit.
+    /// Sends SIGTERM and waits (up to 30 s) for it to exit and for its last
+    /// lines to be read.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         self.signal("TERM").await?;
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        Ok(status)
     }
 
     /// Sends SIGKILL and reaps it: no shutdown, no flush, as a crash.

@@ -8,10 +8,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigterm() {
     let db = TestDatabase::create(
         order_service::app::MIGRATIONS,
-        std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../migrations/order-service"
-        )),
+        std::path::Path::new(order_service::app::MIGRATIONS_DIR),
     )
     .await
     .unwrap();

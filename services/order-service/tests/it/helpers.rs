@@ -2,7 +2,6 @@
 //! test's user exchange.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use diesel::{ExpressionMethods as _, QueryDsl as _};
@@ -91,10 +90,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     shop_testkit::init_test_log();
     let db = TestDatabase::create(
         MIGRATIONS,
-        Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../migrations/order-service"
-        )),
+        std::path::Path::new(order_service::app::MIGRATIONS_DIR),
     )
     .await
     .unwrap();

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod binary;
-mod cli;
 mod helpers;
 mod metrics;
 mod projection;

@@ -14,10 +14,7 @@ use user_service::app::MIGRATIONS;
 use user_service::{Application, Settings};
 
 pub fn migrations_dir() -> &'static Path {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../migrations/user-service"
-    ))
+    std::path::Path::new(user_service::app::MIGRATIONS_DIR)
 }
 
 pub async fn test_database() -> TestDatabase {

@@ -1,22 +1,23 @@
-//! The binary's dead-letter commands, run as a user would.
+//! `shop dlq`, run as an operator would.
 
-use std::process::Command;
 use std::time::Duration;
 
+use assert_cmd::Command;
 use lapin::BasicProperties;
 use shop_contracts::Event as _;
 use shop_contracts::user::UserCreated;
+use shop_testkit::TestPublisher;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::system::{System, start};
 
-fn dlq(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_order-service"))
+fn dlq(system: &System, args: &[&str]) -> (bool, String, String) {
+    let output = Command::cargo_bin("shop")
+        .unwrap()
         .arg("dlq")
         .args(args)
         .env("AMQP_URL", shop_testkit::amqp_url())
-        .env("USER_EVENTS_QUEUE", &app.settings.consumer.queue)
-        .env("USER_EVENTS_EXCHANGE", &app.settings.consumer.exchange)
+        .env("USER_EVENTS_QUEUE", &system.order_settings.consumer.queue)
         .output()
         .unwrap();
     (
@@ -28,11 +29,14 @@ fn dlq(app: &TestApp, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dlq_commands_list_show_replay_and_purge() {
-    let app = spawn_app().await;
+    let system = start(true).await;
+    let exchange = &system.order_settings.consumer.exchange;
     let id = Uuid::now_v7().to_string();
-    app.publisher
+    TestPublisher::connect(exchange)
+        .await
+        .unwrap()
         .publish_raw(
-            &app.settings.consumer.exchange,
+            exchange,
             UserCreated::ROUTING_KEY,
             b"\xff\xfe",
             BasicProperties::default()
@@ -41,35 +45,37 @@ async fn dlq_commands_list_show_replay_and_purge() {
         )
         .await
         .unwrap();
-    let dead_letters =
-        shop_messaging::dlq::DeadLetters::connect(&app.settings.amqp, &app.settings.consumer.queue)
-            .await
-            .unwrap();
+    let dead_letters = shop_messaging::dlq::DeadLetters::connect(
+        &system.order_settings.amqp,
+        &system.order_settings.consumer.queue,
+    )
+    .await
+    .unwrap();
     shop_testkit::eventually("the dead letter", Duration::from_secs(10), || async {
         (dead_letters.summary().await.ok()?.count == 1).then_some(())
     })
     .await;
     dead_letters.close().await;
 
-    let (ok, listed, _) = dlq(&app, &["list"]);
+    let (ok, listed, _) = dlq(&system, &["list"]);
     assert!(ok);
     assert!(listed.contains(": 1 dead letter(s)"), "{listed}");
     assert!(listed.contains("reason undecodable: 1"), "{listed}");
 
-    let (ok, shown, _) = dlq(&app, &["show", &id]);
+    let (ok, shown, _) = dlq(&system, &["show", &id]);
     assert!(ok);
     assert!(shown.contains("reason: undecodable"), "{shown}");
     assert!(shown.contains("dead_letter_error"), "{shown}");
 
-    let (ok, _, stderr) = dlq(&app, &["purge"]);
+    let (ok, _, stderr) = dlq(&system, &["purge"]);
     assert!(!ok, "purge without --yes is refused");
     assert!(stderr.contains("--yes"), "{stderr}");
 
-    let (ok, replayed, _) = dlq(&app, &["replay", "--reason", "max-attempts"]);
+    let (ok, replayed, _) = dlq(&system, &["replay", "--reason", "max-attempts"]);
     assert!(ok);
     assert_eq!(replayed.trim(), "replayed 0, kept 1");
 
-    let (ok, purged, _) = dlq(&app, &["purge", "--yes"]);
+    let (ok, purged, _) = dlq(&system, &["purge", "--yes"]);
     assert!(ok);
     assert!(purged.starts_with("purged 1"), "{purged}");
 }

@@ -1,0 +1,285 @@
+//! The command line's arguments.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The shop's command line: users, orders and dead letters over gRPC and
+/// AMQP, and the whole system run locally.
+#[derive(Debug, Parser)]
+#[command(
+    name = "shop",
+    version,
+    about,
+    after_help = EXAMPLES,
+    after_long_help = EXAMPLES,
+)]
+pub struct Cli {
+    /// Print JSON instead of tables (errors too, on stdout).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Where the services and the broker are.
+    #[command(flatten)]
+    pub connection: Connection,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  shop users create --email ada@example.com --name 'Ada Lovelace'
+  shop users list --all
+  shop users update <id> --version 1 --name 'Ada King'
+  shop orders create --user <user id> --item sku-1:2 --item sku-7:1
+  shop orders cancel <order id> --version 1
+  shop --json orders list --user <user id> | jq '.orders[].status'
+  shop dlq list
+  shop dlq replay --reason max-attempts
+  shop up                      # both services, against the local PostgreSQL and RabbitMQ
+
+Exit codes: 0 ok, 2 usage or invalid request, 3 not found, 4 conflict
+(already exists, version mismatch, failed precondition), 5 unavailable, 1 other.";
+
+/// Endpoints and deadlines.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The user service.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOP_USER_ENDPOINT",
+        default_value = "http://localhost:50051"
+    )]
+    pub user_endpoint: String,
+    /// The order service.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOP_ORDER_ENDPOINT",
+        default_value = "http://localhost:50052"
+    )]
+    pub order_endpoint: String,
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, global = true, env = "SHOP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// RabbitMQ, for the dead-letter commands.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// The consumer queue whose dead letters the dlq commands manage.
+    #[arg(
+        long,
+        global = true,
+        env = "USER_EVENTS_QUEUE",
+        default_value = "order-service.user-events"
+    )]
+    pub queue: String,
+}
+
+impl Connection {
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, read, change, delete and list users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Place, read, list and cancel orders.
+    #[command(subcommand)]
+    Orders(OrdersCommand),
+    /// Inspect and repair the dead-letter queue of a consumer.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Run both services in this process against the local PostgreSQL and
+    /// RabbitMQ (databases created and migrated, topology declared) until
+    /// Ctrl-C. Settings: USER_DATABASE_URL, ORDER_DATABASE_URL, AMQP_URL and
+    /// the services' own variables.
+    Up,
+}
+
+/// Paging of a listing.
+#[derive(Debug, Clone, Args)]
+pub struct PageArgs {
+    /// Rows per page (1 to 1000; the server's default when unset).
+    #[arg(long)]
+    pub page_size: Option<i32>,
+    /// Start at this page (a next_page_token from a previous listing).
+    #[arg(long, default_value = "")]
+    pub page_token: String,
+    /// Follow the pages to the end.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// User commands.
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user (retried safely: a request id makes it happen once).
+    Create {
+        /// Email address.
+        #[arg(long)]
+        email: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Show a user.
+    Get {
+        /// User id.
+        id: String,
+    },
+    /// Change a user's email and/or name.
+    Update {
+        /// User id.
+        id: String,
+        /// The version you last saw (the change is refused if it moved).
+        #[arg(long)]
+        version: i64,
+        /// New email.
+        #[arg(long)]
+        email: Option<String>,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a user.
+    Delete {
+        /// User id.
+        id: String,
+        /// The version you last saw.
+        #[arg(long)]
+        version: i64,
+    },
+    /// List users in creation order.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+/// One item of an order on the command line: `product_id:quantity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// Product id.
+    pub product_id: String,
+    /// Quantity.
+    pub quantity: i32,
+}
+
+impl std::str::FromStr for Item {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let (product_id, quantity) = value
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{value:?} is not product_id:quantity"))?;
+        let quantity = quantity
+            .parse()
+            .map_err(|_| format!("quantity {quantity:?} in {value:?} is not a number"))?;
+        Ok(Self {
+            product_id: product_id.to_owned(),
+            quantity,
+        })
+    }
+}
+
+/// Order commands.
+#[derive(Debug, Subcommand)]
+pub enum OrdersCommand {
+    /// Place an order (retried safely: a request id makes it happen once).
+    Create {
+        /// Id of the user placing it.
+        #[arg(long)]
+        user: String,
+        /// An item as product_id:quantity; repeat for more items.
+        #[arg(long = "item", required = true)]
+        items: Vec<Item>,
+    },
+    /// Show an order.
+    Get {
+        /// Order id.
+        id: String,
+    },
+    /// List a user's orders in creation order.
+    List {
+        /// User id.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Cancel a pending order.
+    Cancel {
+        /// Order id.
+        id: String,
+        /// The version you last saw.
+        #[arg(long)]
+        version: i64,
+    },
+}
+
+/// Dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Count the dead letters, grouped by reason and by type.
+    List,
+    /// Print one dead letter: headers and decoded body.
+    Show {
+        /// Its message id (the event id).
+        message_id: String,
+    },
+    /// Send dead letters back to the consumer's queue (all, or those
+    /// matching every filter given).
+    Replay {
+        /// Only this reason: missing-message-id, unknown-type, undecodable,
+        /// rejected, max-attempts.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only this type, e.g. shop.user.v1.UserCreated.
+        #[arg(long = "type")]
+        type_name: Option<String>,
+        /// Only this message id.
+        #[arg(long)]
+        message_id: Option<String>,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_parse_as_product_and_quantity() {
+        assert_eq!(
+            "sku:1:3".parse::<Item>(),
+            Ok(Item {
+                product_id: "sku:1".to_owned(),
+                quantity: 3
+            })
+        );
+        assert!("sku".parse::<Item>().is_err());
+        assert!("sku:x".parse::<Item>().is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,151 @@
+//! The `shop` command line, on the client SDK: manage users and orders,
+//! inspect and repair dead letters, and run the whole system locally.
+//!
+//! Exit codes tell scripts what happened: 0 success, 2 a usage error (bad
+//! arguments, or a request the server refused as invalid), 3 not found, 4 a
+//! conflict (already exists, version mismatch, failed precondition), 5 a
+//! service unavailable or too slow, 1 anything else.
+#![forbid(unsafe_code)]
+
+mod args;
+mod dlq;
+mod output;
+mod records;
+mod up;
+
+use std::process::ExitCode;
+
+pub use args::{Cli, Command, DlqCommand, OrdersCommand, UsersCommand};
+use shop_client::{ClientConfig, Error, OrderClient, UserClient, UserUpdate};
+
+use crate::output::Output;
+
+/// Exit code of a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of a not-found error.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit code of a conflict.
+pub const EXIT_CONFLICT: u8 = 4;
+/// Exit code of an unavailable service.
+pub const EXIT_UNAVAILABLE: u8 = 5;
+
+/// Runs a parsed command line and returns the process's exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let output = Output { json: cli.json };
+    let outcome = match cli.command {
+        Command::Users(command) => users(&cli.connection, command, &output).await,
+        Command::Orders(command) => orders(&cli.connection, command, &output).await,
+        Command::Dlq(command) => dlq::run(&cli.connection, command, &output)
+            .await
+            .map_err(Failure::Other),
+        Command::Up => up::run().await.map_err(Failure::Other),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            output.failure(&failure);
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// A call to a service failed.
+    Call(Error),
+    /// Anything else (the broker, the command's own checks).
+    Other(anyhow::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        let Self::Call(error) = self else { return 1 };
+        match error {
+            Error::InvalidArgument { .. } | Error::Config(_) => EXIT_USAGE,
+            Error::NotFound(_) => EXIT_NOT_FOUND,
+            Error::AlreadyExists(_) | Error::Conflict(_) | Error::FailedPrecondition(_) => EXIT_CONFLICT,
+            Error::Unavailable(_) | Error::DeadlineExceeded(_) => EXIT_UNAVAILABLE,
+            Error::Server { .. } => 1,
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self::Call(error)
+    }
+}
+
+fn config(endpoint: &str, connection: &args::Connection) -> ClientConfig {
+    ClientConfig::new(endpoint).with_timeout(connection.timeout())
+}
+
+async fn users(connection: &args::Connection, command: UsersCommand, output: &Output) -> Result<(), Failure> {
+    let client = UserClient::connect(config(&connection.user_endpoint, connection))?;
+    match command {
+        UsersCommand::Create { email, name } => output.user(&client.create_user(&email, &name).await?),
+        UsersCommand::Get { id } => output.user(&client.get_user(&id).await?),
+        UsersCommand::Update {
+            id,
+            version,
+            email,
+            name,
+        } => output.user(
+            &client
+                .update_user(&id, version, UserUpdate { email, name })
+                .await?,
+        ),
+        UsersCommand::Delete { id, version } => {
+            client.delete_user(&id, version).await?;
+            output.done(&format!("deleted user {id}"));
+        }
+        UsersCommand::List { page } => {
+            let mut token = page.page_token.clone();
+            let mut users = Vec::new();
+            loop {
+                let listed = client.list_users(page.page_size, &token).await?;
+                users.extend(listed.items);
+                token = listed.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            output.users(&users, &token);
+        }
+    }
+    Ok(())
+}
+
+async fn orders(
+    connection: &args::Connection,
+    command: OrdersCommand,
+    output: &Output,
+) -> Result<(), Failure> {
+    let client = OrderClient::connect(config(&connection.order_endpoint, connection))?;
+    match command {
+        OrdersCommand::Create { user, items } => {
+            let items: Vec<(&str, i32)> = items
+                .iter()
+                .map(|item| (item.product_id.as_str(), item.quantity))
+                .collect();
+            output.order(&client.create_order(&user, &items).await?);
+        }
+        OrdersCommand::Get { id } => output.order(&client.get_order(&id).await?),
+        OrdersCommand::List { user, page } => {
+            let mut token = page.page_token.clone();
+            let mut orders = Vec::new();
+            loop {
+                let listed = client.list_orders(&user, page.page_size, &token).await?;
+                orders.extend(listed.items);
+                token = listed.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            output.orders(&orders, &token);
+        }
+        OrdersCommand::Cancel { id, version } => output.order(&client.cancel_order(&id, version).await?),
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Calling with a deadline, trace propagation and retries.
+
+use std::future::Future;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{ClientConfig, Error};
+
+/// A channel whose requests carry the current trace context.
+pub(crate) type TracedChannel = InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, Status>>;
+
+/// A lazily connected, traced channel for `config`.
+pub(crate) fn channel(config: &ClientConfig) -> Result<TracedChannel, Error> {
+    let channel = config.endpoint()?.connect_lazy();
+    Ok(InterceptedService::new(
+        channel,
+        shop_telemetry::propagation::inject_grpc::<()> as fn(Request<()>) -> Result<Request<()>, Status>,
+    ))
+}
+
+/// Whether a call is safe to send again after it timed out (its first
+/// attempt may have been applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repeat {
+    /// Reads, and creates carrying a request id.
+    Safe,
+    /// Calls guarded by an expected version: repeated only when the server
+    /// said it was unavailable.
+    OnlyWhenUnavailable,
+}
+
+/// Runs `call` (given a request builder with the deadline set) until it
+/// succeeds, fails for good, or runs out of attempts.
+pub(crate) async fn with_retries<M, T, F, Fut>(
+    config: &ClientConfig,
+    repeat: Repeat,
+    message: M,
+    mut call: F,
+) -> Result<T, Error>
+where
+    M: Clone,
+    F: FnMut(Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let policy = config.retry;
+    let mut backoff = policy.initial_backoff;
+    let mut attempt = 1;
+    loop {
+        let mut request = Request::new(message.clone());
+        request.set_timeout(config.timeout);
+        let status = match call(request).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => status,
+        };
+        let retryable = match status.code() {
+            Code::Unavailable => true,
+            Code::DeadlineExceeded | Code::ResourceExhausted => repeat == Repeat::Safe,
+            _ => false,
+        };
+        if !retryable || attempt >= policy.max_attempts.max(1) {
+            return Err(Error::from(status));
+        }
+        attempt += 1;
+        let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(policy.max_backoff);
+    }
+}
