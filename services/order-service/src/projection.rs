@@ -19,8 +19,21 @@ use uuid::Uuid;
 use crate::schema::known_users;
 
 /// Applies `user.created`, `user.updated` and `user.deleted` to `known_users`.
+///
+/// Batches are applied with one statement per run of events: within a run
+/// only the highest version of each user matters (the version guard would
+/// discard the others anyway), which also keeps a multi-row upsert from
+/// touching one row twice.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UserProjection;
+
+/// The state a created or updated event carries.
+struct UserState {
+    id: Uuid,
+    version: i64,
+    email: String,
+    name: String,
+}
 
 fn user_id(value: &str, version: i64) -> Result<Uuid, HandlerError> {
     if version < 1 {
@@ -32,24 +45,43 @@ fn user_id(value: &str, version: i64) -> Result<Uuid, HandlerError> {
         .map_err(|_| HandlerError::permanent(anyhow::anyhow!("user_id {value:?} is not a UUID")))
 }
 
-/// Moves the user to `version` with this state, unless it is already there
-/// or beyond.
-#[tracing::instrument(name = "projection.upsert_user", skip_all, fields(db.system = "postgresql", user.id = %id, user.version = version))]
-async fn upsert(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-    version: i64,
-    email: &str,
-    name: &str,
-) -> Result<(), HandlerError> {
+/// The highest version of each user, in order of first appearance.
+fn latest<T>(items: Vec<T>, key: impl Fn(&T) -> (Uuid, i64)) -> Vec<T> {
+    let mut position: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        let (id, version) = key(&item);
+        match position.get(&id) {
+            Some(&at) if key(&kept[at]).1 >= version => {}
+            Some(&at) => kept[at] = item,
+            None => {
+                position.insert(id, kept.len());
+                kept.push(item);
+            }
+        }
+    }
+    kept
+}
+
+/// Moves each user to its version with its state, unless it is already
+/// there or beyond; one statement.
+#[tracing::instrument(name = "projection.upsert_user", skip_all, fields(db.system = "postgresql", users = states.len()))]
+async fn upsert(conn: &mut AsyncPgConnection, states: Vec<UserState>) -> Result<(), HandlerError> {
+    let states = latest(states, |state| (state.id, state.version));
+    let rows: Vec<_> = states
+        .iter()
+        .map(|state| {
+            (
+                known_users::user_id.eq(state.id),
+                known_users::email.eq(&state.email),
+                known_users::name.eq(&state.name),
+                known_users::version.eq(state.version),
+                known_users::deleted.eq(false),
+            )
+        })
+        .collect();
     let applied = diesel::insert_into(known_users::table)
-        .values((
-            known_users::user_id.eq(id),
-            known_users::email.eq(email),
-            known_users::name.eq(name),
-            known_users::version.eq(version),
-            known_users::deleted.eq(false),
-        ))
+        .values(rows)
         .on_conflict(known_users::user_id)
         .do_update()
         .set((
@@ -61,10 +93,28 @@ async fn upsert(
         .filter(known_users::version.lt(excluded(known_users::version)))
         .execute(conn)
         .await?;
-    if applied == 0 {
-        tracing::debug!("stale user event ignored");
+    if applied < states.len() {
+        tracing::debug!(stale = states.len() - applied, "stale user events ignored");
     }
     Ok(())
+}
+
+fn states<E>(
+    events: Vec<(E, EventMeta)>,
+    parts: impl Fn(E) -> (String, i64, String, String),
+) -> Result<Vec<UserState>, HandlerError> {
+    events
+        .into_iter()
+        .map(|(event, _)| {
+            let (id, version, email, name) = parts(event);
+            Ok(UserState {
+                id: user_id(&id, version)?,
+                version,
+                email,
+                name,
+            })
+        })
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -73,10 +123,18 @@ impl Handler<UserCreated> for UserProjection {
         &self,
         conn: &mut AsyncPgConnection,
         event: UserCreated,
-        _: &EventMeta,
+        meta: &EventMeta,
     ) -> Result<(), HandlerError> {
-        let id = user_id(&event.user_id, event.version)?;
-        upsert(conn, id, event.version, &event.email, &event.name).await
+        self.handle_batch(conn, vec![(event, meta.clone())]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<(UserCreated, EventMeta)>,
+    ) -> Result<(), HandlerError> {
+        let states = states(events, |e| (e.user_id, e.version, e.email, e.name))?;
+        upsert(conn, states).await
     }
 }
 
@@ -86,29 +144,55 @@ impl Handler<UserUpdated> for UserProjection {
         &self,
         conn: &mut AsyncPgConnection,
         event: UserUpdated,
-        _: &EventMeta,
+        meta: &EventMeta,
     ) -> Result<(), HandlerError> {
-        let id = user_id(&event.user_id, event.version)?;
-        upsert(conn, id, event.version, &event.email, &event.name).await
+        self.handle_batch(conn, vec![(event, meta.clone())]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<(UserUpdated, EventMeta)>,
+    ) -> Result<(), HandlerError> {
+        let states = states(events, |e| (e.user_id, e.version, e.email, e.name))?;
+        upsert(conn, states).await
     }
 }
 
 #[async_trait::async_trait]
 impl Handler<UserDeleted> for UserProjection {
-    #[tracing::instrument(name = "projection.delete_user", skip_all, fields(db.system = "postgresql", user.id = %event.user_id, user.version = event.version))]
     async fn handle(
         &self,
         conn: &mut AsyncPgConnection,
         event: UserDeleted,
-        _: &EventMeta,
+        meta: &EventMeta,
     ) -> Result<(), HandlerError> {
-        let id = user_id(&event.user_id, event.version)?;
+        self.handle_batch(conn, vec![(event, meta.clone())]).await
+    }
+
+    #[tracing::instrument(name = "projection.delete_user", skip_all, fields(db.system = "postgresql", users = events.len()))]
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<(UserDeleted, EventMeta)>,
+    ) -> Result<(), HandlerError> {
+        let deletions: Vec<(Uuid, i64)> = events
+            .into_iter()
+            .map(|(event, _)| Ok((user_id(&event.user_id, event.version)?, event.version)))
+            .collect::<Result<_, HandlerError>>()?;
+        let deletions = latest(deletions, |deletion| *deletion);
+        let rows: Vec<_> = deletions
+            .iter()
+            .map(|(id, version)| {
+                (
+                    known_users::user_id.eq(*id),
+                    known_users::version.eq(*version),
+                    known_users::deleted.eq(true),
+                )
+            })
+            .collect();
         diesel::insert_into(known_users::table)
-            .values((
-                known_users::user_id.eq(id),
-                known_users::version.eq(event.version),
-                known_users::deleted.eq(true),
-            ))
+            .values(rows)
             .on_conflict(known_users::user_id)
             .do_update()
             .set((
@@ -120,5 +204,18 @@ impl Handler<UserDeleted> for UserProjection {
             .execute(conn)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::latest;
+    use uuid::Uuid;
+
+    #[test]
+    fn latest_keeps_the_highest_version_of_each_user_in_first_seen_order() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let kept = latest(vec![(a, 1), (b, 3), (a, 3), (b, 2), (a, 2)], |item| *item);
+        assert_eq!(kept, [(a, 3), (b, 3)]);
     }
 }

@@ -195,7 +195,7 @@ pub async fn create_order(conn: &mut AsyncPgConnection, new: &NewOrder) -> Resul
             .await?;
         tracing::Span::current().record("order.id", tracing::field::display(id));
         shop_outbox::enqueue(
-            conn,
+            &*conn,
             &pb::OrderCreated {
                 order_id: id.to_string(),
                 version: row.version,
@@ -250,7 +250,7 @@ pub async fn cancel_order(
             .get_result(conn)
             .await?;
         shop_outbox::enqueue(
-            conn,
+            &*conn,
             &pb::OrderCancelled {
                 order_id: id.to_string(),
                 version: row.version,

@@ -27,7 +27,7 @@ pub struct Settings {
     /// (`user-service relay`).
     pub relay_enabled: bool,
     /// `USER_EVENTS_EXCHANGE` (default `user.events`), `RELAY_BATCH_SIZE`
-    /// (1000), `RELAY_POLL_INTERVAL_MS` (1000), `OUTBOX_RETENTION_SECS`
+    /// (2000), `RELAY_LANES` (2), `RELAY_POLL_INTERVAL_MS` (1000), `OUTBOX_RETENTION_SECS`
     /// (86400).
     pub relay: RelayConfig,
     /// `SHUTDOWN_GRACE_MS` (default 10000): how long in-flight calls and the

@@ -98,7 +98,16 @@ pub async fn create_user(conn: &mut AsyncPgConnection, new: &NewUser) -> Result<
             }
         }
         let now = Utc::now();
-        let user: User = diesel::insert_into(users::table)
+        let event = pb::UserCreated {
+            user_id: id.to_string(),
+            version: 1,
+            email: new.email.clone(),
+            name: new.name.clone(),
+            occurred_at: Some(timestamp(now)),
+        };
+        // The row and its event in one round trip: both statements are sent
+        // before either answer is awaited, and run in that order.
+        let insert = diesel::insert_into(users::table)
             .values((
                 users::id.eq(id),
                 users::email.eq(&new.email),
@@ -108,20 +117,11 @@ pub async fn create_user(conn: &mut AsyncPgConnection, new: &NewUser) -> Result<
                 users::updated_at.eq(now),
             ))
             .returning(User::as_returning())
-            .get_result(conn)
-            .await?;
+            .get_result::<User>(&mut &*conn);
+        let (user, enqueued) = futures::join!(insert, shop_outbox::enqueue(&*conn, &event));
+        let user = user?;
+        enqueued?;
         tracing::Span::current().record("user.id", tracing::field::display(user.id));
-        shop_outbox::enqueue(
-            conn,
-            &pb::UserCreated {
-                user_id: user.id.to_string(),
-                version: user.version,
-                email: user.email.clone(),
-                name: user.name.clone(),
-                occurred_at: Some(timestamp(now)),
-            },
-        )
-        .await?;
         Ok(user)
     })
     .await
@@ -162,7 +162,16 @@ pub async fn update_user(conn: &mut AsyncPgConnection, change: &UserChange) -> R
             return Ok(current);
         }
         let now = Utc::now();
-        let user: User = diesel::update(users::table.find(change.id))
+        let event = pb::UserUpdated {
+            user_id: change.id.to_string(),
+            version: current.version + 1,
+            email: email.clone(),
+            name: name.clone(),
+            occurred_at: Some(timestamp(now)),
+        };
+        // The row is locked (see `lock`), so sending the event with the
+        // update keeps outbox order equal to commit order.
+        let update = diesel::update(users::table.find(change.id))
             .set((
                 users::email.eq(&email),
                 users::name.eq(&name),
@@ -170,19 +179,10 @@ pub async fn update_user(conn: &mut AsyncPgConnection, change: &UserChange) -> R
                 users::updated_at.eq(now),
             ))
             .returning(User::as_returning())
-            .get_result(conn)
-            .await?;
-        shop_outbox::enqueue(
-            conn,
-            &pb::UserUpdated {
-                user_id: user.id.to_string(),
-                version: user.version,
-                email: user.email.clone(),
-                name: user.name.clone(),
-                occurred_at: Some(timestamp(now)),
-            },
-        )
-        .await?;
+            .get_result::<User>(&mut &*conn);
+        let (user, enqueued) = futures::join!(update, shop_outbox::enqueue(&*conn, &event));
+        let user = user?;
+        enqueued?;
         Ok(user)
     })
     .await
@@ -194,16 +194,15 @@ pub async fn update_user(conn: &mut AsyncPgConnection, change: &UserChange) -> R
 pub async fn delete_user(conn: &mut AsyncPgConnection, id: Uuid, expected_version: i64) -> Result<(), Error> {
     conn.transaction(async |conn| {
         let current = lock(conn, id, expected_version).await?;
-        diesel::delete(users::table.find(id)).execute(conn).await?;
-        shop_outbox::enqueue(
-            conn,
-            &pb::UserDeleted {
-                user_id: id.to_string(),
-                version: current.version + 1,
-                occurred_at: Some(timestamp(Utc::now())),
-            },
-        )
-        .await?;
+        let event = pb::UserDeleted {
+            user_id: id.to_string(),
+            version: current.version + 1,
+            occurred_at: Some(timestamp(Utc::now())),
+        };
+        let delete = diesel::delete(users::table.find(id)).execute(&mut &*conn);
+        let (deleted, enqueued) = futures::join!(delete, shop_outbox::enqueue(&*conn, &event));
+        deleted?;
+        enqueued?;
         Ok(())
     })
     .await

@@ -34,10 +34,14 @@
 //! still holds an earlier one) and over leases in a table (which need clocks,
 //! renewal and fencing). Transaction-scoped locks disappear with the
 //! transaction or the connection, so a crashed relay never blocks a partition.
-//! The cost: a second relay mostly waits while the first holds the
-//! partitions. Extra relays buy availability, not throughput; one relay
-//! publishes tens of thousands of events per second, more than the command
-//! path produces.
+//! Within one relay, [`RelayConfig::lanes`] splits the partitions between
+//! lanes (lane `i` of `n` tries partitions `i`, `i + n`, …), each with its
+//! own database transaction and broker channel, so one lane's database work
+//! overlaps another's wait for publisher confirms. Across relays the same
+//! locks apply lane by lane: a second relay takes over whatever partitions
+//! the first does not hold at that moment, so extra relays add availability
+//! first; throughput is bounded by the broker's confirmed-publish rate
+//! long before the number of relays matters.
 //!
 //! # Tracing
 //!
@@ -90,8 +94,12 @@ pub fn partition_of(aggregate_id: &str) -> i16 {
 /// transaction that makes the change the event describes. The current span's
 /// trace context is stored with it, so the publish continues the trace.
 ///
+/// It takes a shared reference so a command can pipeline it with its own
+/// statement (`futures::join!` of both futures sends both before waiting);
+/// PostgreSQL still runs them in the order they were sent.
+///
 /// Returns the new event id (UUIDv7).
-pub async fn enqueue<E: Event>(conn: &mut AsyncPgConnection, event: &E) -> QueryResult<Uuid> {
+pub async fn enqueue<E: Event>(mut conn: &AsyncPgConnection, event: &E) -> QueryResult<Uuid> {
     use schema::outbox::dsl;
 
     let event_id = Uuid::now_v7();
@@ -109,7 +117,7 @@ pub async fn enqueue<E: Event>(conn: &mut AsyncPgConnection, event: &E) -> Query
             dsl::payload.eq(event.encode_to_vec()),
             dsl::trace_context.eq(trace),
         ))
-        .execute(conn)
+        .execute(&mut conn)
         .await?;
     Ok(event_id)
 }

@@ -2,13 +2,10 @@
 //! them. See the crate docs for the claiming and ordering rules.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use diesel::sql_types::{Integer, SmallInt, Timestamptz};
-use diesel::{
-    ExpressionMethods as _, QueryDsl as _, Queryable, QueryableByName, Selectable, SelectableHelper as _,
-};
+use diesel::sql_types::{BigInt, Integer, SmallInt, Timestamptz};
+use diesel::{ExpressionMethods as _, QueryDsl as _, QueryableByName};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -18,7 +15,7 @@ use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
 use shop_messaging::wire::EventHeaders;
 use shop_messaging::{AmqpSettings, Backoff};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -53,6 +50,11 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
     /// Waits between attempts while the broker or the database is away.
     pub backoff: Backoff,
+    /// Lanes of one relay: each claims its own share of the partitions (lane
+    /// `i` of `n` tries partitions `i`, `i + n`, …) and runs its own batches
+    /// on its own connections, so one lane's database work overlaps another's
+    /// wait for the broker.
+    pub lanes: usize,
 }
 
 impl RelayConfig {
@@ -61,12 +63,13 @@ impl RelayConfig {
         Self {
             exchange: exchange.into(),
             app_id: app_id.into(),
-            batch_size: 1000,
+            batch_size: 2000,
             poll_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             backoff: Backoff::default(),
+            lanes: 2,
         }
     }
 
@@ -80,6 +83,7 @@ impl RelayConfig {
         config.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", config.poll_interval)?;
         config.retention =
             Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", config.retention.as_secs())?);
+        config.lanes = env::parse("RELAY_LANES", config.lanes)?.clamp(1, PARTITIONS as usize);
         Ok(config)
     }
 }
@@ -102,18 +106,16 @@ pub enum RelayError {
 /// What one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
-    /// Partitions this relay held during the batch.
-    pub partitions: usize,
-    /// Unpublished rows read.
+    /// Unpublished rows read (0 when another relay holds every partition
+    /// with work, or there is none).
     pub claimed: usize,
     /// Rows confirmed by the broker and marked published.
     pub published: usize,
 }
 
 /// One outbox row, as the relay reads it.
-#[derive(Debug, Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = crate::schema::outbox)]
-#[diesel(check_for_backend(diesel::pg::Pg))]
 struct PendingEvent {
     seq: i64,
     event_id: Uuid,
@@ -125,12 +127,6 @@ struct PendingEvent {
     payload: Vec<u8>,
     trace_context: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, QueryableByName)]
-struct HeldPartition {
-    #[diesel(sql_type = SmallInt)]
-    partition: i16,
 }
 
 /// A confirm-mode channel on its own connection.
@@ -146,8 +142,10 @@ pub struct Relay {
     amqp: AmqpSettings,
     config: RelayConfig,
     publisher: Option<Publisher>,
-    wake: Arc<Notify>,
+    wake: watch::Receiver<u64>,
     health: DependencyHealth,
+    /// This relay's lane: (index, count); (0, 1) covers every partition.
+    lane: (usize, usize),
 }
 
 impl std::fmt::Debug for Relay {
@@ -169,8 +167,9 @@ impl Relay {
             amqp,
             config,
             publisher: None,
-            wake: Arc::new(Notify::new()),
+            wake: watch::channel(0).1,
             health: DependencyHealth::default(),
+            lane: (0, 1),
         }
     }
 
@@ -198,7 +197,8 @@ impl Relay {
                 return Err(RelayError::Broker("no channel".to_owned()));
             };
             let config = &self.config;
-            conn.transaction(async |conn| publish_batch(conn, &publisher.channel, config).await)
+            let lane = self.lane;
+            conn.transaction(async |conn| publish_batch(conn, &publisher.channel, config, lane).await)
                 .await
         };
         match result {
@@ -215,9 +215,10 @@ impl Relay {
     /// the poll interval passes), reconnects with backoff while the broker or
     /// the database is away, and deletes published rows past retention. A
     /// batch under way when shutdown comes is finished first.
-    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (wake_tx, wake) = watch::channel(0_u64);
         let listener = tokio::spawn(
-            listen(self.database_url.clone(), self.wake.clone(), shutdown.clone())
+            listen(self.database_url.clone(), wake_tx, shutdown.clone())
                 .instrument(tracing::info_span!("outbox.listen")),
         );
         let depth = tokio::spawn(watch_depth(
@@ -225,24 +226,48 @@ impl Relay {
             self.config.exchange.clone(),
             shutdown.clone(),
         ));
+        tracing::info!(exchange = %self.config.exchange, lanes = self.config.lanes, "outbox relay started");
+        let lanes = self.config.lanes.clamp(1, PARTITIONS as usize);
+        let mut running = tokio::task::JoinSet::new();
+        for index in 0..lanes {
+            let lane = Relay {
+                pool: self.pool.clone(),
+                database_url: self.database_url.clone(),
+                amqp: self.amqp.clone(),
+                config: self.config.clone(),
+                publisher: None,
+                wake: wake.clone(),
+                health: self.health.clone(),
+                lane: (index, lanes),
+            };
+            running.spawn(lane.run_lane(shutdown.clone()));
+        }
+        while running.join_next().await.is_some() {}
+        listener.abort();
+        depth.abort();
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+
+    /// The loop of one lane (see [`RelayConfig::lanes`]).
+    async fn run_lane(mut self, shutdown: CancellationToken) {
         let mut backoff = self.config.backoff.clone();
         let mut failures: u32 = 0;
         let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
-        tracing::info!(exchange = %self.config.exchange, "outbox relay started");
         while !shutdown.is_cancelled() {
             let result = self.run_once().await;
             self.health.set(HEALTH_NAME, self.publisher.is_some());
             let wait = match result {
                 Ok(outcome) => {
                     if failures > 0 {
-                        tracing::info!(failures, "outbox relay recovered");
+                        tracing::info!(failures, lane = self.lane.0, "outbox relay recovered");
                     }
                     failures = 0;
                     backoff.reset();
                     if outcome.claimed > 0 {
                         tracing::debug!(
                             published = outcome.published,
-                            partitions = outcome.partitions,
+                            lane = self.lane.0,
                             "published batch"
                         );
                     }
@@ -259,12 +284,12 @@ impl Relay {
                     // First failure, then sparsely: a broker that is down for
                     // an hour does not flood the log.
                     if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(%error, failures, retry_in_ms = delay.as_millis() as u64, "outbox relay batch failed");
+                        tracing::warn!(%error, failures, lane = self.lane.0, retry_in_ms = delay.as_millis() as u64, "outbox relay batch failed");
                     }
                     Some(delay)
                 }
             };
-            if tokio::time::Instant::now() >= next_cleanup {
+            if self.lane.0 == 0 && tokio::time::Instant::now() >= next_cleanup {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
                 match self
                     .delete_published_before(SystemTime::now() - self.config.retention)
@@ -278,15 +303,16 @@ impl Relay {
             let sleep = wait.unwrap_or(self.config.poll_interval);
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                () = self.wake.notified(), if wait.is_none() => {}
+                changed = self.wake.changed(), if wait.is_none() => {
+                    if changed.is_err() {
+                        // No listener any more: the poll interval takes over.
+                        tokio::time::sleep(sleep).await;
+                    }
+                }
                 () = tokio::time::sleep(sleep) => {}
             }
         }
         self.drop_publisher().await;
-        listener.abort();
-        depth.abort();
-        tracing::info!("outbox relay stopped");
-        Ok(())
     }
 
     /// Deletes published rows published before `cutoff`, in chunks; returns
@@ -344,34 +370,33 @@ async fn publish_batch(
     conn: &mut AsyncPgConnection,
     channel: &Channel,
     config: &RelayConfig,
+    (lane, lanes): (usize, usize),
 ) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
-    let held: Vec<i16> = diesel::sql_query(
-        "SELECT p::smallint AS partition FROM generate_series(0, $1 - 1) AS p \
-         WHERE pg_try_advisory_xact_lock($2, p)",
+    // Claiming and reading in one statement (one round trip): the CTE takes
+    // every free partition's lock (it is materialized, as it calls a
+    // volatile function), the outer query reads their oldest unpublished
+    // rows.
+    let rows: Vec<PendingEvent> = diesel::sql_query(
+        "WITH held AS MATERIALIZED ( \
+             SELECT p::smallint AS p FROM generate_series($4, $1 - 1, $5) AS p \
+             WHERE pg_try_advisory_xact_lock($2, p)) \
+         SELECT seq, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
+                routing_key, payload, trace_context, created_at \
+         FROM outbox \
+         WHERE published_at IS NULL AND partition_key IN (SELECT p FROM held) \
+         ORDER BY seq LIMIT $3",
     )
     .bind::<SmallInt, _>(PARTITIONS)
     .bind::<Integer, _>(LOCK_NAMESPACE)
-    .load::<HeldPartition>(conn)
-    .await?
-    .into_iter()
-    .map(|row| row.partition)
-    .collect();
+    .bind::<BigInt, _>(config.batch_size)
+    .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
+    .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
+    .load(conn)
+    .await?;
     let mut outcome = BatchOutcome {
-        partitions: held.len(),
+        claimed: rows.len(),
         ..BatchOutcome::default()
     };
-    if held.is_empty() {
-        return Ok((outcome, None));
-    }
-    let rows: Vec<PendingEvent> = dsl::outbox
-        .filter(dsl::published_at.is_null())
-        .filter(dsl::partition_key.eq_any(&held))
-        .order(dsl::seq.asc())
-        .limit(config.batch_size)
-        .select(PendingEvent::as_select())
-        .load(conn)
-        .await?;
-    outcome.claimed = rows.len();
     if rows.is_empty() {
         return Ok((outcome, None));
     }
@@ -528,7 +553,7 @@ fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
 
 /// Keeps a `LISTEN outbox` connection open and turns each notification into
 /// a wake-up of the relay loop; reconnects with backoff when it drops.
-async fn listen(url: SecretString, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn listen(url: SecretString, wake: watch::Sender<u64>, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         match listen_once(url.expose_secret(), &wake, &shutdown).await {
@@ -545,19 +570,23 @@ async fn listen(url: SecretString, wake: Arc<Notify>, shutdown: CancellationToke
     }
 }
 
-async fn listen_once(url: &str, wake: &Notify, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn listen_once(
+    url: &str,
+    wake: &watch::Sender<u64>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     use diesel_async::AsyncConnection as _;
 
     let mut conn = AsyncPgConnection::establish(url).await?;
     diesel::sql_query("LISTEN outbox").execute(&mut conn).await?;
     // Rows may have been committed while nobody listened.
-    wake.notify_one();
+    wake.send_modify(|n| *n = n.wrapping_add(1));
     let mut notifications = std::pin::pin!(conn.notifications_stream());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             next = notifications.next() => match next {
-                Some(Ok(_)) => wake.notify_one(),
+                Some(Ok(_)) => wake.send_modify(|n| *n = n.wrapping_add(1)),
                 Some(Err(error)) => return Err(error.into()),
                 None => anyhow::bail!("notification stream ended"),
             },

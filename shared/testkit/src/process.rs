@@ -27,8 +27,18 @@ impl ServiceProcess {
     /// ports unless given, and `LOG_FORMAT=json`), and waits (up to 60 s) for
     /// the log line that says it started, which carries its addresses.
     pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::start_with_args(binary, &[], envs).await
+    }
+
+    /// Like [`ServiceProcess::start`], with command-line arguments.
+    pub async fn start_with_args(
+        binary: &str,
+        args: &[&str],
+        envs: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         command
+            .args(args)
             .env("GRPC_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
@@ -99,6 +109,14 @@ impl ServiceProcess {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Its resident memory (`VmRSS`) in bytes, from `/proc` (Linux).
+    pub fn resident_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 
     /// Its operating-system process id.

@@ -30,10 +30,13 @@
 //!    the reason in its headers, and acknowledged.
 //! 3. The others are applied in batches (up to
 //!    [`ConsumerConfig::batch_size`] messages already delivered): one
-//!    transaction records every event id in the inbox (skipping the ones
-//!    already there: duplicates and redeliveries have no second effect) and
-//!    runs the handlers; the messages are acknowledged (one `multiple` ack)
-//!    only after the commit.
+//!    transaction records every event id in the inbox in one statement
+//!    (skipping the ones already there: duplicates and redeliveries have no
+//!    second effect) and runs the handlers, each run of consecutive events
+//!    of one type in one [`Handler::handle_batch`] call; the messages are
+//!    acknowledged (one `multiple` ack) only after the commit. A batched
+//!    handler's span belongs to the first message of its run; the
+//!    transaction's span links to every message of the batch.
 //! 4. If the batch fails, each message is applied alone to find the culprit.
 //!    A [`HandlerError::Transient`] failure is re-published to the delay queue
 //!    of its attempt (`<queue>.retry.<ms>`, dead-lettered back to `<queue>`
@@ -223,6 +226,22 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
         event: E,
         meta: &EventMeta,
     ) -> Result<(), HandlerError>;
+
+    /// Applies consecutive events of this type (in delivery order) in the
+    /// same transaction. The default calls [`Handler::handle`] for each; a
+    /// handler that can apply many events in fewer statements (a projection
+    /// upserting many rows at once) overrides it. If it fails, the consumer
+    /// applies the events one at a time to find the one that fails.
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<(E, EventMeta)>,
+    ) -> Result<(), HandlerError> {
+        for (event, meta) in events {
+            self.handle(conn, event, &meta).await?;
+        }
+        Ok(())
+    }
 }
 
 type Decoded = Box<dyn Any + Send>;
@@ -232,11 +251,10 @@ type Decoded = Box<dyn Any + Send>;
 #[async_trait::async_trait]
 trait ErasedHandler: Send + Sync {
     fn decode(&self, body: &[u8]) -> Result<Decoded, prost::DecodeError>;
-    async fn handle(
+    async fn handle_batch(
         &self,
         conn: &mut AsyncPgConnection,
-        event: Decoded,
-        meta: &EventMeta,
+        events: Vec<(Decoded, EventMeta)>,
     ) -> Result<(), HandlerError>;
 }
 
@@ -251,19 +269,24 @@ impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
         Ok(Box::new(E::decode(body)?))
     }
 
-    async fn handle(
+    async fn handle_batch(
         &self,
         conn: &mut AsyncPgConnection,
-        event: Decoded,
-        meta: &EventMeta,
+        events: Vec<(Decoded, EventMeta)>,
     ) -> Result<(), HandlerError> {
-        match event.downcast::<E>() {
-            Ok(event) => self.handler.handle(conn, *event, meta).await,
-            Err(_) => Err(HandlerError::permanent(anyhow::anyhow!(
-                "decoded event is not a {}",
-                E::TYPE_NAME
-            ))),
+        let mut typed = Vec::with_capacity(events.len());
+        for (event, meta) in events {
+            match event.downcast::<E>() {
+                Ok(event) => typed.push((*event, meta)),
+                Err(_) => {
+                    return Err(HandlerError::permanent(anyhow::anyhow!(
+                        "decoded event is not a {}",
+                        E::TYPE_NAME
+                    )));
+                }
+            }
         }
+        self.handler.handle_batch(conn, typed).await
     }
 }
 

@@ -453,6 +453,9 @@ impl Worker {
             let fresh = inbox::record(conn, queue, &ids).await?;
             let mut applied = HashSet::with_capacity(fresh.len());
             let mut duplicates = 0;
+            // Runs of consecutive new events of one type, each applied by one
+            // handle_batch call.
+            let mut runs: Vec<(&Incoming, Vec<(super::Decoded, EventMeta)>)> = Vec::new();
             for item in incoming {
                 if !fresh.contains(&item.meta.event_id) || !applied.insert(item.meta.event_id) {
                     tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
@@ -463,9 +466,18 @@ impl Worker {
                     .handler
                     .decode(&item.delivery.data)
                     .map_err(|error| ApplyError::Failed(HandlerError::permanent(error)))?;
-                item.handler
-                    .handle(conn, event, &item.meta)
-                    .instrument(item.span.clone())
+                match runs.last_mut() {
+                    Some((first, events)) if Arc::ptr_eq(&first.handler, &item.handler) => {
+                        events.push((event, item.meta.clone()));
+                    }
+                    _ => runs.push((item, vec![(event, item.meta.clone())])),
+                }
+            }
+            for (first, events) in runs {
+                first
+                    .handler
+                    .handle_batch(conn, events)
+                    .instrument(first.span.clone())
                     .await
                     .map_err(ApplyError::Failed)?;
             }

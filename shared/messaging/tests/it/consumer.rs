@@ -226,7 +226,16 @@ async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_eve
         ids.push(id);
         h.publish(&created(&format!("user-{i}"), 1), id).await;
         if i == 50 || i == 120 {
+            // Mid-stream: cut, and let it reconnect before going on.
             proxy.cut();
+            tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| !*c))
+                .await
+                .unwrap()
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| *c))
+                .await
+                .unwrap()
+                .unwrap();
         }
     }
     // Updates published while disconnected wait in the queue.

@@ -1,0 +1,200 @@
+//! The benchmark's own databases, exchanges and queues, and the services it
+//! runs as child processes.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use shop_bootstrap::db::{DatabaseSettings, Pool};
+use shop_bootstrap::settings as env;
+use shop_messaging::AmqpSettings;
+use shop_messaging::consumer::ConsumerConfig;
+use shop_outbox::RelayConfig;
+use shop_testkit::ServiceProcess;
+
+/// Everything a run creates, with unique names.
+pub(crate) struct Bench {
+    admin_url: String,
+    pub(crate) user_db: String,
+    pub(crate) order_db: String,
+    pub(crate) amqp_url: String,
+    pub(crate) user_exchange: String,
+    pub(crate) order_exchange: String,
+    pub(crate) consumer_queue: String,
+    pub(crate) user_pool: Pool,
+    pub(crate) order_pool: Pool,
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
+    format!("{base}/{name}")
+}
+
+impl Bench {
+    /// Creates and migrates two databases and picks the broker names.
+    pub(crate) async fn prepare() -> anyhow::Result<Self> {
+        let admin_url = env::string(
+            "BENCH_DATABASE_URL",
+            "postgres://postgres:postgres@localhost:5432/postgres",
+        );
+        let amqp_url = env::string("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f");
+        let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let user_db = with_database(&admin_url, &format!("bench_users_{id}"));
+        let order_db = with_database(&admin_url, &format!("bench_orders_{id}"));
+        let settings = |url: &str| DatabaseSettings {
+            url: SecretString::from(url.to_owned()),
+            pool_size: 8,
+            acquire_timeout: Duration::from_secs(30),
+        };
+        let user_pool =
+            shop_bootstrap::db::connect(&settings(&user_db), user_service::app::MIGRATIONS).await?;
+        let order_pool =
+            shop_bootstrap::db::connect(&settings(&order_db), order_service::app::MIGRATIONS).await?;
+        Ok(Self {
+            admin_url,
+            user_db,
+            order_db,
+            amqp_url,
+            user_exchange: format!("bench-{id}.user.events"),
+            order_exchange: format!("bench-{id}.order.events"),
+            consumer_queue: format!("bench-{id}.order-service.user-events"),
+            user_pool,
+            order_pool,
+        })
+    }
+
+    pub(crate) fn amqp(&self) -> AmqpSettings {
+        AmqpSettings {
+            url: SecretString::from(self.amqp_url.clone()),
+        }
+    }
+
+    /// The relay's configuration, with `RELAY_BATCH_SIZE` and `RELAY_LANES`
+    /// from the environment as the service reads them.
+    pub(crate) fn relay_config(&self) -> RelayConfig {
+        let mut config = RelayConfig::from_env("BENCH_UNUSED_EXCHANGE", &self.user_exchange, "user-service")
+            .unwrap_or_else(|_| RelayConfig::new(self.user_exchange.clone(), "user-service"));
+        config.exchange = self.user_exchange.clone();
+        config
+    }
+
+    pub(crate) fn consumer_config(&self, prefetch: u16) -> ConsumerConfig {
+        let mut config = ConsumerConfig::new(self.user_exchange.clone(), self.consumer_queue.clone());
+        config.prefetch = prefetch;
+        config
+    }
+
+    /// The user service as a child process; `relay` says whether it runs
+    /// its relay.
+    pub(crate) async fn spawn_user_service(&self, relay: bool) -> anyhow::Result<ServiceProcess> {
+        ServiceProcess::start_with_args(
+            &std::env::current_exe()?.to_string_lossy(),
+            &["serve", "user"],
+            &[
+                ("DATABASE_URL", self.user_db.clone()),
+                ("AMQP_URL", self.amqp_url.clone()),
+                ("USER_EVENTS_EXCHANGE", self.user_exchange.clone()),
+                ("RELAY_ENABLED", relay.to_string()),
+                ("DATABASE_POOL_SIZE", "32".to_owned()),
+                ("RUST_LOG", "info".to_owned()),
+            ],
+        )
+        .await
+    }
+
+    /// The order service as a child process.
+    pub(crate) async fn spawn_order_service(&self, prefetch: u16) -> anyhow::Result<ServiceProcess> {
+        ServiceProcess::start_with_args(
+            &std::env::current_exe()?.to_string_lossy(),
+            &["serve", "order"],
+            &[
+                ("DATABASE_URL", self.order_db.clone()),
+                ("AMQP_URL", self.amqp_url.clone()),
+                ("USER_EVENTS_EXCHANGE", self.user_exchange.clone()),
+                ("ORDER_EVENTS_EXCHANGE", self.order_exchange.clone()),
+                ("USER_EVENTS_QUEUE", self.consumer_queue.clone()),
+                ("CONSUMER_PREFETCH", prefetch.to_string()),
+                ("RUST_LOG", "info".to_owned()),
+            ],
+        )
+        .await
+    }
+
+    /// Empties the tables the stages fill.
+    pub(crate) async fn reset_tables(&self) -> anyhow::Result<()> {
+        use diesel_async::RunQueryDsl as _;
+        let mut users = self.user_pool.get().await?;
+        diesel::sql_query("TRUNCATE users, create_user_requests, outbox")
+            .execute(&mut users)
+            .await?;
+        let mut orders = self.order_pool.get().await?;
+        diesel::sql_query("TRUNCATE known_users, inbox, outbox")
+            .execute(&mut orders)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the databases, exchanges and queues of the run.
+    pub(crate) async fn clean_up(&self) {
+        self.user_pool.close();
+        self.order_pool.close();
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            for url in [&self.user_db, &self.order_db] {
+                if let Some((_, name)) = url.rsplit_once('/') {
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
+                }
+            }
+        }
+        if let Ok(connection) =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
+        {
+            let mut queues = self.consumer_config(1).queue_names();
+            queues.extend(crate::stages::raw_queues(self));
+            for queue in queues {
+                if let Ok(channel) = connection.create_channel().await {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+            for exchange in [&self.user_exchange, &self.order_exchange] {
+                if let Ok(channel) = connection.create_channel().await {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = connection.close(200, "bench done".into()).await;
+        }
+    }
+}
+
+/// `bench serve user|order`: one service, configured from the environment
+/// like its own binary.
+pub(crate) async fn serve(service: &str) -> anyhow::Result<()> {
+    let config = shop_telemetry::TelemetryConfig::from_env(service, env!("CARGO_PKG_VERSION"));
+    let telemetry = shop_telemetry::init(&config)?;
+    let shutdown = shop_bootstrap::shutdown::CancellationToken::new();
+    shop_bootstrap::shutdown::cancel_on_signal(shutdown.clone());
+    let outcome = match service {
+        "user" => {
+            user_service::Application::build(user_service::Settings::from_env()?)
+                .await?
+                .run(shutdown)
+                .await
+        }
+        "order" => {
+            order_service::Application::build(order_service::Settings::from_env()?)
+                .await?
+                .run(shutdown)
+                .await
+        }
+        other => Err(anyhow::anyhow!("unknown service {other:?}")),
+    };
+    telemetry.shutdown();
+    outcome
+}

@@ -1,0 +1,117 @@
+//! `bench`: every stage of the system measured beside the raw limit of the
+//! same machine, in one run. See `cargo run --release -p bench -- --help`.
+#![allow(clippy::print_stdout)] // the report is the point
+
+mod env;
+mod report;
+mod stages;
+mod stats;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Measures the system against the raw limits of this machine: starts the
+/// services itself against the local PostgreSQL (`BENCH_DATABASE_URL`,
+/// default `postgres://postgres:postgres@localhost:5432/postgres`, whose
+/// server gets two fresh databases) and RabbitMQ (`AMQP_URL`), prints one
+/// table, writes it as JSON, and removes what it created.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every stage and print the table (the default).
+    All,
+    /// Run one service (the benchmark starts its services as child
+    /// processes of itself, so their memory is theirs alone).
+    #[command(hide = true)]
+    Serve {
+        /// `user` or `order`.
+        service: String,
+    },
+}
+
+/// What to measure, and how much.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Options {
+    /// Seconds per CreateUser concurrency level (gRPC and raw each).
+    #[arg(long, global = true, default_value_t = 5)]
+    pub(crate) duration_secs: u64,
+    /// CreateUser concurrency levels.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub(crate) concurrency: Vec<usize>,
+    /// Events for the relay, consumer and end-to-end stages.
+    #[arg(long, global = true, default_value_t = 50_000)]
+    pub(crate) events: usize,
+    /// Prefetch of the consumer and of the raw consumer.
+    #[arg(long, global = true, default_value_t = 200)]
+    pub(crate) prefetch: u16,
+    /// Seconds of each end-to-end latency rate.
+    #[arg(long, global = true, default_value_t = 20)]
+    pub(crate) latency_secs: u64,
+    /// Where to write the results as JSON.
+    #[arg(long, global = true, default_value = "target/bench-results.json")]
+    pub(crate) out: std::path::PathBuf,
+    /// Stages to run: create-user, relay, consumer, end-to-end, latency
+    /// (consumer drains what relay published, so it needs relay).
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "create-user,relay,consumer,end-to-end,latency"
+    )]
+    pub(crate) stages: Vec<String>,
+    /// Rounds of each CreateUser measurement, alternating the service and
+    /// the raw transaction; the median round is reported (the disk's fsync
+    /// time drifts, alternating keeps both sides under the same drift).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// A tiny run that checks the benchmark works (CI), not a measurement.
+    #[arg(long, global = true)]
+    pub(crate) smoke: bool,
+}
+
+impl Options {
+    pub(crate) fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration_secs)
+    }
+
+    fn smoke(mut self) -> Self {
+        if self.smoke {
+            self.duration_secs = 1;
+            self.concurrency = vec![1, 8];
+            self.events = 500;
+            self.latency_secs = 2;
+            self.rounds = 1;
+        }
+        self
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Some(Command::Serve { service }) => runtime.block_on(env::serve(&service)),
+        Some(Command::All) | None => runtime.block_on(run(cli.options.smoke())),
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    let bench = env::Bench::prepare().await?;
+    let mut report = report::Report::new().await;
+    let outcome = stages::run_all(&bench, &options, &mut report).await;
+    bench.clean_up().await;
+    outcome?;
+    report.print();
+    report.write(&options.out)?;
+    println!("\nwritten to {}", options.out.display());
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! A pre-filled outbox until every projection row exists, with the relay and
+//! the consumer running together, against the slowest stage alone.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shop_testkit::Running;
+use tokio::time::Instant;
+
+use super::{prefill_outbox, wait_for_rows};
+use crate::Options;
+use crate::env::Bench;
+use crate::report::{Report, Row};
+
+pub(crate) async fn run(
+    bench: &Bench,
+    options: &Options,
+    report: &mut Report,
+    slowest: f64,
+) -> anyhow::Result<()> {
+    bench.reset_tables().await?;
+    super::relay::fresh_consumer_queue(bench, options.prefetch).await?;
+    prefill_outbox(bench, options.events).await?;
+    let started = Instant::now();
+    let relay = shop_outbox::Relay::new(
+        bench.user_pool.clone(),
+        secrecy::SecretString::from(bench.user_db.clone()),
+        bench.amqp(),
+        bench.relay_config(),
+    );
+    let consumer = super::consumer::consumer(bench, options.prefetch);
+    let relay = Running::spawn(|shutdown| relay.run(shutdown));
+    let consumer = Running::spawn(|shutdown| consumer.run(shutdown));
+    let elapsed = wait_for_rows(
+        &bench.order_db,
+        "known_users",
+        options.events,
+        started,
+        Duration::from_secs(600),
+    )
+    .await?;
+    drop((relay, consumer));
+    let rate = options.events as f64 / elapsed.as_secs_f64();
+    report.add(Row {
+        figure: format!(
+            "end to end: {} outbox rows until all projection rows exist",
+            options.events
+        ),
+        value: format!("{rate:.0} events/s"),
+        raw: if slowest.is_finite() {
+            format!("slowest stage alone: {slowest:.0}/s")
+        } else {
+            "—".to_owned()
+        },
+        ratio: slowest.is_finite().then(|| rate / slowest),
+        numbers: json!({"events": options.events, "rate": rate, "slowest_stage_rate": slowest}),
+    });
+    Ok(())
+}

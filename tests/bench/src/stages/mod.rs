@@ -1,0 +1,109 @@
+//! The stages of a run, each measured beside its raw limit.
+
+mod consumer;
+mod create_user;
+mod end_to_end;
+mod latency;
+mod relay;
+
+use std::time::Duration;
+
+use prost::Message as _;
+
+use crate::Options;
+use crate::env::Bench;
+use crate::report::Report;
+
+/// The queues the raw measurements use (for clean-up).
+pub(crate) fn raw_queues(bench: &Bench) -> Vec<String> {
+    ["raw-publish", "raw-roundtrip"]
+        .iter()
+        .map(|name| format!("{}.{name}", bench.consumer_queue))
+        .collect()
+}
+
+pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    println!(
+        "{:<52} {:<48} {:<44} ratio",
+        "figure", "measured", "raw limit (same run)"
+    );
+    let wanted = |stage: &str| options.stages.iter().any(|s| s == stage);
+    if wanted("create-user") {
+        create_user::run(bench, options, report).await?;
+    }
+    let mut slowest = f64::INFINITY;
+    if wanted("relay") {
+        slowest = slowest.min(relay::run(bench, options, report).await?);
+        if wanted("consumer") {
+            slowest = slowest.min(consumer::run(bench, options, report).await?);
+        }
+    }
+    if wanted("end-to-end") {
+        end_to_end::run(bench, options, report, slowest).await?;
+    }
+    if wanted("latency") {
+        latency::run(bench, options, report).await?;
+    }
+    Ok(())
+}
+
+/// The body of a `UserCreated`, as the user service encodes it.
+pub(crate) fn user_created_body(user_id: &str) -> Vec<u8> {
+    shop_contracts::user::UserCreated {
+        user_id: user_id.to_owned(),
+        version: 1,
+        email: format!("{user_id}@example.com"),
+        name: "Bench User".to_owned(),
+        occurred_at: Some(shop_contracts::prost_types::Timestamp::from(
+            std::time::SystemTime::now(),
+        )),
+    }
+    .encode_to_vec()
+}
+
+/// Fills the user service's outbox with `count` unpublished `UserCreated`
+/// rows of distinct users, as if that many commands had committed.
+pub(crate) async fn prefill_outbox(bench: &Bench, count: usize) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(&bench.user_db, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let ids: Vec<String> = (0..count).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let bodies: Vec<Vec<u8>> = ids.iter().map(|id| user_created_body(id)).collect();
+    for (ids, bodies) in ids.chunks(5000).zip(bodies.chunks(5000)) {
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, aggregate_version, partition_key, \
+                 event_type, routing_key, payload) \
+                 SELECT gen_random_uuid(), 'user', id, 1, (abs(hashtext(id)) % 32)::smallint, \
+                 'shop.user.v1.UserCreated', 'user.created', body \
+                 FROM unnest($1::text[], $2::bytea[]) AS t(id, body)",
+                &[&ids, &bodies],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Counts the rows of `table` until there are `count`, polling every 10 ms;
+/// returns the time it took from `started`.
+pub(crate) async fn wait_for_rows(
+    url: &str,
+    table: &str,
+    count: usize,
+    started: tokio::time::Instant,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let query = format!("SELECT count(*) FROM {table}");
+    loop {
+        let rows: i64 = client.query_one(&query, &[]).await?.get(0);
+        if rows as usize >= count {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "only {rows} of {count} rows in {table} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
