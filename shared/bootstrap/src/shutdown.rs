@@ -74,7 +74,9 @@ impl TaskGroup {
         tokio::select! {
             () = self.shutdown.cancelled() => {}
             Some(joined) = self.tasks.join_next() => {
-                outcome = Self::outcome(joined, true);
+                // The signal may have stopped it just before this select saw
+                // the cancellation.
+                outcome = Self::outcome(joined, !self.shutdown.is_cancelled());
                 self.shutdown.cancel();
             }
         }

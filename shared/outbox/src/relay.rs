@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use diesel::sql_types::{BigInt, Integer, SmallInt, Timestamptz};
-use diesel::{ExpressionMethods as _, QueryDsl as _, QueryableByName};
+use diesel::sql_types::{Integer, SmallInt, Timestamptz};
+use diesel::{
+    ExpressionMethods as _, QueryDsl as _, Queryable, QueryableByName, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -114,8 +116,9 @@ pub struct BatchOutcome {
 }
 
 /// One outbox row, as the relay reads it.
-#[derive(Debug, QueryableByName)]
+#[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = crate::schema::outbox)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 struct PendingEvent {
     seq: i64,
     event_id: Uuid,
@@ -127,6 +130,12 @@ struct PendingEvent {
     payload: Vec<u8>,
     trace_context: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, QueryableByName)]
+struct HeldPartition {
+    #[diesel(sql_type = SmallInt)]
+    partition: i16,
 }
 
 /// A confirm-mode channel on its own connection.
@@ -372,31 +381,37 @@ async fn publish_batch(
     config: &RelayConfig,
     (lane, lanes): (usize, usize),
 ) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
-    // Claiming and reading in one statement (one round trip): the CTE takes
-    // every free partition's lock (it is materialized, as it calls a
-    // volatile function), the outer query reads their oldest unpublished
-    // rows.
-    let rows: Vec<PendingEvent> = diesel::sql_query(
-        "WITH held AS MATERIALIZED ( \
-             SELECT p::smallint AS p FROM generate_series($4, $1 - 1, $5) AS p \
-             WHERE pg_try_advisory_xact_lock($2, p)) \
-         SELECT seq, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
-                routing_key, payload, trace_context, created_at \
-         FROM outbox \
-         WHERE published_at IS NULL AND partition_key IN (SELECT p FROM held) \
-         ORDER BY seq LIMIT $3",
+    // Claim, then read, in two statements. One statement would save a round
+    // trip but read with a snapshot taken before its locks: a partition freed
+    // by a relay committing in between would be read as it was before that
+    // commit, and its rows published a second time. In READ COMMITTED each
+    // statement sees every commit made before it starts.
+    let held: Vec<i16> = diesel::sql_query(
+        "SELECT p::smallint AS partition FROM generate_series($1, $2 - 1, $3) AS p \
+         WHERE pg_try_advisory_xact_lock($4, p)",
     )
-    .bind::<SmallInt, _>(PARTITIONS)
-    .bind::<Integer, _>(LOCK_NAMESPACE)
-    .bind::<BigInt, _>(config.batch_size)
     .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
+    .bind::<Integer, _>(i32::from(PARTITIONS))
     .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
-    .load(conn)
-    .await?;
-    let mut outcome = BatchOutcome {
-        claimed: rows.len(),
-        ..BatchOutcome::default()
-    };
+    .bind::<Integer, _>(LOCK_NAMESPACE)
+    .load::<HeldPartition>(conn)
+    .await?
+    .into_iter()
+    .map(|row| row.partition)
+    .collect();
+    let mut outcome = BatchOutcome::default();
+    if held.is_empty() {
+        return Ok((outcome, None));
+    }
+    let rows: Vec<PendingEvent> = dsl::outbox
+        .filter(dsl::published_at.is_null())
+        .filter(dsl::partition_key.eq_any(&held))
+        .order(dsl::seq.asc())
+        .limit(config.batch_size)
+        .select(PendingEvent::as_select())
+        .load(conn)
+        .await?;
+    outcome.claimed = rows.len();
     if rows.is_empty() {
         return Ok((outcome, None));
     }
