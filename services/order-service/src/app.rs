@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
-use shop_bootstrap::grpc::Prepared;
+use shop_bootstrap::grpc::{GrpcOptions, Prepared};
 use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
 use shop_contracts::order::order_service_server::OrderServiceServer;
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
@@ -99,7 +99,16 @@ impl Application {
                     .run(shutdown.clone()),
             );
         }
-        tasks.spawn("grpc server", serve(pool, incoming, connected, shutdown.clone()));
+        tasks.spawn(
+            "grpc server",
+            serve(
+                pool,
+                incoming,
+                connected,
+                self.settings.grpc.clone(),
+                shutdown.clone(),
+            ),
+        );
         tracing::info!(addr = %local_addr, admin = %admin_addr, relay = self.settings.relay_enabled, "order service started");
         let outcome = tasks.run(self.settings.shutdown_grace).await;
         tracing::info!("order service stopped");
@@ -137,6 +146,7 @@ async fn serve(
     pool: Pool,
     incoming: TcpIncoming,
     mut connected: watch::Receiver<bool>,
+    options: GrpcOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -175,12 +185,14 @@ async fn serve(
         }
     };
     let follower = tokio::spawn(follow);
-    let routes = tonic::service::Routes::new(OrderServiceServer::new(OrderGrpc::new(pool)));
+    let service =
+        OrderServiceServer::new(OrderGrpc::new(pool)).max_decoding_message_size(options.max_message_bytes);
     let served = shop_bootstrap::grpc::serve(
-        routes,
+        tonic::service::Routes::new(service),
         &[<OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME],
         health_service,
         incoming,
+        &options,
         shutdown.cancelled_owned(),
     )
     .await;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shop_bootstrap::db::DatabaseSettings;
+use shop_bootstrap::grpc::GrpcOptions;
 use shop_bootstrap::settings as env;
 use shop_messaging::AmqpSettings;
 use shop_messaging::consumer::ConsumerConfig;
@@ -26,6 +27,9 @@ pub struct Settings {
     /// `ADMIN_ADDR` (default `0.0.0.0:9102`): HTTP `/metrics` (Prometheus)
     /// and `/health` (dependencies).
     pub admin_addr: SocketAddr,
+    /// `GRPC_MAX_IN_FLIGHT`, `GRPC_MAX_MESSAGE_BYTES`, `GRPC_TLS_CERT`,
+    /// `GRPC_TLS_KEY`.
+    pub grpc: GrpcOptions,
     /// `RELAY_ENABLED` (default `true`).
     pub relay_enabled: bool,
     /// `ORDER_EVENTS_EXCHANGE` (default `order.events`), `RELAY_BATCH_SIZE`,
@@ -49,6 +53,7 @@ impl Settings {
             amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50052)))?,
             admin_addr: env::parse("ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9102)))?,
+            grpc: GrpcOptions::from_env()?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
             relay: RelayConfig::from_env("ORDER_EVENTS_EXCHANGE", "order.events", SERVICE_NAME)?,
             consumer: ConsumerConfig::from_env(

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use shop_bootstrap::admin::DependencyHealth;
 use shop_bootstrap::db::Pool;
-use shop_bootstrap::grpc::Prepared;
+use shop_bootstrap::grpc::{GrpcOptions, Prepared};
 use shop_bootstrap::shutdown::{CancellationToken, TaskGroup};
 use shop_contracts::user::user_service_server::UserServiceServer;
 use shop_outbox::Relay;
@@ -91,7 +91,10 @@ impl Application {
                     .run(shutdown.clone()),
             );
         }
-        tasks.spawn("grpc server", serve(pool, incoming, shutdown.clone()));
+        tasks.spawn(
+            "grpc server",
+            serve(pool, incoming, self.settings.grpc.clone(), shutdown.clone()),
+        );
         tracing::info!(addr = %local_addr, admin = %admin_addr, relay = self.settings.relay_enabled, "user service started");
         let outcome = tasks.run(self.settings.shutdown_grace).await;
         tracing::info!("user service stopped");
@@ -118,19 +121,26 @@ pub async fn run_relay(settings: Settings, shutdown: CancellationToken) -> anyho
     tasks.run(settings.shutdown_grace).await
 }
 
-async fn serve(pool: Pool, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve(
+    pool: Pool,
+    incoming: TcpIncoming,
+    options: GrpcOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<UserServiceServer<UserGrpc>>().await;
     let stopping = async move {
         shutdown.cancelled().await;
         health.set_not_serving::<UserServiceServer<UserGrpc>>().await;
     };
-    let routes = tonic::service::Routes::new(UserServiceServer::new(UserGrpc::new(pool)));
+    let service =
+        UserServiceServer::new(UserGrpc::new(pool)).max_decoding_message_size(options.max_message_bytes);
     shop_bootstrap::grpc::serve(
-        routes,
+        tonic::service::Routes::new(service),
         &[<UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME],
         health_service,
         incoming,
+        &options,
         stopping,
     )
     .await

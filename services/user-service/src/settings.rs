@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shop_bootstrap::db::DatabaseSettings;
+use shop_bootstrap::grpc::GrpcOptions;
 use shop_bootstrap::settings as env;
 use shop_messaging::AmqpSettings;
 use shop_outbox::RelayConfig;
@@ -22,6 +23,9 @@ pub struct Settings {
     /// `ADMIN_ADDR` (default `0.0.0.0:9101`): HTTP `/metrics` (Prometheus)
     /// and `/health` (dependencies).
     pub admin_addr: SocketAddr,
+    /// `GRPC_MAX_IN_FLIGHT`, `GRPC_MAX_MESSAGE_BYTES`, `GRPC_TLS_CERT`,
+    /// `GRPC_TLS_KEY`.
+    pub grpc: GrpcOptions,
     /// `RELAY_ENABLED` (default `true`): run the outbox relay in this
     /// process. Turn it off to run it as its own process
     /// (`user-service relay`).
@@ -46,6 +50,7 @@ impl Settings {
             amqp: AmqpSettings::from_env(),
             grpc_addr: env::parse("GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             admin_addr: env::parse("ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9101)))?,
+            grpc: GrpcOptions::from_env()?,
             relay_enabled: env::flag("RELAY_ENABLED", true)?,
             relay: RelayConfig::from_env("USER_EVENTS_EXCHANGE", "user.events", SERVICE_NAME)?,
             shutdown_grace: env::millis("SHUTDOWN_GRACE_MS", Duration::from_secs(10))?,

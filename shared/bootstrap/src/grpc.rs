@@ -132,18 +132,76 @@ pub async fn check_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Limits and transport security of a gRPC server.
+#[derive(Debug, Clone)]
+pub struct GrpcOptions {
+    /// `GRPC_MAX_IN_FLIGHT` (512): calls handled at once; past it calls are
+    /// refused with `RESOURCE_EXHAUSTED` (see [`crate::limit`]).
+    pub max_in_flight: usize,
+    /// `GRPC_MAX_MESSAGE_BYTES` (1 MiB): largest request message accepted.
+    pub max_message_bytes: usize,
+    /// `GRPC_TLS_CERT` and `GRPC_TLS_KEY` (PEM files): serve TLS instead of
+    /// plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub certificate: std::path::PathBuf,
+    /// The private key.
+    pub key: std::path::PathBuf,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 512,
+            max_message_bytes: 1024 * 1024,
+            tls: None,
+        }
+    }
+}
+
+impl GrpcOptions {
+    /// The options from the environment (see the fields).
+    pub fn from_env() -> anyhow::Result<Self> {
+        use crate::settings as env;
+        let defaults = Self::default();
+        let certificate = env::string("GRPC_TLS_CERT", "");
+        let key = env::string("GRPC_TLS_KEY", "");
+        let tls = match (certificate.is_empty(), key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(TlsFiles {
+                certificate: certificate.into(),
+                key: key.into(),
+            }),
+            _ => anyhow::bail!("set both GRPC_TLS_CERT and GRPC_TLS_KEY, or neither"),
+        };
+        Ok(Self {
+            max_in_flight: env::parse("GRPC_MAX_IN_FLIGHT", defaults.max_in_flight)?,
+            max_message_bytes: env::parse("GRPC_MAX_MESSAGE_BYTES", defaults.max_message_bytes)?,
+            tls,
+        })
+    }
+}
+
 /// Name of the gRPC health service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// Serves `routes` (the service's own, named `services`, plus health and
 /// reflection, which this adds) on `incoming` until `shutdown` resolves, then
 /// drains the calls in flight. Every call gets a server span
-/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]).
+/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]); calls past
+/// [`GrpcOptions::max_in_flight`] are refused; TLS is served when
+/// configured.
 pub async fn serve<H>(
     routes: tonic::service::Routes,
     services: &[&str],
     health: tonic_health::pb::health_server::HealthServer<H>,
     incoming: tonic::transport::server::TcpIncoming,
+    options: &GrpcOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()>
 where
@@ -154,8 +212,22 @@ where
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let certificate = std::fs::read(&tls.certificate)
+            .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", tls.certificate.display()))?;
+        let key = std::fs::read(&tls.key)
+            .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", tls.key.display()))?;
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(certificate, key)),
+            )
+            .map_err(|error| anyhow::anyhow!("invalid TLS certificate or key: {error}"))?;
+    }
+    server
         .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .layer(crate::limit::InFlightLimitLayer::new(options.max_in_flight))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

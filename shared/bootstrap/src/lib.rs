@@ -6,7 +6,8 @@
 //!   never print.
 //! - [`db`]: the PostgreSQL pool (diesel-async on deadpool), creating the
 //!   database on first run and applying embedded migrations under a lock.
-//! - [`grpc`]: reflection, health, and field-violation errors.
+//! - [`grpc`]: reflection, health, field-violation errors, limits and TLS.
+//! - [`limit`]: load shedding past a bound on calls in flight.
 //! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token, and waiting for
 //!   tasks bounded by a grace period.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@
 pub mod admin;
 pub mod db;
 pub mod grpc;
+pub mod limit;
 pub mod settings;
 pub mod shutdown;
 pub mod validate;

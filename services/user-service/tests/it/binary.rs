@@ -15,7 +15,12 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
     let mut service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_user-service"),
         &[
-            ("DATABASE_URL", db.url().to_owned()),
+            // Trust authentication ignores the password; the logs must not show it.
+            (
+                "DATABASE_URL",
+                db.url()
+                    .replace("://postgres:postgres@", "://postgres:s3cret-db-pw@"),
+            ),
             ("AMQP_URL", shop_testkit::amqp_url()),
             ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
             ("RUST_LOG", "info,shop_telemetry=debug".to_owned()),
@@ -58,6 +63,10 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
             "unexpected {level} line: {line}"
         );
     }
+    assert!(
+        !lines.iter().any(|line| line.contains("s3cret-db-pw")),
+        "a log line shows the database password"
+    );
     let call = lines
         .iter()
         .find(|line| line.contains("call finished"))

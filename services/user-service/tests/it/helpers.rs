@@ -32,6 +32,7 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
         amqp: broker.settings(),
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        grpc: shop_bootstrap::grpc::GrpcOptions::default(),
         relay_enabled: true,
         relay,
         shutdown_grace: Duration::from_secs(5),

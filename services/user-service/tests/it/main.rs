@@ -5,6 +5,7 @@
 mod atomicity;
 mod binary;
 mod helpers;
+mod limits;
 mod metrics;
 mod relay;
 mod rpc;
