@@ -46,6 +46,17 @@ pub fn internal(detail: &str) -> Status {
     Status::internal("internal error")
 }
 
+/// Most field violations one status reports.
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+
+/// `text` cut to at most `max` characters.
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// Collects what is wrong with a request, field by field, and turns it into
 /// one `INVALID_ARGUMENT` status carrying a `google.rpc.BadRequest`.
 #[derive(Debug, Default)]
@@ -84,15 +95,33 @@ impl FieldViolations {
         self.violations.iter().map(|v| v.field.as_str())
     }
 
-    /// The `INVALID_ARGUMENT` status whose message lists every violation and
-    /// whose details carry them as a `google.rpc.BadRequest`.
-    pub fn into_status(self) -> Status {
-        let summary = self
-            .violations
+    /// The `INVALID_ARGUMENT` status whose details carry the violations as a
+    /// `google.rpc.BadRequest` and whose message lists the first ones.
+    ///
+    /// Status details travel in a header, which HTTP/2 peers cap (16 KiB by
+    /// default): a request with hundreds of bad fields would otherwise turn
+    /// into a protocol error. At most [`MAX_REPORTED_VIOLATIONS`] are
+    /// reported, the last one saying how many more there were.
+    pub fn into_status(mut self) -> Status {
+        if self.violations.len() > MAX_REPORTED_VIOLATIONS {
+            let more = self.violations.len() - (MAX_REPORTED_VIOLATIONS - 1);
+            self.violations.truncate(MAX_REPORTED_VIOLATIONS - 1);
+            self.violations
+                .push(FieldViolation::new("…", format!("and {more} more violations")));
+        }
+        let shown = self.violations.len().min(5);
+        let mut summary = self.violations[..shown]
             .iter()
-            .map(|v| format!("{}: {}", v.field, v.description))
+            .map(|v| format!("{}: {}", v.field, truncate(&v.description, 200)))
             .collect::<Vec<_>>()
             .join("; ");
+        if self.violations.len() > shown {
+            summary.push_str(&format!("; … ({} in all)", self.violations.len()));
+        }
+        for violation in &mut self.violations {
+            violation.description = truncate(&violation.description, 200);
+            violation.field = truncate(&violation.field, 100);
+        }
         Status::with_error_details(
             Code::InvalidArgument,
             format!("invalid request: {summary}"),
@@ -287,5 +316,28 @@ impl Prepared {
             admin,
             admin_addr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt as _;
+
+    use super::*;
+
+    #[test]
+    fn hundreds_of_violations_are_reported_as_twenty_with_a_count_of_the_rest() {
+        let mut violations = FieldViolations::new();
+        for i in 0..250 {
+            violations.add(format!("items[{i}].product_id"), "is required");
+        }
+
+        let status = violations.into_status();
+
+        let reported = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(reported.len(), MAX_REPORTED_VIOLATIONS);
+        assert_eq!(reported.last().unwrap().description, "and 231 more violations");
+        assert!(status.message().contains("(20 in all)"), "{}", status.message());
+        assert!(status.message().len() < 1000);
     }
 }

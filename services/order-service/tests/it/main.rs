@@ -6,5 +6,6 @@ mod binary;
 mod helpers;
 mod metrics;
 mod projection;
+mod properties;
 mod rpc;
 mod server;

@@ -7,6 +7,7 @@ mod binary;
 mod helpers;
 mod limits;
 mod metrics;
+mod properties;
 mod relay;
 mod rpc;
 mod server;
