@@ -104,7 +104,12 @@ pub enum Command {
     /// RabbitMQ (databases created and migrated, topology declared) until
     /// Ctrl-C. Settings: USER_DATABASE_URL, ORDER_DATABASE_URL, AMQP_URL and
     /// the services' own variables.
-    Up,
+    Up {
+        /// Run only this service (`user` or `order`), configured exactly as
+        /// its own binary (DATABASE_URL, GRPC_ADDR, …).
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 /// Paging of a listing.

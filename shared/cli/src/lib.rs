@@ -11,7 +11,7 @@ mod args;
 mod dlq;
 mod output;
 mod records;
-mod up;
+pub mod up;
 
 use std::process::ExitCode;
 
@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dlq(command) => dlq::run(&cli.connection, command, &output)
             .await
             .map_err(Failure::Other),
-        Command::Up => up::run().await.map_err(Failure::Other),
+        Command::Up { service } => up::run(service.as_deref()).await.map_err(Failure::Other),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

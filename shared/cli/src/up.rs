@@ -5,12 +5,16 @@ use shop_bootstrap::settings as env;
 use shop_bootstrap::shutdown::{self, CancellationToken, TaskGroup};
 use shop_telemetry::TelemetryConfig;
 
-/// Runs both services; each creates and migrates its database and declares
-/// its exchanges and queues. Log lines name their service in their target
-/// (`user_service::…`, `order_service::…`).
-pub(crate) async fn run() -> anyhow::Result<()> {
-    let telemetry = shop_telemetry::init(&TelemetryConfig::from_env("shop", env!("CARGO_PKG_VERSION")))?;
-    let outcome = run_services().await;
+/// Runs both services (or only `service`); each creates and migrates its
+/// database and declares its exchanges and queues. Log lines name their
+/// service in their target (`user_service::…`, `order_service::…`).
+pub(crate) async fn run(service: Option<&str>) -> anyhow::Result<()> {
+    let name = service.map_or("shop".to_owned(), |service| format!("{service}-service"));
+    let telemetry = shop_telemetry::init(&TelemetryConfig::from_env(&name, env!("CARGO_PKG_VERSION")))?;
+    let outcome = match service {
+        None => run_services().await,
+        Some(service) => serve(service).await,
+    };
     if let Err(error) = &outcome {
         tracing::error!(error = format!("{error:#}"), "shop up failed");
     }
@@ -63,4 +67,28 @@ async fn run_services() -> anyhow::Result<()> {
     tasks.spawn("order service", order_app.run(shutdown));
     // Each service drains within its own grace period; this adds a margin.
     tasks.run(grace + std::time::Duration::from_secs(2)).await
+}
+
+/// One service, configured from the environment exactly as its own binary
+/// is (`DATABASE_URL`, `GRPC_ADDR`, …), until SIGINT/SIGTERM.
+pub async fn serve(service: &str) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    shutdown::cancel_on_signal(shutdown.clone());
+    match service {
+        "user" => {
+            user_service::Application::build(user_service::Settings::from_env()?)
+                .await?
+                .run(shutdown)
+                .await
+        }
+        "order" => {
+            order_service::Application::build(order_service::Settings::from_env()?)
+                .await?
+                .run(shutdown)
+                .await
+        }
+        other => Err(anyhow::anyhow!(
+            "unknown service {other:?}: expected user or order"
+        )),
+    }
 }

@@ -178,23 +178,7 @@ impl Bench {
 pub(crate) async fn serve(service: &str) -> anyhow::Result<()> {
     let config = shop_telemetry::TelemetryConfig::from_env(service, env!("CARGO_PKG_VERSION"));
     let telemetry = shop_telemetry::init(&config)?;
-    let shutdown = shop_bootstrap::shutdown::CancellationToken::new();
-    shop_bootstrap::shutdown::cancel_on_signal(shutdown.clone());
-    let outcome = match service {
-        "user" => {
-            user_service::Application::build(user_service::Settings::from_env()?)
-                .await?
-                .run(shutdown)
-                .await
-        }
-        "order" => {
-            order_service::Application::build(order_service::Settings::from_env()?)
-                .await?
-                .run(shutdown)
-                .await
-        }
-        other => Err(anyhow::anyhow!("unknown service {other:?}")),
-    };
+    let outcome = shop_cli::up::serve(service).await;
     telemetry.shutdown();
     outcome
 }

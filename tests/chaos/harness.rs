@@ -1,0 +1,369 @@
+//! The processes, proxies and faults of a chaos run.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::ExposeSecret as _;
+use shop_testkit::{ServiceProcess, TcpProxy, TestBroker, TestDatabase};
+use tokio::time::Instant;
+
+use crate::load::Load;
+use crate::reconcile::{Report, Taps};
+
+/// What to run and what to break.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long the load runs.
+    pub duration: Duration,
+    /// Commands per second.
+    pub rate: u32,
+    /// How many users the load creates and works on at most.
+    pub users: usize,
+    /// Instances of each service.
+    pub instances: usize,
+    /// Faults, injected in turn, evenly over the run.
+    pub faults: Vec<Fault>,
+}
+
+impl Options {
+    /// `defaults` with `CHAOS_DURATION_SECS`, `CHAOS_RATE`, `CHAOS_USERS`.
+    pub fn from_env(defaults: Self) -> Self {
+        Self::from_env_with_prefix("CHAOS", defaults)
+    }
+
+    /// `defaults` with `<PREFIX>_DURATION_SECS`, `<PREFIX>_RATE`,
+    /// `<PREFIX>_USERS`.
+    pub fn from_env_with_prefix(prefix: &str, defaults: Self) -> Self {
+        let var = |name: &str| {
+            std::env::var(format!("{prefix}_{name}"))
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        Self {
+            duration: var("DURATION_SECS").map_or(defaults.duration, Duration::from_secs),
+            rate: var("RATE").map_or(defaults.rate, |r| u32::try_from(r).unwrap_or(u32::MAX)),
+            users: var("USERS").map_or(defaults.users, |u| usize::try_from(u).unwrap_or(usize::MAX)),
+            ..defaults
+        }
+    }
+}
+
+/// One kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Drop every connection between the services and RabbitMQ.
+    CutBroker,
+    /// `rabbitmqctl stop_app` then `start_app`.
+    RestartBroker,
+    /// `pg_terminate_backend` on every connection to the services'
+    /// databases.
+    KillDatabaseBackends,
+    /// The database refuses connections (and drops the live ones) for three
+    /// seconds.
+    RefuseDatabase,
+    /// SIGKILL a user service instance, and start it again.
+    KillUserService,
+    /// SIGKILL an order service instance, and start it again.
+    KillOrderService,
+    /// Publish again a sample of past user events, shuffled.
+    Duplicates,
+}
+
+/// A service instance: its process, and what it takes to start it again on
+/// the same ports.
+pub struct Node {
+    pub service: &'static str,
+    pub grpc: SocketAddr,
+    envs: Vec<(&'static str, String)>,
+    pub process: Option<ServiceProcess>,
+}
+
+impl Node {
+    async fn start(&mut self) {
+        let mut envs = self.envs.clone();
+        envs.push(("GRPC_ADDR", self.grpc.to_string()));
+        let process =
+            ServiceProcess::start_with_args(env!("CARGO_BIN_EXE_shop-node"), &[self.service], &envs)
+                .await
+                .unwrap_or_else(|error| panic!("{} did not start: {error}", self.service));
+        self.process = Some(process);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await.unwrap();
+        }
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.process
+            .as_ref()
+            .and_then(ServiceProcess::resident_bytes)
+            .unwrap_or(0)
+    }
+}
+
+/// Waits (up to 30 s) until the server at `addr` reports SERVING.
+async fn wait_until_serving(addr: SocketAddr) {
+    shop_testkit::eventually("the service to serve", Duration::from_secs(30), || async move {
+        shop_bootstrap::grpc::check_health(addr).await.ok()
+    })
+    .await;
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Everything a run owns.
+pub struct Chaos {
+    pub options: Options,
+    pub user_nodes: Vec<Node>,
+    pub order_nodes: Vec<Node>,
+    pub amqp_proxy: TcpProxy,
+    pub pg_proxy: TcpProxy,
+    pub taps: Taps,
+    pub user_exchange: String,
+    pub consumer_queue: String,
+    pub faults_injected: Vec<(Fault, Duration)>,
+    pub broker: TestBroker,
+    pub user_db: TestDatabase,
+    pub order_db: TestDatabase,
+}
+
+impl Chaos {
+    /// Runs the load with the faults, lets the system settle and reconciles.
+    pub async fn run(options: Options) -> Report {
+        shop_testkit::init_test_log();
+        let mut chaos = Self::start(options).await;
+        let load = Load::start(&chaos);
+        let started = Instant::now();
+        let idle_memory = chaos.memory();
+        let faults = chaos.options.faults.clone();
+        let spacing = chaos.options.duration / u32::try_from(faults.len() + 1).unwrap_or(1);
+        for (index, fault) in faults.iter().enumerate() {
+            let at = spacing * u32::try_from(index + 1).unwrap_or(1);
+            tokio::time::sleep_until(started + at).await;
+            let began = Instant::now();
+            chaos.inject(*fault, &load).await;
+            chaos.faults_injected.push((*fault, began.elapsed()));
+            println!(
+                "chaos: {fault:?} at {:?} took {:?}",
+                started.elapsed(),
+                began.elapsed()
+            );
+        }
+        tokio::time::sleep_until(started + chaos.options.duration).await;
+        let loaded_memory = chaos.memory();
+        let outcome = load.stop().await;
+        chaos.restore().await;
+        crate::reconcile::settle_and_reconcile(&chaos, outcome, started.elapsed(), idle_memory, loaded_memory)
+            .await
+    }
+
+    async fn start(options: Options) -> Self {
+        let user_db = TestDatabase::create(
+            user_service::app::MIGRATIONS,
+            Path::new(user_service::app::MIGRATIONS_DIR),
+        )
+        .await
+        .unwrap();
+        let order_db = TestDatabase::create(
+            order_service::app::MIGRATIONS,
+            Path::new(order_service::app::MIGRATIONS_DIR),
+        )
+        .await
+        .unwrap();
+        let broker = TestBroker::new();
+        let amqp_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+        let pg_addr = tokio::net::lookup_host(("127.0.0.1", 5432))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let pg_proxy = TcpProxy::start(pg_addr).await.unwrap();
+        let user_exchange = broker.exchange("user.events");
+        let order_exchange = broker.exchange("order.events");
+        let consumer_queue = broker.queue("order-service.user-events");
+        let consumer = {
+            let mut config =
+                shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), consumer_queue.clone());
+            config.retry_delays = vec![
+                Duration::from_millis(200),
+                Duration::from_millis(1000),
+                Duration::from_millis(3000),
+            ];
+            config
+        };
+        for queue in consumer.queue_names() {
+            broker.track_queue(&queue);
+        }
+        let taps = Taps::declare(&broker, &user_exchange, &order_exchange).await;
+        let amqp_url = amqp_proxy.url_for(broker.settings().url.expose_secret());
+        let delays = consumer
+            .retry_delays
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let common = |db: &TestDatabase| {
+            vec![
+                ("DATABASE_URL", pg_proxy.url_for(db.url())),
+                ("AMQP_URL", amqp_url.clone()),
+                ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
+                ("ORDER_EVENTS_EXCHANGE", order_exchange.clone()),
+                ("USER_EVENTS_QUEUE", consumer_queue.clone()),
+                ("CONSUMER_RETRY_DELAYS_MS", delays.clone()),
+                ("CONSUMER_MAX_ATTEMPTS", "6".to_owned()),
+                ("RELAY_POLL_INTERVAL_MS", "500".to_owned()),
+                ("DATABASE_ACQUIRE_TIMEOUT_MS", "2000".to_owned()),
+                ("SHUTDOWN_GRACE_MS", "3000".to_owned()),
+                // The "… service started" line is how the test learns it is up.
+                ("RUST_LOG", "warn,user_service=info,order_service=info".to_owned()),
+            ]
+        };
+        let nodes = |service: &'static str, db: &TestDatabase| -> Vec<Node> {
+            (0..options.instances.max(1))
+                .map(|_| Node {
+                    service,
+                    grpc: free_port(),
+                    envs: common(db),
+                    process: None,
+                })
+                .collect()
+        };
+        let mut user_nodes = nodes("user", &user_db);
+        let mut order_nodes = nodes("order", &order_db);
+        // The consumer's queue must exist before the first event is
+        // published (a topic exchange drops what no queue is bound to): the
+        // order service is serving once its consumer has declared it.
+        for node in order_nodes.iter_mut() {
+            node.start().await;
+            wait_until_serving(node.grpc).await;
+        }
+        for node in user_nodes.iter_mut() {
+            node.start().await;
+        }
+        Self {
+            options,
+            user_nodes,
+            order_nodes,
+            amqp_proxy,
+            pg_proxy,
+            taps,
+            user_exchange,
+            consumer_queue,
+            faults_injected: Vec::new(),
+            broker,
+            user_db,
+            order_db,
+        }
+    }
+
+    fn memory(&self) -> Vec<(String, u64)> {
+        let named = |nodes: &[Node]| {
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| (format!("{}-{i}", node.service), node.resident_bytes()))
+                .collect::<Vec<_>>()
+        };
+        let mut memory = named(&self.user_nodes);
+        memory.extend(named(&self.order_nodes));
+        memory
+    }
+
+    async fn inject(&mut self, fault: Fault, load: &Load) {
+        match fault {
+            Fault::CutBroker => self.amqp_proxy.cut(),
+            Fault::RestartBroker => {
+                rabbitmqctl(&["stop_app"]).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                rabbitmqctl(&["start_app"]).await;
+                rabbitmqctl(&["await_startup"]).await;
+            }
+            Fault::KillDatabaseBackends => {
+                let (client, connection) = tokio_postgres::connect(
+                    &std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+                        "postgres://postgres:postgres@localhost:5432/postgres".to_owned()
+                    }),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .unwrap();
+                tokio::spawn(connection);
+                let killed = client
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+                        &[&vec![
+                            self.user_db.name().to_owned(),
+                            self.order_db.name().to_owned(),
+                        ]],
+                    )
+                    .await
+                    .unwrap();
+                println!("chaos: terminated {} backends", killed.len());
+            }
+            Fault::RefuseDatabase => {
+                self.pg_proxy.refuse(true);
+                self.pg_proxy.cut();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                self.pg_proxy.refuse(false);
+            }
+            Fault::KillUserService => {
+                let node = &mut self.user_nodes[0];
+                node.kill().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                node.start().await;
+            }
+            Fault::KillOrderService => {
+                let node = &mut self.order_nodes[0];
+                node.kill().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                node.start().await;
+            }
+            Fault::Duplicates => load.replay_sample(self).await,
+        }
+    }
+
+    /// Every fault undone: proxies open, every instance running.
+    async fn restore(&mut self) {
+        self.pg_proxy.refuse(false);
+        self.amqp_proxy.refuse(false);
+        for node in self.user_nodes.iter_mut().chain(self.order_nodes.iter_mut()) {
+            if node.process.is_none() {
+                node.start().await;
+            }
+        }
+    }
+}
+
+async fn rabbitmqctl(args: &[&str]) {
+    let status = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        // SIGKILL is fine here: the run is over.
+        for node in self.user_nodes.iter_mut().chain(self.order_nodes.iter_mut()) {
+            if let Some(process) = node.process.as_mut() {
+                let _ = process.pid().map(|pid| {
+                    std::process::Command::new("kill")
+                        .arg("-KILL")
+                        .arg(pid.to_string())
+                        .status()
+                });
+            }
+        }
+    }
+}

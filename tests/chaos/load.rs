@@ -1,0 +1,307 @@
+//! The steady load of commands, and what the test knows of their outcome.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng as _;
+use rand::seq::SliceRandom as _;
+use shop_client::{ClientConfig, Error, OrderClient, RetryPolicy, UserClient, UserUpdate};
+use shop_testkit::Running;
+use tokio::sync::Semaphore;
+
+use crate::harness::Chaos;
+
+#[derive(Debug, Clone)]
+struct LiveUser {
+    id: String,
+    version: i64,
+}
+
+#[derive(Debug, Clone)]
+struct PendingOrder {
+    id: String,
+    version: i64,
+}
+
+/// What the test knows: the users and orders it may act on, and every
+/// acknowledged command.
+#[derive(Debug, Default)]
+struct Model {
+    users: Vec<LiveUser>,
+    created_users: usize,
+    orders: Vec<PendingOrder>,
+    outcome: Outcome,
+}
+
+/// The outcome of a load, for the reconciliation.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub sent: u64,
+    pub acknowledged: u64,
+    pub refused: u64,
+    pub failed: u64,
+    /// (user id, version) of every acknowledged user command.
+    pub user_effects: Vec<(String, i64)>,
+    /// Ids of acknowledged orders.
+    pub orders: Vec<String>,
+    /// Ids of acknowledged cancellations.
+    pub cancelled: Vec<String>,
+    /// CreateOrder calls whose outcome is unknown (they may have applied).
+    pub unknown_order_creates: u64,
+}
+
+/// The running load.
+pub struct Load {
+    running: Running,
+    model: Arc<Mutex<Model>>,
+    amqp_url: String,
+    sample_queue: String,
+    user_exchange: String,
+}
+
+fn clients(chaos: &Chaos) -> (Vec<UserClient>, Vec<OrderClient>) {
+    let retry = RetryPolicy {
+        max_attempts: 8,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+    };
+    let config = |addr: std::net::SocketAddr| {
+        ClientConfig::new(format!("http://{addr}"))
+            .with_retry(retry)
+            .with_timeout(Duration::from_secs(5))
+    };
+    (
+        chaos
+            .user_nodes
+            .iter()
+            .map(|n| UserClient::connect(config(n.grpc)).unwrap())
+            .collect(),
+        chaos
+            .order_nodes
+            .iter()
+            .map(|n| OrderClient::connect(config(n.grpc)).unwrap())
+            .collect(),
+    )
+}
+
+impl Load {
+    pub fn start(chaos: &Chaos) -> Self {
+        let (users, orders) = clients(chaos);
+        let model = Arc::new(Mutex::new(Model::default()));
+        let rate = chaos.options.rate.max(1);
+        let max_users = chaos.options.users.max(1);
+        let driver_model = model.clone();
+        let running = Running::spawn(move |stop| async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+            let in_flight = Arc::new(Semaphore::new(64));
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let users = users[rand::random_range(0..users.len())].clone();
+                let orders = orders[rand::random_range(0..orders.len())].clone();
+                let model = driver_model.clone();
+                tokio::spawn(async move {
+                    command(&users, &orders, &model, max_users).await;
+                    drop(permit);
+                });
+            }
+            // Let the commands under way finish.
+            let _ = tokio::time::timeout(Duration::from_secs(30), in_flight.acquire_many(64)).await;
+            Ok(())
+        });
+        Self {
+            running,
+            model,
+            amqp_url: shop_testkit::amqp_url(),
+            sample_queue: chaos.taps.sample.clone(),
+            user_exchange: chaos.user_exchange.clone(),
+        }
+    }
+
+    pub async fn stop(mut self) -> Outcome {
+        let _ = self.running.stop().await;
+        self.model.lock().unwrap().outcome.clone()
+    }
+
+    /// Publishes again up to 30 past user events, shuffled: duplicates, out
+    /// of order.
+    pub async fn replay_sample(&self, _chaos: &Chaos) {
+        use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+        let Ok(connection) =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
+        else {
+            return;
+        };
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
+        let _ = channel.confirm_select(ConfirmSelectOptions::default()).await;
+        let mut sample = Vec::new();
+        while sample.len() < 30 {
+            match channel
+                .basic_get(
+                    self.sample_queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+            {
+                Ok(Some(message)) => {
+                    let _ = message.delivery.ack(BasicAckOptions::default()).await;
+                    sample.push(message.delivery);
+                }
+                _ => break,
+            }
+        }
+        sample.shuffle(&mut rand::rng());
+        for delivery in &sample {
+            if let Ok(confirm) = channel
+                .basic_publish(
+                    self.user_exchange.as_str().into(),
+                    delivery.routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    delivery.properties.clone(),
+                )
+                .await
+            {
+                let _ = confirm.await;
+            }
+        }
+        println!("chaos: republished {} user events, shuffled", sample.len());
+        let _ = connection.close(200, "replayed".into()).await;
+    }
+}
+
+fn record(model: &Mutex<Model>, outcome: Result<(), &Error>) {
+    let mut model = model.lock().unwrap();
+    model.outcome.sent += 1;
+    match outcome {
+        Ok(()) => model.outcome.acknowledged += 1,
+        Err(Error::Unavailable(_) | Error::DeadlineExceeded(_) | Error::Server { .. }) => {
+            model.outcome.failed += 1
+        }
+        Err(_) => model.outcome.refused += 1,
+    }
+}
+
+async fn command(users: &UserClient, orders: &OrderClient, model: &Mutex<Model>, max_users: usize) {
+    let roll = rand::random_range(0..100);
+    let (live, created, pending) = {
+        let m = model.lock().unwrap();
+        let live = (!m.users.is_empty()).then(|| m.users[rand::random_range(0..m.users.len())].clone());
+        let pending = (!m.orders.is_empty()).then(|| m.orders[rand::random_range(0..m.orders.len())].clone());
+        (live, m.created_users, pending)
+    };
+    match (roll, live, pending) {
+        (0..40, _, _) | (_, None, _) if created < max_users => create_user(users, model).await,
+        (0..40, Some(user), _) | (40..70, Some(user), _) => update_user(users, model, user).await,
+        (70..75, Some(user), _) => {
+            let live_users = model.lock().unwrap().users.len();
+            if live_users > 3 {
+                delete_user(users, model, user).await;
+            } else {
+                update_user(users, model, user).await;
+            }
+        }
+        (75..95, Some(user), _) => create_order(orders, model, &user.id).await,
+        (_, _, Some(order)) => cancel_order(orders, model, order).await,
+        (_, Some(user), None) => create_order(orders, model, &user.id).await,
+        _ => {}
+    }
+}
+
+async fn create_user(users: &UserClient, model: &Mutex<Model>) {
+    model.lock().unwrap().created_users += 1;
+    let email = format!("chaos-{}@example.com", uuid::Uuid::new_v4().simple());
+    let outcome = users.create_user(&email, "Chaos").await;
+    record(model, outcome.as_ref().map(drop));
+    if let Ok(user) = outcome {
+        let mut m = model.lock().unwrap();
+        m.outcome.user_effects.push((user.id.clone(), user.version));
+        m.users.push(LiveUser {
+            id: user.id,
+            version: user.version,
+        });
+    }
+}
+
+async fn refresh(users: &UserClient, model: &Mutex<Model>, id: &str) {
+    match users.get_user(id).await {
+        Ok(user) => {
+            let mut m = model.lock().unwrap();
+            if let Some(live) = m.users.iter_mut().find(|u| u.id == id) {
+                live.version = live.version.max(user.version);
+            }
+        }
+        Err(Error::NotFound(_)) => model.lock().unwrap().users.retain(|u| u.id != id),
+        Err(_) => {}
+    }
+}
+
+async fn update_user(users: &UserClient, model: &Mutex<Model>, user: LiveUser) {
+    let update = UserUpdate {
+        name: Some(format!("Chaos {}", rand::rng().random::<u32>())),
+        ..UserUpdate::default()
+    };
+    let outcome = users.update_user(&user.id, user.version, update).await;
+    record(model, outcome.as_ref().map(drop));
+    match outcome {
+        Ok(updated) => {
+            let mut m = model.lock().unwrap();
+            m.outcome.user_effects.push((updated.id.clone(), updated.version));
+            if let Some(live) = m.users.iter_mut().find(|u| u.id == updated.id) {
+                live.version = live.version.max(updated.version);
+            }
+        }
+        Err(_) => refresh(users, model, &user.id).await,
+    }
+}
+
+async fn delete_user(users: &UserClient, model: &Mutex<Model>, user: LiveUser) {
+    let outcome = users.delete_user(&user.id, user.version).await;
+    record(model, outcome.as_ref().map(drop));
+    match outcome {
+        Ok(()) => {
+            let mut m = model.lock().unwrap();
+            m.outcome.user_effects.push((user.id.clone(), user.version + 1));
+            m.users.retain(|u| u.id != user.id);
+        }
+        Err(_) => refresh(users, model, &user.id).await,
+    }
+}
+
+async fn create_order(orders: &OrderClient, model: &Mutex<Model>, user_id: &str) {
+    let items = [("sku-1", rand::random_range(1..=5)), ("sku-2", 1)];
+    let outcome = orders.create_order(user_id, &items).await;
+    record(model, outcome.as_ref().map(drop));
+    let mut m = model.lock().unwrap();
+    match outcome {
+        Ok(order) => {
+            m.outcome.orders.push(order.id.clone());
+            m.orders.push(PendingOrder {
+                id: order.id,
+                version: order.version,
+            });
+        }
+        Err(Error::Unavailable(_) | Error::DeadlineExceeded(_) | Error::Server { .. }) => {
+            m.outcome.unknown_order_creates += 1;
+        }
+        Err(_) => {}
+    }
+}
+
+async fn cancel_order(orders: &OrderClient, model: &Mutex<Model>, order: PendingOrder) {
+    let outcome = orders.cancel_order(&order.id, order.version).await;
+    record(model, outcome.as_ref().map(drop));
+    let mut m = model.lock().unwrap();
+    if outcome.is_ok() {
+        m.outcome.cancelled.push(order.id.clone());
+    }
+    // Cancelled, or its outcome unknown: not a candidate any more.
+    m.orders.retain(|o| o.id != order.id);
+}
