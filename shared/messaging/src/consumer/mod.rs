@@ -246,6 +246,65 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
 
 type Decoded = Box<dyn Any + Send>;
 
+/// The checks a message passes before any handler sees it: a UUID
+/// `message_id` (the inbox key), a `type` some handler takes (`decode`
+/// returns `None` for a type nobody handles), a body that decodes as that
+/// type. Otherwise the reason it goes to the dead-letter queue at once, with
+/// the error text.
+pub(crate) fn classify<T>(
+    message_id: Option<&str>,
+    type_name: Option<&str>,
+    body: &[u8],
+    decode: impl FnOnce(&str, &[u8]) -> Option<Result<T, prost::DecodeError>>,
+) -> Result<(Uuid, String, T), (crate::wire::DeadLetterReason, String)> {
+    use crate::wire::DeadLetterReason;
+    let Some(event_id) = message_id.and_then(|id| Uuid::try_parse(id).ok()) else {
+        return Err((
+            DeadLetterReason::MissingMessageId,
+            format!("message_id {message_id:?} is not a UUID"),
+        ));
+    };
+    let type_name = type_name.unwrap_or_default();
+    match decode(type_name, body) {
+        None => Err((
+            DeadLetterReason::UnknownType,
+            format!("no handler for type {type_name:?}"),
+        )),
+        Some(Err(error)) => Err((
+            DeadLetterReason::Undecodable,
+            format!("body is not a valid {type_name}: {error}"),
+        )),
+        Some(Ok(decoded)) => Ok((event_id, type_name.to_owned(), decoded)),
+    }
+}
+
+/// [`classify`] on arbitrary bytes, for fuzzing: the input is split into a
+/// message id, a type name and a body (two length bytes, then the parts), a
+/// body alone also tried as every event type of the system. Returns the
+/// dead-letter reasons it met; it must never panic.
+pub fn inspect_any(data: &[u8]) -> Vec<crate::wire::DeadLetterReason> {
+    let mut reasons = Vec::new();
+    let known = |type_name: &str, body: &[u8]| {
+        shop_contracts::describe_event(type_name, body).map(|decoded| decoded.map(drop))
+    };
+    for event in shop_contracts::all_event_types() {
+        let id = Uuid::nil().to_string();
+        if let Err((reason, _)) = classify(Some(&id), Some(event.type_name), data, known) {
+            reasons.push(reason);
+        }
+    }
+    if let [id_len, type_len, rest @ ..] = data {
+        let (id, rest) = rest.split_at((*id_len as usize).min(rest.len()));
+        let (kind, body) = rest.split_at((*type_len as usize).min(rest.len()));
+        let id = String::from_utf8_lossy(id);
+        let kind = String::from_utf8_lossy(kind);
+        if let Err((reason, _)) = classify(Some(&id), Some(&kind), body, known) {
+            reasons.push(reason);
+        }
+    }
+    reasons
+}
+
 /// A handler with its event type erased, so one consumer dispatches several
 /// types by name.
 #[async_trait::async_trait]
@@ -370,5 +429,65 @@ impl Consumer {
     /// The batch under way when shutdown comes is finished and acknowledged.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         worker::run(self, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::DeadLetterReason;
+
+    #[test]
+    fn every_golden_event_passes_the_checks_as_its_own_type() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden");
+        for event in shop_contracts::all_event_types() {
+            let body = std::fs::read(golden.join(format!("{}.binpb", event.type_name))).unwrap();
+            let known = |type_name: &str, body: &[u8]| shop_contracts::describe_event(type_name, body);
+            let id = Uuid::now_v7().to_string();
+            let checked = classify(Some(&id), Some(event.type_name), &body, known);
+            assert!(checked.is_ok(), "{}: {checked:?}", event.type_name);
+        }
+    }
+
+    #[test]
+    fn classify_names_the_reason_of_a_message_that_can_never_succeed() {
+        let known = |type_name: &str, body: &[u8]| shop_contracts::describe_event(type_name, body);
+        let id = Uuid::now_v7().to_string();
+        let reason = |id: Option<&str>, kind: Option<&str>, body: &[u8]| {
+            classify(id, kind, body, known).map(drop).unwrap_err().0
+        };
+        assert_eq!(
+            reason(None, Some("shop.user.v1.UserCreated"), b""),
+            DeadLetterReason::MissingMessageId
+        );
+        assert_eq!(
+            reason(Some("nope"), Some("shop.user.v1.UserCreated"), b""),
+            DeadLetterReason::MissingMessageId
+        );
+        assert_eq!(reason(Some(&id), None, b""), DeadLetterReason::UnknownType);
+        assert_eq!(
+            reason(Some(&id), Some("shop.user.v1.Nope"), b""),
+            DeadLetterReason::UnknownType
+        );
+        assert_eq!(
+            reason(Some(&id), Some("shop.user.v1.UserCreated"), b"\xff\xff"),
+            DeadLetterReason::Undecodable
+        );
+    }
+
+    #[test]
+    fn inspect_any_survives_arbitrary_bytes() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for length in 0..2000 {
+            let bytes: Vec<u8> = (0..length % 300)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            inspect_any(&bytes);
+        }
     }
 }

@@ -363,30 +363,19 @@ impl Worker {
     #[allow(clippy::result_large_err)] // the delivery travels back to be dead-lettered
     fn check(&self, delivery: Delivery) -> Result<Incoming, (Delivery, DeadLetterReason, String)> {
         let properties = &delivery.properties;
-        let Some(event_id) = properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| Uuid::try_parse(id.as_str()).ok())
-        else {
-            let error = format!(
-                "message_id {:?} is not a UUID",
-                properties.message_id().as_ref().map(|id| id.as_str())
-            );
-            return Err((delivery, DeadLetterReason::MissingMessageId, error));
+        let checked = super::classify(
+            properties.message_id().as_ref().map(|id| id.as_str()),
+            properties.kind().as_ref().map(|kind| kind.as_str()),
+            &delivery.data,
+            |type_name, body| {
+                let handler = self.shared.handlers.get(type_name)?;
+                Some(handler.decode(body).map(|_| handler.clone()))
+            },
+        );
+        let (event_id, type_name, handler) = match checked {
+            Ok(checked) => checked,
+            Err((reason, error)) => return Err((delivery, reason, error)),
         };
-        let type_name = properties
-            .kind()
-            .as_ref()
-            .map(|kind| kind.as_str().to_owned())
-            .unwrap_or_default();
-        let Some(handler) = self.shared.handlers.get(type_name.as_str()).cloned() else {
-            let error = format!("no handler for type {type_name:?}");
-            return Err((delivery, DeadLetterReason::UnknownType, error));
-        };
-        if let Err(error) = handler.decode(&delivery.data) {
-            let error = format!("body is not a valid {type_name}: {error}");
-            return Err((delivery, DeadLetterReason::Undecodable, error));
-        }
         let headers = properties.headers().as_ref();
         let header = |key| headers.and_then(|h| header_str(h, key)).map(str::to_owned);
         let meta = EventMeta {
