@@ -29,6 +29,19 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// A pool of 8 on each database, as one instance of a service has; migrates
+/// them (a no-op after the first).
+async fn pools(user_db: &str, order_db: &str) -> anyhow::Result<(Pool, Pool)> {
+    let settings = |url: &str| DatabaseSettings {
+        url: SecretString::from(url.to_owned()),
+        pool_size: 8,
+        acquire_timeout: Duration::from_secs(30),
+    };
+    let user_pool = shop_bootstrap::db::connect(&settings(user_db), user_service::app::MIGRATIONS).await?;
+    let order_pool = shop_bootstrap::db::connect(&settings(order_db), order_service::app::MIGRATIONS).await?;
+    Ok((user_pool, order_pool))
+}
+
 impl Bench {
     /// Creates and migrates two databases and picks the broker names.
     pub(crate) async fn prepare() -> anyhow::Result<Self> {
@@ -40,15 +53,7 @@ impl Bench {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let user_db = with_database(&admin_url, &format!("bench_users_{id}"));
         let order_db = with_database(&admin_url, &format!("bench_orders_{id}"));
-        let settings = |url: &str| DatabaseSettings {
-            url: SecretString::from(url.to_owned()),
-            pool_size: 8,
-            acquire_timeout: Duration::from_secs(30),
-        };
-        let user_pool =
-            shop_bootstrap::db::connect(&settings(&user_db), user_service::app::MIGRATIONS).await?;
-        let order_pool =
-            shop_bootstrap::db::connect(&settings(&order_db), order_service::app::MIGRATIONS).await?;
+        let (user_pool, order_pool) = pools(&user_db, &order_db).await?;
         Ok(Self {
             admin_url,
             user_db,
@@ -60,6 +65,11 @@ impl Bench {
             user_pool,
             order_pool,
         })
+    }
+
+    /// Pools of another instance on the same databases.
+    pub(crate) async fn new_pools(&self) -> anyhow::Result<(Pool, Pool)> {
+        pools(&self.user_db, &self.order_db).await
     }
 
     pub(crate) fn amqp(&self) -> AmqpSettings {

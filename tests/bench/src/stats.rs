@@ -52,3 +52,10 @@ impl Sample {
         )
     }
 }
+
+/// The median of `(measured, raw)` rounds by their ratio.
+pub(crate) fn median_by_ratio<T: Clone>(rounds: &[T], ratio: impl Fn(&T) -> f64) -> Option<T> {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    sorted.get(sorted.len() / 2).cloned()
+}

@@ -48,12 +48,13 @@ async fn raw_consume(bench: &Bench, queue: &str, count: usize, prefetch: u16) ->
 
 /// The consumer of the order service, in this process.
 pub(crate) fn consumer(bench: &Bench, prefetch: u16) -> Consumer {
-    Consumer::new(
-        bench.consumer_config(prefetch),
-        bench.order_pool.clone(),
-        bench.amqp(),
-    )
-    .subscribe::<UserCreated, _>(order_service::projection::UserProjection)
+    consumer_on(bench, bench.order_pool.clone(), prefetch)
+}
+
+/// The consumer of the order service on a pool of its own.
+pub(crate) fn consumer_on(bench: &Bench, pool: shop_bootstrap::db::Pool, prefetch: u16) -> Consumer {
+    Consumer::new(bench.consumer_config(prefetch), pool, bench.amqp())
+        .subscribe::<UserCreated, _>(order_service::projection::UserProjection)
 }
 
 /// Returns the consumer's rate, events/s. The relay stage left the events in

@@ -21,17 +21,28 @@ fn email(task: usize, i: u64) -> String {
     format!("b{}-{task}-{i}@example.com", RUN.load(Ordering::Relaxed))
 }
 
-/// CreateUser from `concurrency` tasks over one channel until `duration`.
-async fn grpc_load(endpoint: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Sample> {
+/// CreateUser from `concurrency` tasks until `duration`, the tasks spread
+/// evenly over `endpoints` (one channel each).
+pub(crate) async fn grpc_load(
+    endpoints: &[String],
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Sample> {
     RUN.fetch_add(1, Ordering::Relaxed);
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?;
+    let mut channels = Vec::new();
+    for endpoint in endpoints {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                .connect()
+                .await?,
+        );
+    }
+    anyhow::ensure!(!channels.is_empty(), "no endpoint to load");
     let started = Instant::now();
     let until = started + duration;
     let tasks: Vec<_> = (0..concurrency)
         .map(|task| {
-            let mut client = UserServiceClient::new(channel.clone());
+            let mut client = UserServiceClient::new(channels[task % channels.len()].clone());
             tokio::spawn(async move {
                 let mut sample = Sample::default();
                 let mut i = 0;
@@ -162,7 +173,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     // The command path alone: the relay is off, so the comparison with the
     // raw transaction is like for like.
     let mut users = bench.spawn_user_service(false).await?;
-    let endpoint = format!("http://{}", users.addr);
+    let endpoint = [format!("http://{}", users.addr)];
     for &concurrency in &options.concurrency {
         let mut rounds = Vec::new();
         for _ in 0..options.rounds.max(1) {
@@ -172,9 +183,8 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
             let raw = raw_load(&bench.user_db, concurrency, options.duration()).await?;
             rounds.push((grpc, raw));
         }
-        // The median round by ratio.
-        rounds.sort_by(|a, b| (a.0.rate() / a.1.rate()).total_cmp(&(b.0.rate() / b.1.rate())));
-        let (grpc, raw) = rounds.swap_remove(rounds.len() / 2);
+        let (grpc, raw) = crate::stats::median_by_ratio(&rounds, |(grpc, raw)| grpc.rate() / raw.rate())
+            .ok_or_else(|| anyhow::anyhow!("no CreateUser round ran"))?;
         report.add(Row {
             figure: format!("CreateUser over gRPC, concurrency {concurrency}"),
             value: grpc.describe(),
@@ -198,7 +208,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     let pids = [users.pid().unwrap_or(0), orders.pid().unwrap_or(0)];
     let idle: Vec<u64> = pids.iter().map(|pid| rss(*pid).unwrap_or(0)).collect();
     let concurrency = 32.min(options.concurrency.iter().copied().max().unwrap_or(32));
-    let endpoint = format!("http://{}", users.addr);
+    let endpoint = [format!("http://{}", users.addr)];
     let (load, peaks) = peak_rss(&pids, grpc_load(&endpoint, concurrency, options.duration())).await;
     let load = load?;
     report.add(Row {

@@ -5,6 +5,7 @@ mod create_user;
 mod end_to_end;
 mod latency;
 mod relay;
+mod replicas;
 
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
     }
     if wanted("latency") {
         latency::run(bench, options, report).await?;
+    }
+    if wanted("replicas") {
+        replicas::run(bench, options, report).await?;
     }
     Ok(())
 }
@@ -83,8 +87,22 @@ pub(crate) async fn prefill_outbox(bench: &Bench, count: usize) -> anyhow::Resul
     Ok(())
 }
 
-/// Counts the rows of `table` until there are `count`, polling every 10 ms;
-/// returns the time it took from `started`.
+/// How long to wait before counting again: half the time the rest should
+/// take at the rate so far, between 2 and 200 ms. Counting a table of tens
+/// of thousands of rows costs the database milliseconds of the CPU the
+/// measured stage runs on, so the polls thin out while far from the end.
+pub(crate) fn next_poll(done: usize, total: usize, elapsed: Duration) -> Duration {
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let rest = if rate > 0.0 {
+        total.saturating_sub(done) as f64 / rate
+    } else {
+        0.05
+    };
+    Duration::from_secs_f64(rest / 2.0).clamp(Duration::from_millis(2), Duration::from_millis(200))
+}
+
+/// Counts the rows of `table` until there are `count`; returns the time it
+/// took from `started`.
 pub(crate) async fn wait_for_rows(
     url: &str,
     table: &str,
@@ -97,13 +115,14 @@ pub(crate) async fn wait_for_rows(
     let query = format!("SELECT count(*) FROM {table}");
     loop {
         let rows: i64 = client.query_one(&query, &[]).await?.get(0);
-        if rows as usize >= count {
+        let rows = usize::try_from(rows).unwrap_or(0);
+        if rows >= count {
             return Ok(started.elapsed());
         }
         anyhow::ensure!(
             started.elapsed() < limit,
             "only {rows} of {count} rows in {table} after {limit:?}"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(next_poll(rows, count, started.elapsed())).await;
     }
 }
