@@ -128,7 +128,7 @@ pub fn user_events_consumer(settings: &Settings, pool: Pool) -> Consumer {
 pub fn relay(settings: &Settings, pool: Pool) -> Relay {
     Relay::new(
         pool,
-        settings.database.url.clone(),
+        settings.database.clone(),
         settings.amqp.clone(),
         settings.relay.clone(),
     )

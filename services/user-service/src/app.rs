@@ -106,7 +106,7 @@ impl Application {
 pub fn relay(settings: &Settings, pool: Pool) -> Relay {
     Relay::new(
         pool,
-        settings.database.url.clone(),
+        settings.database.clone(),
         settings.amqp.clone(),
         settings.relay.clone(),
     )

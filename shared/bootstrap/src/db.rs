@@ -6,15 +6,35 @@
 //! migrations while holding an advisory lock (replicas starting together
 //! migrate once), and returns a deadpool pool of diesel-async connections. No
 //! libpq is involved at build or run time: the driver is tokio-postgres.
+//!
+//! # TLS
+//!
+//! With `sslmode=require` in the URL, every connection (the pool's, the
+//! relay's `LISTEN` session, the one that creates the database) speaks TLS
+//! through rustls, and the server's certificate is **verified**: its chain
+//! against the Mozilla roots plus the PEM certificates in
+//! `DATABASE_CA_FILE`, and its name against the URL's host. That is libpq's
+//! `verify-full`, which tokio-postgres' URL parser does not accept by name.
+//! A managed server's CA (RDS, Cloud SQL, Azure) goes in `DATABASE_CA_FILE`.
+//! `sslmode=disable` and `prefer` (the default) connect without TLS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
-use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl as _};
+use diesel_async::{AsyncConnection as _, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl as _};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _};
+use futures::FutureExt as _;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use secrecy::{ExposeSecret as _, SecretString};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A pool of diesel-async PostgreSQL connections.
 pub type Pool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnection>;
@@ -31,11 +51,15 @@ pub struct DatabaseSettings {
     /// How long a caller waits for a free connection (and a new connection
     /// may take to open) before the call fails as unavailable.
     pub acquire_timeout: Duration,
+    /// PEM certificates trusted, beside the Mozilla roots, to sign the
+    /// server's certificate when the URL says `sslmode=require`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl DatabaseSettings {
     /// `DATABASE_URL` (default `postgres://postgres:postgres@localhost:5432/<database>`),
-    /// `DATABASE_POOL_SIZE` (16), `DATABASE_ACQUIRE_TIMEOUT_MS` (5000).
+    /// `DATABASE_POOL_SIZE` (16), `DATABASE_ACQUIRE_TIMEOUT_MS` (5000),
+    /// `DATABASE_CA_FILE` (none).
     pub fn from_env(database: &str) -> anyhow::Result<Self> {
         use crate::settings as env;
         Ok(Self {
@@ -45,8 +69,89 @@ impl DatabaseSettings {
             ),
             pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
             acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
+            ca_file: std::env::var_os("DATABASE_CA_FILE")
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from),
         })
     }
+
+    /// The TLS connector the URL's `sslmode` asks for: `None` for `disable`
+    /// and `prefer`, a verifying rustls connector for `require`.
+    fn tls(&self) -> anyhow::Result<Option<MakeRustlsConnect>> {
+        let config: tokio_postgres::Config =
+            self.url.expose_secret().parse().context("invalid DATABASE_URL")?;
+        if !matches!(config.get_ssl_mode(), SslMode::Require) {
+            return Ok(None);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &self.ca_file {
+            let certificates = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("failed to read DATABASE_CA_FILE {}", path.display()))?;
+            let mut added = 0;
+            for certificate in certificates {
+                let certificate = certificate.with_context(|| {
+                    format!("DATABASE_CA_FILE {} holds an invalid certificate", path.display())
+                })?;
+                roots.add(certificate).with_context(|| {
+                    format!(
+                        "DATABASE_CA_FILE {} holds an unusable certificate",
+                        path.display()
+                    )
+                })?;
+                added += 1;
+            }
+            anyhow::ensure!(
+                added > 0,
+                "DATABASE_CA_FILE {} holds no certificate",
+                path.display()
+            );
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("no TLS protocol version available")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Some(MakeRustlsConnect::new(config)))
+    }
+}
+
+/// One connection to the database of `settings`, outside any pool (for a
+/// `LISTEN` session), over TLS when the URL asks for it.
+pub async fn establish(settings: &DatabaseSettings) -> ConnectionResult<AsyncPgConnection> {
+    let tls = settings
+        .tls()
+        .map_err(|error| ConnectionError::BadConnection(format!("{error:#}")))?;
+    establish_with(settings.url.expose_secret(), tls).await
+}
+
+async fn establish_with(url: &str, tls: Option<MakeRustlsConnect>) -> ConnectionResult<AsyncPgConnection> {
+    match tls {
+        None => AsyncPgConnection::establish(url).await,
+        Some(tls) => {
+            let (client, connection) = tokio_postgres::connect(url, tls)
+                .await
+                .map_err(|error| ConnectionError::BadConnection(error_chain(&error)))?;
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        }
+    }
+}
+
+/// An error with its causes (a TLS failure says why the certificate was
+/// refused only in its source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Key of the advisory lock held while migrating.
@@ -54,7 +159,7 @@ const MIGRATION_LOCK: i64 = 0x7368_6f70_6d69_6772; // "shopmigr"
 
 /// Creates the database if needed, migrates it and returns a pool.
 pub async fn connect(settings: &DatabaseSettings, migrations: EmbeddedMigrations) -> anyhow::Result<Pool> {
-    ensure_database_exists(settings.url.expose_secret()).await?;
+    ensure_database_exists(settings).await?;
     let pool = pool(settings)?;
     migrate(&pool, migrations).await?;
     Ok(pool)
@@ -66,6 +171,9 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     // A checked-out connection is not pinged first: a dead one fails its query
     // and is discarded, and each command saves a round trip.
     config.recycling_method = RecyclingMethod::Fast;
+    if let Some(tls) = settings.tls()? {
+        config.custom_setup = Box::new(move |url| establish_with(url, Some(tls.clone())).boxed());
+    }
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
         settings.url.expose_secret(),
         config,
@@ -79,32 +187,35 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .context("failed to build the database pool")
 }
 
-/// Creates the database named in `url` if it does not exist, connecting to
+/// Creates the database of `settings` if it does not exist, connecting to
 /// the `postgres` maintenance database to do so. Another process creating it
 /// at the same moment is not an error.
-pub async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {
-    let config: tokio_postgres::Config = url.parse().context("invalid DATABASE_URL")?;
+pub async fn ensure_database_exists(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let config: tokio_postgres::Config = settings
+        .url
+        .expose_secret()
+        .parse()
+        .context("invalid DATABASE_URL")?;
     let Some(name) = config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
-    match config.connect(tokio_postgres::NoTls).await {
+    let tls = settings.tls()?;
+    match open(&config, tls.as_ref()).await {
         Ok(_) => return Ok(()),
         Err(error) if error.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(error) => {
-            return Err(error).with_context(|| format!("failed to connect to database {name}"));
+            return Err(anyhow::anyhow!(error_chain(&error)))
+                .with_context(|| format!("failed to connect to database {name}"));
         }
     }
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, connection) = admin.connect(tokio_postgres::NoTls).await.with_context(|| {
+    let client = open(&admin, tls.as_ref()).await.with_context(|| {
         format!("database {name} does not exist and the maintenance database is unreachable")
     })?;
-    let connection = tokio::spawn(connection);
     let created = client
         .batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name)))
         .await;
-    drop(client);
-    let _ = connection.await;
     match created {
         Ok(()) => {
             tracing::info!(database = %name, "created database");
@@ -112,6 +223,26 @@ pub async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {
         }
         Err(error) if error.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
         Err(error) => Err(error).with_context(|| format!("failed to create database {name}")),
+    }
+}
+
+/// A plain tokio-postgres client for `config`, over TLS when `tls` is set;
+/// its connection runs on a task of its own until the client is dropped.
+async fn open(
+    config: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    match tls {
+        None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            Ok(client)
+        }
+        Some(tls) => {
+            let (client, connection) = config.connect(tls.clone()).await?;
+            tokio::spawn(connection);
+            Ok(client)
+        }
     }
 }
 

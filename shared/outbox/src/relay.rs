@@ -12,9 +12,8 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
-use secrecy::{ExposeSecret as _, SecretString};
 use shop_bootstrap::admin::DependencyHealth;
-use shop_bootstrap::db::Pool;
+use shop_bootstrap::db::{DatabaseSettings, Pool};
 use shop_messaging::wire::EventHeaders;
 use shop_messaging::{AmqpSettings, Backoff};
 use tokio::sync::watch;
@@ -147,7 +146,7 @@ struct Publisher {
 /// Publishes a service's outbox; see the crate docs.
 pub struct Relay {
     pool: Pool,
-    database_url: SecretString,
+    database: DatabaseSettings,
     amqp: AmqpSettings,
     config: RelayConfig,
     publisher: Option<Publisher>,
@@ -167,12 +166,12 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// A relay over the outbox in `pool`'s database. `database_url` is the
-    /// same database, for the dedicated `LISTEN` connection.
-    pub fn new(pool: Pool, database_url: SecretString, amqp: AmqpSettings, config: RelayConfig) -> Self {
+    /// A relay over the outbox in `pool`'s database. `database` is the same
+    /// database, for the dedicated `LISTEN` connection.
+    pub fn new(pool: Pool, database: DatabaseSettings, amqp: AmqpSettings, config: RelayConfig) -> Self {
         Self {
             pool,
-            database_url,
+            database,
             amqp,
             config,
             publisher: None,
@@ -227,7 +226,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (wake_tx, wake) = watch::channel(0_u64);
         let listener = tokio::spawn(
-            listen(self.database_url.clone(), wake_tx, shutdown.clone())
+            listen(self.database.clone(), wake_tx, shutdown.clone())
                 .instrument(tracing::info_span!("outbox.listen")),
         );
         let depth = tokio::spawn(watch_depth(
@@ -241,7 +240,7 @@ impl Relay {
         for index in 0..lanes {
             let lane = Relay {
                 pool: self.pool.clone(),
-                database_url: self.database_url.clone(),
+                database: self.database.clone(),
                 amqp: self.amqp.clone(),
                 config: self.config.clone(),
                 publisher: None,
@@ -568,10 +567,10 @@ fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
 
 /// Keeps a `LISTEN outbox` connection open and turns each notification into
 /// a wake-up of the relay loop; reconnects with backoff when it drops.
-async fn listen(url: SecretString, wake: watch::Sender<u64>, shutdown: CancellationToken) {
+async fn listen(database: DatabaseSettings, wake: watch::Sender<u64>, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
-        match listen_once(url.expose_secret(), &wake, &shutdown).await {
+        match listen_once(&database, &wake, &shutdown).await {
             Ok(()) => return,
             Err(error) => {
                 let delay = backoff.next_delay();
@@ -586,13 +585,11 @@ async fn listen(url: SecretString, wake: watch::Sender<u64>, shutdown: Cancellat
 }
 
 async fn listen_once(
-    url: &str,
+    database: &DatabaseSettings,
     wake: &watch::Sender<u64>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    use diesel_async::AsyncConnection as _;
-
-    let mut conn = AsyncPgConnection::establish(url).await?;
+    let mut conn = shop_bootstrap::db::establish(database).await?;
     diesel::sql_query("LISTEN outbox").execute(&mut conn).await?;
     // Rows may have been committed while nobody listened.
     wake.send_modify(|n| *n = n.wrapping_add(1));

@@ -96,6 +96,7 @@ impl TestDatabase {
             url: SecretString::from(self.url.clone()),
             pool_size: 8,
             acquire_timeout: std::time::Duration::from_secs(5),
+            ca_file: None,
         }
     }
 
@@ -154,6 +155,7 @@ async fn ensure_template(migrations: EmbeddedMigrations, migrations_dir: &Path) 
             url: SecretString::from(with_database(&admin_url(), &building)),
             pool_size: 1,
             acquire_timeout: std::time::Duration::from_secs(10),
+            ca_file: None,
         };
         let pool = shop_bootstrap::db::pool(&settings)?;
         shop_bootstrap::db::migrate(&pool, migrations).await?;

@@ -29,14 +29,19 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// A pool of 8 on each database, as one instance of a service has; migrates
-/// them (a no-op after the first).
-async fn pools(user_db: &str, order_db: &str) -> anyhow::Result<(Pool, Pool)> {
-    let settings = |url: &str| DatabaseSettings {
+/// A pool of 8 on `url`.
+fn settings(url: &str) -> DatabaseSettings {
+    DatabaseSettings {
         url: SecretString::from(url.to_owned()),
         pool_size: 8,
         acquire_timeout: Duration::from_secs(30),
-    };
+        ca_file: None,
+    }
+}
+
+/// A pool of 8 on each database, as one instance of a service has; migrates
+/// them (a no-op after the first).
+async fn pools(user_db: &str, order_db: &str) -> anyhow::Result<(Pool, Pool)> {
     let user_pool = shop_bootstrap::db::connect(&settings(user_db), user_service::app::MIGRATIONS).await?;
     let order_pool = shop_bootstrap::db::connect(&settings(order_db), order_service::app::MIGRATIONS).await?;
     Ok((user_pool, order_pool))
@@ -65,6 +70,11 @@ impl Bench {
             user_pool,
             order_pool,
         })
+    }
+
+    /// The user service's database, as the relay's `LISTEN` session needs it.
+    pub(crate) fn user_database(&self) -> DatabaseSettings {
+        settings(&self.user_db)
     }
 
     /// Pools of another instance on the same databases.

@@ -29,7 +29,7 @@ pub(crate) async fn drain(bench: &Bench, options: &Options, instances: usize) ->
     for (user_pool, order_pool) in pools {
         let relay = shop_outbox::Relay::new(
             user_pool,
-            secrecy::SecretString::from(bench.user_db.clone()),
+            bench.user_database(),
             bench.amqp(),
             bench.relay_config(),
         );

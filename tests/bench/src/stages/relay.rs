@@ -125,7 +125,7 @@ async fn relay_once(bench: &Bench, options: &Options) -> anyhow::Result<Duration
     prefill_outbox(bench, options.events).await?;
     let relay = shop_outbox::Relay::new(
         bench.user_pool.clone(),
-        secrecy::SecretString::from(bench.user_db.clone()),
+        bench.user_database(),
         bench.amqp(),
         bench.relay_config(),
     );
