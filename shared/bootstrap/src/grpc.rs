@@ -19,6 +19,10 @@ pub fn reflection(
         let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(shop_contracts::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Every listed service must be describable: clients that build
+            // their stubs from reflection ask for each one.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
             .with_service_name(HEALTH_SERVICE)
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");

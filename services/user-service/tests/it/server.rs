@@ -21,14 +21,13 @@ async fn channel(app: &TestApp) -> tonic::transport::Channel {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reflection_lists_the_user_service_health_and_reflection() {
-    let app = spawn_app().await;
-    let mut client = ServerReflectionClient::new(channel(&app).await);
-
+async fn reflect(
+    client: &mut ServerReflectionClient<tonic::transport::Channel>,
+    request: MessageRequest,
+) -> MessageResponse {
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
     let mut responses = client
         .server_reflection_info(futures::stream::iter([request]))
@@ -36,20 +35,39 @@ async fn reflection_lists_the_user_service_health_and_reflection() {
         .unwrap()
         .into_inner();
     let response = responses.next().await.unwrap().unwrap();
+    response.message_response.unwrap()
+}
 
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection response: {response:?}");
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_user_service_health_and_reflection_and_describes_each() {
+    let app = spawn_app().await;
+    let mut client = ServerReflectionClient::new(channel(&app).await);
+
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&mut client, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("unexpected reflection response");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for expected in [
         "shop.user.v1.UserService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} missing from {names:?}"
         );
+    }
+    // What `grpcurl describe` and dynamic clients ask next: the file that
+    // defines each listed service.
+    for name in &names {
+        let response = reflect(&mut client, MessageRequest::FileContainingSymbol(name.clone())).await;
+        let MessageResponse::FileDescriptorResponse(files) = response else {
+            panic!("{name} listed but not described: {response:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty(), "{name}");
     }
 }
 
