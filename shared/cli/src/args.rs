@@ -72,6 +72,10 @@ pub struct Connection {
         hide_env_values = true
     )]
     pub amqp_url: String,
+    /// PEM certificates that sign the broker's certificate, for an
+    /// `amqps://` URL whose CA is not a public one.
+    #[arg(long, global = true, env = "AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
     /// The consumer queue whose dead letters the dlq commands manage.
     #[arg(
         long,

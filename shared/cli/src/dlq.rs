@@ -12,6 +12,7 @@ use crate::output::Output;
 pub(crate) async fn run(connection: &Connection, command: DlqCommand, output: &Output) -> anyhow::Result<()> {
     let amqp = AmqpSettings {
         url: SecretString::from(connection.amqp_url.clone()),
+        ca_file: connection.amqp_ca_file.clone(),
     };
     let dead_letters = DeadLetters::connect(&amqp, &connection.queue).await?;
     let outcome = execute(&dead_letters, command, output).await;

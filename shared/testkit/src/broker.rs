@@ -11,7 +11,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
-use secrecy::SecretString;
 use shop_messaging::AmqpSettings;
 
 use crate::amqp_url;
@@ -44,9 +43,7 @@ impl TestBroker {
 
     /// Broker settings for a service under test.
     pub fn settings(&self) -> AmqpSettings {
-        AmqpSettings {
-            url: SecretString::from(amqp_url()),
-        }
+        AmqpSettings::new(amqp_url())
     }
 
     /// The prefixed name of exchange `base` (`user.events`), deleted at the

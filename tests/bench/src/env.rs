@@ -83,9 +83,7 @@ impl Bench {
     }
 
     pub(crate) fn amqp(&self) -> AmqpSettings {
-        AmqpSettings {
-            url: SecretString::from(self.amqp_url.clone()),
-        }
+        AmqpSettings::new(self.amqp_url.clone())
     }
 
     /// The relay's configuration, with `RELAY_BATCH_SIZE` and `RELAY_LANES`

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use secrecy::SecretString;
 use shop_messaging::AmqpSettings;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -18,9 +17,7 @@ use crate::helpers::{channel, spawn_app, spawn_app_with};
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_not_serving_while_the_consumer_cannot_connect() {
     let app = spawn_app_with(|settings| {
-        settings.amqp = AmqpSettings {
-            url: SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f"),
-        };
+        settings.amqp = AmqpSettings::new("amqp://guest:guest@127.0.0.1:1/%2f");
         settings.relay_enabled = false;
     })
     .await;

@@ -4,6 +4,7 @@
 
 mod atomicity;
 mod binary;
+mod broker_tls;
 mod database_tls;
 mod helpers;
 mod limits;

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl as _;
 use prost::Message as _;
-use secrecy::SecretString;
 use shop_bootstrap::shutdown::CancellationToken;
 use shop_contracts::Event as _;
 use shop_contracts::user as pb;
@@ -148,9 +147,7 @@ async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broke
         app.create_user(&format!("wait{i}@example.com"), "Waiting").await;
     }
     let mut down = helpers::settings(&app.db, &app.broker);
-    down.amqp = AmqpSettings {
-        url: SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f"),
-    };
+    down.amqp = AmqpSettings::new("amqp://guest:guest@127.0.0.1:1/%2f");
     let mut unreachable = user_service::app::relay(&down, app.pool.clone());
 
     let error = unreachable.run_once().await.unwrap_err();

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use secrecy::SecretString;
 use shop_contracts::Event as _;
 use shop_contracts::user::{UserCreated, UserUpdated};
 use shop_messaging::AmqpSettings;
@@ -214,10 +213,8 @@ async fn a_permanent_handler_error_is_dead_lettered_at_once() {
 async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_every_event_once() {
     let mut h = harness().await;
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    h.start_with(AmqpSettings {
-        url: SecretString::from(proxy.url_for(&shop_testkit::amqp_url())),
-    })
-    .await;
+    h.start_with(AmqpSettings::new(proxy.url_for(&shop_testkit::amqp_url())))
+        .await;
     let mut connected = h.connected.clone();
     let mut ids = Vec::new();
 
@@ -274,10 +271,8 @@ async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_eve
 async fn the_consumer_reports_disconnected_while_the_broker_refuses_it() {
     let mut h = harness().await;
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    h.start_with(AmqpSettings {
-        url: SecretString::from(proxy.url_for(&shop_testkit::amqp_url())),
-    })
-    .await;
+    h.start_with(AmqpSettings::new(proxy.url_for(&shop_testkit::amqp_url())))
+        .await;
     let mut connected = h.connected.clone();
 
     proxy.refuse(true);
