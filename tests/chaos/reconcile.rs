@@ -170,6 +170,21 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// The first column of every row of `sql`, as text.
+async fn texts<C: FromIterator<String>>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> C {
+    client
+        .query(sql, params)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// The projection the user service's events call for: per user, the state of
 /// its highest version (None: deleted).
 async fn expected_projection(
@@ -276,23 +291,13 @@ pub async fn settle_and_reconcile(
     // Publication and consumption.
     let unpublished_users = count(&users, "SELECT count(*) FROM outbox WHERE published_at IS NULL").await;
     let unpublished_orders = count(&orders, "SELECT count(*) FROM outbox WHERE published_at IS NULL").await;
-    let user_events: Vec<String> = users
-        .query("SELECT event_id::text FROM outbox", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let inbox: HashSet<String> = orders
-        .query(
-            "SELECT event_id::text FROM inbox WHERE consumer = $1",
-            &[&chaos.consumer_queue],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let user_events: Vec<String> = texts(&users, "SELECT event_id::text FROM outbox", &[]).await;
+    let inbox: HashSet<String> = texts(
+        &orders,
+        "SELECT event_id::text FROM inbox WHERE consumer = $1",
+        &[&chaos.consumer_queue],
+    )
+    .await;
     let lost = user_events.iter().filter(|id| !inbox.contains(*id)).count();
     let mismatches = projection_mismatches(&users, &orders).await;
 
@@ -311,26 +316,19 @@ pub async fn settle_and_reconcile(
         .filter(|key| !effects.contains_key(*key))
         .count();
     let applied_twice = effects.values().filter(|n| **n > 1).count();
-    let order_ids: HashSet<String> = orders
-        .query("SELECT id::text FROM orders", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order_ids: HashSet<String> = texts(&orders, "SELECT id::text FROM orders", &[]).await;
     let missing_orders = outcome
         .orders
         .iter()
         .filter(|id| !order_ids.contains(*id))
         .count();
     let extra_orders = order_ids.len().saturating_sub(outcome.orders.len());
-    let cancelled: HashSet<String> = orders
-        .query("SELECT id::text FROM orders WHERE status = 'CANCELLED'", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let cancelled: HashSet<String> = texts(
+        &orders,
+        "SELECT id::text FROM orders WHERE status = 'CANCELLED'",
+        &[],
+    )
+    .await;
     let missing_cancels = outcome
         .cancelled
         .iter()
@@ -343,13 +341,7 @@ pub async fn settle_and_reconcile(
     let (user_duplicates, user_violations) = wire_order(&user_wire);
     let (order_duplicates, order_violations) = wire_order(&order_wire);
     let seen_orders: HashSet<&str> = order_wire.iter().map(|s| s.id.as_str()).collect();
-    let order_events: Vec<String> = orders
-        .query("SELECT event_id::text FROM outbox", &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order_events: Vec<String> = texts(&orders, "SELECT event_id::text FROM outbox", &[]).await;
     let lost_order_events = order_events
         .iter()
         .filter(|id| !seen_orders.contains(id.as_str()))

@@ -10,7 +10,6 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Bool, Text};
 use diesel_async::RunQueryDsl as _;
 use secrecy::{ExposeSecret as _, SecretString};
-use shop_contracts::user as pb;
 
 use crate::helpers::{settings, spawn_app_with, test_database};
 
@@ -56,19 +55,7 @@ async fn with_sslmode_require_every_connection_of_the_service_is_tls() {
         settings.database.ca_file = Some(certificate);
     })
     .await;
-    let user = app
-        .client
-        .clone()
-        .create_user(pb::CreateUserRequest {
-            email: "tls@example.com".to_owned(),
-            name: "Over TLS".to_owned(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = app.create_user("tls@example.com", "Over TLS").await;
     assert_eq!(user.email, "tls@example.com");
 
     // The relay publishes it: its batch connection and its LISTEN session
