@@ -107,7 +107,7 @@ impl Node {
 /// Waits (up to 30 s) until the server at `addr` reports SERVING.
 async fn wait_until_serving(addr: SocketAddr) {
     shop_testkit::eventually("the service to serve", Duration::from_secs(30), || async move {
-        shop_bootstrap::grpc::check_health(addr).await.ok()
+        shop_host::grpc::check_health(addr).await.ok()
     })
     .await;
 }
@@ -201,11 +201,11 @@ impl Chaos {
             broker.track_queue(&queue);
         }
         let taps = Taps::declare(&broker, &user_exchange, &order_exchange).await;
-        let amqp_url = amqp_proxy.url_for(broker.settings().url.expose_secret());
+        let amqp_url = amqp_proxy.url_for(broker.config().url.expose_secret());
         let delays = consumer
             .retry_delays
             .iter()
-            .map(|d| d.as_millis().to_string())
+            .map(|d| format!("{}ms", d.as_millis()))
             .collect::<Vec<_>>()
             .join(",");
         let common = |db: &TestDatabase| {
@@ -215,13 +215,13 @@ impl Chaos {
                 ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
                 ("ORDER_EVENTS_EXCHANGE", order_exchange.clone()),
                 ("USER_EVENTS_QUEUE", consumer_queue.clone()),
-                ("CONSUMER_RETRY_DELAYS_MS", delays.clone()),
+                ("CONSUMER_RETRY_DELAYS", delays.clone()),
                 ("CONSUMER_MAX_ATTEMPTS", "6".to_owned()),
-                ("RELAY_POLL_INTERVAL_MS", "500".to_owned()),
-                ("DATABASE_ACQUIRE_TIMEOUT_MS", "2000".to_owned()),
-                ("SHUTDOWN_GRACE_MS", "3000".to_owned()),
+                ("RELAY_POLL_INTERVAL", "500ms".to_owned()),
+                ("DATABASE_ACQUIRE_TIMEOUT", "2s".to_owned()),
+                ("SHUTDOWN_GRACE", "3s".to_owned()),
                 // The "… service started" line is how the test learns it is up.
-                ("RUST_LOG", "warn,user_service=info,order_service=info".to_owned()),
+                ("RUST_LOG", "warn,shop_host=info".to_owned()),
             ]
         };
         let nodes = |service: &'static str, db: &TestDatabase| -> Vec<Node> {

@@ -62,8 +62,7 @@ pub struct Load {
 fn clients(chaos: &Chaos) -> (Vec<UserClient>, Vec<OrderClient>) {
     let retry = RetryPolicy {
         max_attempts: 8,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
+        backoff: shop_client::Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
     };
     let config = |addr: std::net::SocketAddr| {
         ClientConfig::new(format!("http://{addr}"))

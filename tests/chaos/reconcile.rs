@@ -347,7 +347,7 @@ pub async fn settle_and_reconcile(
         .filter(|id| !seen_orders.contains(id.as_str()))
         .count();
     let dead_letters = {
-        let dlq = shop_messaging::dlq::DeadLetters::connect(&chaos.broker.settings(), &chaos.consumer_queue)
+        let dlq = shop_messaging::dlq::DeadLetters::connect(&chaos.broker.config(), &chaos.consumer_queue)
             .await
             .unwrap();
         let letters = dlq.browse(usize::MAX).await.unwrap();

@@ -5,4 +5,5 @@
 
 mod flow;
 mod golden;
+mod readme;
 mod system;

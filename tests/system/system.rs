@@ -25,8 +25,8 @@ pub struct System {
     pub order_addr: SocketAddr,
     pub users: UserServiceClient<Channel>,
     pub orders: OrderServiceClient<Channel>,
-    pub user_settings: user_service::Settings,
-    pub order_settings: order_service::Settings,
+    pub user_settings: user_service::Config,
+    pub order_settings: order_service::Config,
     // Dropped in this order: the services stop before their names and
     // databases go.
     _user_service: Running,
@@ -64,37 +64,27 @@ pub async fn start(user_relay: bool) -> System {
     .unwrap();
     let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
 
-    let mut relay = shop_outbox::RelayConfig::new(broker.exchange("user.events"), "user-service");
-    relay.poll_interval = Duration::from_millis(200);
-    let user_settings = user_service::Settings {
-        database: user_db.settings(),
-        amqp: broker.settings(),
-        grpc_addr: any_port,
-        admin_addr: any_port,
-        grpc: shop_bootstrap::grpc::GrpcOptions::default(),
-        relay_enabled: user_relay,
-        relay: relay.clone(),
-        shutdown_grace: Duration::from_secs(5),
-    };
-    let mut consumer = shop_messaging::consumer::ConsumerConfig::new(
-        relay.exchange.clone(),
-        broker.queue("order-service.user-events"),
-    );
-    consumer.retry_delays = vec![Duration::from_millis(200)];
-    let mut order_relay = shop_outbox::RelayConfig::new(broker.exchange("order.events"), "order-service");
-    order_relay.poll_interval = Duration::from_millis(200);
-    let order_settings = order_service::Settings {
-        database: order_db.settings(),
-        amqp: broker.settings(),
-        grpc_addr: any_port,
-        admin_addr: any_port,
-        grpc: shop_bootstrap::grpc::GrpcOptions::default(),
-        relay_enabled: true,
-        relay: order_relay,
-        consumer,
-        shutdown_grace: Duration::from_secs(5),
-    };
-    for queue in order_settings.consumer.queue_names() {
+    let mut user_settings = user_service::Config::defaults();
+    user_settings.host.database = user_db.config();
+    user_settings.host.amqp = broker.config();
+    user_settings.host.grpc.addr = any_port;
+    user_settings.host.admin_addr = any_port;
+    user_settings.host.relay_enabled = user_relay;
+    user_settings.host.relay.poll_interval = Duration::from_millis(200);
+    user_settings.host.shutdown_grace = Duration::from_secs(5);
+    user_settings.service.events_exchange = broker.exchange("user.events");
+    let mut order_settings = order_service::Config::defaults();
+    order_settings.host.database = order_db.config();
+    order_settings.host.amqp = broker.config();
+    order_settings.host.grpc.addr = any_port;
+    order_settings.host.admin_addr = any_port;
+    order_settings.host.relay.poll_interval = Duration::from_millis(200);
+    order_settings.host.shutdown_grace = Duration::from_secs(5);
+    order_settings.service.events_exchange = broker.exchange("order.events");
+    order_settings.service.user_events_exchange = user_settings.service.events_exchange.clone();
+    order_settings.service.user_events_queue = broker.queue("order-service.user-events");
+    order_settings.service.consumer.retry_delays = vec![Duration::from_millis(200)];
+    for queue in order_settings.service.consumer().queue_names() {
         broker.track_queue(&queue);
     }
 
@@ -143,8 +133,8 @@ impl System {
 
     /// The user service's outbox relay, run by the test.
     pub fn user_relay(&self) -> Running {
-        let pool = shop_bootstrap::db::pool(&self.user_settings.database).unwrap();
-        let relay = user_service::app::relay(&self.user_settings, pool);
+        let pool = shop_database::pool(&self.user_settings.host.database).unwrap();
+        let relay = shop_host::relay(&self.user_settings, pool);
         Running::spawn(|shutdown| relay.run(shutdown))
     }
 }

@@ -67,7 +67,7 @@ pub fn install() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(incoming);
         RUNTIME.spawn(server);
-        let mut config = TelemetryConfig::from_env("system-tests", "0");
+        let mut config = TelemetryConfig::new("system-tests", "0");
         config.otlp_endpoint = Some(format!("http://{addr}"));
         if std::env::var_os("TEST_LOG").is_none() {
             config.log_filter = "off".to_owned();

@@ -60,8 +60,8 @@ fn a_create_user_call_is_one_trace_down_to_the_order_services_projection_write()
     RUNTIME.block_on(async {
         let system = start(true).await;
         let (trace_id, client_span) = (random_hex(16), random_hex(8));
-        let exchange = system.user_settings.relay.exchange.clone();
-        let queue = system.order_settings.consumer.queue.clone();
+        let exchange = system.user_settings.service.events_exchange.clone();
+        let queue = system.order_settings.service.user_events_queue.clone();
 
         system
             .users
@@ -150,12 +150,12 @@ fn a_create_order_call_is_one_trace_through_order_events_to_its_consumer() {
     install();
     RUNTIME.block_on(async {
         let system = start(true).await;
-        let exchange = system.order_settings.relay.exchange.clone();
+        let exchange = system.order_settings.service.events_exchange.clone();
         let queue = system.broker.queue("trace.order-events");
         let consumer = Consumer::new(
             ConsumerConfig::new(exchange.clone(), queue.clone()),
-            shop_bootstrap::db::pool(&system.order_settings.database).unwrap(),
-            system.order_settings.amqp.clone(),
+            shop_database::pool(&system.order_settings.host.database).unwrap(),
+            system.order_settings.host.amqp.clone(),
         )
         .subscribe::<OrderCreated, _>(NoteOrder);
         for name in consumer.topology().queue_names() {

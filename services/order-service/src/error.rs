@@ -1,6 +1,7 @@
 //! The one error type of the order service and its mapping to gRPC codes.
 
-use shop_bootstrap::grpc::FieldViolations;
+use shop_host::grpc::{StaleVersion, StorageError};
+use shop_host::validate::FieldViolations;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -10,7 +11,7 @@ use uuid::Uuid;
 pub enum Error {
     /// `INVALID_ARGUMENT`, with `google.rpc.BadRequest` field violations.
     #[error("invalid request")]
-    Invalid(FieldViolations),
+    Invalid(#[from] FieldViolations),
     /// `NOT_FOUND`.
     #[error("order {0} not found")]
     NotFound(Uuid),
@@ -27,43 +28,19 @@ pub enum Error {
     /// `ALREADY_EXISTS`: the request_id was used before for another request.
     #[error("request_id {0} was already used for a different request")]
     RequestIdReused(Uuid),
-    /// `ABORTED`: optimistic concurrency check failed.
-    #[error("order {id} is at version {actual}, not the expected version {expected}")]
-    VersionMismatch {
-        /// The order.
-        id: Uuid,
-        /// What the caller expected.
-        expected: i64,
-        /// What is stored.
-        actual: i64,
-    },
-    /// `UNAVAILABLE`: the database is unreachable or the pool is exhausted.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// `INTERNAL`: details are logged, never sent to the caller.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// `ABORTED`: `expected_version` is not the stored version.
+    #[error(transparent)]
+    StaleVersion(#[from] StaleVersion),
+    /// `UNAVAILABLE` during a database outage (the caller may retry),
+    /// `INTERNAL` for any other failure of storage; the cause is logged,
+    /// never sent to the caller.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl From<diesel::result::Error> for Error {
     fn from(error: diesel::result::Error) -> Self {
-        if shop_bootstrap::db::is_unavailable(&error) {
-            Self::Unavailable(error.to_string())
-        } else {
-            Self::Internal(error.to_string())
-        }
-    }
-}
-
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
-    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        Self::Unavailable(error.to_string())
-    }
-}
-
-impl From<FieldViolations> for Error {
-    fn from(violations: FieldViolations) -> Self {
-        Self::Invalid(violations)
+        Self::Storage(error.into())
     }
 }
 
@@ -76,9 +53,8 @@ impl From<Error> for Status {
                 Status::failed_precondition(error.to_string())
             }
             Error::RequestIdReused(_) => Status::already_exists(error.to_string()),
-            Error::VersionMismatch { .. } => Status::aborted(error.to_string()),
-            Error::Unavailable(detail) => shop_bootstrap::grpc::unavailable(&detail),
-            Error::Internal(detail) => shop_bootstrap::grpc::internal(&detail),
+            Error::StaleVersion(error) => error.into(),
+            Error::Storage(error) => error.into(),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! `shop.order.v1.OrderService` over gRPC: validate, run the command, map the
 //! outcome to a response or a status.
 
-use shop_bootstrap::db::{Pool, PooledConnection};
 use shop_contracts::order as pb;
 use shop_contracts::order::order_service_server::OrderService;
+use shop_database::{Pool, PooledConnection};
+use shop_host::grpc::StorageError;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -29,7 +30,7 @@ impl OrderGrpc {
     }
 
     async fn conn(&self) -> Result<PooledConnection, Error> {
-        Ok(self.pool.get().await?)
+        Ok(self.pool.get().await.map_err(StorageError::from)?)
     }
 }
 
@@ -71,7 +72,7 @@ impl OrderService for OrderGrpc {
         if orders.len() > page.size as usize {
             orders.truncate(page.size as usize);
             if let Some(last) = orders.last() {
-                next_page_token = shop_bootstrap::validate::page_token(last.row.id);
+                next_page_token = shop_host::validate::page_token(last.row.id);
             }
         }
         Ok(Response::new(pb::ListOrdersResponse {

@@ -9,19 +9,17 @@
 //!   seen deleted: `known_users`, fed by `user.created`, `user.updated` and
 //!   `user.deleted` through a typed consumer with an inbox, retries and
 //!   dead-lettering ([`projection`], `shop_messaging::consumer`).
-//! - [`app::Application`] builds and runs it; [`cli`] is the command line of
-//!   the binary.
+//! - [`app::OrderService`] tells the service host (`shop-host`) what is the
+//!   order service's own: its settings, migrations, gRPC service and
+//!   consumer; the host does the rest.
 #![forbid(unsafe_code)]
 
 pub mod app;
-pub mod cli;
 pub mod error;
 pub mod grpc;
 pub mod projection;
 pub mod schema;
-pub mod settings;
 pub mod store;
 pub mod validate;
 
-pub use app::Application;
-pub use settings::Settings;
+pub use app::{Application, Config, OrderConfig, OrderService};

@@ -11,6 +11,7 @@ use diesel::{
 };
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use shop_contracts::order as pb;
+use shop_host::grpc::StaleVersion;
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -232,13 +233,7 @@ pub async fn cancel_order(
         if current.status == CANCELLED {
             return Err(Error::AlreadyCancelled(id));
         }
-        if current.version != expected_version {
-            return Err(Error::VersionMismatch {
-                id,
-                expected: expected_version,
-                actual: current.version,
-            });
-        }
+        StaleVersion::check("order", id, expected_version, current.version)?;
         let now = Utc::now();
         let row: OrderRow = diesel::update(orders::table.find(id))
             .set((

@@ -1,12 +1,13 @@
 //! The rules an order request must meet, checked before any database work.
 //! The generic checks (ids, versions, pages) are in
-//! `shop_bootstrap::validate`.
+//! `shop_host::validate`.
 
 use std::collections::HashSet;
 
-use shop_bootstrap::grpc::FieldViolations;
-pub use shop_bootstrap::validate::{expected_version, optional_uuid, page_after, page_size, uuid};
 use shop_contracts::order as pb;
+pub use shop_host::validate::{
+    FieldViolations, expected_version, optional_uuid, page_after, page_size, uuid,
+};
 use uuid::Uuid;
 
 use crate::store::{NewOrder, OrderLine};

@@ -1,6 +1,7 @@
 //! The one error type of the user service and its mapping to gRPC codes.
 
-use shop_bootstrap::grpc::FieldViolations;
+use shop_host::grpc::{StaleVersion, StorageError};
+use shop_host::validate::FieldViolations;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -10,7 +11,7 @@ use uuid::Uuid;
 pub enum Error {
     /// `INVALID_ARGUMENT`, with `google.rpc.BadRequest` field violations.
     #[error("invalid request")]
-    Invalid(FieldViolations),
+    Invalid(#[from] FieldViolations),
     /// `NOT_FOUND`.
     #[error("user {0} not found")]
     NotFound(Uuid),
@@ -31,47 +32,23 @@ pub enum Error {
         /// The user it created.
         user_id: Uuid,
     },
-    /// `ABORTED`: optimistic concurrency check failed.
-    #[error("user {id} is at version {actual}, not the expected version {expected}")]
-    VersionMismatch {
-        /// The user.
-        id: Uuid,
-        /// What the caller expected.
-        expected: i64,
-        /// What is stored.
-        actual: i64,
-    },
-    /// `UNAVAILABLE`: the database is unreachable or the pool is exhausted;
-    /// the caller may retry.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// `INTERNAL`: a bug or an unexpected database failure. The details are
-    /// logged, never sent to the caller.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// `ABORTED`: `expected_version` is not the stored version.
+    #[error(transparent)]
+    StaleVersion(#[from] StaleVersion),
+    /// `UNAVAILABLE` during a database outage (the caller may retry),
+    /// `INTERNAL` for any other failure of storage; the cause is logged,
+    /// never sent to the caller.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl From<diesel::result::Error> for Error {
     fn from(error: diesel::result::Error) -> Self {
-        if shop_bootstrap::db::is_unique_violation(&error, "users_email_key") {
+        if shop_database::is_unique_violation(&error, "users_email_key") {
             Self::EmailTaken
-        } else if shop_bootstrap::db::is_unavailable(&error) {
-            Self::Unavailable(error.to_string())
         } else {
-            Self::Internal(error.to_string())
+            Self::Storage(error.into())
         }
-    }
-}
-
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
-    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        Self::Unavailable(error.to_string())
-    }
-}
-
-impl From<FieldViolations> for Error {
-    fn from(violations: FieldViolations) -> Self {
-        Self::Invalid(violations)
     }
 }
 
@@ -81,9 +58,8 @@ impl From<Error> for Status {
             Error::Invalid(violations) => violations.into_status(),
             Error::NotFound(_) | Error::CreatedUserDeleted { .. } => Status::not_found(error.to_string()),
             Error::EmailTaken | Error::RequestIdReused(_) => Status::already_exists(error.to_string()),
-            Error::VersionMismatch { .. } => Status::aborted(error.to_string()),
-            Error::Unavailable(detail) => shop_bootstrap::grpc::unavailable(&detail),
-            Error::Internal(detail) => shop_bootstrap::grpc::internal(&detail),
+            Error::StaleVersion(error) => error.into(),
+            Error::Storage(error) => error.into(),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! `shop.user.v1.UserService` over gRPC: validate, run the command, map the
 //! outcome to a response or a status.
 
-use shop_bootstrap::db::{Pool, PooledConnection};
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::UserService;
+use shop_database::{Pool, PooledConnection};
+use shop_host::grpc::StorageError;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -29,7 +30,7 @@ impl UserGrpc {
     }
 
     async fn conn(&self) -> Result<PooledConnection, Error> {
-        Ok(self.pool.get().await?)
+        Ok(self.pool.get().await.map_err(StorageError::from)?)
     }
 }
 

@@ -7,18 +7,16 @@
 //! `UserUpdated`, `UserDeleted`) to the outbox ([`store`]). The outbox relay
 //! publishes the events to the `user.events` topic exchange.
 //!
-//! [`app::Application`] builds the service (binding its listener, so tests
-//! can use port 0) and runs it until shutdown; `main.rs` only wires
-//! telemetry, settings and signals to it.
+//! [`app::UserService`] tells the service host (`shop-host`) what is the
+//! user service's own: its settings, migrations and gRPC service; the host
+//! does the rest (configuration, command line, server, relay, shutdown).
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod error;
 pub mod grpc;
 pub mod schema;
-pub mod settings;
 pub mod store;
 pub mod validate;
 
-pub use app::Application;
-pub use settings::Settings;
+pub use app::{Application, Config, UserConfig, UserService};

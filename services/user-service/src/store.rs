@@ -8,6 +8,7 @@ use diesel::{
 };
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use shop_contracts::user as pb;
+use shop_host::grpc::StaleVersion;
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -220,13 +221,7 @@ async fn lock(conn: &mut AsyncPgConnection, id: Uuid, expected_version: i64) -> 
         .await
         .optional()?
         .ok_or(Error::NotFound(id))?;
-    if current.version != expected_version {
-        return Err(Error::VersionMismatch {
-            id,
-            expected: expected_version,
-            actual: current.version,
-        });
-    }
+    StaleVersion::check("user", id, expected_version, current.version)?;
     Ok(current)
 }
 

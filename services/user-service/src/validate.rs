@@ -6,11 +6,10 @@
 //! [`FieldViolations::check`] passed. The `TryFrom` impls at the end turn
 //! each request into the validated command the store takes.
 
-use shop_bootstrap::grpc::FieldViolations;
-pub use shop_bootstrap::validate::{
-    expected_version, optional_uuid, page_after, page_size, page_token, uuid,
-};
 use shop_contracts::user as pb;
+pub use shop_host::validate::{
+    FieldViolations, expected_version, optional_uuid, page_after, page_size, page_token, uuid,
+};
 use uuid::Uuid;
 
 use crate::store::{NewUser, UserChange};

@@ -60,9 +60,15 @@ pub struct Connection {
         default_value = "http://localhost:50052"
     )]
     pub order_endpoint: String,
-    /// Deadline of each call, in milliseconds.
-    #[arg(long, global = true, env = "SHOP_TIMEOUT_MS", default_value_t = 10_000)]
-    pub timeout_ms: u64,
+    /// Deadline of each call.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOP_TIMEOUT",
+        default_value = "10s",
+        value_parser = shop_config::duration
+    )]
+    pub timeout: Duration,
     /// RabbitMQ, for the dead-letter commands.
     #[arg(
         long,
@@ -86,12 +92,6 @@ pub struct Connection {
     pub queue: String,
 }
 
-impl Connection {
-    pub(crate) fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-}
-
 /// Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -106,14 +106,9 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Run both services in this process against the local PostgreSQL and
     /// RabbitMQ (databases created and migrated, topology declared) until
-    /// Ctrl-C. Settings: USER_DATABASE_URL, ORDER_DATABASE_URL, AMQP_URL and
-    /// the services' own variables.
-    Up {
-        /// Run only this service (`user` or `order`), configured exactly as
-        /// its own binary (DATABASE_URL, GRPC_ADDR, …).
-        #[arg(long)]
-        service: Option<String>,
-    },
+    /// Ctrl-C. Each service reads its own variables (see `user-service
+    /// --help`), except where the flags below give it its own.
+    Up(crate::up::UpArgs),
 }
 
 /// Paging of a listing.

@@ -1,8 +1,7 @@
 //! `shop dlq`: the dead-letter queue of a consumer.
 
-use secrecy::SecretString;
 use serde_json::json;
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use shop_messaging::dlq::{DeadLetter, DeadLetters, Selection};
 
 use crate::args::{Connection, DlqCommand};
@@ -10,10 +9,8 @@ use crate::output::Output;
 
 /// Runs a dead-letter command and prints its outcome.
 pub(crate) async fn run(connection: &Connection, command: DlqCommand, output: &Output) -> anyhow::Result<()> {
-    let amqp = AmqpSettings {
-        url: SecretString::from(connection.amqp_url.clone()),
-        ca_file: connection.amqp_ca_file.clone(),
-    };
+    let mut amqp = AmqpConfig::new(connection.amqp_url.clone());
+    amqp.ca_file.clone_from(&connection.amqp_ca_file);
     let dead_letters = DeadLetters::connect(&amqp, &connection.queue).await?;
     let outcome = execute(&dead_letters, command, output).await;
     dead_letters.close().await;

@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dlq(command) => dlq::run(&cli.connection, command, &output)
             .await
             .map_err(Failure::Other),
-        Command::Up { service } => up::run(service.as_deref()).await.map_err(Failure::Other),
+        Command::Up(args) => up::run(args).await.map_err(Failure::Other),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,7 +78,7 @@ impl From<Error> for Failure {
 }
 
 fn config(endpoint: &str, connection: &args::Connection) -> ClientConfig {
-    ClientConfig::new(endpoint).with_timeout(connection.timeout())
+    ClientConfig::new(endpoint).with_timeout(connection.timeout)
 }
 
 async fn users(connection: &args::Connection, command: UsersCommand, output: &Output) -> Result<(), Failure> {

@@ -1,20 +1,65 @@
 //! `shop up`: the whole system in one process, against the local
 //! PostgreSQL and RabbitMQ, until Ctrl-C.
 
-use shop_bootstrap::settings as env;
-use shop_bootstrap::shutdown::{self, CancellationToken, TaskGroup};
-use shop_telemetry::TelemetryConfig;
+use std::ffi::OsString;
 
-/// Runs both services (or only `service`); each creates and migrates its
-/// database and declares its exchanges and queues. Log lines name their
+use shop_host::shutdown::{self, TaskGroup};
+use shop_host::{CancellationToken, Service};
+
+/// Where each service of `shop up` listens and keeps its data, when not
+/// its own default: one `DATABASE_URL` or `GRPC_ADDR` cannot serve two
+/// services.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UpArgs {
+    /// Run only this service (`user` or `order`), configured exactly as its
+    /// own binary (DATABASE_URL, GRPC_ADDR, …).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// The user service's database (default: its own default, the local `users`).
+    #[arg(long, env = "USER_DATABASE_URL", hide_env_values = true)]
+    pub user_database_url: Option<String>,
+    /// The order service's database (default: the local `orders`).
+    #[arg(long, env = "ORDER_DATABASE_URL", hide_env_values = true)]
+    pub order_database_url: Option<String>,
+    /// The user service's gRPC address (default `0.0.0.0:50051`).
+    #[arg(long, env = "USER_GRPC_ADDR")]
+    pub user_grpc_addr: Option<String>,
+    /// The order service's gRPC address (default `0.0.0.0:50052`).
+    #[arg(long, env = "ORDER_GRPC_ADDR")]
+    pub order_grpc_addr: Option<String>,
+    /// The user service's admin address (default `0.0.0.0:9101`).
+    #[arg(long, env = "USER_ADMIN_ADDR")]
+    pub user_admin_addr: Option<String>,
+    /// The order service's admin address (default `0.0.0.0:9102`).
+    #[arg(long, env = "ORDER_ADMIN_ADDR")]
+    pub order_admin_addr: Option<String>,
+}
+
+/// Runs both services (or only `args.service`); each creates and migrates
+/// its database and declares its exchanges and queues. Log lines name their
 /// service in their target (`user_service::…`, `order_service::…`).
-pub(crate) async fn run(service: Option<&str>) -> anyhow::Result<()> {
-    let name = service.map_or("shop".to_owned(), |service| format!("{service}-service"));
-    let telemetry = shop_telemetry::init(&TelemetryConfig::from_env(&name, env!("CARGO_PKG_VERSION")))?;
-    let outcome = match service {
-        None => run_services().await,
-        Some(service) => serve(service).await,
-    };
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(service) = &args.service {
+        return serve(service).await;
+    }
+    let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(flags::<
+        user_service::UserService,
+    >(
+        args.user_database_url,
+        args.user_grpc_addr,
+        args.user_admin_addr,
+    ))?;
+    let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(flags::<
+        order_service::OrderService,
+    >(
+        args.order_database_url,
+        args.order_grpc_addr,
+        args.order_admin_addr,
+    ))?;
+    let mut telemetry = users.host.telemetry.clone();
+    telemetry.service_name = "shop".to_owned();
+    let telemetry = shop_telemetry::init(&telemetry)?;
+    let outcome = run_both(users, orders).await;
     if let Err(error) = &outcome {
         tracing::error!(error = format!("{error:#}"), "shop up failed");
     }
@@ -22,37 +67,26 @@ pub(crate) async fn run(service: Option<&str>) -> anyhow::Result<()> {
     outcome
 }
 
-async fn run_services() -> anyhow::Result<()> {
-    let mut users = user_service::Settings::from_env()?;
-    users.database.url = env::secret(
-        "USER_DATABASE_URL",
-        "postgres://postgres:postgres@localhost:5432/users",
-    );
-    let mut orders = order_service::Settings::from_env()?;
-    orders.database.url = env::secret(
-        "ORDER_DATABASE_URL",
-        "postgres://postgres:postgres@localhost:5432/orders",
-    );
-    // One GRPC_ADDR/ADMIN_ADDR cannot serve two servers: each keeps its own
-    // default port unless given its own variable.
-    users.grpc_addr = env::parse(
-        "USER_GRPC_ADDR",
-        std::net::SocketAddr::from(([0, 0, 0, 0], 50051)),
-    )?;
-    orders.grpc_addr = env::parse(
-        "ORDER_GRPC_ADDR",
-        std::net::SocketAddr::from(([0, 0, 0, 0], 50052)),
-    )?;
-    users.admin_addr = env::parse(
-        "USER_ADMIN_ADDR",
-        std::net::SocketAddr::from(([0, 0, 0, 0], 9101)),
-    )?;
-    orders.admin_addr = env::parse(
-        "ORDER_ADMIN_ADDR",
-        std::net::SocketAddr::from(([0, 0, 0, 0], 9102)),
-    )?;
-    let grace = users.shutdown_grace.max(orders.shutdown_grace);
+/// The flags that give service `S` its own database and addresses: the
+/// given ones, or the service's defaults.
+fn flags<S: Service>(
+    database_url: Option<String>,
+    grpc_addr: Option<String>,
+    admin_addr: Option<String>,
+) -> Vec<OsString> {
+    let defaults = S::DEFAULTS;
+    [
+        ("--database-url", database_url, defaults.database_url),
+        ("--grpc-addr", grpc_addr, defaults.grpc_addr),
+        ("--admin-addr", admin_addr, defaults.admin_addr),
+    ]
+    .into_iter()
+    .map(|(flag, value, default)| OsString::from(format!("{flag}={}", value.as_deref().unwrap_or(default))))
+    .collect()
+}
 
+async fn run_both(users: user_service::Config, orders: order_service::Config) -> anyhow::Result<()> {
+    let grace = users.host.shutdown_grace.max(orders.host.shutdown_grace);
     let user_app = user_service::Application::build(users).await?;
     let order_app = order_service::Application::build(orders).await?;
     let shutdown = CancellationToken::new();
@@ -70,22 +104,34 @@ async fn run_services() -> anyhow::Result<()> {
 }
 
 /// One service, configured from the environment exactly as its own binary
-/// is (`DATABASE_URL`, `GRPC_ADDR`, …), until SIGINT/SIGTERM.
+/// is (`DATABASE_URL`, `GRPC_ADDR`, …), with its telemetry, until
+/// SIGINT/SIGTERM.
 pub async fn serve(service: &str) -> anyhow::Result<()> {
+    fn from_env<S: Service>() -> anyhow::Result<shop_host::Config<S>> {
+        shop_host::Config::<S>::from_env_and_flags(Vec::<OsString>::new())
+    }
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signal(shutdown.clone());
     match service {
         "user" => {
-            user_service::Application::build(user_service::Settings::from_env()?)
+            let config = from_env::<user_service::UserService>()?;
+            let telemetry = shop_telemetry::init(&config.host.telemetry)?;
+            let outcome = user_service::Application::build(config)
                 .await?
                 .run(shutdown)
-                .await
+                .await;
+            telemetry.shutdown();
+            outcome
         }
         "order" => {
-            order_service::Application::build(order_service::Settings::from_env()?)
+            let config = from_env::<order_service::OrderService>()?;
+            let telemetry = shop_telemetry::init(&config.host.telemetry)?;
+            let outcome = order_service::Application::build(config)
                 .await?
                 .run(shutdown)
-                .await
+                .await;
+            telemetry.shutdown();
+            outcome
         }
         other => Err(anyhow::anyhow!(
             "unknown service {other:?}: expected user or order"

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+pub use shop_backoff::Backoff;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::Error;
@@ -86,15 +87,13 @@ pub struct TlsConfig {
     pub domain: Option<String>,
 }
 
-/// Exponential backoff with jitter between attempts.
+/// How often to try a call, and how long to wait between attempts.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Attempts in all (1 = no retry).
     pub max_attempts: u32,
-    /// Wait before the second attempt.
-    pub initial_backoff: Duration,
-    /// Longest wait between attempts.
-    pub max_backoff: Duration,
+    /// The waits between attempts: exponential with jitter.
+    pub backoff: Backoff,
 }
 
 impl Default for RetryPolicy {
@@ -102,8 +101,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 4,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
         }
     }
 }

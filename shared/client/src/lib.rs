@@ -52,7 +52,7 @@ mod orders;
 mod retry;
 mod users;
 
-pub use config::{ClientConfig, RetryPolicy, TlsConfig};
+pub use config::{Backoff, ClientConfig, RetryPolicy, TlsConfig};
 pub use error::{Error, FieldViolation};
 pub use orders::OrderClient;
 pub use shop_contracts::order::{Order, OrderItem, OrderStatus};

@@ -45,7 +45,7 @@ where
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     let policy = config.retry;
-    let mut backoff = policy.initial_backoff;
+    let mut backoff = policy.backoff.start();
     let mut attempt = 1;
     loop {
         let mut request = Request::new(message.clone());
@@ -63,8 +63,6 @@ where
             return Err(Error::from(status));
         }
         attempt += 1;
-        let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(policy.max_backoff);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

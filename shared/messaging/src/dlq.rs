@@ -20,7 +20,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
-use crate::AmqpSettings;
+use crate::AmqpConfig;
 use crate::topology::dead_letter_queue;
 use crate::wire::{self, header_i64, header_str};
 
@@ -143,7 +143,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// Connects to the dead-letter queue of consumer queue `queue` (e.g.
     /// `order-service.user-events`).
-    pub async fn connect(amqp: &AmqpSettings, queue: &str) -> anyhow::Result<Self> {
+    pub async fn connect(amqp: &AmqpConfig, queue: &str) -> anyhow::Result<Self> {
         let connection = crate::connection::connect(amqp, &format!("{queue} dead letters")).await?;
         Ok(Self {
             connection,

@@ -1,7 +1,7 @@
 //! RabbitMQ for the services, with lapin.
 //!
-//! - [`connection`]: connecting with a name and reconnecting with capped
-//!   exponential backoff ([`Backoff`]).
+//! - [`connection`]: connecting with a name, over TLS for `amqps://`
+//!   ([`AmqpConfig`]).
 //! - [`wire`]: the wire contract of an event (AMQP properties and headers),
 //!   written by the outbox relay and read by consumers, and the trace context
 //!   carried in the headers.
@@ -18,4 +18,4 @@ pub mod inbox;
 pub mod topology;
 pub mod wire;
 
-pub use connection::{AmqpSettings, Backoff};
+pub use connection::AmqpConfig;

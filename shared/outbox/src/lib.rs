@@ -67,7 +67,7 @@
 mod relay;
 pub mod schema;
 
-pub use relay::{BatchOutcome, Relay, RelayConfig, RelayError};
+pub use relay::{BatchOutcome, BrokerError, Relay, RelayConfig, RelayError};
 
 use diesel::{ExpressionMethods as _, QueryResult};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};

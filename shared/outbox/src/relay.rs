@@ -12,10 +12,10 @@ use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
-use shop_bootstrap::admin::DependencyHealth;
-use shop_bootstrap::db::{DatabaseSettings, Pool};
+use shop_backoff::Backoff;
+use shop_database::{DatabaseConfig, Pool};
+use shop_messaging::AmqpConfig;
 use shop_messaging::wire::EventHeaders;
-use shop_messaging::{AmqpSettings, Backoff};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -25,67 +25,89 @@ use uuid::Uuid;
 use crate::PARTITIONS;
 use crate::schema::outbox::dsl;
 
-/// How the relay's broker connection appears in the dependency health.
-const HEALTH_NAME: &str = "rabbitmq (outbox relay)";
-
 /// Namespace (first key) of the relay's advisory locks; the second key is the
 /// partition.
 const LOCK_NAMESPACE: i32 = 0x6f75_7462; // "outb"
 
 /// How a relay publishes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
-    /// Topic exchange the events go to (`user.events`).
+    /// Topic exchange the events go to (set by the service: `user.events`).
+    #[arg(skip)]
     pub exchange: String,
-    /// AMQP `app_id` of every event: the producing service.
+    /// AMQP `app_id` of every event: the producing service (set by the
+    /// service).
+    #[arg(skip)]
     pub app_id: String,
-    /// Most rows published per batch (one transaction, one round of confirms).
+    /// Most rows published per batch (one transaction, one round of
+    /// confirms).
+    #[arg(
+        id = "relay_batch_size",
+        long = "relay-batch-size",
+        env = "RELAY_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(i64).range(1..=100_000)
+    )]
     pub batch_size: i64,
     /// How long to wait without a notification before looking anyway.
+    #[arg(
+        id = "relay_poll_interval",
+        long = "relay-poll-interval",
+        env = "RELAY_POLL_INTERVAL",
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = shop_config::duration
+    )]
     pub poll_interval: Duration,
     /// How long a broker confirm may take before the batch counts as failed.
+    #[arg(
+        id = "relay_confirm_timeout",
+        long = "relay-confirm-timeout",
+        env = "RELAY_CONFIRM_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = shop_config::duration
+    )]
     pub confirm_timeout: Duration,
     /// Published rows older than this are deleted.
+    #[arg(
+        id = "outbox_retention",
+        long = "outbox-retention",
+        env = "OUTBOX_RETENTION",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = shop_config::duration
+    )]
     pub retention: Duration,
     /// How often published rows past retention are deleted.
+    #[arg(skip = Duration::from_secs(60))]
     pub cleanup_interval: Duration,
     /// Waits between attempts while the broker or the database is away.
+    #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
     /// Lanes of one relay: each claims its own share of the partitions (lane
     /// `i` of `n` tries partitions `i`, `i + n`, …) and runs its own batches
     /// on its own connections, so one lane's database work overlaps another's
     /// wait for the broker.
-    pub lanes: usize,
+    #[arg(
+        id = "relay_lanes",
+        long = "relay-lanes",
+        env = "RELAY_LANES",
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=32)
+    )]
+    pub lanes: u16,
 }
 
 impl RelayConfig {
-    /// Defaults for publishing to `exchange` as `app_id`.
+    /// The defaults, for publishing to `exchange` as `app_id`.
     pub fn new(exchange: impl Into<String>, app_id: impl Into<String>) -> Self {
-        Self {
-            exchange: exchange.into(),
-            app_id: app_id.into(),
-            batch_size: 2000,
-            poll_interval: Duration::from_secs(1),
-            confirm_timeout: Duration::from_secs(30),
-            retention: Duration::from_secs(24 * 3600),
-            cleanup_interval: Duration::from_secs(60),
-            backoff: Backoff::default(),
-            lanes: 2,
-        }
-    }
-
-    /// Defaults with the overrides of the environment: the exchange from
-    /// `exchange_var` (default `default_exchange`), `RELAY_BATCH_SIZE`,
-    /// `RELAY_POLL_INTERVAL_MS`, `OUTBOX_RETENTION_SECS`.
-    pub fn from_env(exchange_var: &str, default_exchange: &str, app_id: &str) -> anyhow::Result<Self> {
-        use shop_bootstrap::settings as env;
-        let mut config = Self::new(env::string(exchange_var, default_exchange), app_id);
-        config.batch_size = env::parse("RELAY_BATCH_SIZE", config.batch_size)?;
-        config.poll_interval = env::millis("RELAY_POLL_INTERVAL_MS", config.poll_interval)?;
-        config.retention =
-            Duration::from_secs(env::parse("OUTBOX_RETENTION_SECS", config.retention.as_secs())?);
-        config.lanes = env::parse("RELAY_LANES", config.lanes)?.clamp(1, PARTITIONS as usize);
-        Ok(config)
+        let mut config: Self = shop_config::defaults();
+        config.exchange = exchange.into();
+        config.app_id = app_id.into();
+        config
     }
 }
 
@@ -93,15 +115,44 @@ impl RelayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// The database failed or is unreachable.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] diesel::result::Error),
     /// No pooled connection could be had.
-    #[error("database unavailable: {0}")]
+    #[error("database unavailable")]
     Pool(#[from] diesel_async::pooled_connection::deadpool::PoolError),
     /// The broker is unreachable, closed the channel, nacked a publish or did
     /// not confirm in time.
-    #[error("broker error: {0}")]
-    Broker(String),
+    #[error("broker error")]
+    Broker(#[source] BrokerError),
+}
+
+/// What went wrong on the broker's side.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Connecting (or declaring the exchange) failed.
+    #[error("failed to connect to the broker")]
+    Connect(#[source] anyhow::Error),
+    /// The connection or channel failed.
+    #[error("broker connection failed")]
+    Connection(#[from] lapin::Error),
+    /// The broker refused a publish.
+    #[error("the broker rejected the publish (nack)")]
+    Nack,
+    /// No confirm came back in time.
+    #[error("no confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+impl From<BrokerError> for RelayError {
+    fn from(error: BrokerError) -> Self {
+        Self::Broker(error)
+    }
+}
+
+impl From<lapin::Error> for RelayError {
+    fn from(error: lapin::Error) -> Self {
+        Self::Broker(BrokerError::Connection(error))
+    }
 }
 
 /// What one batch did.
@@ -146,12 +197,12 @@ struct Publisher {
 /// Publishes a service's outbox; see the crate docs.
 pub struct Relay {
     pool: Pool,
-    database: DatabaseSettings,
-    amqp: AmqpSettings,
+    database: DatabaseConfig,
+    amqp: AmqpConfig,
     config: RelayConfig,
     publisher: Option<Publisher>,
     wake: watch::Receiver<u64>,
-    health: DependencyHealth,
+    connected: std::sync::Arc<watch::Sender<bool>>,
     /// This relay's lane: (index, count); (0, 1) covers every partition.
     lane: (usize, usize),
 }
@@ -168,7 +219,7 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// A relay over the outbox in `pool`'s database. `database` is the same
     /// database, for the dedicated `LISTEN` connection.
-    pub fn new(pool: Pool, database: DatabaseSettings, amqp: AmqpSettings, config: RelayConfig) -> Self {
+    pub fn new(pool: Pool, database: DatabaseConfig, amqp: AmqpConfig, config: RelayConfig) -> Self {
         Self {
             pool,
             database,
@@ -176,17 +227,16 @@ impl Relay {
             config,
             publisher: None,
             wake: watch::channel(0).1,
-            health: DependencyHealth::default(),
+            connected: std::sync::Arc::new(watch::Sender::new(false)),
             lane: (0, 1),
         }
     }
 
-    /// Reports the relay's broker connection in `health` (as
-    /// `rabbitmq (outbox relay)`).
-    #[must_use]
-    pub fn with_health(mut self, health: DependencyHealth) -> Self {
-        self.health = health;
-        self
+    /// Whether the relay's last batch reached the broker (for health
+    /// reporting: the service host shows it on `/health` and in
+    /// `dependency_up`).
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
     }
 
     /// Publishes one batch: claims the free partitions, publishes their oldest
@@ -202,7 +252,13 @@ impl Relay {
         let mut conn = self.pool.get().await?;
         let result = {
             let Some(publisher) = self.publisher.as_ref() else {
-                return Err(RelayError::Broker("no channel".to_owned()));
+                return Err(BrokerError::Connection(lapin::Error::from(
+                    lapin::ErrorKind::InvalidChannelState(
+                        lapin::ChannelState::Closed,
+                        "relay has no channel",
+                    ),
+                ))
+                .into());
             };
             let config = &self.config;
             let lane = self.lane;
@@ -235,7 +291,7 @@ impl Relay {
             shutdown.clone(),
         ));
         tracing::info!(exchange = %self.config.exchange, lanes = self.config.lanes, "outbox relay started");
-        let lanes = self.config.lanes.clamp(1, PARTITIONS as usize);
+        let lanes = usize::from(self.config.lanes).clamp(1, PARTITIONS as usize);
         let mut running = tokio::task::JoinSet::new();
         for index in 0..lanes {
             let lane = Relay {
@@ -245,7 +301,7 @@ impl Relay {
                 config: self.config.clone(),
                 publisher: None,
                 wake: wake.clone(),
-                health: self.health.clone(),
+                connected: self.connected.clone(),
                 lane: (index, lanes),
             };
             running.spawn(lane.run_lane(shutdown.clone()));
@@ -259,18 +315,20 @@ impl Relay {
 
     /// The loop of one lane (see [`RelayConfig::lanes`]).
     async fn run_lane(mut self, shutdown: CancellationToken) {
-        let mut backoff = self.config.backoff.clone();
-        let mut failures: u32 = 0;
+        let mut backoff = self.config.backoff.start();
         let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
         while !shutdown.is_cancelled() {
             let result = self.run_once().await;
-            self.health.set(HEALTH_NAME, self.publisher.is_some());
+            self.connected.send_replace(self.publisher.is_some());
             let wait = match result {
                 Ok(outcome) => {
-                    if failures > 0 {
-                        tracing::info!(failures, lane = self.lane.0, "outbox relay recovered");
+                    if backoff.failures() > 0 {
+                        tracing::info!(
+                            failures = backoff.failures(),
+                            lane = self.lane.0,
+                            "outbox relay recovered"
+                        );
                     }
-                    failures = 0;
                     backoff.reset();
                     if outcome.claimed > 0 {
                         tracing::debug!(
@@ -285,14 +343,13 @@ impl Relay {
                     None
                 }
                 Err(error) => {
-                    failures += 1;
                     metrics::counter!("outbox_batch_failures_total", "exchange" => self.config.exchange.clone())
                         .increment(1);
                     let delay = backoff.next_delay();
                     // First failure, then sparsely: a broker that is down for
                     // an hour does not flood the log.
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(%error, failures, lane = self.lane.0, retry_in_ms = delay.as_millis() as u64, "outbox relay batch failed");
+                    if backoff.worth_logging() {
+                        tracing::warn!(error = %shop_telemetry::error_chain(&error), failures = backoff.failures(), lane = self.lane.0, retry_in_ms = delay.as_millis() as u64, "outbox relay batch failed");
                     }
                     Some(delay)
                 }
@@ -305,7 +362,9 @@ impl Relay {
                 {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, "deleted published outbox rows past retention"),
-                    Err(error) => tracing::warn!(%error, "outbox cleanup failed"),
+                    Err(error) => {
+                        tracing::warn!(error = %shop_telemetry::error_chain(&error), "outbox cleanup failed")
+                    }
                 }
             }
             let sleep = wait.unwrap_or(self.config.poll_interval);
@@ -345,19 +404,15 @@ impl Relay {
     }
 
     async fn open_publisher(&self) -> Result<Publisher, RelayError> {
-        let broker = |error: lapin::Error| RelayError::Broker(error.to_string());
         let connection =
             shop_messaging::connection::connect(&self.amqp, &format!("{} outbox relay", self.config.app_id))
                 .await
-                .map_err(|error| RelayError::Broker(format!("{error:#}")))?;
-        let channel = connection.create_channel().await.map_err(broker)?;
-        shop_messaging::topology::declare_event_exchange(&channel, &self.config.exchange)
-            .await
-            .map_err(broker)?;
+                .map_err(BrokerError::Connect)?;
+        let channel = connection.create_channel().await?;
+        shop_messaging::topology::declare_event_exchange(&channel, &self.config.exchange).await?;
         channel
             .confirm_select(ConfirmSelectOptions { nowait: false })
-            .await
-            .map_err(broker)?;
+            .await?;
         tracing::info!(exchange = %self.config.exchange, "outbox relay connected to the broker");
         Ok(Publisher { connection, channel })
     }
@@ -465,7 +520,7 @@ async fn publish_in_order(
         match sent {
             Ok(confirm) => pending.push((row.seq, confirm, span, std::time::Instant::now())),
             Err(error) => {
-                failure = Some(RelayError::Broker(error.to_string()));
+                failure = Some(RelayError::from(error));
                 break;
             }
         }
@@ -476,19 +531,19 @@ async fn publish_in_order(
     for (seq, confirm, span, sent_at) in pending {
         let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err("the broker rejected the publish (nack)".to_owned()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("no confirm within {:?}", config.confirm_timeout)),
+            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nack),
+            Ok(Err(error)) => Err(BrokerError::Connection(error)),
+            Err(_) => Err(BrokerError::ConfirmTimeout(config.confirm_timeout)),
         };
         match outcome {
             Ok(()) => {
                 confirm_seconds.record(sent_at.elapsed().as_secs_f64());
                 confirmed.push(seq);
             }
-            Err(reason) => {
+            Err(error) => {
                 span.record("otel.status_code", "ERROR");
-                span.record("error.type", reason.as_str());
-                failure.get_or_insert(RelayError::Broker(reason));
+                span.record("error.type", error.to_string());
+                failure.get_or_insert(RelayError::Broker(error));
                 break;
             }
         }
@@ -567,8 +622,8 @@ fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
 
 /// Keeps a `LISTEN outbox` connection open and turns each notification into
 /// a wake-up of the relay loop; reconnects with backoff when it drops.
-async fn listen(database: DatabaseSettings, wake: watch::Sender<u64>, shutdown: CancellationToken) {
-    let mut backoff = Backoff::default();
+async fn listen(database: DatabaseConfig, wake: watch::Sender<u64>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default().start();
     while !shutdown.is_cancelled() {
         match listen_once(&database, &wake, &shutdown).await {
             Ok(()) => return,
@@ -585,11 +640,11 @@ async fn listen(database: DatabaseSettings, wake: watch::Sender<u64>, shutdown: 
 }
 
 async fn listen_once(
-    database: &DatabaseSettings,
+    database: &DatabaseConfig,
     wake: &watch::Sender<u64>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut conn = shop_bootstrap::db::establish(database).await?;
+    let mut conn = shop_database::establish(database).await?;
     diesel::sql_query("LISTEN outbox").execute(&mut conn).await?;
     // Rows may have been committed while nobody listened.
     wake.send_modify(|n| *n = n.wrapping_add(1));

@@ -39,7 +39,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     /// One human-readable line per event (the default).
     #[default]
@@ -48,42 +48,88 @@ pub enum LogFormat {
     Json,
 }
 
-/// What [`init`] sets up. [`TelemetryConfig::from_env`] reads it from the
-/// environment.
-#[derive(Debug, Clone)]
+/// What [`init`] sets up: the logs' filter and format, and where traces go.
+#[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryConfig {
-    /// `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
+    /// `service.name` unless `OTEL_SERVICE_NAME` says otherwise (set by the
+    /// service).
+    #[arg(skip)]
     pub service_name: String,
-    /// `service.version`.
+    /// `service.version` (set by the service).
+    #[arg(skip)]
     pub service_version: String,
-    /// `LOG_FORMAT`: `text` (default) or `json`.
+    /// Log lines as `text` or one `json` object per line.
+    #[arg(
+        long = "log-format",
+        env = "LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
-    /// `RUST_LOG`; `info,lapin=off` when unset.
+    /// Which log lines are written (tracing's `EnvFilter` syntax). lapin logs
+    /// the normal closing of a channel as an error; connection problems are
+    /// reported by the services themselves, with context.
+    #[arg(
+        long = "log-filter",
+        env = "RUST_LOG",
+        value_name = "FILTER",
+        default_value = "info,lapin=off",
+        value_parser = parse_filter
+    )]
     pub log_filter: String,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; export is off when unset or empty.
+    /// OTLP/gRPC endpoint traces are exported to (`http://jaeger:4317`);
+    /// export is off when unset.
+    #[arg(
+        long = "otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL",
+        value_parser = parse_endpoint
+    )]
     pub otlp_endpoint: Option<String>,
     /// How long shutdown waits for the last spans to be exported.
+    #[arg(skip = Duration::from_secs(3))]
     pub shutdown_timeout: Duration,
 }
 
 impl TelemetryConfig {
-    /// The configuration of a service from the standard environment variables.
-    pub fn from_env(service_name: &str, service_version: &str) -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        Self {
-            service_name: service_name.to_owned(),
-            service_version: service_version.to_owned(),
-            log_format: match var("LOG_FORMAT").as_deref() {
-                Some("json") => LogFormat::Json,
-                _ => LogFormat::Text,
-            },
-            // lapin logs the normal closing of a channel as an error; connection
-            // problems are reported by the services themselves, with context.
-            log_filter: var("RUST_LOG").unwrap_or_else(|| "info,lapin=off".to_owned()),
-            otlp_endpoint: var("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            shutdown_timeout: Duration::from_secs(3),
-        }
+    /// The defaults for `service_name` at `service_version`.
+    pub fn new(service_name: &str, service_version: &str) -> Self {
+        let mut config: Self = shop_config::defaults();
+        config.service_name = service_name.to_owned();
+        config.service_version = service_version.to_owned();
+        config
     }
+}
+
+fn parse_filter(value: &str) -> Result<String, String> {
+    EnvFilter::try_new(value)
+        .map(|_| value.to_owned())
+        .map_err(|error| format!("{error}: expected a filter such as info or info,shop_outbox=debug"))
+}
+
+fn parse_endpoint(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.to_owned())
+    } else {
+        Err("expected an http:// or https:// URL such as http://localhost:4317".to_owned())
+    }
+}
+
+/// `error` and its sources, `: `-separated, for a log field: a typed error
+/// keeps its cause as its source, and a log line should show all of it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Keeps the tracer provider alive; [`TelemetryGuard::shutdown`] flushes the

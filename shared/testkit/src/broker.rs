@@ -11,7 +11,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 
 use crate::amqp_url;
 
@@ -42,8 +42,8 @@ impl TestBroker {
     }
 
     /// Broker settings for a service under test.
-    pub fn settings(&self) -> AmqpSettings {
-        AmqpSettings::new(amqp_url())
+    pub fn config(&self) -> AmqpConfig {
+        AmqpConfig::new(amqp_url())
     }
 
     /// The prefixed name of exchange `base` (`user.events`), deleted at the

@@ -4,8 +4,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use diesel_migrations::EmbeddedMigrations;
-use secrecy::SecretString;
-use shop_bootstrap::db::{DatabaseSettings, Pool, quote_identifier};
+use shop_database::{DatabaseConfig, Pool, quote_identifier};
 use tokio_postgres::NoTls;
 
 /// A database created for one test from a migrated template, dropped (with
@@ -24,16 +23,13 @@ fn admin_url() -> String {
 
 /// `url` with its database replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let authority_end = base.find("://").map_or(0, |at| at + 3);
-    let base = match base[authority_end..].find('/') {
-        Some(slash) => &base[..authority_end + slash],
-        None => base,
-    };
-    format!("{base}/{name}{query}")
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.set_path(&format!("/{name}"));
+            parsed.to_string()
+        }
+        Err(_) => url.to_owned(),
+    }
 }
 
 async fn admin_client() -> anyhow::Result<tokio_postgres::Client> {
@@ -91,19 +87,16 @@ impl TestDatabase {
     }
 
     /// Settings for a service pool over it.
-    pub fn settings(&self) -> DatabaseSettings {
-        DatabaseSettings {
-            url: SecretString::from(self.url.clone()),
-            pool_size: 8,
-            acquire_timeout: std::time::Duration::from_secs(5),
-            ca_file: None,
-        }
+    pub fn config(&self) -> DatabaseConfig {
+        let mut config = DatabaseConfig::new(self.url.clone());
+        config.pool_size = 8;
+        config
     }
 
     /// A pool over it.
     pub fn pool(&self) -> Pool {
         #[allow(clippy::expect_used)]
-        shop_bootstrap::db::pool(&self.settings()).expect("pool settings are valid")
+        shop_database::pool(&self.config()).expect("pool settings are valid")
     }
 }
 
@@ -151,14 +144,11 @@ async fn ensure_template(migrations: EmbeddedMigrations, migrations_dir: &Path) 
         client
             .batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&building)))
             .await?;
-        let settings = DatabaseSettings {
-            url: SecretString::from(with_database(&admin_url(), &building)),
-            pool_size: 1,
-            acquire_timeout: std::time::Duration::from_secs(10),
-            ca_file: None,
-        };
-        let pool = shop_bootstrap::db::pool(&settings)?;
-        shop_bootstrap::db::migrate(&pool, migrations).await?;
+        let mut config = DatabaseConfig::new(with_database(&admin_url(), &building));
+        config.pool_size = 1;
+        config.acquire_timeout = std::time::Duration::from_secs(10);
+        let pool = shop_database::pool(&config)?;
+        shop_database::migrate(&pool, migrations).await?;
         pool.close();
         drop(pool);
         client

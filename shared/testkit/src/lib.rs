@@ -14,6 +14,8 @@
 //! - [`Running`]: a service running in the test process, stopped with the
 //!   test.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
+//! - [`command_line`]: what a service binary does before it runs (help,
+//!   version, printed configuration, bad settings).
 //!
 //! `TEST_DATABASE_URL` (default
 //! `postgres://postgres:postgres@localhost:5432/postgres`) names the server
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+pub mod command_line;
 mod database;
 mod process;
 mod proxy;
@@ -45,7 +48,7 @@ use std::time::Duration;
 pub fn init_test_log() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let mut config = shop_telemetry::TelemetryConfig::from_env("test", "0");
+        let mut config = shop_telemetry::TelemetryConfig::new("test", "0");
         if std::env::var_os("TEST_LOG").is_none() {
             config.log_filter = "off".to_owned();
         }
@@ -88,15 +91,13 @@ pub fn amqp_url() -> String {
 
 /// The address of the broker in [`amqp_url`].
 pub async fn amqp_addr() -> std::net::SocketAddr {
-    let url = amqp_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5672")
-    };
+    #[allow(clippy::expect_used)]
+    let url = url::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    let host_port = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("localhost"),
+        url.port().unwrap_or(5672)
+    );
     #[allow(clippy::expect_used)]
     let addrs: Vec<_> = tokio::net::lookup_host(host_port)
         .await
@@ -124,28 +125,21 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 /// The value of the Prometheus sample `name` whose labels include every one
 /// of `labels`, in the text exposition `metrics`.
 pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if series_name != name {
-                return None;
-            }
-            let present: Vec<(&str, &str)> = series_labels
-                .split(',')
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(key, value)| (key, value.trim_matches('"')))
-                .collect();
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|line| Ok(line.to_owned()))).ok()?;
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .find(|sample| {
             labels
                 .iter()
-                .all(|wanted| present.contains(wanted))
-                .then(|| value.parse().ok())
-                .flatten()
+                .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+        .and_then(|sample| match sample.value {
+            prometheus_parse::Value::Counter(value)
+            | prometheus_parse::Value::Gauge(value)
+            | prometheus_parse::Value::Untyped(value) => Some(value),
+            _ => None,
         })
 }
 

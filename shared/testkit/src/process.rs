@@ -171,23 +171,22 @@ fn started_addr(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     Some((addr, admin))
 }
 
-/// The text of `GET /<path>` on `addr` (a tiny HTTP/1.0 client, enough for
-/// the admin port).
+/// The status and text of `GET <path>` on `addr` (the admin port), within
+/// ten seconds.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("not an HTTP response: {head}"))?;
-    Ok((status, body.to_owned()))
+    use http_body_util::BodyExt as _;
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}{path}").parse()?;
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = client.get(uri).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await??;
+    Ok(response)
 }
 
 #[cfg(test)]

@@ -45,15 +45,12 @@ impl TcpProxy {
     /// `url` (`scheme://user:pass@host:port/rest`) with its host and port
     /// replaced by the proxy's.
     pub fn url_for(&self, url: &str) -> String {
-        let Some((scheme, rest)) = url.split_once("://") else {
+        let Ok(mut parsed) = url::Url::parse(url) else {
             return url.to_owned();
         };
-        let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
-        let userinfo = authority
-            .rsplit_once('@')
-            .map(|(user, _)| format!("{user}@"))
-            .unwrap_or_default();
-        format!("{scheme}://{userinfo}{}{path}", self.addr)
+        let moved = parsed.set_host(Some(&self.addr.ip().to_string())).is_ok()
+            && parsed.set_port(Some(self.addr.port())).is_ok();
+        if moved { parsed.to_string() } else { url.to_owned() }
     }
 
     /// Drops every live connection, as a network failure or a broker restart

@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use shop_bootstrap::shutdown::CancellationToken;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// A task started with its own shutdown token; dropping it requests shutdown
 /// and waits (up to 10 s) for the task, so nothing it does outlives the

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use secrecy::SecretString;
-use shop_bootstrap::db::{DatabaseSettings, Pool};
-use shop_bootstrap::settings as env;
-use shop_messaging::AmqpSettings;
+use shop_database::{DatabaseConfig, Pool};
+use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::ConsumerConfig;
 use shop_outbox::RelayConfig;
 use shop_testkit::ServiceProcess;
@@ -30,31 +28,26 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 /// A pool of 8 on `url`.
-fn settings(url: &str) -> DatabaseSettings {
-    DatabaseSettings {
-        url: SecretString::from(url.to_owned()),
-        pool_size: 8,
-        acquire_timeout: Duration::from_secs(30),
-        ca_file: None,
-    }
+fn settings(url: &str) -> DatabaseConfig {
+    let mut config = DatabaseConfig::new(url);
+    config.pool_size = 8;
+    config.acquire_timeout = Duration::from_secs(30);
+    config
 }
 
 /// A pool of 8 on each database, as one instance of a service has; migrates
 /// them (a no-op after the first).
 async fn pools(user_db: &str, order_db: &str) -> anyhow::Result<(Pool, Pool)> {
-    let user_pool = shop_bootstrap::db::connect(&settings(user_db), user_service::app::MIGRATIONS).await?;
-    let order_pool = shop_bootstrap::db::connect(&settings(order_db), order_service::app::MIGRATIONS).await?;
+    let user_pool = shop_database::connect(&settings(user_db), user_service::app::MIGRATIONS).await?;
+    let order_pool = shop_database::connect(&settings(order_db), order_service::app::MIGRATIONS).await?;
     Ok((user_pool, order_pool))
 }
 
 impl Bench {
     /// Creates and migrates two databases and picks the broker names.
-    pub(crate) async fn prepare() -> anyhow::Result<Self> {
-        let admin_url = env::string(
-            "BENCH_DATABASE_URL",
-            "postgres://postgres:postgres@localhost:5432/postgres",
-        );
-        let amqp_url = env::string("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f");
+    pub(crate) async fn prepare(options: &crate::Options) -> anyhow::Result<Self> {
+        let admin_url = options.database_url.clone();
+        let amqp_url = options.amqp_url.clone();
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let user_db = with_database(&admin_url, &format!("bench_users_{id}"));
         let order_db = with_database(&admin_url, &format!("bench_orders_{id}"));
@@ -73,7 +66,7 @@ impl Bench {
     }
 
     /// The user service's database, as the relay's `LISTEN` session needs it.
-    pub(crate) fn user_database(&self) -> DatabaseSettings {
+    pub(crate) fn user_database(&self) -> DatabaseConfig {
         settings(&self.user_db)
     }
 
@@ -82,17 +75,19 @@ impl Bench {
         pools(&self.user_db, &self.order_db).await
     }
 
-    pub(crate) fn amqp(&self) -> AmqpSettings {
-        AmqpSettings::new(self.amqp_url.clone())
+    pub(crate) fn amqp(&self) -> AmqpConfig {
+        AmqpConfig::new(self.amqp_url.clone())
     }
 
-    /// The relay's configuration, with `RELAY_BATCH_SIZE` and `RELAY_LANES`
-    /// from the environment as the service reads them.
-    pub(crate) fn relay_config(&self) -> RelayConfig {
-        let mut config = RelayConfig::from_env("BENCH_UNUSED_EXCHANGE", &self.user_exchange, "user-service")
-            .unwrap_or_else(|_| RelayConfig::new(self.user_exchange.clone(), "user-service"));
+    /// The relay's configuration as the user service reads it (so
+    /// `RELAY_BATCH_SIZE` and `RELAY_LANES` apply), publishing to the
+    /// benchmark's exchange.
+    pub(crate) fn relay_config(&self) -> anyhow::Result<RelayConfig> {
+        let mut config = user_service::Config::from_env_and_flags(Vec::<String>::new())?
+            .host
+            .relay;
         config.exchange = self.user_exchange.clone();
-        config
+        Ok(config)
     }
 
     pub(crate) fn consumer_config(&self, prefetch: u16) -> ConsumerConfig {
@@ -194,9 +189,5 @@ impl Bench {
 /// `bench serve user|order`: one service, configured from the environment
 /// like its own binary.
 pub(crate) async fn serve(service: &str) -> anyhow::Result<()> {
-    let config = shop_telemetry::TelemetryConfig::from_env(service, env!("CARGO_PKG_VERSION"));
-    let telemetry = shop_telemetry::init(&config)?;
-    let outcome = shop_cli::up::serve(service).await;
-    telemetry.shutdown();
-    outcome
+    shop_cli::up::serve(service).await
 }

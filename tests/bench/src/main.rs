@@ -73,6 +73,25 @@ pub(crate) struct Options {
     /// time drifts, alternating keeps both sides under the same drift).
     #[arg(long, global = true, default_value_t = 3)]
     pub(crate) rounds: usize,
+    /// The PostgreSQL server (and maintenance database) the benchmark
+    /// creates its two databases on.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres:postgres@localhost:5432/postgres",
+        hide_env_values = true
+    )]
+    pub(crate) database_url: String,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@localhost:5672/%2f",
+        hide_env_values = true
+    )]
+    pub(crate) amqp_url: String,
     /// A tiny run that checks the benchmark works (CI), not a measurement.
     #[arg(long, global = true)]
     pub(crate) smoke: bool,
@@ -105,7 +124,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {
-    let bench = env::Bench::prepare().await?;
+    let bench = env::Bench::prepare(&options).await?;
     let mut report = report::Report::new().await;
     let outcome = stages::run_all(&bench, &options, &mut report).await;
     bench.clean_up().await;

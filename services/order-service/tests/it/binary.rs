@@ -69,3 +69,17 @@ async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigte
         );
     }
 }
+
+#[test]
+fn the_command_line_answers_help_version_and_print_config_and_refuses_bad_settings_in_one_line() {
+    shop_testkit::command_line::assert_command_line(
+        env!("CARGO_BIN_EXE_order-service"),
+        &[
+            "DATABASE_URL",
+            "USER_EVENTS_QUEUE",
+            "ORDER_EVENTS_EXCHANGE",
+            "CONSUMER_RETRY_DELAYS",
+            "INBOX_RETENTION",
+        ],
+    );
+}

@@ -8,7 +8,7 @@ use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl as _;
 use order_service::app::MIGRATIONS;
 use order_service::schema::known_users;
-use order_service::{Application, Settings};
+use order_service::{Application, Config};
 use shop_contracts::Event;
 use shop_contracts::order as pb;
 use shop_contracts::order::order_service_client::OrderServiceClient;
@@ -21,36 +21,30 @@ use uuid::Uuid;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
-pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
-    let mut relay = shop_outbox::RelayConfig::new(broker.exchange("order.events"), "order-service");
-    relay.poll_interval = Duration::from_millis(200);
-    let mut consumer = shop_messaging::consumer::ConsumerConfig::new(
-        broker.exchange("user.events"),
-        broker.queue("order-service.user-events"),
-    );
-    consumer.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
-    consumer.max_attempts = 3;
-    Settings {
-        database: db.settings(),
-        amqp: broker.settings(),
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        grpc: shop_bootstrap::grpc::GrpcOptions::default(),
-        relay_enabled: true,
-        relay,
-        consumer,
-        shutdown_grace: Duration::from_secs(5),
-    }
+pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
+    let mut config = Config::defaults();
+    config.host.database = db.config();
+    config.host.amqp = broker.config();
+    config.host.grpc.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.host.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.host.relay.poll_interval = Duration::from_millis(200);
+    config.host.shutdown_grace = Duration::from_secs(5);
+    config.service.events_exchange = broker.exchange("order.events");
+    config.service.user_events_exchange = broker.exchange("user.events");
+    config.service.user_events_queue = broker.queue("order-service.user-events");
+    config.service.consumer.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    config.service.consumer.max_attempts = 3;
+    config
 }
 
 pub struct TestApp {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub client: OrderServiceClient<Channel>,
-    pub settings: Settings,
+    pub settings: Config,
     pub publisher: TestPublisher,
     _running: Running,
-    pub pool: shop_bootstrap::db::Pool,
+    pub pool: shop_database::Pool,
     pub broker: TestBroker,
     _db: TestDatabase,
 }
@@ -87,7 +81,7 @@ pub async fn spawn_app() -> TestApp {
 }
 
 /// The service, started with adjusted settings; not waited for.
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     shop_testkit::init_test_log();
     let db = TestDatabase::create(
         MIGRATIONS,
@@ -98,10 +92,12 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let broker = TestBroker::new();
     let mut settings = settings(&db, &broker);
     adjust(&mut settings);
-    for queue in settings.consumer.queue_names() {
+    for queue in settings.service.consumer().queue_names() {
         broker.track_queue(&queue);
     }
-    let publisher = TestPublisher::connect(&settings.consumer.exchange).await.unwrap();
+    let publisher = TestPublisher::connect(&settings.service.user_events_exchange)
+        .await
+        .unwrap();
     let app = Application::build(settings.clone()).await.unwrap();
     let addr = app.local_addr();
     let admin = app.admin_addr();
@@ -139,7 +135,7 @@ impl TestApp {
 
     pub async fn publish_user_event_with_id<E: Event>(&self, event: &E, id: Uuid) {
         self.publisher
-            .publish(&self.settings.consumer.exchange, event, id)
+            .publish(&self.settings.service.user_events_exchange, event, id)
             .await
             .unwrap();
     }
@@ -217,7 +213,7 @@ impl TestApp {
         use shop_messaging::inbox::inbox;
         let mut conn = self.pool.get().await.unwrap();
         inbox::table
-            .filter(inbox::consumer.eq(&self.settings.consumer.queue))
+            .filter(inbox::consumer.eq(&self.settings.service.user_events_queue))
             .count()
             .get_result(&mut conn)
             .await

@@ -13,7 +13,7 @@ use crate::helpers::spawn_app;
 #[tokio::test(flavor = "multi_thread")]
 async fn consumed_duplicate_and_dead_lettered_events_are_counted() {
     let app = spawn_app().await;
-    let queue = app.settings.consumer.queue.clone();
+    let queue = app.settings.service.user_events_queue.clone();
     let created = |id: Uuid| UserCreated {
         user_id: id.to_string(),
         version: 1,
@@ -29,7 +29,7 @@ async fn consumed_duplicate_and_dead_lettered_events_are_counted() {
     app.publish_user_event_with_id(&created(second), twice).await;
     app.publisher
         .publish_raw(
-            &app.settings.consumer.exchange,
+            &app.settings.service.user_events_exchange,
             UserCreated::ROUTING_KEY,
             b"\xff",
             BasicProperties::default()

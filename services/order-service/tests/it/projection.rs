@@ -165,9 +165,12 @@ async fn a_user_event_with_a_malformed_user_id_is_dead_lettered_and_the_next_one
     let good = app.known_user_id().await;
 
     assert!(app.known_user(good).await.is_some());
-    let dlq = shop_messaging::dlq::DeadLetters::connect(&app.settings.amqp, &app.settings.consumer.queue)
-        .await
-        .unwrap();
+    let dlq = shop_messaging::dlq::DeadLetters::connect(
+        &app.settings.host.amqp,
+        &app.settings.service.user_events_queue,
+    )
+    .await
+    .unwrap();
     let letters = shop_testkit::eventually("the dead letter", Duration::from_secs(10), || async {
         let letters = dlq.browse(10).await.ok()?;
         (!letters.is_empty()).then_some(letters)

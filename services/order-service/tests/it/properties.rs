@@ -194,7 +194,7 @@ async fn any_message_on_the_queue_is_applied_or_dead_lettered_and_the_consumer_c
         }
         app.publisher
             .publish_raw(
-                &app.settings.consumer.exchange,
+                &app.settings.service.user_events_exchange,
                 UserCreated::ROUTING_KEY,
                 &message.body,
                 properties.with_headers(headers),
@@ -205,9 +205,12 @@ async fn any_message_on_the_queue_is_applied_or_dead_lettered_and_the_consumer_c
     // The consumer is still alive: a good event after all of them is applied.
     let good = app.known_user_id().await;
 
-    let dlq = shop_messaging::dlq::DeadLetters::connect(&app.settings.amqp, &app.settings.consumer.queue)
-        .await
-        .unwrap();
+    let dlq = shop_messaging::dlq::DeadLetters::connect(
+        &app.settings.host.amqp,
+        &app.settings.service.user_events_queue,
+    )
+    .await
+    .unwrap();
     let random_ids_applied = |inbox: i64| inbox - 1; // minus the good event
     let (letters, inbox) =
         shop_testkit::eventually("every message accounted for", Duration::from_secs(60), || async {

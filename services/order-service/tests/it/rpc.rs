@@ -243,7 +243,11 @@ async fn cancel_order_cancels_once_and_refuses_twice_stale_and_unknown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn order_events_are_published_to_the_order_exchange() {
     let app = spawn_app().await;
-    let mut probe = app.broker.probe(&app.settings.relay.exchange, "#").await.unwrap();
+    let mut probe = app
+        .broker
+        .probe(&app.settings.service.events_exchange, "#")
+        .await
+        .unwrap();
     let user = app.known_user_id().await;
 
     let order = app.create_order(user, &[("sku-9", 4)]).await;

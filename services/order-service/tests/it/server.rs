@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -17,8 +17,8 @@ use crate::helpers::{channel, spawn_app, spawn_app_with};
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_not_serving_while_the_consumer_cannot_connect() {
     let app = spawn_app_with(|settings| {
-        settings.amqp = AmqpSettings::new("amqp://guest:guest@127.0.0.1:1/%2f");
-        settings.relay_enabled = false;
+        settings.host.amqp = AmqpConfig::new("amqp://guest:guest@127.0.0.1:1/%2f");
+        settings.host.relay_enabled = false;
     })
     .await;
     let mut health = HealthClient::new(channel(app.addr).await);

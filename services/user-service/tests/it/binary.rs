@@ -75,3 +75,17 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
     assert!(call.contains("\"span_id\":\""), "{call}");
     assert!(lines.iter().any(|line| line.contains("user service stopped")));
 }
+
+#[test]
+fn the_command_line_answers_help_version_and_print_config_and_refuses_bad_settings_in_one_line() {
+    shop_testkit::command_line::assert_command_line(
+        env!("CARGO_BIN_EXE_user-service"),
+        &[
+            "DATABASE_URL",
+            "AMQP_URL",
+            "GRPC_ADDR",
+            "RELAY_LANES",
+            "USER_EVENTS_EXCHANGE",
+        ],
+    );
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::helpers::spawn_app_with;
@@ -84,10 +84,8 @@ async fn over_amqps_the_relay_publishes_through_a_verified_tls_connection() {
     let terminator = TlsTerminator::start(&certified).await;
     let ca = ca_file(&certified);
     let app = spawn_app_with(|settings| {
-        settings.amqp = AmqpSettings {
-            url: secrecy::SecretString::from(terminator.url()),
-            ca_file: Some(ca.clone()),
-        };
+        settings.host.amqp = AmqpConfig::new(terminator.url());
+        settings.host.amqp.ca_file = Some(ca.clone());
     })
     .await;
     // The probe listens on a plain connection of its own.
@@ -113,15 +111,12 @@ async fn over_amqps_a_broker_certificate_nobody_vouches_for_is_refused() {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let terminator = TlsTerminator::start(&certified).await;
 
-    let refused =
-        shop_messaging::connection::connect(&AmqpSettings::new(terminator.url()), "untrusted").await;
+    let refused = shop_messaging::connection::connect(&AmqpConfig::new(terminator.url()), "untrusted").await;
 
     let error = refused.expect_err("an unknown issuer is refused");
     assert_eq!(terminator.handshakes.load(Ordering::SeqCst), 0, "{error:#}");
-    let trusted = AmqpSettings {
-        url: secrecy::SecretString::from(terminator.url()),
-        ca_file: Some(ca_file(&certified)),
-    };
+    let mut trusted = AmqpConfig::new(terminator.url());
+    trusted.ca_file = Some(ca_file(&certified));
     let connection = shop_messaging::connection::connect(&trusted, "trusted")
         .await
         .expect("the same broker with its CA trusted");

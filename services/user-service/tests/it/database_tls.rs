@@ -51,8 +51,8 @@ struct Backends {
 async fn with_sslmode_require_every_connection_of_the_service_is_tls() {
     let certificate = server_certificate().await;
     let app = spawn_app_with(|settings| {
-        settings.database.url = with_tls(&settings.database.url);
-        settings.database.ca_file = Some(certificate);
+        settings.host.database.url = with_tls(&settings.host.database.url);
+        settings.host.database.ca_file = Some(certificate);
     })
     .await;
     let user = app.create_user("tls@example.com", "Over TLS").await;
@@ -100,8 +100,8 @@ async fn with_sslmode_require_an_untrusted_server_certificate_is_refused() {
     let db = test_database().await;
     let broker = shop_testkit::TestBroker::new();
     let mut settings = settings(&db, &broker);
-    settings.database.url = with_tls(&settings.database.url);
-    settings.database.ca_file = None;
+    settings.host.database.url = with_tls(&settings.host.database.url);
+    settings.host.database.ca_file = None;
     let error = user_service::Application::build(settings)
         .await
         .expect_err("a server certificate no trusted root signed is refused");
@@ -116,8 +116,8 @@ async fn a_ca_file_without_certificates_is_a_clear_start_up_error() {
     let empty = std::env::temp_dir().join(format!("empty-ca-{}.pem", uuid::Uuid::new_v4()));
     std::fs::write(&empty, "not a certificate\n").unwrap();
     let mut settings = settings(&db, &broker);
-    settings.database.url = with_tls(&settings.database.url);
-    settings.database.ca_file = Some(empty.clone());
+    settings.host.database.url = with_tls(&settings.host.database.url);
+    settings.host.database.ca_file = Some(empty.clone());
     let error = user_service::Application::build(settings)
         .await
         .expect_err("an unusable CA file stops the start");

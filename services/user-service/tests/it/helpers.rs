@@ -11,7 +11,7 @@ use shop_contracts::user::user_service_client::UserServiceClient;
 use shop_testkit::{Running, TestBroker, TestDatabase};
 use tonic::transport::Channel;
 use user_service::app::MIGRATIONS;
-use user_service::{Application, Settings};
+use user_service::{Application, Config};
 
 pub fn migrations_dir() -> &'static Path {
     std::path::Path::new(user_service::app::MIGRATIONS_DIR)
@@ -24,19 +24,16 @@ pub async fn test_database() -> TestDatabase {
 }
 
 /// Settings for a service over `db`, publishing to this test's exchange.
-pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Settings {
-    let mut relay = shop_outbox::RelayConfig::new(broker.exchange("user.events"), "user-service");
-    relay.poll_interval = Duration::from_millis(200);
-    Settings {
-        database: db.settings(),
-        amqp: broker.settings(),
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        grpc: shop_bootstrap::grpc::GrpcOptions::default(),
-        relay_enabled: true,
-        relay,
-        shutdown_grace: Duration::from_secs(5),
-    }
+pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
+    let mut config = Config::defaults();
+    config.host.database = db.config();
+    config.host.amqp = broker.config();
+    config.host.grpc.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.host.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.host.relay.poll_interval = Duration::from_millis(200);
+    config.host.shutdown_grace = Duration::from_secs(5);
+    config.service.events_exchange = broker.exchange("user.events");
+    config
 }
 
 pub struct TestApp {
@@ -44,7 +41,7 @@ pub struct TestApp {
     pub client: UserServiceClient<Channel>,
     pub exchange: String,
     pub running: Running,
-    pub pool: shop_bootstrap::db::Pool,
+    pub pool: shop_database::Pool,
     // Dropped last: the service must stop before its database goes.
     pub broker: TestBroker,
     pub db: TestDatabase,
@@ -54,13 +51,13 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     shop_testkit::init_test_log();
     let db = test_database().await;
     let broker = TestBroker::new();
     let mut settings = settings(&db, &broker);
     adjust(&mut settings);
-    let exchange = settings.relay.exchange.clone();
+    let exchange = settings.service.events_exchange.clone();
     let app = Application::build(settings).await.expect("application builds");
     let addr = app.local_addr();
     let pool = app.pool().clone();

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use shop_bootstrap::grpc::{GrpcOptions, TlsFiles};
 use shop_client::{ClientConfig, RetryPolicy, TlsConfig, UserClient};
 use shop_contracts::user as pb;
 use tonic::Code;
@@ -21,10 +20,7 @@ fn create(email: &str) -> pb::CreateUserRequest {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_past_the_in_flight_bound_are_refused_at_once_and_health_still_answers() {
     let app = spawn_app_with(|settings| {
-        settings.grpc = GrpcOptions {
-            max_in_flight: 1,
-            ..GrpcOptions::default()
-        };
+        settings.host.grpc.max_in_flight = 1;
     })
     .await;
     // Hold the users table so the first call stays in flight.
@@ -95,10 +91,7 @@ async fn calls_past_the_in_flight_bound_are_refused_at_once_and_health_still_ans
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_over_the_message_size_limit_is_refused_without_reaching_the_handler() {
     let app = spawn_app_with(|settings| {
-        settings.grpc = GrpcOptions {
-            max_message_bytes: 64 * 1024,
-            ..GrpcOptions::default()
-        };
+        settings.host.grpc.max_message_bytes = 64 * 1024;
     })
     .await;
 
@@ -122,13 +115,8 @@ async fn the_server_speaks_tls_with_a_certificate_the_client_trusts() {
     std::fs::write(&certificate, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
     let app = spawn_app_with(|settings| {
-        settings.grpc = GrpcOptions {
-            tls: Some(TlsFiles {
-                certificate: certificate.clone(),
-                key: key.clone(),
-            }),
-            ..GrpcOptions::default()
-        };
+        settings.host.grpc.tls_cert = Some(certificate.clone());
+        settings.host.grpc.tls_key = Some(key.clone());
     })
     .await;
     let endpoint = format!("https://localhost:{}", app.addr.port());
@@ -165,9 +153,9 @@ async fn the_server_speaks_tls_with_a_certificate_the_client_trusts() {
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_never_print_their_secrets() {
     let app = spawn_app().await;
-    let mut settings = user_service::Settings::from_env().unwrap();
-    settings.database.url = SecretString::from("postgres://app:db-pass-123@db:5432/users");
-    settings.amqp.url = SecretString::from("amqp://shop:mq-pass-456@mq:5672/shop");
+    let mut settings = user_service::Config::defaults();
+    settings.host.database.url = SecretString::from("postgres://app:db-pass-123@db:5432/users");
+    settings.host.amqp.url = SecretString::from("amqp://shop:mq-pass-456@mq:5672/shop");
 
     let printed = format!("{settings:?} {settings:#?} {:?}", app.running);
 

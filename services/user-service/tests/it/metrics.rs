@@ -17,7 +17,7 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
     let exchange = broker.exchange("user.events");
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
     proxy.refuse(true);
-    let amqp = proxy.url_for(broker.settings().url.expose_secret());
+    let amqp = proxy.url_for(broker.config().url.expose_secret());
     let mut service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_user-service"),
         &[

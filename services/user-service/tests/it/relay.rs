@@ -6,12 +6,12 @@ use std::time::{Duration, SystemTime};
 use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl as _;
 use prost::Message as _;
-use shop_bootstrap::shutdown::CancellationToken;
 use shop_contracts::Event as _;
 use shop_contracts::user as pb;
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use shop_messaging::wire::{header_i64, header_str};
 use shop_outbox::RelayError;
+use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{self, TestApp, spawn_app, spawn_app_with};
 
@@ -24,12 +24,12 @@ fn relay_for(app: &TestApp) -> shop_outbox::Relay {
 
 fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
     let mut settings = helpers::settings(&app.db, &app.broker);
-    settings.relay.batch_size = batch_size;
-    user_service::app::relay(&settings, app.pool.clone())
+    settings.host.relay.batch_size = batch_size;
+    shop_host::relay(&settings, app.pool.clone())
 }
 
 async fn spawn_app_without_relay() -> TestApp {
-    spawn_app_with(|settings| settings.relay_enabled = false).await
+    spawn_app_with(|settings| settings.host.relay_enabled = false).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -147,8 +147,8 @@ async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broke
         app.create_user(&format!("wait{i}@example.com"), "Waiting").await;
     }
     let mut down = helpers::settings(&app.db, &app.broker);
-    down.amqp = AmqpSettings::new("amqp://guest:guest@127.0.0.1:1/%2f");
-    let mut unreachable = user_service::app::relay(&down, app.pool.clone());
+    down.host.amqp = AmqpConfig::new("amqp://guest:guest@127.0.0.1:1/%2f");
+    let mut unreachable = shop_host::relay(&down, app.pool.clone());
 
     let error = unreachable.run_once().await.unwrap_err();
     assert!(matches!(error, RelayError::Broker(_)), "{error}");

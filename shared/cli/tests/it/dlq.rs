@@ -17,7 +17,10 @@ fn dlq(system: &System, args: &[&str]) -> (bool, String, String) {
         .arg("dlq")
         .args(args)
         .env("AMQP_URL", shop_testkit::amqp_url())
-        .env("USER_EVENTS_QUEUE", &system.order_settings.consumer.queue)
+        .env(
+            "USER_EVENTS_QUEUE",
+            &system.order_settings.service.user_events_queue,
+        )
         .output()
         .unwrap();
     (
@@ -30,7 +33,7 @@ fn dlq(system: &System, args: &[&str]) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn dlq_commands_list_show_replay_and_purge() {
     let system = start(true).await;
-    let exchange = &system.order_settings.consumer.exchange;
+    let exchange = &system.order_settings.service.user_events_exchange;
     let id = Uuid::now_v7().to_string();
     TestPublisher::connect(exchange)
         .await
@@ -46,8 +49,8 @@ async fn dlq_commands_list_show_replay_and_purge() {
         .await
         .unwrap();
     let dead_letters = shop_messaging::dlq::DeadLetters::connect(
-        &system.order_settings.amqp,
-        &system.order_settings.consumer.queue,
+        &system.order_settings.host.amqp,
+        &system.order_settings.service.user_events_queue,
     )
     .await
     .unwrap();

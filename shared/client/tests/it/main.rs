@@ -89,7 +89,7 @@ impl UserService for Flaky {
 struct Server {
     flaky: std::sync::Arc<Flaky>,
     addr: SocketAddr,
-    pool: shop_bootstrap::db::Pool,
+    pool: shop_database::Pool,
     _running: Running,
     _db: TestDatabase,
 }
@@ -132,8 +132,7 @@ async fn server(fail_before: u32, fail_after: u32) -> Server {
 fn client(server: &Server) -> UserClient {
     let retry = RetryPolicy {
         max_attempts: 4,
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(50),
+        backoff: shop_client::Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
     };
     UserClient::connect(ClientConfig::new(format!("http://{}", server.addr)).with_retry(retry)).unwrap()
 }

@@ -14,7 +14,7 @@
 //!         Ok(())
 //!     }
 //! }
-//! # fn build(pool: shop_bootstrap::db::Pool, amqp: shop_messaging::AmqpSettings) {
+//! # fn build(pool: shop_database::Pool, amqp: shop_messaging::AmqpConfig) {
 //! let consumer = Consumer::new(ConsumerConfig::new("user.events", "order-service.user-events"), pool, amqp)
 //!     .subscribe::<UserCreated, _>(ApplyUserCreated);
 //! # }
@@ -73,61 +73,103 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
-use shop_bootstrap::admin::DependencyHealth;
-use shop_bootstrap::db::Pool;
-use shop_bootstrap::shutdown::CancellationToken;
+use shop_backoff::Backoff;
 use shop_contracts::Event;
+use shop_database::Pool;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::AmqpConfig;
 use crate::topology::ConsumerTopology;
-use crate::{AmqpSettings, Backoff};
 
 /// How a consumer consumes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerConfig {
-    /// The producer's topic exchange.
+    /// The producer's topic exchange (set by the service).
+    #[arg(skip)]
     pub exchange: String,
-    /// This consumer's queue, shared by all its replicas.
+    /// This consumer's queue, shared by all its replicas (set by the
+    /// service).
+    #[arg(skip)]
     pub queue: String,
     /// Unacknowledged messages the broker may push to each worker.
+    #[arg(
+        id = "consumer_prefetch",
+        long = "consumer-prefetch",
+        env = "CONSUMER_PREFETCH",
+        value_name = "N",
+        default_value_t = 200,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
     pub prefetch: u16,
     /// Workers (channels) consuming the queue in this process.
-    pub concurrency: usize,
+    #[arg(
+        id = "consumer_concurrency",
+        long = "consumer-concurrency",
+        env = "CONSUMER_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub concurrency: u16,
     /// Most messages applied in one transaction.
-    pub batch_size: usize,
-    /// Delay before each retry; the number of entries is the number of delay
-    /// queues.
+    #[arg(
+        id = "consumer_batch_size",
+        long = "consumer-batch-size",
+        env = "CONSUMER_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u16).range(1..=10_000)
+    )]
+    pub batch_size: u16,
+    /// Delay before each retry of a failed message, comma-separated; the
+    /// number of entries is the number of delay queues.
+    #[arg(
+        id = "consumer_retry_delays",
+        long = "consumer-retry-delays",
+        env = "CONSUMER_RETRY_DELAYS",
+        value_name = "DURATIONS",
+        default_value = "1s,10s,60s",
+        value_delimiter = ',',
+        value_parser = shop_config::duration
+    )]
     pub retry_delays: Vec<Duration>,
-    /// Attempts before a failing message is dead-lettered (the first delivery
-    /// counts).
+    /// Attempts before a failing message is dead-lettered (the first
+    /// delivery counts).
+    #[arg(
+        id = "consumer_max_attempts",
+        long = "consumer-max-attempts",
+        env = "CONSUMER_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
     pub max_attempts: u32,
-    /// How long applied event ids are kept in the inbox.
+    /// How long applied event ids are kept in the inbox (a duplicate arriving
+    /// later is still harmless to projections that ignore stale versions).
+    #[arg(
+        long = "inbox-retention",
+        env = "INBOX_RETENTION",
+        value_name = "DURATION",
+        default_value = "7days",
+        value_parser = shop_config::duration
+    )]
     pub inbox_retention: Duration,
     /// Waits between reconnection attempts.
+    #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
 }
 
 impl ConsumerConfig {
-    /// Defaults for consuming `queue` from `exchange`: prefetch 200, 2
+    /// The defaults for consuming `queue` from `exchange`: prefetch 200, 2
     /// workers, batches of up to 100, retries after 1 s, 10 s and 60 s, 4
     /// attempts, inbox kept 7 days.
     pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
-        Self {
-            exchange: exchange.into(),
-            queue: queue.into(),
-            prefetch: 200,
-            concurrency: 2,
-            batch_size: 100,
-            retry_delays: vec![
-                Duration::from_secs(1),
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-            ],
-            max_attempts: 4,
-            inbox_retention: Duration::from_secs(7 * 24 * 3600),
-            backoff: Backoff::default(),
-        }
+        let mut config: Self = shop_config::defaults();
+        config.exchange = exchange.into();
+        config.queue = queue.into();
+        config
     }
 
     /// Every queue a consumer with this configuration declares (its own,
@@ -140,27 +182,6 @@ impl ConsumerConfig {
             retry_delays: self.retry_delays.clone(),
         }
         .queue_names()
-    }
-
-    /// Defaults with the overrides of the environment: the exchange from
-    /// `exchange_var`, the queue from `queue_var`, `CONSUMER_PREFETCH`,
-    /// `CONSUMER_CONCURRENCY`, `CONSUMER_BATCH_SIZE`,
-    /// `CONSUMER_RETRY_DELAYS_MS` (comma-separated), `CONSUMER_MAX_ATTEMPTS`.
-    pub fn from_env(
-        (exchange_var, default_exchange): (&str, &str),
-        (queue_var, default_queue): (&str, &str),
-    ) -> anyhow::Result<Self> {
-        use shop_bootstrap::settings as env;
-        let mut config = Self::new(
-            env::string(exchange_var, default_exchange),
-            env::string(queue_var, default_queue),
-        );
-        config.prefetch = env::parse("CONSUMER_PREFETCH", config.prefetch)?;
-        config.concurrency = env::parse("CONSUMER_CONCURRENCY", config.concurrency)?;
-        config.batch_size = env::parse("CONSUMER_BATCH_SIZE", config.batch_size)?;
-        config.retry_delays = env::millis_list("CONSUMER_RETRY_DELAYS_MS", &config.retry_delays)?;
-        config.max_attempts = env::parse("CONSUMER_MAX_ATTEMPTS", config.max_attempts)?;
-        Ok(config)
     }
 }
 
@@ -354,11 +375,10 @@ impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
 pub struct Consumer {
     config: ConsumerConfig,
     pool: Pool,
-    amqp: AmqpSettings,
+    amqp: AmqpConfig,
     handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     routing_keys: Vec<String>,
     connected: watch::Sender<bool>,
-    health: DependencyHealth,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -372,7 +392,7 @@ impl std::fmt::Debug for Consumer {
 
 impl Consumer {
     /// A consumer with no subscriptions yet.
-    pub fn new(config: ConsumerConfig, pool: Pool, amqp: AmqpSettings) -> Self {
+    pub fn new(config: ConsumerConfig, pool: Pool, amqp: AmqpConfig) -> Self {
         Self {
             config,
             pool,
@@ -380,16 +400,7 @@ impl Consumer {
             handlers: HashMap::new(),
             routing_keys: Vec::new(),
             connected: watch::Sender::new(false),
-            health: DependencyHealth::default(),
         }
-    }
-
-    /// Reports the consumer's broker connection in `health` (as
-    /// `rabbitmq (consumer <queue>)`).
-    #[must_use]
-    pub fn with_health(mut self, health: DependencyHealth) -> Self {
-        self.health = health;
-        self
     }
 
     /// Routes events of type `E` (by AMQP `type`) to `handler` and binds the
@@ -420,7 +431,8 @@ impl Consumer {
     }
 
     /// Whether the consumer is connected and consuming right now (for health
-    /// reporting).
+    /// reporting: the service host shows it on `/health` and in
+    /// `dependency_up`).
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.subscribe()
     }

@@ -14,10 +14,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
 use opentelemetry::trace::TraceContextExt as _;
-use shop_bootstrap::db::Pool;
-use shop_bootstrap::shutdown::CancellationToken;
+use shop_backoff::Delays;
+use shop_database::Pool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
@@ -25,7 +26,7 @@ use uuid::Uuid;
 use super::{Consumer, ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
 use crate::topology::ConsumerTopology;
 use crate::wire::{self, DeadLetterReason, header_i64, header_str, long_string};
-use crate::{AmqpSettings, Backoff, inbox};
+use crate::{AmqpConfig, inbox};
 
 /// What every worker of a consumer shares.
 struct Shared {
@@ -43,7 +44,6 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         amqp,
         handlers,
         connected,
-        health,
         ..
     } = consumer;
     let shared = Arc::new(Shared {
@@ -53,16 +53,13 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         handlers,
     });
     let cleanup = tokio::spawn(clean_inbox(shared.clone(), shutdown.clone()));
-    let mut backoff = shared.config.backoff.clone();
-    let mut failures: u32 = 0;
+    let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, "consumer started");
-    let health_name = format!("rabbitmq (consumer {})", shared.config.queue);
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
     let mut states = connected.subscribe();
     let reporter = tokio::spawn(async move {
         loop {
             let up = *states.borrow_and_update();
-            health.set(&health_name, up);
             connected_gauge.set(if up { 1.0 } else { 0.0 });
             if states.changed().await.is_err() {
                 return;
@@ -70,13 +67,12 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         }
     });
     while !shutdown.is_cancelled() {
-        let result = session(&shared, &amqp, &connected, &shutdown, &mut backoff, &mut failures).await;
+        let result = session(&shared, &amqp, &connected, &shutdown, &mut backoff).await;
         connected.send_replace(false);
         let Err(error) = result else { break };
-        failures += 1;
         let delay = backoff.next_delay();
-        if failures == 1 || failures.is_power_of_two() {
-            tracing::warn!(error = format!("{error:#}"), failures, retry_in_ms = delay.as_millis() as u64, queue = %shared.config.queue, "consumer disconnected");
+        if backoff.worth_logging() {
+            tracing::warn!(error = format!("{error:#}"), failures = backoff.failures(), retry_in_ms = delay.as_millis() as u64, queue = %shared.config.queue, "consumer disconnected");
         }
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -93,11 +89,10 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
 /// shutdown, close.
 async fn session(
     shared: &Arc<Shared>,
-    amqp: &AmqpSettings,
+    amqp: &AmqpConfig,
     connected: &watch::Sender<bool>,
     shutdown: &CancellationToken,
-    backoff: &mut Backoff,
-    failures: &mut u32,
+    backoff: &mut Delays,
 ) -> anyhow::Result<()> {
     let queue = &shared.config.queue;
     let connection = crate::connection::connect(amqp, &format!("{queue} consumer")).await?;
@@ -135,13 +130,12 @@ async fn session(
         workers.spawn(worker.run(stop.clone()));
     }
     connected.send_replace(true);
-    if *failures > 0 {
-        tracing::info!(queue = %queue, failures = *failures, "consumer reconnected");
+    if backoff.failures() > 0 {
+        tracing::info!(queue = %queue, failures = backoff.failures(), "consumer reconnected");
     } else {
         tracing::info!(queue = %queue, "consumer connected");
     }
     backoff.reset();
-    *failures = 0;
 
     // A worker ends on shutdown or on an error of its own channel; a lost
     // connection is reported on the connection's events (a worker waiting on
@@ -200,7 +194,7 @@ enum ApplyError {
 
 impl From<diesel::result::Error> for ApplyError {
     fn from(error: diesel::result::Error) -> Self {
-        if shop_bootstrap::db::is_unavailable(&error) {
+        if shop_database::is_outage(&error) {
             Self::Unavailable(error.into())
         } else {
             Self::Failed(HandlerError::Transient(error.into()))
@@ -232,7 +226,7 @@ impl Worker {
                 },
             };
             let mut batch = vec![first];
-            while batch.len() < self.shared.config.batch_size {
+            while batch.len() < usize::from(self.shared.config.batch_size) {
                 // Only what has already arrived: a batch never waits.
                 match self.deliveries.next().now_or_never() {
                     Some(Some(Ok(delivery))) => batch.push(delivery),
@@ -261,7 +255,8 @@ impl Worker {
             return Ok(());
         }
 
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff =
+            shop_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
         let first_failure = loop {
             match self.apply(&ready).await {
                 Ok(()) => {
@@ -337,7 +332,7 @@ impl Worker {
     async fn wait_for_database(
         &self,
         error: &anyhow::Error,
-        backoff: &mut Backoff,
+        backoff: &mut Delays,
         stop: &CancellationToken,
     ) -> bool {
         let delay = backoff.next_delay();

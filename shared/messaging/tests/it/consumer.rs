@@ -7,7 +7,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use shop_contracts::Event as _;
 use shop_contracts::user::{UserCreated, UserUpdated};
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use shop_messaging::wire::CONTENT_TYPE;
 use shop_testkit::TcpProxy;
 use uuid::Uuid;
@@ -184,7 +184,7 @@ async fn a_handler_that_always_fails_is_dead_lettered_after_the_last_attempt_wit
 
     // Fixed: replay applies it once.
     h.behavior.always_fail.store(false, Ordering::SeqCst);
-    let dlq = shop_messaging::dlq::DeadLetters::connect(&h.broker.settings(), &h.queue)
+    let dlq = shop_messaging::dlq::DeadLetters::connect(&h.broker.config(), &h.queue)
         .await
         .unwrap();
     let outcome = dlq.replay(&Default::default()).await.unwrap();
@@ -213,7 +213,7 @@ async fn a_permanent_handler_error_is_dead_lettered_at_once() {
 async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_every_event_once() {
     let mut h = harness().await;
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    h.start_with(AmqpSettings::new(proxy.url_for(&shop_testkit::amqp_url())))
+    h.start_with(AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url())))
         .await;
     let mut connected = h.connected.clone();
     let mut ids = Vec::new();
@@ -271,7 +271,7 @@ async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_eve
 async fn the_consumer_reports_disconnected_while_the_broker_refuses_it() {
     let mut h = harness().await;
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    h.start_with(AmqpSettings::new(proxy.url_for(&shop_testkit::amqp_url())))
+    h.start_with(AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url())))
         .await;
     let mut connected = h.connected.clone();
 

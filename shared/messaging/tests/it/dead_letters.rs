@@ -27,9 +27,7 @@ async fn dead_letters_are_listed_by_reason_shown_replayed_selectively_and_purged
     )
     .await;
     h.expect_dead_letters(2).await;
-    let dlq = DeadLetters::connect(&h.broker.settings(), &h.queue)
-        .await
-        .unwrap();
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
 
     let summary = dlq.summary().await.unwrap();
     assert_eq!(summary.count, 2);

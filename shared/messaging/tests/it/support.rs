@@ -9,12 +9,12 @@ use std::time::Duration;
 use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use lapin::BasicProperties;
-use shop_bootstrap::shutdown::CancellationToken;
 use shop_contracts::Event;
 use shop_contracts::user::{UserCreated, UserUpdated};
-use shop_messaging::AmqpSettings;
+use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::{Consumer, ConsumerConfig, EventMeta, Handler, HandlerError};
 use shop_testkit::{TestBroker, TestDatabase, TestPublisher};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
@@ -123,7 +123,7 @@ pub struct Harness {
     pub shutdown: CancellationToken,
     pub connected: tokio::sync::watch::Receiver<bool>,
     consumer: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub pool: shop_bootstrap::db::Pool,
+    pub pool: shop_database::Pool,
     pub broker: TestBroker,
     _db: TestDatabase,
 }
@@ -187,7 +187,7 @@ pub async fn harness_with(adjust: impl FnOnce(ConsumerConfig, &TestBroker) -> Co
 impl Harness {
     /// Starts the consumer with `amqp` (the broker itself, or a proxy) and
     /// waits until its queues exist.
-    pub async fn start_with(&mut self, amqp: AmqpSettings) {
+    pub async fn start_with(&mut self, amqp: AmqpConfig) {
         let consumer = Consumer::new(self.config.clone(), self.pool.clone(), amqp)
             .subscribe::<UserCreated, _>(Recorder(self.behavior.clone()))
             .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone()));
@@ -204,7 +204,7 @@ impl Harness {
     }
 
     pub async fn start(&mut self) {
-        self.start_with(self.broker.settings()).await;
+        self.start_with(self.broker.config()).await;
     }
 
     /// Publishes `event` as the relay would, with `event_id`.
@@ -251,7 +251,7 @@ impl Harness {
 
     /// Messages waiting in the dead-letter queue.
     pub async fn dead_letters(&self) -> Vec<shop_messaging::dlq::DeadLetter> {
-        let dlq = shop_messaging::dlq::DeadLetters::connect(&self.broker.settings(), &self.queue)
+        let dlq = shop_messaging::dlq::DeadLetters::connect(&self.broker.config(), &self.queue)
             .await
             .unwrap();
         let letters = dlq.browse(usize::MAX).await.unwrap();

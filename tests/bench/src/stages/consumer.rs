@@ -52,7 +52,7 @@ pub(crate) fn consumer(bench: &Bench, prefetch: u16) -> Consumer {
 }
 
 /// The consumer of the order service on a pool of its own.
-pub(crate) fn consumer_on(bench: &Bench, pool: shop_bootstrap::db::Pool, prefetch: u16) -> Consumer {
+pub(crate) fn consumer_on(bench: &Bench, pool: shop_database::Pool, prefetch: u16) -> Consumer {
     Consumer::new(bench.consumer_config(prefetch), pool, bench.amqp())
         .subscribe::<UserCreated, _>(order_service::projection::UserProjection)
 }

@@ -31,7 +31,7 @@ pub(crate) async fn drain(bench: &Bench, options: &Options, instances: usize) ->
             user_pool,
             bench.user_database(),
             bench.amqp(),
-            bench.relay_config(),
+            bench.relay_config()?,
         );
         let consumer = super::consumer::consumer_on(bench, order_pool, options.prefetch);
         running.push(Running::spawn(|shutdown| relay.run(shutdown)));

@@ -53,6 +53,11 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
 
 /// The body of a `UserCreated`, as the user service encodes it.
 pub(crate) fn user_created_body(user_id: &str) -> Vec<u8> {
+    user_created(user_id).encode_to_vec()
+}
+
+/// A `UserCreated` of a new user.
+fn user_created(user_id: &str) -> shop_contracts::user::UserCreated {
     shop_contracts::user::UserCreated {
         user_id: user_id.to_owned(),
         version: 1,
@@ -62,27 +67,28 @@ pub(crate) fn user_created_body(user_id: &str) -> Vec<u8> {
             std::time::SystemTime::now(),
         )),
     }
-    .encode_to_vec()
 }
 
 /// Fills the user service's outbox with `count` unpublished `UserCreated`
-/// rows of distinct users, as if that many commands had committed.
+/// rows of distinct users, as if that many commands had committed: through
+/// the production `enqueue` (and so its partition function), pipelined in
+/// transactions of 2,000.
 pub(crate) async fn prefill_outbox(bench: &Bench, count: usize) -> anyhow::Result<()> {
-    let (client, connection) = tokio_postgres::connect(&bench.user_db, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    let ids: Vec<String> = (0..count).map(|_| uuid::Uuid::now_v7().to_string()).collect();
-    let bodies: Vec<Vec<u8>> = ids.iter().map(|id| user_created_body(id)).collect();
-    for (ids, bodies) in ids.chunks(5000).zip(bodies.chunks(5000)) {
-        client
-            .execute(
-                "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, aggregate_version, partition_key, \
-                 event_type, routing_key, payload) \
-                 SELECT gen_random_uuid(), 'user', id, 1, (abs(hashtext(id)) % 32)::smallint, \
-                 'shop.user.v1.UserCreated', 'user.created', body \
-                 FROM unnest($1::text[], $2::bytea[]) AS t(id, body)",
-                &[&ids, &bodies],
-            )
-            .await?;
+    use diesel_async::AsyncConnection as _;
+
+    let mut conn = bench.user_pool.get().await?;
+    let events: Vec<shop_contracts::user::UserCreated> = (0..count)
+        .map(|_| {
+            let id = uuid::Uuid::now_v7().to_string();
+            user_created(&id)
+        })
+        .collect();
+    for chunk in events.chunks(2000) {
+        conn.transaction(async |conn| {
+            let conn: &diesel_async::AsyncPgConnection = conn;
+            futures::future::try_join_all(chunk.iter().map(|event| shop_outbox::enqueue(conn, event))).await
+        })
+        .await?;
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ async fn relay_once(bench: &Bench, options: &Options) -> anyhow::Result<Duration
         bench.user_pool.clone(),
         bench.user_database(),
         bench.amqp(),
-        bench.relay_config(),
+        bench.relay_config()?,
     );
     let started = Instant::now();
     let running = shop_testkit::Running::spawn(|shutdown| relay.run(shutdown));

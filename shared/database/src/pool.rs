@@ -1,4 +1,4 @@
-//! PostgreSQL for a service: the database itself, its schema and its pool.
+//! The database itself, its schema and its pool.
 //!
 //! [`connect`] is the one call a service makes at start-up: it creates the
 //! database when it does not exist yet (and the role may create it, so a
@@ -41,38 +41,61 @@ pub type Pool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnectio
 /// A connection checked out of a [`Pool`].
 pub type PooledConnection = diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>;
 
-/// Where the database is and how many connections to keep.
-#[derive(Debug, Clone)]
-pub struct DatabaseSettings {
-    /// `postgres://user:password@host:port/database`.
+/// Where the database is, how many connections to keep and how long to wait
+/// for one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`); the
+    /// database is created if missing. `sslmode=require` turns TLS on.
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "DATABASE_URL",
+        value_name = "URL",
+        default_value = "postgres://postgres:postgres@localhost:5432/postgres",
+        hide_env_values = true,
+        value_parser = shop_config::secret
+    )]
     pub url: SecretString,
     /// Most connections the pool opens.
-    pub pool_size: usize,
+    #[arg(
+        id = "database_pool_size",
+        long = "database-pool-size",
+        env = "DATABASE_POOL_SIZE",
+        value_name = "N",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u16).range(1..=1000)
+    )]
+    pub pool_size: u16,
     /// How long a caller waits for a free connection (and a new connection
     /// may take to open) before the call fails as unavailable.
+    #[arg(
+        id = "database_acquire_timeout",
+        long = "database-acquire-timeout",
+        env = "DATABASE_ACQUIRE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = shop_config::duration
+    )]
     pub acquire_timeout: Duration,
     /// PEM certificates trusted, beside the Mozilla roots, to sign the
-    /// server's certificate when the URL says `sslmode=require`.
+    /// server's certificate when the URL says `sslmode=require` (as libpq's
+    /// `verify-full`).
+    #[arg(
+        id = "database_ca_file",
+        long = "database-ca-file",
+        env = "DATABASE_CA_FILE",
+        value_name = "PATH"
+    )]
     pub ca_file: Option<PathBuf>,
 }
 
-impl DatabaseSettings {
-    /// `DATABASE_URL` (default `postgres://postgres:postgres@localhost:5432/<database>`),
-    /// `DATABASE_POOL_SIZE` (16), `DATABASE_ACQUIRE_TIMEOUT_MS` (5000),
-    /// `DATABASE_CA_FILE` (none).
-    pub fn from_env(database: &str) -> anyhow::Result<Self> {
-        use crate::settings as env;
-        Ok(Self {
-            url: env::secret(
-                "DATABASE_URL",
-                &format!("postgres://postgres:postgres@localhost:5432/{database}"),
-            ),
-            pool_size: env::parse("DATABASE_POOL_SIZE", 16)?,
-            acquire_timeout: env::millis("DATABASE_ACQUIRE_TIMEOUT_MS", Duration::from_secs(5))?,
-            ca_file: std::env::var_os("DATABASE_CA_FILE")
-                .filter(|path| !path.is_empty())
-                .map(PathBuf::from),
-        })
+impl DatabaseConfig {
+    /// The defaults, for the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        let mut config: Self = shop_config::defaults();
+        config.url = SecretString::from(url.into());
+        config
     }
 
     /// The TLS connector the URL's `sslmode` asks for: `None` for `disable`
@@ -119,7 +142,7 @@ impl DatabaseSettings {
 
 /// One connection to the database of `settings`, outside any pool (for a
 /// `LISTEN` session), over TLS when the URL asks for it.
-pub async fn establish(settings: &DatabaseSettings) -> ConnectionResult<AsyncPgConnection> {
+pub async fn establish(settings: &DatabaseConfig) -> ConnectionResult<AsyncPgConnection> {
     let tls = settings
         .tls()
         .map_err(|error| ConnectionError::BadConnection(format!("{error:#}")))?;
@@ -158,7 +181,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 const MIGRATION_LOCK: i64 = 0x7368_6f70_6d69_6772; // "shopmigr"
 
 /// Creates the database if needed, migrates it and returns a pool.
-pub async fn connect(settings: &DatabaseSettings, migrations: EmbeddedMigrations) -> anyhow::Result<Pool> {
+pub async fn connect(settings: &DatabaseConfig, migrations: EmbeddedMigrations) -> anyhow::Result<Pool> {
     ensure_database_exists(settings).await?;
     let pool = pool(settings)?;
     migrate(&pool, migrations).await?;
@@ -166,7 +189,7 @@ pub async fn connect(settings: &DatabaseSettings, migrations: EmbeddedMigrations
 }
 
 /// A pool for `settings`; connections open lazily.
-pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+pub fn pool(settings: &DatabaseConfig) -> anyhow::Result<Pool> {
     let mut config = ManagerConfig::default();
     // A checked-out connection is not pinged first: a dead one fails its query
     // and is discarded, and each command saves a round trip.
@@ -179,7 +202,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         config,
     );
     Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(usize::from(settings.pool_size))
         .wait_timeout(Some(settings.acquire_timeout))
         .create_timeout(Some(settings.acquire_timeout))
         .runtime(deadpool::Runtime::Tokio1)
@@ -190,7 +213,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
 /// Creates the database of `settings` if it does not exist, connecting to
 /// the `postgres` maintenance database to do so. Another process creating it
 /// at the same moment is not an error.
-pub async fn ensure_database_exists(settings: &DatabaseSettings) -> anyhow::Result<()> {
+pub async fn ensure_database_exists(settings: &DatabaseConfig) -> anyhow::Result<()> {
     let config: tokio_postgres::Config = settings
         .url
         .expose_secret()
@@ -204,8 +227,7 @@ pub async fn ensure_database_exists(settings: &DatabaseSettings) -> anyhow::Resu
         Ok(_) => return Ok(()),
         Err(error) if error.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(error) => {
-            return Err(anyhow::anyhow!(error_chain(&error)))
-                .with_context(|| format!("failed to connect to database {name}"));
+            return Err(error).with_context(|| format!("failed to connect to database {name}"));
         }
     }
     let mut admin = config.clone();
@@ -257,7 +279,7 @@ pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Res
     let applied = harness
         .run_pending_migrations(migrations)
         .map(|versions| versions.len())
-        .map_err(|error| anyhow::anyhow!("failed to run migrations: {error}"));
+        .map_err(|error| anyhow::Error::from_boxed(error).context("failed to run migrations"));
     let mut conn = harness.into_inner();
     diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
         .execute(&mut conn)
@@ -273,25 +295,4 @@ pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Res
 /// `name` as a quoted SQL identifier.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Whether `error` is a violation of the unique constraint (or unique index)
-/// named `constraint`.
-pub fn is_unique_violation(error: &diesel::result::Error, constraint: &str) -> bool {
-    matches!(
-        error,
-        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, info)
-            if info.constraint_name() == Some(constraint)
-    )
-}
-
-/// Whether `error` means the database could not be reached (the connection
-/// closed under the query) rather than that the query failed: the call may
-/// succeed if retried, so it maps to `UNAVAILABLE`.
-pub fn is_unavailable(error: &diesel::result::Error) -> bool {
-    matches!(
-        error,
-        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _)
-            | diesel::result::Error::BrokenTransactionManager
-    )
 }

@@ -13,9 +13,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::http::StatusCode;
 use diesel_async::RunQueryDsl as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Latency buckets, in seconds: 100 µs to 10 s.
@@ -82,6 +84,22 @@ impl DependencyHealth {
     pub fn all_up(&self) -> bool {
         self.snapshot().values().all(|up| *up)
     }
+
+    /// Records `dependency` as `state` says, now and at every change, until
+    /// the sender is dropped or `shutdown`.
+    pub fn follow(&self, dependency: String, mut state: watch::Receiver<bool>, shutdown: CancellationToken) {
+        let health = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let up = *state.borrow_and_update();
+                health.set(&dependency, up);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = state.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
 }
 
 /// Serves `/metrics` and `/health` on `listener` until `shutdown`.
@@ -115,13 +133,13 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-        .map_err(|error| anyhow::anyhow!("admin server failed: {error}"))
+        .context("admin server failed")
 }
 
 /// Checks the database every `interval` (`SELECT 1` on a pooled
 /// connection) and records it as `postgres` in `health`, until `shutdown`.
 pub async fn watch_database(
-    pool: crate::db::Pool,
+    pool: shop_database::Pool,
     health: DependencyHealth,
     interval: Duration,
     shutdown: CancellationToken,
@@ -142,7 +160,7 @@ pub async fn watch_database(
 /// The admin port and the database watcher together, until `shutdown`.
 pub async fn run(
     listener: tokio::net::TcpListener,
-    pool: crate::db::Pool,
+    pool: shop_database::Pool,
     health: DependencyHealth,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

@@ -1,0 +1,31 @@
+//! PostgreSQL for the services, as one small library: the settings of a
+//! connection ([`DatabaseConfig`]), the pool of diesel-async connections on
+//! deadpool ([`Pool`]), TLS with a verified server certificate, migrations
+//! applied once under a lock ([`connect`]), and the classification of errors
+//! into an outage or a failure ([`Fault`]).
+//!
+//! No libpq is involved at build or run time: the driver is tokio-postgres.
+//! The messaging library, the outbox and the service host depend on this
+//! crate and nothing heavier.
+#![forbid(unsafe_code)]
+
+mod fault;
+mod pool;
+
+pub use fault::{Fault, is_outage, is_unique_violation};
+pub use pool::{
+    DatabaseConfig, Pool, PooledConnection, connect, ensure_database_exists, establish, migrate, pool,
+    quote_identifier,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let config = DatabaseConfig::new("postgres://localhost/x");
+        assert_eq!(config.pool_size, 16);
+        assert_eq!(config.acquire_timeout, std::time::Duration::from_secs(5));
+    }
+}

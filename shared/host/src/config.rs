@@ -1,0 +1,165 @@
+//! The configuration of a service: what every service reads
+//! ([`HostConfig`]), beside what the service itself reads, as one typed
+//! structure ([`Config`]) parsed from the environment and the command line.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Command, FromArgMatches as _};
+use shop_database::DatabaseConfig;
+use shop_messaging::AmqpConfig;
+use shop_outbox::RelayConfig;
+use shop_telemetry::TelemetryConfig;
+
+use crate::Service;
+use crate::grpc::GrpcConfig;
+
+/// Everything the host reads for any service.
+#[derive(Debug, Clone, Args)]
+pub struct HostConfig {
+    /// The service's PostgreSQL.
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    /// RabbitMQ.
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    /// The gRPC server.
+    #[command(flatten)]
+    pub grpc: GrpcConfig,
+    /// HTTP address of `/metrics` (Prometheus) and `/health`
+    /// (dependencies).
+    #[arg(
+        id = "admin_addr",
+        long = "admin-addr",
+        env = "ADMIN_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9101"
+    )]
+    pub admin_addr: SocketAddr,
+    /// Run the outbox relay in this process; `false` to run it separately
+    /// (`<service> relay`).
+    #[arg(
+        long = "relay-enabled",
+        env = "RELAY_ENABLED",
+        value_name = "BOOL",
+        default_value = "true",
+        action = ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub relay_enabled: bool,
+    /// The outbox relay.
+    #[command(flatten)]
+    pub relay: RelayConfig,
+    /// After SIGTERM, how long in-flight calls, the relay's last batch and
+    /// the consumer's batch may take.
+    #[arg(
+        long = "shutdown-grace",
+        env = "SHUTDOWN_GRACE",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = shop_config::duration
+    )]
+    pub shutdown_grace: Duration,
+    /// Logs and traces.
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// The configuration of service `S`: the host's part and the service's own.
+#[derive(Debug)]
+pub struct Config<S: Service> {
+    /// What every service reads.
+    pub host: HostConfig,
+    /// What this service reads besides.
+    pub service: S::Config,
+}
+
+// By hand: a derive would ask `S` itself to be `Clone`.
+impl<S: Service> Clone for Config<S> {
+    fn clone(&self) -> Self {
+        Self {
+            host: self.host.clone(),
+            service: self.service.clone(),
+        }
+    }
+}
+
+impl<S: Service> Config<S> {
+    /// Every setting at its default for `S`, ignoring the environment: what
+    /// tests and tools start from.
+    ///
+    /// # Panics
+    ///
+    /// When a setting has no default (a mistake caught by each service's
+    /// tests).
+    #[allow(clippy::expect_used)]
+    pub fn defaults() -> Self {
+        let command = shop_config::without_environment(settings_command::<S>());
+        let matches = command
+            .try_get_matches_from([S::NAME])
+            .expect("every setting declares a default");
+        Self::from_matches(&matches).expect("defaults fit their fields")
+    }
+
+    /// The configuration from the process's environment, with `flags`
+    /// (`--grpc-addr=…`) taking precedence: how `shop up` runs two services in
+    /// one process with their own addresses and databases.
+    pub fn from_env_and_flags<I, T>(flags: I) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let command = settings_command::<S>();
+        let args =
+            std::iter::once(std::ffi::OsString::from(S::NAME)).chain(flags.into_iter().map(Into::into));
+        let matches = command.clone().try_get_matches_from(args).map_err(|error| {
+            anyhow::anyhow!("{}: {}", S::NAME, shop_config::one_line_error(&command, &error))
+        })?;
+        Ok(Self::from_matches(&matches)?)
+    }
+
+    pub(crate) fn from_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let config = Self {
+            host: HostConfig::from_arg_matches(matches)?,
+            service: S::Config::from_arg_matches(matches)?,
+        };
+        Ok(config.complete())
+    }
+
+    /// Fills what follows from the service rather than from a variable (the
+    /// relay's exchange and `app_id`, the telemetry's service name), after
+    /// the service's settings were changed in code. [`crate::App::build`]
+    /// does it too.
+    #[must_use]
+    pub fn complete(mut self) -> Self {
+        self.host.relay.exchange = S::events_exchange(&self.service).to_owned();
+        self.host.relay.app_id = S::NAME.to_owned();
+        self.host.telemetry.service_name = S::NAME.to_owned();
+        self.host.telemetry.service_version = crate::VERSION.to_owned();
+        self
+    }
+}
+
+/// Every setting of `S` as a command (no subcommands), with the service's
+/// own defaults for its database, its gRPC address and its admin address.
+pub fn settings_command<S: Service>() -> Command {
+    let command = HostConfig::augment_args(Command::new(S::NAME));
+    // In place, so every setting keeps its position in `--help`.
+    S::Config::augment_args(command).mut_args(|arg| match arg.get_id().as_str() {
+        "database_url" => arg.default_value(S::DEFAULTS.database_url),
+        "grpc_addr" => arg.default_value(S::DEFAULTS.grpc_addr),
+        "admin_addr" => arg.default_value(S::DEFAULTS.admin_addr),
+        _ => arg,
+    })
+}
+
+/// The defaults that differ between services.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceDefaults {
+    /// `DATABASE_URL`: the service's own database on the local server.
+    pub database_url: &'static str,
+    /// `GRPC_ADDR`.
+    pub grpc_addr: &'static str,
+    /// `ADMIN_ADDR`.
+    pub admin_addr: &'static str,
+}

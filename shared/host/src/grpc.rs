@@ -1,0 +1,267 @@
+//! The gRPC server of a service: reflection over every contract, health,
+//! limits, TLS and the trace layer, and the statuses of failures that are not
+//! the caller's doing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tonic::Status;
+
+/// Server reflection (v1 and v1alpha, so both new and older grpcurl builds
+/// work) advertising `services` and the health service, with every message
+/// of the system described.
+pub fn reflection(
+    services: &[&str],
+) -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(shop_contracts::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Every listed service must be describable: clients that build
+            // their stubs from reflection ask for each one.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    let v1 = builder().build_v1()?;
+    let v1alpha = builder().build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// The `UNAVAILABLE` status of a call that could not reach a dependency; the
+/// error (with its causes) is logged, the caller is told to retry.
+pub fn unavailable(error: &(dyn std::error::Error + 'static)) -> Status {
+    tracing::warn!(error = %shop_telemetry::error_chain(error), "dependency unavailable");
+    Status::unavailable("the service is temporarily unavailable, retry later")
+}
+
+/// The `INTERNAL` status of a failure that is not the caller's doing; the
+/// error (with its causes) is logged and never sent.
+pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
+    tracing::error!(error = %shop_telemetry::error_chain(error), "internal error");
+    Status::internal("internal error")
+}
+
+/// Asks the gRPC health service at `addr` whether the server is serving:
+/// the container health check (`<service> healthcheck`), with no extra
+/// binary in the image.
+pub async fn check_health(addr: SocketAddr) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::Serving as i32,
+        "not serving (status {status})"
+    );
+    Ok(())
+}
+
+/// Where a gRPC server listens, its limits and its transport security.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GrpcConfig {
+    /// gRPC listen address; port 0 picks a free port.
+    #[arg(
+        id = "grpc_addr",
+        long = "grpc-addr",
+        env = "GRPC_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:50051"
+    )]
+    pub addr: SocketAddr,
+    /// Calls handled at once; past it calls are refused with
+    /// `RESOURCE_EXHAUSTED`.
+    #[arg(
+        long = "grpc-max-in-flight",
+        env = "GRPC_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = 512,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    pub max_in_flight: u32,
+    /// Largest request message accepted, in bytes.
+    #[arg(
+        long = "grpc-max-message-bytes",
+        env = "GRPC_MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        default_value_t = 1024 * 1024,
+        value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024)
+    )]
+    pub max_message_bytes: u32,
+    /// PEM certificate chain: serve TLS instead of plaintext (with
+    /// `GRPC_TLS_KEY`).
+    #[arg(
+        long = "grpc-tls-cert",
+        env = "GRPC_TLS_CERT",
+        value_name = "PATH",
+        requires = "grpc_tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `GRPC_TLS_CERT`.
+    #[arg(
+        id = "grpc_tls_key",
+        long = "grpc-tls-key",
+        env = "GRPC_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl GrpcConfig {
+    /// The largest request message, for a generated server's
+    /// `max_decoding_message_size`.
+    pub fn max_message_size(&self) -> usize {
+        usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX)
+    }
+}
+
+/// Name of the gRPC health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Serves `routes` (the service's own, named `services`, plus health and
+/// reflection, which this adds) on `incoming` until `shutdown` resolves, then
+/// drains the calls in flight. Every call gets a server span
+/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]); calls past
+/// [`GrpcConfig::max_in_flight`] are refused; TLS is served when
+/// configured.
+pub async fn serve<H>(
+    routes: tonic::service::Routes,
+    services: &[&str],
+    health: tonic_health::pb::health_server::HealthServer<H>,
+    incoming: tonic::transport::server::TcpIncoming,
+    config: &GrpcConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()>
+where
+    H: tonic_health::pb::health_server::Health,
+{
+    let (reflection_v1, reflection_v1alpha) = reflection(services)?;
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let mut server = tonic::transport::Server::builder();
+    if let (Some(certificate), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let certificate_pem =
+            std::fs::read(certificate).with_context(|| format!("cannot read {}", certificate.display()))?;
+        let key_pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(certificate_pem, key_pem)),
+            )
+            .context("invalid TLS certificate or key")?;
+    }
+    server
+        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .layer(crate::limit::InFlightLimitLayer::new(
+            config.max_in_flight as usize,
+        ))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server failed")
+}
+
+/// `ABORTED`: a change guarded by `expected_version` found the aggregate at
+/// another version (optimistic concurrency); the caller reads it again.
+#[derive(Debug, thiserror::Error)]
+#[error("{aggregate} {id} is at version {actual}, not the expected version {expected}")]
+pub struct StaleVersion {
+    /// What kind of aggregate (`user`, `order`).
+    pub aggregate: &'static str,
+    /// Which one.
+    pub id: uuid::Uuid,
+    /// The version the caller expected.
+    pub expected: i64,
+    /// The version stored.
+    pub actual: i64,
+}
+
+impl StaleVersion {
+    /// `Ok` when `actual` is the version the caller expected.
+    pub fn check(aggregate: &'static str, id: uuid::Uuid, expected: i64, actual: i64) -> Result<(), Self> {
+        if expected == actual {
+            return Ok(());
+        }
+        Err(Self {
+            aggregate,
+            id,
+            expected,
+            actual,
+        })
+    }
+}
+
+impl From<StaleVersion> for Status {
+    fn from(error: StaleVersion) -> Self {
+        Status::aborted(error.to_string())
+    }
+}
+
+/// A failure of a service's storage that is not the caller's doing, as a
+/// gRPC status: `UNAVAILABLE` during a database outage (the caller retries),
+/// `INTERNAL` otherwise. The cause is kept and logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// `UNAVAILABLE`: the database is unreachable, the pool is exhausted, or
+    /// the database cannot do the work right now.
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `INTERNAL`: a bug or an unexpected database failure.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<diesel::result::Error> for StorageError {
+    fn from(error: diesel::result::Error) -> Self {
+        match shop_database::Fault::of(&error) {
+            shop_database::Fault::Outage => Self::Unavailable(error.into()),
+            shop_database::Fault::Failure => Self::Internal(error.into()),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for StorageError {
+    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        Self::Unavailable(error.into())
+    }
+}
+
+impl From<StorageError> for Status {
+    fn from(error: StorageError) -> Self {
+        match &error {
+            StorageError::Unavailable(_) => unavailable(&error),
+            StorageError::Internal(_) => internal(&error),
+        }
+    }
+}

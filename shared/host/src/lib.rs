@@ -1,0 +1,65 @@
+//! The service host: everything a service does the same way as every other
+//! service, so a service crate holds only its handlers, validation, storage,
+//! errors and projections, and its `main.rs` is one call.
+//!
+//! A service implements [`Service`]: its name, its migrations, the defaults
+//! that differ from other services, its own settings, and [`Service::start`],
+//! which adds its gRPC services and background tasks to a [`Host`]. The host
+//! does the rest:
+//!
+//! - [`config`]: one typed configuration per service ([`Config`]), read from
+//!   environment variables (each also a flag) through `clap`, validated at
+//!   start-up with one line naming a bad variable; see `shop-config`.
+//! - [`cli`]: the command line of every service binary: `serve` (the
+//!   default), `relay`, `healthcheck`, `--help`, `--version` and
+//!   `--print-config`.
+//! - [`App`]: the database created and migrated, the gRPC and admin
+//!   listeners bound (port 0 works, for tests), then the gRPC server
+//!   ([`grpc`]: reflection, health, limits, TLS, the trace layer), the admin
+//!   port ([`admin`]: metrics and dependency health), the outbox relay and the
+//!   service's own tasks, until SIGINT/SIGTERM and a bounded drain
+//!   ([`shutdown`]).
+//! - [`validate`]: field violations and the request checks both services
+//!   share; [`limit`]: load shedding past a bound on calls in flight.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+mod app;
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod limit;
+pub mod shutdown;
+pub mod validate;
+
+pub use app::{App, Host, relay, run_relay};
+pub use config::{Config, HostConfig, ServiceDefaults};
+pub use tokio_util::sync::CancellationToken;
+
+/// The version of every service binary (the workspace's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A service the host can run.
+pub trait Service: Send + Sync + Sized + 'static {
+    /// The settings the service reads besides the host's.
+    type Config: clap::Args + clap::FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static;
+
+    /// The binary's name, the `app_id` of its events and the `service.name`
+    /// of its traces (`user-service`).
+    const NAME: &'static str;
+
+    /// One line on what the service does, for `--help`.
+    const ABOUT: &'static str;
+
+    /// Its migrations, applied at start-up.
+    const MIGRATIONS: diesel_migrations::EmbeddedMigrations;
+
+    /// The defaults that differ between services (its database, its ports).
+    const DEFAULTS: ServiceDefaults;
+
+    /// The exchange its outbox relay publishes to.
+    fn events_exchange(config: &Self::Config) -> &str;
+
+    /// Adds the service's gRPC services and background tasks to `host`.
+    fn start(config: &Self::Config, host: &mut Host) -> anyhow::Result<()>;
+}
