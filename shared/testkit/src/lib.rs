@@ -14,6 +14,9 @@
 //! - [`Running`]: a service running in the test process, stopped with the
 //!   test.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
+//! - [`RabbitCluster`]: a RabbitMQ cluster of its own (three nodes of the
+//!   local installation by default) for failover, quorum queue and partition
+//!   tests.
 //!
 //! `TEST_DATABASE_URL` (default
 //! `postgres://postgres:postgres@localhost:5432/postgres`) names the server
@@ -23,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+pub mod cluster;
 mod database;
 mod process;
 mod proxy;
@@ -30,6 +34,7 @@ mod publisher;
 mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
+pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
 pub use database::TestDatabase;
 pub use process::{ServiceProcess, http_get};
 pub use proxy::TcpProxy;
