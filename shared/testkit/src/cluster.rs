@@ -594,6 +594,7 @@ impl RabbitCluster {
             if !lost_a_port || attempt == BOOT_ATTEMPTS {
                 return Err(error);
             }
+            tracing::debug!(node = %node.name, attempt, "a port was taken, booting again on new ports");
             let process = node.runtime().process.take();
             if let Some(mut process) = process {
                 let _ = kill_group(&mut process);
@@ -606,8 +607,10 @@ impl RabbitCluster {
                     .with_context(|| format!("failed to empty {}", path.display()))?;
             }
             let _ = std::fs::remove_file(node.console_file());
-            node.amqp_port.store(free_port()?, Ordering::SeqCst);
-            node.dist_port.store(free_port()?, Ordering::SeqCst);
+            for port in [&node.amqp_port, &node.dist_port] {
+                let old = port.swap(free_port()?, Ordering::SeqCst);
+                taken_ports().remove(&old);
+            }
         }
         bail!("node {} did not boot", node.name)
     }
