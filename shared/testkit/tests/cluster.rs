@@ -46,7 +46,7 @@ async fn a_quorum_queue_keeps_every_message_when_its_leader_stops_and_takes_the_
     // Published with confirms through node 1, consumed through node 2; the
     // consumer on node 3 stands by.
     publish(&cluster.amqp_url(1), 0..100).await?;
-    let (_node_2, mut active) = consume(&cluster.amqp_url(2)).await?;
+    let (node_2, mut active) = consume(&cluster.amqp_url(2)).await?;
     let (_node_3, mut standby) = consume(&cluster.amqp_url(3)).await?;
     let mut received = BTreeMap::new();
     take(&mut active, 100, &mut received).await?;
@@ -89,11 +89,19 @@ async fn a_quorum_queue_keeps_every_message_when_its_leader_stops_and_takes_the_
     );
 
     // Nothing is lost: what is published through a surviving node reaches
-    // the consumer, which kept its subscription through the failover (or
-    // the standby, if the active one was on the stopped node).
+    // the active consumer, which kept its subscription through the
+    // failover, and once it leaves, the standby (if the stopped node held
+    // one of the two, the other takes everything).
     publish(&cluster.amqp_url(survivor), 101..200).await?;
-    let mut consumer = if leader_index == 2 { standby } else { active };
-    take(&mut consumer, 100, &mut received).await?;
+    match leader_index {
+        2 => take(&mut standby, 100, &mut received).await?,
+        3 => take(&mut active, 100, &mut received).await?,
+        _ => {
+            take(&mut active, 50, &mut received).await?;
+            node_2.close(200, "handing over".into()).await?;
+            take(&mut standby, 50, &mut received).await?;
+        }
+    }
     assert_every_id_once(&received, 0..200);
 
     // The node's broker starts again and its replica catches up.
@@ -121,7 +129,7 @@ async fn a_quorum_queue_keeps_every_message_when_its_leader_stops_and_takes_the_
         restarting.elapsed() - stopped_after
     );
 
-    drop(consumer);
+    drop((active, standby));
     assert_nothing_left_after(cluster);
     Ok(())
 }
@@ -357,7 +365,10 @@ async fn await_caught_up(cluster: &RabbitCluster, node: &str) {
 fn assert_every_id_once(received: &BTreeMap<u32, usize>, ids: Range<u32>) {
     let repeated = received.values().filter(|&&times| times > 1).count();
     if repeated > 0 {
-        eprintln!("{repeated} messages were delivered more than once");
+        eprintln!(
+            "{repeated} messages were delivered more than once (acks still in flight when a consumer \
+             left, or refused publishes stored after all: at least once is the promise)"
+        );
     }
     let missing: Vec<u32> = ids.clone().filter(|id| !received.contains_key(id)).collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
