@@ -50,8 +50,8 @@
 //! A node's boot costs about three seconds of CPU, nearly all of it loading
 //! the broker's code; with no plugin there is little left to trim (smaller
 //! VM tables or a single scheduler made no measurable difference), so the
-//! nodes boot in parallel, and forming the cluster takes 15 to 20 s on two
-//! cores.
+//! nodes boot in parallel. Forming the cluster took 11 to 23 s on two
+//! busy cores: about 9 s of booting, 4 to 5 s of joining, 1 s of checks.
 //!
 //! The cluster's nodes find each other through a port mapper of its own
 //! (the `epmd` module), which answers with a relay in front of each node's
@@ -717,8 +717,9 @@ impl RabbitCluster {
         }
     }
 
-    /// Waits until the process of node `i` has exited and nothing is left
-    /// in its process group.
+    /// Waits until the process of node `i` has exited, nothing is left in
+    /// its process group, and its name is free in the port mapper again (so
+    /// booting it next cannot find its old self still registered).
     async fn await_gone(&self, i: usize, process: &mut NodeProcess) -> anyhow::Result<()> {
         let node = self.node(i);
         let until = Instant::now() + EXIT_DEADLINE;
@@ -733,7 +734,9 @@ impl RabbitCluster {
                 // pipe (and kill it) so it goes too.
                 process.close_lifeline();
                 let _ = kill_group(process);
-                if !group_alive(process.child.id()) {
+                if !group_alive(process.child.id())
+                    && !self.mapper.is_registered(epmd::short_name(&node.name))
+                {
                     return Ok(());
                 }
             }

@@ -179,8 +179,7 @@ impl PortMapper {
 
     /// Whether a node named `short_name` is registered (its VM is up with
     /// distribution started).
-    #[cfg(test)]
-    fn is_registered(&self, short_name: &str) -> bool {
+    pub(super) fn is_registered(&self, short_name: &str) -> bool {
         self.shared.state().registered.contains_key(short_name)
     }
 }
@@ -216,7 +215,11 @@ where
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of file descriptors, say: let some close.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let (shared, serve) = (shared.clone(), serve.clone());
         let _ = std::thread::Builder::new()
             .name("epmd-connection".to_owned())
