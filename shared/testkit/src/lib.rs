@@ -16,6 +16,9 @@
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //! - [`command_line`]: what a service binary does before it runs (help,
 //!   version, printed configuration, bad settings).
+//! - [`RabbitCluster`]: a RabbitMQ cluster of its own (three nodes of the
+//!   local installation by default) for failover, quorum queue and partition
+//!   tests.
 //!
 //! `TEST_DATABASE_URL` (default
 //! `postgres://postgres:postgres@localhost:5432/postgres`) names the server
@@ -26,6 +29,7 @@
 
 mod broker;
 pub mod command_line;
+pub mod cluster;
 mod database;
 mod process;
 mod proxy;
@@ -33,6 +37,7 @@ mod publisher;
 mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
+pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
 pub use database::TestDatabase;
 pub use process::{ServiceProcess, http_get};
 pub use proxy::TcpProxy;
