@@ -28,8 +28,8 @@
 #![forbid(unsafe_code)]
 
 mod broker;
-pub mod command_line;
 pub mod cluster;
+pub mod command_line;
 mod database;
 mod process;
 mod proxy;
