@@ -1,10 +1,10 @@
 //! `shop.order.v1.OrderService` over gRPC: validate, run the command, map the
 //! outcome to a response or a status.
 
+use diesel_async::AsyncPgConnection;
 use shop_contracts::order as pb;
 use shop_contracts::order::order_service_server::OrderService;
-use shop_database::{Pool, PooledConnection};
-use shop_host::grpc::StorageError;
+use shop_database::Pool;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -29,8 +29,13 @@ impl OrderGrpc {
         Self { pool }
     }
 
-    async fn conn(&self) -> Result<PooledConnection, Error> {
-        Ok(self.pool.get().await.map_err(StorageError::from)?)
+    /// Runs `work` on a pooled connection within the database deadline
+    /// (a silent connection is discarded and the call is `UNAVAILABLE`).
+    async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.pool.run(work).await
     }
 }
 
@@ -41,7 +46,9 @@ impl OrderService for OrderGrpc {
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
         let new = NewOrder::try_from(request.into_inner()).map_err(Error::from)?;
-        let order = store::create_order(&mut *self.conn().await?, &new).await?;
+        let order = self
+            .run(async |conn| store::create_order(conn, &new).await)
+            .await?;
         Ok(Response::new(pb::CreateOrderResponse {
             order: Some(order.into()),
         }))
@@ -52,7 +59,8 @@ impl OrderService for OrderGrpc {
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let id = validate::get_order(request.get_ref()).map_err(Error::from)?;
-        let order = store::find(&mut *self.conn().await?, id)
+        let order = self
+            .run(async |conn| store::find(conn, id).await)
             .await?
             .ok_or(Error::NotFound(id))?;
         Ok(Response::new(pb::GetOrderResponse {
@@ -66,8 +74,9 @@ impl OrderService for OrderGrpc {
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
         let page = OrdersPage::try_from(request.into_inner()).map_err(Error::from)?;
         // One extra row tells whether another page follows.
-        let mut orders =
-            store::list(&mut *self.conn().await?, page.user_id, page.after, page.size + 1).await?;
+        let mut orders = self
+            .run(async |conn| store::list(conn, page.user_id, page.after, page.size + 1).await)
+            .await?;
         let mut next_page_token = String::new();
         if orders.len() > page.size as usize {
             orders.truncate(page.size as usize);
@@ -86,12 +95,9 @@ impl OrderService for OrderGrpc {
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
         let cancellation = Cancellation::try_from(request.into_inner()).map_err(Error::from)?;
-        let order = store::cancel_order(
-            &mut *self.conn().await?,
-            cancellation.id,
-            cancellation.expected_version,
-        )
-        .await?;
+        let order = self
+            .run(async |conn| store::cancel_order(conn, cancellation.id, cancellation.expected_version).await)
+            .await?;
         Ok(Response::new(pb::CancelOrderResponse {
             order: Some(order.into()),
         }))

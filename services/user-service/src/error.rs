@@ -42,6 +42,18 @@ pub enum Error {
     Storage(#[from] StorageError),
 }
 
+impl From<shop_database::PoolError> for Error {
+    fn from(error: shop_database::PoolError) -> Self {
+        Self::Storage(error.into())
+    }
+}
+
+impl From<shop_database::Timeout> for Error {
+    fn from(error: shop_database::Timeout) -> Self {
+        Self::Storage(error.into())
+    }
+}
+
 impl From<diesel::result::Error> for Error {
     fn from(error: diesel::result::Error) -> Self {
         if shop_database::is_unique_violation(&error, "users_email_key") {

@@ -1,10 +1,10 @@
 //! `shop.user.v1.UserService` over gRPC: validate, run the command, map the
 //! outcome to a response or a status.
 
+use diesel_async::AsyncPgConnection;
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::UserService;
-use shop_database::{Pool, PooledConnection};
-use shop_host::grpc::StorageError;
+use shop_database::Pool;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -29,8 +29,13 @@ impl UserGrpc {
         Self { pool }
     }
 
-    async fn conn(&self) -> Result<PooledConnection, Error> {
-        Ok(self.pool.get().await.map_err(StorageError::from)?)
+    /// Runs `work` on a pooled connection within the database deadline
+    /// (a silent connection is discarded and the call is `UNAVAILABLE`).
+    async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.pool.run(work).await
     }
 }
 
@@ -41,7 +46,9 @@ impl UserService for UserGrpc {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let new = NewUser::try_from(request.into_inner()).map_err(Error::from)?;
-        let user = store::create_user(&mut *self.conn().await?, &new).await?;
+        let user = self
+            .run(async |conn| store::create_user(conn, &new).await)
+            .await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user.into()),
         }))
@@ -52,7 +59,8 @@ impl UserService for UserGrpc {
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let id = validate::get_user(request.get_ref()).map_err(Error::from)?;
-        let user = store::find(&mut *self.conn().await?, id)
+        let user = self
+            .run(async |conn| store::find(conn, id).await)
             .await?
             .ok_or(Error::NotFound(id))?;
         Ok(Response::new(pb::GetUserResponse {
@@ -65,7 +73,9 @@ impl UserService for UserGrpc {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let change = UserChange::try_from(request.into_inner()).map_err(Error::from)?;
-        let user = store::update_user(&mut *self.conn().await?, &change).await?;
+        let user = self
+            .run(async |conn| store::update_user(conn, &change).await)
+            .await?;
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some(user.into()),
         }))
@@ -76,7 +86,8 @@ impl UserService for UserGrpc {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let deletion = Deletion::try_from(request.into_inner()).map_err(Error::from)?;
-        store::delete_user(&mut *self.conn().await?, deletion.id, deletion.expected_version).await?;
+        self.run(async |conn| store::delete_user(conn, deletion.id, deletion.expected_version).await)
+            .await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
 
@@ -86,7 +97,9 @@ impl UserService for UserGrpc {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let page = Page::try_from(request.into_inner()).map_err(Error::from)?;
         // One extra row tells whether another page follows.
-        let mut users = store::list(&mut *self.conn().await?, page.after, page.size + 1).await?;
+        let mut users = self
+            .run(async |conn| store::list(conn, page.after, page.size + 1).await)
+            .await?;
         let mut next_page_token = String::new();
         if users.len() > page.size as usize {
             users.truncate(page.size as usize);

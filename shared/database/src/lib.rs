@@ -14,8 +14,8 @@ mod pool;
 
 pub use fault::{Fault, is_outage, is_unique_violation};
 pub use pool::{
-    DatabaseConfig, Pool, PooledConnection, connect, ensure_database_exists, establish, migrate, pool,
-    quote_identifier,
+    DatabaseConfig, Pool, PoolError, PooledConnection, Timeout, connect, ensure_database_exists, establish,
+    migrate, pool, probe, quote_identifier,
 };
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
-use diesel_async::{AsyncConnection as _, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl as _};
+use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl as _};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _};
 use futures::FutureExt as _;
 use rustls::pki_types::CertificateDer;
@@ -36,10 +36,108 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// A pool of diesel-async PostgreSQL connections.
-pub type Pool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnection>;
+type DeadpoolPool = diesel_async::pooled_connection::deadpool::Pool<AsyncPgConnection>;
 /// A connection checked out of a [`Pool`].
 pub type PooledConnection = diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>;
+/// Why no connection could be had.
+pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
+
+/// A pool of diesel-async PostgreSQL connections, and the deadline of the
+/// work done on them.
+#[derive(Clone)]
+pub struct Pool {
+    inner: DeadpoolPool,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("status", &self.inner.status())
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+/// The database did not answer within the deadline: it is away or the
+/// connection went silent. The connection was discarded.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the database did not answer within {0:?}")]
+pub struct Timeout(pub Duration);
+
+impl Pool {
+    /// A connection, waiting at most the acquire timeout for one. Work on it
+    /// has no deadline of the client's: prefer [`Pool::run`].
+    pub async fn get(&self) -> Result<PooledConnection, PoolError> {
+        self.inner.get().await
+    }
+
+    /// Runs `work` on a pooled connection within the deadline
+    /// (`DATABASE_STATEMENT_TIMEOUT`). When the deadline passes, the
+    /// connection is taken out of the pool and closed (it may be silent, not
+    /// slow, and must not serve the next caller) and the caller gets a
+    /// [`Timeout`]. Work that runs a transaction is rolled back by the
+    /// server when the connection goes.
+    pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+        E: From<PoolError> + From<Timeout>,
+    {
+        self.run_within(self.deadline, work).await
+    }
+
+    /// [`Pool::run`] with another deadline (a relay batch also waits for
+    /// the broker inside its transaction).
+    pub async fn run_within<T, E, F>(&self, deadline: Duration, work: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+        E: From<PoolError> + From<Timeout>,
+    {
+        let mut conn = self.get().await?;
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(deadline, work(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => {
+                Self::discard(conn);
+                // Its idle siblings went silent with it, most likely (one
+                // network path, one frozen NAT table): they go too, so the
+                // next callers open fresh connections instead of each
+                // waiting out the deadline on a dead one.
+                let purged = self.inner.retain(|_, metrics| metrics.created > started);
+                if !purged.removed.is_empty() {
+                    tracing::warn!(
+                        discarded = purged.removed.len() + 1,
+                        deadline_ms = deadline.as_millis() as u64,
+                        "the database did not answer in time; discarded the pooled connections"
+                    );
+                }
+                Err(Timeout(deadline).into())
+            }
+        }
+    }
+
+    /// Takes `conn` out of the pool for good and closes it: a connection
+    /// that failed in a way that leaves its state unknown must not serve the
+    /// next caller.
+    pub fn discard(conn: PooledConnection) {
+        drop(deadpool::managed::Object::take(conn));
+    }
+
+    /// The deadline of [`Pool::run`].
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Closes the pool: no new connections, the idle ones are closed.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Connections open and idle, for metrics and tests.
+    pub fn status(&self) -> deadpool::Status {
+        self.inner.status()
+    }
+}
 
 /// Where the database is, how many connections to keep and how long to wait
 /// for one.
@@ -78,6 +176,45 @@ pub struct DatabaseConfig {
         value_parser = shop_config::duration
     )]
     pub acquire_timeout: Duration,
+    /// Deadline of one unit of database work: each statement (the server
+    /// cancels it, `statement_timeout`) and each short transaction a caller
+    /// runs through [`Pool::run`] (the connection is then discarded, as it
+    /// may be silent rather than slow).
+    #[arg(
+        id = "database_statement_timeout",
+        long = "database-statement-timeout",
+        env = "DATABASE_STATEMENT_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = shop_config::duration
+    )]
+    pub statement_timeout: Duration,
+    /// How long the server keeps a session that sits idle inside a
+    /// transaction (`idle_in_transaction_session_timeout`): a client that
+    /// went silent mid-transaction releases its locks after this. Longer than
+    /// the relay's confirm wait, which it spends inside its batch's
+    /// transaction.
+    #[arg(
+        id = "database_idle_in_transaction_timeout",
+        long = "database-idle-in-transaction-timeout",
+        env = "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "15s",
+        value_parser = shop_config::duration
+    )]
+    pub idle_in_transaction_timeout: Duration,
+    /// How long sent data may stay unacknowledged before a connection counts
+    /// as dead (`TCP_USER_TIMEOUT`); TCP keepalive probes start after a third
+    /// of it, on both ends (`tcp_keepalives_*` on the server).
+    #[arg(
+        id = "database_tcp_timeout",
+        long = "database-tcp-timeout",
+        env = "DATABASE_TCP_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "15s",
+        value_parser = shop_config::duration
+    )]
+    pub tcp_timeout: Duration,
     /// PEM certificates trusted, beside the Mozilla roots, to sign the
     /// server's certificate when the URL says `sslmode=require` (as libpq's
     /// `verify-full`).
@@ -96,6 +233,42 @@ impl DatabaseConfig {
         let mut config: Self = shop_config::defaults();
         config.url = SecretString::from(url.into());
         config
+    }
+
+    /// The driver's configuration of every connection: the URL, plus TCP
+    /// keepalive and `TCP_USER_TIMEOUT` on our side, and the server-side
+    /// timeouts of the session as startup options (added to any `options`
+    /// the URL carries). A pooler that refuses startup options (PgBouncer)
+    /// needs `ignore_startup_parameters = options`.
+    fn driver_config(&self) -> anyhow::Result<tokio_postgres::Config> {
+        let mut config: tokio_postgres::Config =
+            self.url.expose_secret().parse().context("invalid DATABASE_URL")?;
+        let probe = (self.tcp_timeout / 3).max(Duration::from_secs(1));
+        config
+            .connect_timeout(self.acquire_timeout)
+            .keepalives(true)
+            .keepalives_idle(probe)
+            .keepalives_interval((probe / 3).max(Duration::from_secs(1)))
+            .keepalives_retries(3)
+            .tcp_user_timeout(self.tcp_timeout);
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        for (name, value) in [
+            ("statement_timeout", self.statement_timeout.as_millis()),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout.as_millis(),
+            ),
+            ("tcp_keepalives_idle", u128::from(probe.as_secs().max(1))),
+            (
+                "tcp_keepalives_interval",
+                u128::from((probe / 3).as_secs().max(1)),
+            ),
+            ("tcp_keepalives_count", 3),
+        ] {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
+        config.options(options.trim());
+        Ok(config)
     }
 
     /// The TLS connector the URL's `sslmode` asks for: `None` for `disable`
@@ -141,21 +314,30 @@ impl DatabaseConfig {
 }
 
 /// One connection to the database of `settings`, outside any pool (for a
-/// `LISTEN` session), over TLS when the URL asks for it.
+/// `LISTEN` session), with the same timeouts and TLS as the pool's.
 pub async fn establish(settings: &DatabaseConfig) -> ConnectionResult<AsyncPgConnection> {
+    let config = settings
+        .driver_config()
+        .map_err(|error| ConnectionError::BadConnection(format!("{error:#}")))?;
     let tls = settings
         .tls()
         .map_err(|error| ConnectionError::BadConnection(format!("{error:#}")))?;
-    establish_with(settings.url.expose_secret(), tls).await
+    establish_with(config, tls).await
 }
 
-async fn establish_with(url: &str, tls: Option<MakeRustlsConnect>) -> ConnectionResult<AsyncPgConnection> {
+async fn establish_with(
+    config: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+) -> ConnectionResult<AsyncPgConnection> {
+    // diesel's error type carries text only; the causes are kept in it.
+    let failed = |error: tokio_postgres::Error| ConnectionError::BadConnection(error_chain(&error));
     match tls {
-        None => AsyncPgConnection::establish(url).await,
+        None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        }
         Some(tls) => {
-            let (client, connection) = tokio_postgres::connect(url, tls)
-                .await
-                .map_err(|error| ConnectionError::BadConnection(error_chain(&error)))?;
+            let (client, connection) = config.connect(tls).await.map_err(failed)?;
             AsyncPgConnection::try_from_client_and_connection(client, connection).await
         }
     }
@@ -192,22 +374,27 @@ pub async fn connect(settings: &DatabaseConfig, migrations: EmbeddedMigrations) 
 pub fn pool(settings: &DatabaseConfig) -> anyhow::Result<Pool> {
     let mut config = ManagerConfig::default();
     // A checked-out connection is not pinged first: a dead one fails its query
-    // and is discarded, and each command saves a round trip.
+    // and is discarded, and each command saves a round trip. A silent one is
+    // caught by the deadline of `Pool::run` and discarded there.
     config.recycling_method = RecyclingMethod::Fast;
-    if let Some(tls) = settings.tls()? {
-        config.custom_setup = Box::new(move |url| establish_with(url, Some(tls.clone())).boxed());
-    }
+    let driver = settings.driver_config()?;
+    let tls = settings.tls()?;
+    config.custom_setup = Box::new(move |_url| establish_with(driver.clone(), tls.clone()).boxed());
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
         settings.url.expose_secret(),
         config,
     );
-    Pool::builder(manager)
+    let inner = DeadpoolPool::builder(manager)
         .max_size(usize::from(settings.pool_size))
         .wait_timeout(Some(settings.acquire_timeout))
         .create_timeout(Some(settings.acquire_timeout))
         .runtime(deadpool::Runtime::Tokio1)
         .build()
-        .context("failed to build the database pool")
+        .context("failed to build the database pool")?;
+    Ok(Pool {
+        inner,
+        deadline: settings.statement_timeout,
+    })
 }
 
 /// Creates the database of `settings` if it does not exist, connecting to
@@ -271,6 +458,11 @@ async fn open(
 /// Applies the pending migrations, one process at a time.
 pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Result<()> {
     let mut conn = pool.get().await.context("failed to connect to the database")?;
+    // Migrations may take long, and so may waiting for another instance's.
+    diesel::sql_query("SET statement_timeout = 0")
+        .execute(&mut conn)
+        .await
+        .context("failed to lift the statement timeout for migrations")?;
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
         .execute(&mut conn)
         .await
@@ -285,11 +477,64 @@ pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Res
         .execute(&mut conn)
         .await
         .context("failed to release the migration lock")?;
+    diesel::sql_query("RESET statement_timeout")
+        .execute(&mut conn)
+        .await
+        .context("failed to restore the statement timeout")?;
     let applied = applied?;
     if applied > 0 {
         tracing::info!(applied, "applied migrations");
     }
     Ok(())
+}
+
+/// Whether the database takes writes right now: it answers within the
+/// deadline, is not a standby in recovery, and its sessions are not
+/// read-only. A caller whose statement failed in a way it cannot classify
+/// asks this before charging the failure to its input.
+pub async fn probe(pool: &Pool) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Writable {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        writable: bool,
+    }
+    let answer: Result<Writable, ProbeError> = pool
+        .run(async |conn| {
+            Ok(diesel::sql_query(
+                "SELECT NOT pg_is_in_recovery() \
+                 AND current_setting('transaction_read_only') = 'off' AS writable",
+            )
+            .get_result::<Writable>(conn)
+            .await?)
+        })
+        .await;
+    matches!(answer, Ok(Writable { writable: true }))
+}
+
+/// Why [`probe`] got no answer (only its absence matters).
+#[derive(Debug)]
+enum ProbeError {
+    Pool,
+    Timeout,
+    Query,
+}
+
+impl From<PoolError> for ProbeError {
+    fn from(_: PoolError) -> Self {
+        Self::Pool
+    }
+}
+
+impl From<Timeout> for ProbeError {
+    fn from(_: Timeout) -> Self {
+        Self::Timeout
+    }
+}
+
+impl From<diesel::result::Error> for ProbeError {
+    fn from(_: diesel::result::Error) -> Self {
+        Self::Query
+    }
 }
 
 /// `name` as a quoted SQL identifier.

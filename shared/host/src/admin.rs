@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::http::StatusCode;
-use diesel_async::RunQueryDsl as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -136,8 +135,9 @@ pub async fn serve(
         .context("admin server failed")
 }
 
-/// Checks the database every `interval` (`SELECT 1` on a pooled
-/// connection) and records it as `postgres` in `health`, until `shutdown`.
+/// Checks every `interval` that the database takes writes
+/// ([`shop_database::probe`]: answers in time, not a standby, not
+/// read-only) and records it as `postgres` in `health`, until `shutdown`.
 pub async fn watch_database(
     pool: shop_database::Pool,
     health: DependencyHealth,
@@ -145,10 +145,7 @@ pub async fn watch_database(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let up = match tokio::time::timeout(Duration::from_secs(5), pool.get()).await {
-            Ok(Ok(mut conn)) => diesel::sql_query("SELECT 1").execute(&mut conn).await.is_ok(),
-            _ => false,
-        };
+        let up = shop_database::probe(&pool).await;
         health.set("postgres", up);
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),

@@ -47,6 +47,7 @@ impl<S: Service> App<S> {
     /// the gRPC and admin listeners.
     pub async fn build(config: Config<S>) -> anyhow::Result<Self> {
         let config = config.complete();
+        config.host.validate().map_err(|error| anyhow::anyhow!(error))?;
         // Installed before anything records a metric.
         crate::admin::metrics_handle()?;
         let pool = shop_database::connect(&config.host.database, S::MIGRATIONS).await?;

@@ -93,6 +93,10 @@ where
             2,
         )
     })?;
+    config
+        .host
+        .validate()
+        .map_err(|error| (format!("{}: {error}\n", S::NAME), 2))?;
     let action = if matches.get_flag("print_config") {
         Action::PrintConfig
     } else {

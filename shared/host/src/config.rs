@@ -65,6 +65,24 @@ pub struct HostConfig {
     pub telemetry: TelemetryConfig,
 }
 
+impl HostConfig {
+    /// The checks that span several settings (each setting alone is checked
+    /// by its parser): one line naming the variables when one fails.
+    pub fn validate(&self) -> Result<(), String> {
+        let idle = self.database.idle_in_transaction_timeout;
+        let confirm = self.relay.confirm_timeout;
+        if idle <= confirm {
+            return Err(format!(
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT ({}) must be longer than RELAY_CONFIRM_TIMEOUT ({}): \
+                 the relay waits for the broker's confirms inside its batch's transaction",
+                humantime::format_duration(idle),
+                humantime::format_duration(confirm)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The configuration of service `S`: the host's part and the service's own.
 #[derive(Debug)]
 pub struct Config<S: Service> {

@@ -244,15 +244,23 @@ pub enum StorageError {
 
 impl From<diesel::result::Error> for StorageError {
     fn from(error: diesel::result::Error) -> Self {
+        // A conflict with a concurrent transaction succeeds when retried,
+        // as an outage does: the caller is told to retry.
         match shop_database::Fault::of(&error) {
-            shop_database::Fault::Outage => Self::Unavailable(error.into()),
+            shop_database::Fault::Outage | shop_database::Fault::Conflict => Self::Unavailable(error.into()),
             shop_database::Fault::Failure => Self::Internal(error.into()),
         }
     }
 }
 
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for StorageError {
-    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+impl From<shop_database::PoolError> for StorageError {
+    fn from(error: shop_database::PoolError) -> Self {
+        Self::Unavailable(error.into())
+    }
+}
+
+impl From<shop_database::Timeout> for StorageError {
+    fn from(error: shop_database::Timeout) -> Self {
         Self::Unavailable(error.into())
     }
 }

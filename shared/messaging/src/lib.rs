@@ -18,4 +18,4 @@ pub mod inbox;
 pub mod topology;
 pub mod wire;
 
-pub use connection::AmqpConfig;
+pub use connection::{AmqpConfig, Timeout, within};

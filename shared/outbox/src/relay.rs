@@ -14,8 +14,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
 use shop_backoff::Backoff;
 use shop_database::{DatabaseConfig, Pool};
-use shop_messaging::AmqpConfig;
 use shop_messaging::wire::EventHeaders;
+use shop_messaging::{AmqpConfig, within};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -66,7 +66,7 @@ pub struct RelayConfig {
         long = "relay-confirm-timeout",
         env = "RELAY_CONFIRM_TIMEOUT",
         value_name = "DURATION",
-        default_value = "30s",
+        default_value = "10s",
         value_parser = shop_config::duration
     )]
     pub confirm_timeout: Duration,
@@ -119,7 +119,15 @@ pub enum RelayError {
     Database(#[from] diesel::result::Error),
     /// No pooled connection could be had.
     #[error("database unavailable")]
-    Pool(#[from] diesel_async::pooled_connection::deadpool::PoolError),
+    Pool(#[from] shop_database::PoolError),
+    /// The database did not answer in time; the connection was discarded.
+    #[error("database unavailable")]
+    Timeout(#[from] shop_database::Timeout),
+    /// The database takes no writes (a standby after a failover, or
+    /// `default_transaction_read_only`): nothing was published, since the
+    /// rows could not be marked.
+    #[error("the database is read-only; nothing published until it takes writes")]
+    ReadOnly,
     /// The broker is unreachable, closed the channel, nacked a publish or did
     /// not confirm in time.
     #[error("broker error")]
@@ -141,6 +149,11 @@ pub enum BrokerError {
     /// No confirm came back in time.
     #[error("no confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// The broker blocks publishing (a memory or disk alarm): not a failure
+    /// of the connection, which is kept; publishing resumes when the alarm
+    /// clears.
+    #[error("the broker blocks publishing (a memory or disk alarm)")]
+    Blocked,
 }
 
 impl From<BrokerError> for RelayError {
@@ -186,6 +199,8 @@ struct PendingEvent {
 struct HeldPartition {
     #[diesel(sql_type = SmallInt)]
     partition: i16,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    read_only: bool,
 }
 
 /// A confirm-mode channel on its own connection.
@@ -249,7 +264,10 @@ impl Relay {
         if self.publisher.is_none() {
             self.publisher = Some(self.open_publisher().await?);
         }
-        let mut conn = self.pool.get().await?;
+        if self.blocked() {
+            // Publishing now would only fill the socket; nothing is claimed.
+            return Err(BrokerError::Blocked.into());
+        }
         let result = {
             let Some(publisher) = self.publisher.as_ref() else {
                 return Err(BrokerError::Connection(lapin::Error::from(
@@ -262,16 +280,52 @@ impl Relay {
             };
             let config = &self.config;
             let lane = self.lane;
-            conn.transaction(async |conn| publish_batch(conn, &publisher.channel, config, lane).await)
+            // The batch's transaction also waits for the broker's confirms.
+            let deadline = self.pool.deadline() + config.confirm_timeout;
+            self.pool
+                .run_within(deadline, async |conn| {
+                    conn.transaction(async |conn| publish_batch(conn, publisher, config, lane).await)
+                        .await
+                })
                 .await
         };
         match result {
             Ok((outcome, None)) => Ok(outcome),
-            Ok((_, Some(error))) | Err(error @ RelayError::Broker(_)) => {
+            // A blocked connection is alive: it is kept for when the alarm
+            // clears (a new one would be blocked at its first publish).
+            Ok((_, Some(error @ RelayError::Broker(BrokerError::Blocked))))
+            | Err(error @ RelayError::Broker(BrokerError::Blocked)) => Err(error),
+            // A silent database may be a silent network: the broker
+            // connection is replaced too.
+            Ok((_, Some(error))) | Err(error @ (RelayError::Broker(_) | RelayError::Timeout(_))) => {
                 self.drop_publisher().await;
                 Err(error)
             }
             Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the broker blocks this relay's publishing connection (a
+    /// memory or disk alarm), reported as `broker_blocked{connection}`.
+    fn blocked(&self) -> bool {
+        let blocked = self
+            .publisher
+            .as_ref()
+            .is_some_and(|publisher| publisher.connection.status().blocked());
+        metrics::gauge!("broker_blocked", "connection" => format!("{} outbox relay", self.config.app_id))
+            .set(if blocked { 1.0 } else { 0.0 });
+        blocked
+    }
+
+    /// Waits (up to `limit`) until the broker stops blocking the publishing
+    /// connection, or it is gone.
+    async fn wait_until_unblocked(&self, limit: Duration, shutdown: &CancellationToken) {
+        let until = tokio::time::Instant::now() + limit;
+        while self.blocked() && tokio::time::Instant::now() < until {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
     }
 
@@ -316,6 +370,7 @@ impl Relay {
     /// The loop of one lane (see [`RelayConfig::lanes`]).
     async fn run_lane(mut self, shutdown: CancellationToken) {
         let mut backoff = self.config.backoff.start();
+        let mut blocked_reported = false;
         let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
         while !shutdown.is_cancelled() {
             let result = self.run_once().await;
@@ -342,6 +397,22 @@ impl Relay {
                     }
                     None
                 }
+                Err(RelayError::Broker(BrokerError::Blocked)) => {
+                    if !blocked_reported {
+                        tracing::warn!(
+                            lane = self.lane.0,
+                            "the broker blocks publishing (memory or disk alarm); the outbox waits"
+                        );
+                        blocked_reported = true;
+                    }
+                    self.wait_until_unblocked(self.config.poll_interval, &shutdown)
+                        .await;
+                    if !self.blocked() {
+                        tracing::info!(lane = self.lane.0, "the broker accepts publishing again");
+                        blocked_reported = false;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     metrics::counter!("outbox_batch_failures_total", "exchange" => self.config.exchange.clone())
                         .increment(1);
@@ -357,7 +428,11 @@ impl Relay {
             if self.lane.0 == 0 && tokio::time::Instant::now() >= next_cleanup {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
                 match self
-                    .delete_published_before(SystemTime::now() - self.config.retention)
+                    .delete_published_before(
+                        SystemTime::now()
+                            .checked_sub(self.config.retention)
+                            .unwrap_or(UNIX_EPOCH),
+                    )
                     .await
                 {
                     Ok(0) => {}
@@ -386,16 +461,21 @@ impl Relay {
     /// how many.
     pub async fn delete_published_before(&self, cutoff: SystemTime) -> Result<usize, RelayError> {
         let cutoff = chrono::DateTime::<chrono::Utc>::from(cutoff);
-        let mut conn = self.pool.get().await?;
         let mut total = 0;
         loop {
-            let deleted = diesel::sql_query(
-                "DELETE FROM outbox WHERE seq IN \
-                 (SELECT seq FROM outbox WHERE published_at < $1 LIMIT 10000)",
-            )
-            .bind::<Timestamptz, _>(cutoff)
-            .execute(&mut conn)
-            .await?;
+            let deleted = self
+                .pool
+                .run(async |conn| {
+                    diesel::sql_query(
+                        "DELETE FROM outbox WHERE seq IN \
+                         (SELECT seq FROM outbox WHERE published_at < $1 LIMIT 10000)",
+                    )
+                    .bind::<Timestamptz, _>(cutoff)
+                    .execute(conn)
+                    .await
+                    .map_err(RelayError::from)
+                })
+                .await?;
             total += deleted;
             if deleted < 10_000 {
                 return Ok(total);
@@ -408,21 +488,39 @@ impl Relay {
             shop_messaging::connection::connect(&self.amqp, &format!("{} outbox relay", self.config.app_id))
                 .await
                 .map_err(BrokerError::Connect)?;
-        let channel = connection.create_channel().await?;
-        shop_messaging::topology::declare_event_exchange(&channel, &self.config.exchange).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions { nowait: false })
-            .await?;
+        let deadline = self.amqp.timeout;
+        let timed_out = |error: shop_messaging::Timeout| BrokerError::Connect(error.into());
+        let channel = within(deadline, "opening a channel", connection.create_channel())
+            .await
+            .map_err(timed_out)??;
+        within(
+            deadline,
+            "declaring the exchange",
+            shop_messaging::topology::declare_event_exchange(&channel, &self.config.exchange),
+        )
+        .await
+        .map_err(timed_out)??;
+        within(
+            deadline,
+            "turning on publisher confirms",
+            channel.confirm_select(ConfirmSelectOptions { nowait: false }),
+        )
+        .await
+        .map_err(timed_out)??;
         tracing::info!(exchange = %self.config.exchange, "outbox relay connected to the broker");
         Ok(Publisher { connection, channel })
     }
 
     async fn drop_publisher(&mut self) {
         if let Some(publisher) = self.publisher.take() {
-            let _ = publisher
-                .connection
-                .close(200, "relay reconnecting or stopping".into())
-                .await;
+            let _ = within(
+                self.amqp.timeout,
+                "closing the connection",
+                publisher
+                    .connection
+                    .close(200, "relay reconnecting or stopping".into()),
+            )
+            .await;
         }
     }
 }
@@ -431,7 +529,7 @@ impl Relay {
 /// failed part-way, the error (the rows confirmed before it are marked).
 async fn publish_batch(
     conn: &mut AsyncPgConnection,
-    channel: &Channel,
+    publisher: &Publisher,
     config: &RelayConfig,
     (lane, lanes): (usize, usize),
 ) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
@@ -440,8 +538,13 @@ async fn publish_batch(
     // by a relay committing in between would be read as it was before that
     // commit, and its rows published a second time. In READ COMMITTED each
     // statement sees every commit made before it starts.
-    let held: Vec<i16> = diesel::sql_query(
-        "SELECT p::smallint AS partition FROM generate_series($1, $2 - 1, $3) AS p \
+    //
+    // The claim also says whether the session takes writes: publishing rows
+    // that cannot be marked would only publish them again and again.
+    let claimed = diesel::sql_query(
+        "SELECT p::smallint AS partition, \
+         current_setting('transaction_read_only') = 'on' AS read_only \
+         FROM generate_series($1, $2 - 1, $3) AS p \
          WHERE pg_try_advisory_xact_lock($4, p)",
     )
     .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
@@ -449,10 +552,11 @@ async fn publish_batch(
     .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
     .bind::<Integer, _>(LOCK_NAMESPACE)
     .load::<HeldPartition>(conn)
-    .await?
-    .into_iter()
-    .map(|row| row.partition)
-    .collect();
+    .await?;
+    if claimed.iter().any(|row| row.read_only) {
+        return Err(RelayError::ReadOnly);
+    }
+    let held: Vec<i16> = claimed.into_iter().map(|row| row.partition).collect();
     let mut outcome = BatchOutcome::default();
     if held.is_empty() {
         return Ok((outcome, None));
@@ -469,7 +573,7 @@ async fn publish_batch(
     if rows.is_empty() {
         return Ok((outcome, None));
     }
-    let (confirmed, failure) = publish_in_order(channel, config, &rows).await;
+    let (confirmed, failure) = publish_in_order(publisher, config, &rows).await;
     if !confirmed.is_empty() {
         diesel::update(dsl::outbox.filter(dsl::seq.eq_any(&confirmed)))
             .set(dsl::published_at.eq(diesel::dsl::now))
@@ -484,10 +588,11 @@ async fn publish_batch(
 /// returns the `seq` of the confirmed prefix, with the error that ended it
 /// early.
 async fn publish_in_order(
-    channel: &Channel,
+    publisher: &Publisher,
     config: &RelayConfig,
     rows: &[PendingEvent],
 ) -> (Vec<i64>, Option<RelayError>) {
+    let channel = &publisher.channel;
     let mut pending = Vec::with_capacity(rows.len());
     let mut failure = None;
     for row in rows {
@@ -533,6 +638,9 @@ async fn publish_in_order(
             Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
             Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nack),
             Ok(Err(error)) => Err(BrokerError::Connection(error)),
+            // A blocked connection is not a silent one: the batch ends and
+            // waits for the alarm to clear, on this connection.
+            Err(_) if publisher.connection.status().blocked() => Err(BrokerError::Blocked),
             Err(_) => Err(BrokerError::ConfirmTimeout(config.confirm_timeout)),
         };
         match outcome {
@@ -566,18 +674,21 @@ async fn watch_depth(pool: Pool, exchange: String, shutdown: CancellationToken) 
     let pending = metrics::gauge!("outbox_pending_events", "exchange" => exchange.clone());
     let oldest = metrics::gauge!("outbox_oldest_pending_seconds", "exchange" => exchange);
     loop {
-        if let Ok(mut conn) = pool.get().await {
-            let depth = diesel::sql_query(
-                "SELECT count(*) AS pending, \
-                 COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_seconds \
-                 FROM outbox WHERE published_at IS NULL",
-            )
-            .get_result::<Depth>(&mut conn)
+        let depth = pool
+            .run(async |conn| {
+                diesel::sql_query(
+                    "SELECT count(*) AS pending, \
+                     COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_seconds \
+                     FROM outbox WHERE published_at IS NULL",
+                )
+                .get_result::<Depth>(conn)
+                .await
+                .map_err(RelayError::from)
+            })
             .await;
-            if let Ok(depth) = depth {
-                pending.set(depth.pending as f64);
-                oldest.set(depth.oldest_seconds);
-            }
+        if let Ok(depth) = depth {
+            pending.set(depth.pending as f64);
+            oldest.set(depth.oldest_seconds);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -620,6 +731,9 @@ fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
         .unwrap_or(0)
 }
 
+/// How long the `LISTEN` session may stay quiet before it is pinged.
+const LISTEN_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Keeps a `LISTEN outbox` connection open and turns each notification into
 /// a wake-up of the relay loop; reconnects with backoff when it drops.
 async fn listen(database: DatabaseConfig, wake: watch::Sender<u64>, shutdown: CancellationToken) {
@@ -644,19 +758,38 @@ async fn listen_once(
     wake: &watch::Sender<u64>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let deadline = database.statement_timeout;
     let mut conn = shop_database::establish(database).await?;
-    diesel::sql_query("LISTEN outbox").execute(&mut conn).await?;
+    tokio::time::timeout(deadline, diesel::sql_query("LISTEN outbox").execute(&mut conn))
+        .await
+        .map_err(|_| shop_database::Timeout(deadline))??;
     // Rows may have been committed while nobody listened.
     wake.send_modify(|n| *n = n.wrapping_add(1));
-    let mut notifications = std::pin::pin!(conn.notifications_stream());
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            next = notifications.next() => match next {
-                Some(Ok(_)) => wake.send_modify(|n| *n = n.wrapping_add(1)),
-                Some(Err(error)) => return Err(error.into()),
-                None => anyhow::bail!("notification stream ended"),
-            },
+        {
+            // A session that only listens sends nothing: a silent connection
+            // would go unnoticed, and the relay would fall back on polling
+            // for good. Pinged after a quiet spell, within the deadline.
+            let mut notifications = std::pin::pin!(conn.notifications_stream());
+            let quiet = tokio::time::sleep(LISTEN_PING_INTERVAL);
+            tokio::pin!(quiet);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = &mut quiet => break,
+                    next = notifications.next() => match next {
+                        Some(Ok(_)) => {
+                            wake.send_modify(|n| *n = n.wrapping_add(1));
+                            quiet.as_mut().reset(tokio::time::Instant::now() + LISTEN_PING_INTERVAL);
+                        }
+                        Some(Err(error)) => return Err(error.into()),
+                        None => anyhow::bail!("notification stream ended"),
+                    },
+                }
+            }
         }
+        tokio::time::timeout(deadline, diesel::sql_query("SELECT 1").execute(&mut conn))
+            .await
+            .map_err(|_| shop_database::Timeout(deadline))??;
     }
 }

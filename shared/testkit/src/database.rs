@@ -16,7 +16,7 @@ pub struct TestDatabase {
     admin_url: String,
 }
 
-fn admin_url() -> String {
+pub(crate) fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned())
 }
@@ -76,6 +76,38 @@ impl TestDatabase {
         })
     }
 
+    /// Turns the database read-only, or writable again, as a failover onto a
+    /// standby (or an operator's `default_transaction_read_only`) would: the
+    /// setting applies to new sessions, so every session of the database
+    /// but this one is ended and its clients reconnect into the new state.
+    /// The server itself is untouched; the setting goes with the database
+    /// when the test ends.
+    pub async fn set_read_only(&self, read_only: bool) -> anyhow::Result<()> {
+        let client = admin_client().await?;
+        let name = quote_identifier(&self.name);
+        let statement = if read_only {
+            format!("ALTER DATABASE {name} SET default_transaction_read_only = on")
+        } else {
+            format!("ALTER DATABASE {name} RESET default_transaction_read_only")
+        };
+        client.batch_execute(&statement).await?;
+        self.end_sessions().await
+    }
+
+    /// Ends every session of the database (`pg_terminate_backend`), as an
+    /// administrator or a restarting server would; returns how many.
+    pub async fn end_sessions(&self) -> anyhow::Result<()> {
+        let client = admin_client().await?;
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.name],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -90,6 +122,14 @@ impl TestDatabase {
     pub fn config(&self) -> DatabaseConfig {
         let mut config = DatabaseConfig::new(self.url.clone());
         config.pool_size = 8;
+        config
+    }
+
+    /// Settings for a service pool over it that connects through `proxy`
+    /// (a [`crate::TcpProxy`] in front of the PostgreSQL server).
+    pub fn config_via(&self, proxy: &crate::TcpProxy) -> DatabaseConfig {
+        let mut config = self.config();
+        config.url = proxy.url_for(&self.url).into();
         config
     }
 

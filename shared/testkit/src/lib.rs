@@ -96,25 +96,36 @@ pub fn amqp_url() -> String {
 
 /// The address of the broker in [`amqp_url`].
 pub async fn amqp_addr() -> std::net::SocketAddr {
+    address_of(&amqp_url(), 5672).await
+}
+
+/// The address of the PostgreSQL server in `TEST_DATABASE_URL`.
+pub async fn postgres_addr() -> std::net::SocketAddr {
+    address_of(&database::admin_url(), 5432).await
+}
+
+/// The IPv4 address (when it has one) of the host and port of `url`.
+async fn address_of(url: &str, default_port: u16) -> std::net::SocketAddr {
     #[allow(clippy::expect_used)]
-    let url = url::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    let parsed = url::Url::parse(url).expect("the test URL is a URL");
     let host_port = format!(
         "{}:{}",
-        url.host_str().unwrap_or("localhost"),
-        url.port().unwrap_or(5672)
+        parsed.host_str().unwrap_or("localhost"),
+        parsed.port().unwrap_or(default_port)
     );
     #[allow(clippy::expect_used)]
     let addrs: Vec<_> = tokio::net::lookup_host(host_port)
         .await
-        .expect("TEST_AMQP_URL host resolves")
+        .expect("the test URL's host resolves")
         .collect();
-    // Brokers often listen on IPv4 only, while `localhost` may resolve to ::1 first.
+    // Servers often listen on IPv4 only, while `localhost` may resolve to ::1 first.
+    #[allow(clippy::expect_used)]
     addrs
         .iter()
         .find(|addr| addr.is_ipv4())
         .or(addrs.first())
         .copied()
-        .expect("TEST_AMQP_URL host has an address")
+        .expect("the test URL's host has an address")
 }
 
 /// The field paths of the `google.rpc.BadRequest` of an `INVALID_ARGUMENT`

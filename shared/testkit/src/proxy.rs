@@ -1,5 +1,8 @@
 //! A TCP proxy owned by a test, standing between a service and PostgreSQL or
-//! RabbitMQ, so the test can cut live connections or refuse new ones.
+//! RabbitMQ, so the test can cut live connections, refuse new ones, or
+//! freeze the live ones: hold them open and forward nothing, as a NAT or a
+//! firewall that forgot the flow, a paused VM or a pulled cable between two
+//! switches would, while new connections pass.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,12 +10,20 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Default)]
 struct State {
-    live: Mutex<Vec<AbortHandle>>,
+    live: Mutex<Vec<Live>>,
     refusing: AtomicBool,
     accepted: AtomicUsize,
+}
+
+/// One forwarded connection.
+#[derive(Debug)]
+struct Live {
+    task: AbortHandle,
+    freeze: CancellationToken,
 }
 
 /// Forwards every connection to its target until told otherwise.
@@ -64,8 +75,38 @@ impl TcpProxy {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         for connection in live {
-            connection.abort();
+            connection.task.abort();
         }
+    }
+
+    /// Freezes every live connection: from now on nothing is forwarded in
+    /// either direction and nothing is closed, so both ends see silence, not
+    /// an error (their kernels still acknowledge what they send, as a NAT
+    /// that forgot the flow would not). New connections are forwarded as
+    /// usual. Returns how many were frozen.
+    pub fn freeze(&self) -> usize {
+        let live = self
+            .state
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut frozen = 0;
+        for connection in live.iter().filter(|c| !c.task.is_finished()) {
+            connection.freeze.cancel();
+            frozen += 1;
+        }
+        frozen
+    }
+
+    /// Connections forwarded right now (not finished, not frozen).
+    pub fn live(&self) -> usize {
+        self.state
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|c| !c.task.is_finished() && !c.freeze.is_cancelled())
+            .count()
     }
 
     /// While `on`, new connections are closed at once (the target "refuses").
@@ -96,6 +137,8 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             continue;
         }
         state.accepted.fetch_add(1, Ordering::SeqCst);
+        let freeze = CancellationToken::new();
+        let frozen = freeze.clone();
         let handle = tokio::spawn(async move {
             let Ok(mut upstream) = TcpStream::connect(target).await else {
                 return;
@@ -103,14 +146,24 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                () = frozen.cancelled() => {
+                    // Hold both sockets open, read nothing, write nothing,
+                    // until the test cuts the connection or ends.
+                    std::future::pending::<()>().await;
+                }
+            }
         });
         let mut live = state
             .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        live.retain(|handle| !handle.is_finished());
-        live.push(handle.abort_handle());
+        live.retain(|c| !c.task.is_finished());
+        live.push(Live {
+            task: handle.abort_handle(),
+            freeze,
+        });
     }
 }
 

@@ -36,6 +36,18 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     config
 }
 
+/// A relay over the app's outbox, run by the test.
+pub fn relay(app: &TestApp) -> shop_outbox::Relay {
+    relay_with_batch(app, 1000)
+}
+
+/// A relay over the app's outbox publishing batches of `batch_size`.
+pub fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
+    let mut settings = settings(&app.db, &app.broker);
+    settings.host.relay.batch_size = batch_size;
+    shop_host::relay(&settings, app.pool.clone())
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: UserServiceClient<Channel>,

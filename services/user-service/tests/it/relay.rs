@@ -18,16 +18,6 @@ use crate::helpers::{self, TestApp, spawn_app, spawn_app_with};
 const WAIT: Duration = Duration::from_secs(15);
 const QUIET: Duration = Duration::from_millis(500);
 
-fn relay_for(app: &TestApp) -> shop_outbox::Relay {
-    relay_with_batch(app, 1000)
-}
-
-fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
-    let mut settings = helpers::settings(&app.db, &app.broker);
-    settings.host.relay.batch_size = batch_size;
-    shop_host::relay(&settings, app.pool.clone())
-}
-
 async fn spawn_app_without_relay() -> TestApp {
     spawn_app_with(|settings| settings.host.relay_enabled = false).await
 }
@@ -163,7 +153,7 @@ async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broke
     assert_eq!(app.unpublished().await, 3);
 
     let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
-    let mut relay = relay_for(&app);
+    let mut relay = helpers::relay(&app);
     let outcome = relay.run_once().await.unwrap();
 
     assert_eq!((outcome.claimed, outcome.published), (3, 3));
@@ -186,7 +176,7 @@ async fn two_relays_publish_each_event_once_and_each_users_events_in_order() {
     let relays: Vec<_> = (0..2)
         .map(|_| {
             // Small batches, so the relays take turns many times.
-            tokio::spawn(relay_with_batch(&app, 7).run(stop.clone()))
+            tokio::spawn(helpers::relay_with_batch(&app, 7).run(stop.clone()))
         })
         .collect();
 
@@ -271,7 +261,7 @@ async fn published_rows_past_retention_are_deleted_and_unpublished_rows_never() 
             .await
             .unwrap();
     }
-    let relay = relay_for(&app);
+    let relay = helpers::relay(&app);
 
     let deleted = relay
         .delete_published_before(SystemTime::now() - Duration::from_secs(24 * 3600))

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+use diesel_async::AsyncConnection as _;
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
 use opentelemetry::trace::TraceContextExt as _;
 use shop_backoff::Delays;
-use shop_database::Pool;
+use shop_database::{Fault, Pool};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::{Consumer, ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
 use crate::topology::ConsumerTopology;
 use crate::wire::{self, DeadLetterReason, header_i64, header_str, long_string};
-use crate::{AmqpConfig, inbox};
+use crate::{AmqpConfig, inbox, within};
 
 /// What every worker of a consumer shares.
 struct Shared {
@@ -34,6 +34,8 @@ struct Shared {
     topology: ConsumerTopology,
     pool: Pool,
     handlers: std::collections::HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    /// Deadline of every broker operation.
+    broker_timeout: Duration,
 }
 
 pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -51,6 +53,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         topology,
         pool,
         handlers,
+        broker_timeout: amqp.timeout,
     });
     let cleanup = tokio::spawn(clean_inbox(shared.clone(), shutdown.clone()));
     let mut backoff = shared.config.backoff.start();
@@ -95,31 +98,55 @@ async fn session(
     backoff: &mut Delays,
 ) -> anyhow::Result<()> {
     let queue = &shared.config.queue;
+    let deadline = shared.broker_timeout;
     let connection = crate::connection::connect(amqp, &format!("{queue} consumer")).await?;
-    let setup = connection.create_channel().await?;
-    shared.topology.declare(&setup).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    // Retries and dead letters go out on a connection of their own: a broker
+    // under a memory or disk alarm blocks every connection that publishes,
+    // and a blocked consuming connection could not acknowledge either.
+    let publishing = crate::connection::connect(amqp, &format!("{queue} consumer publisher")).await?;
+    let setup = within(deadline, "opening a channel", connection.create_channel()).await??;
+    within(
+        deadline,
+        "declaring the topology",
+        shared.topology.declare(&setup),
+    )
+    .await??;
+    let _ = within(
+        deadline,
+        "closing a channel",
+        setup.close(200, "topology declared".into()),
+    )
+    .await;
 
     let stop = shutdown.child_token();
     let mut workers = JoinSet::new();
     for n in 0..shared.config.concurrency.max(1) {
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(shared.config.prefetch, BasicQosOptions { global: false })
-            .await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions { nowait: false })
-            .await?;
+        let channel = within(deadline, "opening a channel", connection.create_channel()).await??;
+        within(
+            deadline,
+            "setting the prefetch",
+            channel.basic_qos(shared.config.prefetch, BasicQosOptions { global: false }),
+        )
+        .await??;
+        let publisher = within(deadline, "opening a channel", publishing.create_channel()).await??;
+        within(
+            deadline,
+            "turning on publisher confirms",
+            publisher.confirm_select(ConfirmSelectOptions { nowait: false }),
+        )
+        .await??;
         let tag = format!("{queue}.{n}.{}", Uuid::new_v4().simple());
-        let deliveries = channel
-            .basic_consume(
+        let deliveries = within(
+            deadline,
+            "starting to consume",
+            channel.basic_consume(
                 queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
+            ),
+        )
+        .await??;
         let worker = Worker {
             shared: shared.clone(),
             channel,
@@ -141,9 +168,11 @@ async fn session(
     // connection is reported on the connection's events (a worker waiting on
     // an acknowledgement of the dead connection would never learn of it).
     let mut events = std::pin::pin!(connection.events_listener());
+    let mut publishing_events = std::pin::pin!(publishing.events_listener());
     let first = tokio::select! {
         first = workers.join_next() => first,
         error = connection_error(events.as_mut()) => Some(Ok(Err(error))),
+        error = connection_error(publishing_events.as_mut()) => Some(Ok(Err(error.context("publishing connection")))),
     };
     stop.cancel();
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
@@ -155,7 +184,14 @@ async fn session(
         // redelivered, and an open transaction rolls back with its connection.
         workers.abort_all();
     }
-    let _ = connection.close(200, "consumer session ending".into()).await;
+    for connection in [&connection, &publishing] {
+        let _ = within(
+            deadline,
+            "closing the connection",
+            connection.close(200, "consumer session ending".into()),
+        )
+        .await;
+    }
     match first {
         Some(Ok(Ok(()))) if shutdown.is_cancelled() => Ok(()),
         Some(Ok(Ok(()))) | None => anyhow::bail!("a worker stopped"),
@@ -186,19 +222,48 @@ struct Incoming {
 
 /// Why applying failed.
 enum ApplyError {
-    /// The database is unreachable: hold the messages and try again.
+    /// The database is away, silent, read-only, full or overloaded, or the
+    /// transaction lost a conflict with another: not the messages' fault.
+    /// Hold them (unacknowledged, attempts untouched) and try again.
     Unavailable(anyhow::Error),
     /// A handler, or the transaction itself, failed.
     Failed(HandlerError),
 }
 
+impl ApplyError {
+    /// A handler's failure; one caused by the database being unable to do
+    /// the work (its statement hit an outage or a conflict) is held, not
+    /// charged.
+    fn from_handler(error: HandlerError) -> Self {
+        match &error {
+            HandlerError::Transient(cause) => match cause.downcast_ref::<diesel::result::Error>() {
+                Some(database) if Fault::of(database).is_retryable() => Self::Unavailable(error.into()),
+                _ => Self::Failed(error),
+            },
+            HandlerError::Permanent(_) => Self::Failed(error),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for ApplyError {
     fn from(error: diesel::result::Error) -> Self {
-        if shop_database::is_outage(&error) {
+        if Fault::of(&error).is_retryable() {
             Self::Unavailable(error.into())
         } else {
             Self::Failed(HandlerError::Transient(error.into()))
         }
+    }
+}
+
+impl From<shop_database::PoolError> for ApplyError {
+    fn from(error: shop_database::PoolError) -> Self {
+        Self::Unavailable(error.into())
+    }
+}
+
+impl From<shop_database::Timeout> for ApplyError {
+    fn from(error: shop_database::Timeout) -> Self {
+        Self::Unavailable(error.into())
     }
 }
 
@@ -247,7 +312,7 @@ impl Worker {
                     let span = process_span(&self.shared.config.queue, &delivery);
                     self.dead_letter(&delivery, reason, &error, attempt, &span)
                         .await?;
-                    delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+                    self.ack(&delivery, false).await?;
                 }
             }
         }
@@ -263,10 +328,7 @@ impl Worker {
                     if let Some(last) = ready.last() {
                         // Everything up to the last tag on this channel is in
                         // this batch or was acknowledged before.
-                        last.delivery
-                            .acker
-                            .ack(BasicAckOptions { multiple: true })
-                            .await?;
+                        self.ack(&last.delivery, true).await?;
                     }
                     return Ok(());
                 }
@@ -290,11 +352,7 @@ impl Worker {
                 };
                 match outcome {
                     Ok(()) => {
-                        incoming
-                            .delivery
-                            .acker
-                            .ack(BasicAckOptions { multiple: false })
-                            .await?;
+                        self.ack(&incoming.delivery, false).await?;
                         break;
                     }
                     Err(ApplyError::Unavailable(error)) => {
@@ -303,21 +361,19 @@ impl Worker {
                         }
                     }
                     Err(ApplyError::Failed(error)) => {
-                        // A transient failure while the database is away is
-                        // the outage's, not the message's: it keeps its
-                        // attempts.
-                        if matches!(error, HandlerError::Transient(_)) && !self.database_reachable().await {
+                        // A transient failure while the database cannot take
+                        // writes is the outage's, not the message's: it keeps
+                        // its attempts.
+                        if matches!(error, HandlerError::Transient(_))
+                            && !shop_database::probe(&self.shared.pool).await
+                        {
                             if !self.wait_for_database(&error.into(), &mut backoff, stop).await {
                                 return Ok(());
                             }
                             continue;
                         }
                         self.fail(incoming, error).await?;
-                        incoming
-                            .delivery
-                            .acker
-                            .ack(BasicAckOptions { multiple: false })
-                            .await?;
+                        self.ack(&incoming.delivery, false).await?;
                         break;
                     }
                 }
@@ -347,11 +403,16 @@ impl Worker {
         }
     }
 
-    async fn database_reachable(&self) -> bool {
-        let Ok(mut conn) = self.shared.pool.get().await else {
-            return false;
-        };
-        diesel::sql_query("SELECT 1").execute(&mut conn).await.is_ok()
+    /// Acknowledges `delivery` (and, with `multiple`, every earlier one on
+    /// its channel), within the broker deadline.
+    async fn ack(&self, delivery: &Delivery, multiple: bool) -> anyhow::Result<()> {
+        within(
+            self.shared.broker_timeout,
+            "an acknowledgement",
+            delivery.acker.ack(BasicAckOptions { multiple }),
+        )
+        .await??;
+        Ok(())
     }
 
     /// The checks a message must pass before any handler sees it.
@@ -413,12 +474,6 @@ impl Worker {
     /// The transaction of [`Self::apply`]; returns how many events were
     /// duplicates.
     async fn apply_in_transaction(&self, incoming: &[Incoming]) -> Result<usize, ApplyError> {
-        let mut conn = self
-            .shared
-            .pool
-            .get()
-            .await
-            .map_err(|error| ApplyError::Unavailable(error.into()))?;
         let transaction = match incoming.first() {
             Some(first) => tracing::info_span!(
                 parent: &first.span,
@@ -432,7 +487,7 @@ impl Worker {
             transaction.add_link(other.span.context().span().span_context().clone());
         }
         let queue = self.shared.config.queue.as_str();
-        conn.transaction(async |conn| {
+        self.shared.pool.run(async |conn| conn.transaction(async |conn| {
             let ids: Vec<(Uuid, &str)> = incoming.iter().map(|i| (i.meta.event_id, i.meta.type_name.as_str())).collect();
             let fresh = inbox::record(conn, queue, &ids).await?;
             let mut applied = HashSet::with_capacity(fresh.len());
@@ -463,10 +518,10 @@ impl Worker {
                     .handle_batch(conn, events)
                     .instrument(first.span.clone())
                     .await
-                    .map_err(ApplyError::Failed)?;
+                    .map_err(ApplyError::from_handler)?;
             }
             Ok(duplicates)
-        })
+        }).await)
         .instrument(transaction)
         .await
     }
@@ -590,22 +645,24 @@ impl Worker {
             headers.insert(key.clone(), value.clone());
         }
         let properties = delivery.properties.clone().with_headers(headers);
-        let confirm = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                // Mandatory: a missing queue comes back as a return instead of
-                // silently dropping the message.
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &delivery.data,
-                properties,
-            )
-            .await?
-            .await?;
+        let published = async {
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    // Mandatory: a missing queue comes back as a return instead
+                    // of silently dropping the message.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = within(self.shared.broker_timeout, "a publisher confirm", published).await??;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => anyhow::bail!("queue {queue} does not exist"),

@@ -5,4 +5,5 @@
 
 mod consumer;
 mod dead_letters;
+mod faults;
 mod support;

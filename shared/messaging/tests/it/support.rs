@@ -123,9 +123,12 @@ pub struct Harness {
     pub shutdown: CancellationToken,
     pub connected: tokio::sync::watch::Receiver<bool>,
     consumer: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The test's own connections, for its assertions.
     pub pool: shop_database::Pool,
+    /// The consumer's (through a proxy, when the test says so).
+    pub consumer_pool: shop_database::Pool,
     pub broker: TestBroker,
-    _db: TestDatabase,
+    pub db: TestDatabase,
 }
 
 impl Drop for Harness {
@@ -178,9 +181,10 @@ pub async fn harness_with(adjust: impl FnOnce(ConsumerConfig, &TestBroker) -> Co
         shutdown: CancellationToken::new(),
         connected,
         consumer: None,
+        consumer_pool: pool.clone(),
         pool,
         broker,
-        _db: db,
+        db,
     }
 }
 
@@ -188,7 +192,7 @@ impl Harness {
     /// Starts the consumer with `amqp` (the broker itself, or a proxy) and
     /// waits until its queues exist.
     pub async fn start_with(&mut self, amqp: AmqpConfig) {
-        let consumer = Consumer::new(self.config.clone(), self.pool.clone(), amqp)
+        let consumer = Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp)
             .subscribe::<UserCreated, _>(Recorder(self.behavior.clone()))
             .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone()));
         for queue in consumer.topology().queue_names() {
@@ -224,14 +228,26 @@ impl Harness {
     }
 
     /// (event id, user id, version) of every application so far, in order.
+    /// Tests that end the database's sessions also end the test's pooled
+    /// ones: a query that meets such a corpse is tried again.
     pub async fn applied(&self) -> Vec<(Uuid, String, i64)> {
-        let mut conn = self.pool.get().await.unwrap();
-        applied::table
-            .order(applied::applied_at.asc())
-            .select((applied::event_id, applied::user_id, applied::version))
-            .load(&mut conn)
-            .await
-            .unwrap()
+        let mut attempts = 0;
+        loop {
+            let mut conn = self.pool.get().await.unwrap();
+            let rows = applied::table
+                .order(applied::applied_at.asc())
+                .select((applied::event_id, applied::user_id, applied::version))
+                .load(&mut conn)
+                .await;
+            match rows {
+                Ok(rows) => return rows,
+                Err(_) if attempts < 20 => {
+                    attempts += 1;
+                    shop_database::Pool::discard(conn);
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
     }
 
     /// Waits until `count` applications are recorded, then a little longer
