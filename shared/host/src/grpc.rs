@@ -1,11 +1,23 @@
 //! The gRPC server of a service: reflection over every contract, health,
 //! limits, TLS and the trace layer, and the statuses of failures that are not
 //! the caller's doing.
+//!
+//! # Callers that stall, vanish or flood
+//!
+//! Whoever can connect can hold resources without doing any work; each kind
+//! of hold has a bound here:
+//!
+//! - Made-up method paths: answered `UNIMPLEMENTED` like any unknown method,
+//!   and named `unknown` in metrics and spans, never after the path (see
+//!   [`shop_telemetry::grpc`]), with the known names taken from the services
+//!   this server registered ([`known_methods`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use shop_contracts::prost::Message as _;
+use shop_telemetry::grpc::KnownMethods;
 use tonic::Status;
 
 /// Server reflection (v1 and v1alpha, so both new and older grpcurl builds
@@ -144,15 +156,52 @@ impl GrpcConfig {
     }
 }
 
+/// The methods of `services` (fully qualified names, as registered), read
+/// from the contracts' descriptors: the names the trace layer may use. A
+/// service missing from the descriptors is an error, so a service cannot be
+/// served uncounted by mistake.
+pub fn known_methods(services: &[&str]) -> anyhow::Result<KnownMethods> {
+    let descriptors =
+        shop_contracts::prost_types::FileDescriptorSet::decode(shop_contracts::FILE_DESCRIPTOR_SET)
+            .context("the contracts' file descriptor set does not decode")?;
+    let mut methods = Vec::new();
+    let mut found = Vec::new();
+    for file in &descriptors.file {
+        for service in &file.service {
+            let name = match file.package() {
+                "" => service.name().to_owned(),
+                package => format!("{package}.{}", service.name()),
+            };
+            if !services.contains(&name.as_str()) {
+                continue;
+            }
+            methods.extend(
+                service
+                    .method
+                    .iter()
+                    .map(|method| (name.clone(), method.name().to_owned())),
+            );
+            found.push(name);
+        }
+    }
+    if let Some(missing) = services
+        .iter()
+        .find(|service| !found.iter().any(|name| name == *service))
+    {
+        anyhow::bail!("the service {missing} is not in the contracts' file descriptor set");
+    }
+    Ok(KnownMethods::new(methods))
+}
+
 /// Name of the gRPC health service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// Serves `routes` (the service's own, named `services`, plus health and
 /// reflection, which this adds) on `incoming` until `shutdown` resolves, then
 /// drains the calls in flight. Every call gets a server span
-/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]); calls past
-/// [`GrpcConfig::max_in_flight`] are refused; TLS is served when
-/// configured.
+/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`], naming the methods of
+/// `services` and no others); calls past [`GrpcConfig::max_in_flight`] are
+/// refused; TLS is served when configured.
 pub async fn serve<H>(
     routes: tonic::service::Routes,
     services: &[&str],
@@ -165,6 +214,7 @@ where
     H: tonic_health::pb::health_server::Health,
 {
     let (reflection_v1, reflection_v1alpha) = reflection(services)?;
+    let known = known_methods(services)?;
     let routes = routes
         .add_service(health)
         .add_service(reflection_v1)
@@ -182,7 +232,7 @@ where
             .context("invalid TLS certificate or key")?;
     }
     server
-        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .layer(shop_telemetry::grpc::GrpcServerTraceLayer::new(known))
         .layer(crate::limit::InFlightLimitLayer::new(
             config.max_in_flight as usize,
         ))
@@ -263,5 +313,39 @@ impl From<StorageError> for Status {
             StorageError::Unavailable(_) => unavailable(&error),
             StorageError::Internal(_) => internal(&error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use shop_telemetry::grpc::Call;
+
+    use super::*;
+
+    #[test]
+    fn the_known_methods_are_those_of_the_registered_services_in_the_contracts() {
+        let known = known_methods(&["shop.user.v1.UserService"]).unwrap();
+
+        for method in ["CreateUser", "GetUser", "UpdateUser", "DeleteUser", "ListUsers"] {
+            let call = known.classify(&format!("/shop.user.v1.UserService/{method}"));
+            assert_eq!(
+                (call.service(), call.method()),
+                ("shop.user.v1.UserService", method)
+            );
+        }
+        assert_eq!(
+            known.classify("/shop.order.v1.OrderService/CreateOrder"),
+            Call::Unknown,
+            "a service of the contracts this server does not serve"
+        );
+    }
+
+    #[test]
+    fn a_registered_service_missing_from_the_contracts_is_an_error() {
+        let error = known_methods(&["shop.user.v1.UserService", "shop.nothing.v1.Ghost"]).unwrap_err();
+
+        assert!(error.to_string().contains("shop.nothing.v1.Ghost"), "{error}");
     }
 }
