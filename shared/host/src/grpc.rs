@@ -7,6 +7,9 @@
 //! Whoever can connect can hold resources without doing any work; each kind
 //! of hold has a bound here:
 //!
+//! - A stream that sends its headers and then stalls: the request deadline
+//!   (`GRPC_REQUEST_TIMEOUT`) ends it, and it never holds an in-flight permit
+//!   (see [`crate::limit`]).
 //! - Made-up method paths: answered `UNIMPLEMENTED` like any unknown method,
 //!   and named `unknown` in metrics and spans, never after the path (see
 //!   [`shop_telemetry::grpc`]), with the known names taken from the services
@@ -14,6 +17,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use shop_contracts::prost::Message as _;
@@ -128,6 +132,19 @@ pub struct GrpcConfig {
         value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024)
     )]
     pub max_message_bytes: u32,
+    /// Longest a call may take, from its headers to its answer: receiving
+    /// the whole request and handling it. Past it the call ends with
+    /// `DEADLINE_EXCEEDED`, so a caller that stalls mid-request holds a
+    /// stream no longer than this (and never an in-flight permit).
+    #[arg(
+        id = "grpc_request_timeout",
+        long = "grpc-request-timeout",
+        env = "GRPC_REQUEST_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = shop_config::duration
+    )]
+    pub request_timeout: Duration,
     /// PEM certificate chain: serve TLS instead of plaintext (with
     /// `GRPC_TLS_KEY`).
     #[arg(
@@ -200,8 +217,9 @@ pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// reflection, which this adds) on `incoming` until `shutdown` resolves, then
 /// drains the calls in flight. Every call gets a server span
 /// ([`shop_telemetry::grpc::GrpcServerTraceLayer`], naming the methods of
-/// `services` and no others); calls past [`GrpcConfig::max_in_flight`] are
-/// refused; TLS is served when configured.
+/// `services` and no others); each is received whole within the request
+/// deadline before it may take one of [`GrpcConfig::max_in_flight`]
+/// permits ([`crate::limit`]); TLS is served when configured.
 pub async fn serve<H>(
     routes: tonic::service::Routes,
     services: &[&str],
@@ -235,6 +253,8 @@ where
         .layer(shop_telemetry::grpc::GrpcServerTraceLayer::new(known))
         .layer(crate::limit::InFlightLimitLayer::new(
             config.max_in_flight as usize,
+            config.max_message_size(),
+            config.request_timeout,
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
