@@ -51,10 +51,7 @@ impl<S: Service> App<S> {
         // Installed before anything records a metric.
         crate::admin::metrics_handle()?;
         let pool = shop_database::connect(&config.host.database, S::MIGRATIONS).await?;
-        let grpc_addr = config.host.grpc.addr;
-        let incoming = TcpIncoming::bind(grpc_addr)
-            .with_context(|| format!("failed to bind the gRPC address {grpc_addr}"))?
-            .with_nodelay(Some(true));
+        let incoming = config.host.grpc.bind()?;
         let local_addr = incoming
             .local_addr()
             .context("the bound gRPC listener has no address")?;

@@ -1,12 +1,66 @@
 //! The gRPC server of a service: reflection over every contract, health,
 //! limits, TLS and the trace layer, and the statuses of failures that are not
 //! the caller's doing.
+//!
+//! # Callers that stall, vanish or flood
+//!
+//! Whoever can connect can hold resources without doing any work; each kind
+//! of hold has a bound here:
+//!
+//! - A stream that sends its headers and then stalls: the request deadline
+//!   (`GRPC_REQUEST_TIMEOUT`) ends it, and it never holds an in-flight permit
+//!   (see [`crate::limit`]).
+//! - Too many streams on one connection: at most
+//!   `GRPC_MAX_STREAMS_PER_CONNECTION` at once (HTTP/2
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS`); the client queues the rest.
+//! - A client that is gone without closing (a dead host, a cut network, a
+//!   process that stopped reading): an HTTP/2 PING every
+//!   `GRPC_KEEPALIVE_INTERVAL` on a quiet connection, which is closed when
+//!   the PING is not answered within `GRPC_KEEPALIVE_TIMEOUT`. TCP keepalive
+//!   probes (first after the same interval, then three within the timeout)
+//!   also catch a dead peer on a connection that never got as far as
+//!   HTTP/2.
+//! - Floods of reset streams: a client opening streams and resetting them
+//!   at once (HTTP/2 "Rapid Reset", CVE-2023-44487) gets a GOAWAY after
+//!   [`MAX_PENDING_ACCEPT_RESET_STREAMS`] of them are pending; one making
+//!   the server reset streams by protocol errors ("MadeYouReset") after
+//!   [`MAX_LOCAL_ERROR_RESET_STREAMS`]. Both are h2's current defaults,
+//!   pinned here so an upgrade cannot loosen them unseen.
+//! - Made-up method paths: answered `UNIMPLEMENTED` like any unknown method,
+//!   and named `unknown` in metrics and spans, never after the path (see
+//!   [`shop_telemetry::grpc`]), with the known names taken from the services
+//!   this server registered ([`known_methods`]).
+//!
+//! Left unbounded: the number of connections (a connection that never sends
+//! its HTTP/2 preface holds a socket and a small task until TCP keepalive
+//! finds its peer dead or it closes) and a connection's age (no
+//! `max_connection_age`: it would break up long-lived, healthy channels for
+//! no gain here). A front proxy or the platform bounds connections per
+//! client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use shop_contracts::prost::Message as _;
+use shop_telemetry::grpc::KnownMethods;
 use tonic::Status;
+use tonic::transport::server::TcpIncoming;
+
+/// Streams a client may have reset before the server accepted them, per
+/// connection, before the connection is closed with `ENHANCE_YOUR_CALM`
+/// (h2's default).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the server may reset because of the client's protocol errors,
+/// per connection, before it is closed with `ENHANCE_YOUR_CALM` (h2's
+/// default).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// TCP keepalive probes sent, within `GRPC_KEEPALIVE_TIMEOUT`, before a
+/// silent peer's connection is dropped.
+const TCP_KEEPALIVE_PROBES: u32 = 3;
 
 /// Server reflection (v1 and v1alpha, so both new and older grpcurl builds
 /// work) advertising `services` and the health service, with every message
@@ -116,6 +170,52 @@ pub struct GrpcConfig {
         value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024)
     )]
     pub max_message_bytes: u32,
+    /// Longest a call may take, from its headers to its answer: receiving
+    /// the whole request and handling it. Past it the call ends with
+    /// `DEADLINE_EXCEEDED`, so a caller that stalls mid-request holds a
+    /// stream no longer than this (and never an in-flight permit).
+    #[arg(
+        id = "grpc_request_timeout",
+        long = "grpc-request-timeout",
+        env = "GRPC_REQUEST_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = shop_config::duration
+    )]
+    pub request_timeout: Duration,
+    /// How long a connection may be quiet before the server sends an HTTP/2
+    /// PING (and TCP keepalive probes start).
+    #[arg(
+        id = "grpc_keepalive_interval",
+        long = "grpc-keepalive-interval",
+        env = "GRPC_KEEPALIVE_INTERVAL",
+        value_name = "DURATION",
+        default_value = "20s",
+        value_parser = shop_config::duration
+    )]
+    pub keepalive_interval: Duration,
+    /// How long the server waits for the answer to its PING before it
+    /// closes the connection as dead.
+    #[arg(
+        id = "grpc_keepalive_timeout",
+        long = "grpc-keepalive-timeout",
+        env = "GRPC_KEEPALIVE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "20s",
+        value_parser = shop_config::duration
+    )]
+    pub keepalive_timeout: Duration,
+    /// Calls one connection may have open at once (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`); a client queues the rest.
+    #[arg(
+        id = "grpc_max_streams_per_connection",
+        long = "grpc-max-streams-per-connection",
+        env = "GRPC_MAX_STREAMS_PER_CONNECTION",
+        value_name = "N",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub max_streams_per_connection: u32,
     /// PEM certificate chain: serve TLS instead of plaintext (with
     /// `GRPC_TLS_KEY`).
     #[arg(
@@ -142,6 +242,57 @@ impl GrpcConfig {
     pub fn max_message_size(&self) -> usize {
         usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX)
     }
+
+    /// Binds the gRPC listener at [`GrpcConfig::addr`], with `TCP_NODELAY`
+    /// and TCP keepalive (see the module docs). The keepalive is set here
+    /// because tonic's `Server::tcp_keepalive` is ignored for a listener
+    /// bound beforehand.
+    pub fn bind(&self) -> anyhow::Result<TcpIncoming> {
+        let probe_interval = (self.keepalive_timeout / TCP_KEEPALIVE_PROBES).max(Duration::from_secs(1));
+        Ok(TcpIncoming::bind(self.addr)
+            .with_context(|| format!("failed to bind the gRPC address {}", self.addr))?
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(self.keepalive_interval))
+            .with_keepalive_interval(Some(probe_interval))
+            .with_keepalive_retries(Some(TCP_KEEPALIVE_PROBES)))
+    }
+}
+
+/// The methods of `services` (fully qualified names, as registered), read
+/// from the contracts' descriptors: the names the trace layer may use. A
+/// service missing from the descriptors is an error, so a service cannot be
+/// served uncounted by mistake.
+pub fn known_methods(services: &[&str]) -> anyhow::Result<KnownMethods> {
+    let descriptors =
+        shop_contracts::prost_types::FileDescriptorSet::decode(shop_contracts::FILE_DESCRIPTOR_SET)
+            .context("the contracts' file descriptor set does not decode")?;
+    let mut methods = Vec::new();
+    let mut found = Vec::new();
+    for file in &descriptors.file {
+        for service in &file.service {
+            let name = match file.package() {
+                "" => service.name().to_owned(),
+                package => format!("{package}.{}", service.name()),
+            };
+            if !services.contains(&name.as_str()) {
+                continue;
+            }
+            methods.extend(
+                service
+                    .method
+                    .iter()
+                    .map(|method| (name.clone(), method.name().to_owned())),
+            );
+            found.push(name);
+        }
+    }
+    if let Some(missing) = services
+        .iter()
+        .find(|service| !found.iter().any(|name| name == *service))
+    {
+        anyhow::bail!("the service {missing} is not in the contracts' file descriptor set");
+    }
+    Ok(KnownMethods::new(methods))
 }
 
 /// Name of the gRPC health service.
@@ -150,9 +301,11 @@ pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Serves `routes` (the service's own, named `services`, plus health and
 /// reflection, which this adds) on `incoming` until `shutdown` resolves, then
 /// drains the calls in flight. Every call gets a server span
-/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`]); calls past
-/// [`GrpcConfig::max_in_flight`] are refused; TLS is served when
-/// configured.
+/// ([`shop_telemetry::grpc::GrpcServerTraceLayer`], naming the methods of
+/// `services` and no others); each is received whole within the request
+/// deadline before it may take one of [`GrpcConfig::max_in_flight`]
+/// permits ([`crate::limit`]); connections get the keepalive and stream
+/// bounds of the module docs; TLS is served when configured.
 pub async fn serve<H>(
     routes: tonic::service::Routes,
     services: &[&str],
@@ -165,11 +318,17 @@ where
     H: tonic_health::pb::health_server::Health,
 {
     let (reflection_v1, reflection_v1alpha) = reflection(services)?;
+    let known = known_methods(services)?;
     let routes = routes
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS));
     if let (Some(certificate), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let certificate_pem =
             std::fs::read(certificate).with_context(|| format!("cannot read {}", certificate.display()))?;
@@ -182,9 +341,11 @@ where
             .context("invalid TLS certificate or key")?;
     }
     server
-        .layer(shop_telemetry::grpc::GrpcServerTraceLayer)
+        .layer(shop_telemetry::grpc::GrpcServerTraceLayer::new(known))
         .layer(crate::limit::InFlightLimitLayer::new(
             config.max_in_flight as usize,
+            config.max_message_size(),
+            config.request_timeout,
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -271,5 +432,39 @@ impl From<StorageError> for Status {
             StorageError::Unavailable(_) => unavailable(&error),
             StorageError::Internal(_) => internal(&error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use shop_telemetry::grpc::Call;
+
+    use super::*;
+
+    #[test]
+    fn the_known_methods_are_those_of_the_registered_services_in_the_contracts() {
+        let known = known_methods(&["shop.user.v1.UserService"]).unwrap();
+
+        for method in ["CreateUser", "GetUser", "UpdateUser", "DeleteUser", "ListUsers"] {
+            let call = known.classify(&format!("/shop.user.v1.UserService/{method}"));
+            assert_eq!(
+                (call.service(), call.method()),
+                ("shop.user.v1.UserService", method)
+            );
+        }
+        assert_eq!(
+            known.classify("/shop.order.v1.OrderService/CreateOrder"),
+            Call::Unknown,
+            "a service of the contracts this server does not serve"
+        );
+    }
+
+    #[test]
+    fn a_registered_service_missing_from_the_contracts_is_an_error() {
+        let error = known_methods(&["shop.user.v1.UserService", "shop.nothing.v1.Ghost"]).unwrap_err();
+
+        assert!(error.to_string().contains("shop.nothing.v1.Ghost"), "{error}");
     }
 }

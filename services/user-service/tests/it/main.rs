@@ -5,6 +5,7 @@
 mod atomicity;
 mod binary;
 mod broker_tls;
+mod callers;
 mod database_tls;
 mod faults;
 mod helpers;
