@@ -93,3 +93,16 @@ def service_of_image(image):
 def expansions(value):
     """The `$(NAME)` references Kubernetes expands in an env value."""
     return re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(value or ""))
+
+
+DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "amqp": 5672, "amqps": 5671, "http": 80, "https": 443}
+
+
+def url_port(url):
+    """The port a URL connects to (written, else its scheme's default), or None.
+    `$(NAME)` expansions in the host part are fine: only the port is read."""
+    match = re.match(r"([a-z][a-z0-9+.-]*)://(?:[^@/]*@)?(\[[^\]]*\]|[^:/?#]*)(?::(\d+))?", str(url or ""))
+    if not match:
+        return None
+    scheme, _, port = match.groups()
+    return int(port) if port else DEFAULT_PORTS.get(scheme)
