@@ -104,11 +104,14 @@ impl Node {
     }
 }
 
-/// Waits (up to 30 s) until the server at `addr` reports SERVING.
-async fn wait_until_serving(addr: SocketAddr) {
-    shop_testkit::eventually("the service to serve", Duration::from_secs(30), || async move {
-        shop_host::grpc::check_health(addr).await.ok()
-    })
+/// Waits (up to 30 s) until health name `service` of the server at `addr`
+/// reports SERVING.
+async fn wait_until_serving(addr: SocketAddr, service: &'static str) {
+    shop_testkit::eventually(
+        &format!("{service:?} to serve"),
+        Duration::from_secs(30),
+        || async move { shop_host::healthcheck::check_at(addr, service).await.ok() },
+    )
     .await;
 }
 
@@ -238,10 +241,10 @@ impl Chaos {
         let mut order_nodes = nodes("order", &order_db);
         // The consumer's queue must exist before the first event is
         // published (a topic exchange drops what no queue is bound to): the
-        // order service is serving once its consumer has declared it.
+        // consumer reports SERVING once it has declared it.
         for node in order_nodes.iter_mut() {
             node.start().await;
-            wait_until_serving(node.grpc).await;
+            wait_until_serving(node.grpc, order_service::app::CONSUMER_HEALTH).await;
         }
         for node in user_nodes.iter_mut() {
             node.start().await;

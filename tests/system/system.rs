@@ -115,18 +115,13 @@ pub async fn start(user_relay: bool) -> System {
 }
 
 impl System {
+    /// Waits until the order service's consumer is connected (its queue
+    /// declared and bound).
     async fn wait_until_serving(&self, addr: SocketAddr) {
-        use tonic_health::pb::health_check_response::ServingStatus;
-        let health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
-        shop_testkit::eventually("the order service to serve", WAIT, || {
-            let mut health = health.clone();
-            async move {
-                let request = tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                };
-                let status = health.check(request).await.ok()?.into_inner().status;
-                (status == ServingStatus::Serving as i32).then_some(())
-            }
+        shop_testkit::eventually("the order service's consumer to serve", WAIT, || async move {
+            shop_host::healthcheck::check_at(addr, order_service::app::CONSUMER_HEALTH)
+                .await
+                .ok()
         })
         .await;
     }

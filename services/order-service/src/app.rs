@@ -1,6 +1,6 @@
 //! The order service as the host runs it: its name, migrations, defaults,
-//! settings, its gRPC service and the consumer of user events. Its gRPC
-//! health is NOT_SERVING until the consumer is connected.
+//! settings, its gRPC service and the consumer of user events, whose state
+//! has a gRPC health name of its own ([`CONSUMER_HEALTH`]).
 
 use shop_contracts::order::order_service_server::OrderServiceServer;
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
@@ -22,6 +22,12 @@ pub const MIGRATIONS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../mig
 
 /// The service name: `app_id` of its events, `service.name` of its traces.
 pub const SERVICE_NAME: &str = "order-service";
+
+/// The gRPC health name that is SERVING while the consumer of user events
+/// is connected (its queue declared and bound). The service itself (`""`,
+/// `shop.order.v1.OrderService`) follows the database only: a broker outage
+/// leaves the order API up.
+pub const CONSUMER_HEALTH: &str = "order-service.consumer";
 
 /// The order service, for the host.
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,7 +105,7 @@ impl shop_host::Service for OrderService {
             format!("rabbitmq (consumer {})", config.user_events_queue),
             connected.clone(),
         );
-        host.serve_while(connected);
+        host.health_status(CONSUMER_HEALTH, connected);
         let shutdown = host.shutdown().clone();
         host.spawn("user events consumer", consumer.run(shutdown));
         let grpc = OrderServiceServer::new(OrderGrpc::new(host.pool().clone()))

@@ -137,16 +137,19 @@ pub async fn serve(
 
 /// Checks every `interval` that the database takes writes
 /// ([`shop_database::probe`]: answers in time, not a standby, not
-/// read-only) and records it as `postgres` in `health`, until `shutdown`.
+/// read-only) and records it as `postgres` in `health` and in `ready` (what
+/// the gRPC health of the service follows), until `shutdown`.
 pub async fn watch_database(
     pool: shop_database::Pool,
     health: DependencyHealth,
+    ready: watch::Sender<bool>,
     interval: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         let up = shop_database::probe(&pool).await;
         health.set("postgres", up);
+        ready.send_if_modified(|was| std::mem::replace(was, up) != up);
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(interval) => {}
@@ -159,9 +162,16 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     pool: shop_database::Pool,
     health: DependencyHealth,
+    ready: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let watcher = watch_database(pool, health.clone(), Duration::from_secs(5), shutdown.clone());
+    let watcher = watch_database(
+        pool,
+        health.clone(),
+        ready,
+        Duration::from_secs(5),
+        shutdown.clone(),
+    );
     let (served, watched) = tokio::join!(serve(listener, health, shutdown), watcher);
     served.and(watched)
 }

@@ -103,10 +103,18 @@ impl<S: Service> App<S> {
             admin_addr,
         } = self;
         let health = DependencyHealth::default();
+        // The database was reached and migrated a moment ago.
+        let (database_ready, database) = watch::channel(true);
         let mut tasks = TaskGroup::new(shutdown.clone());
         tasks.spawn(
             "admin port",
-            crate::admin::run(admin, pool.clone(), health.clone(), shutdown.clone()),
+            crate::admin::run(
+                admin,
+                pool.clone(),
+                health.clone(),
+                database_ready,
+                shutdown.clone(),
+            ),
         );
         let mut host = Host {
             config: config.host.clone(),
@@ -115,7 +123,7 @@ impl<S: Service> App<S> {
             services: Vec::new(),
             tasks,
             health: health.clone(),
-            serving: None,
+            statuses: Vec::new(),
             shutdown: shutdown.clone(),
         };
         S::start(&config.service, &mut host)?;
@@ -123,9 +131,18 @@ impl<S: Service> App<S> {
             routes,
             services,
             mut tasks,
-            serving,
+            mut statuses,
             ..
         } = host;
+        // The server and its services are ready while what their calls need,
+        // the database, is: a broker outage does not take the API away.
+        statuses.insert(
+            0,
+            (
+                std::iter::once("").chain(services.iter().copied()).collect(),
+                database,
+            ),
+        );
         if config.host.relay_enabled {
             let relay = relay(&config, pool);
             health.follow(
@@ -140,7 +157,7 @@ impl<S: Service> App<S> {
             serve_grpc(
                 routes,
                 services,
-                serving,
+                statuses,
                 incoming,
                 config.host.grpc.clone(),
                 shutdown,
@@ -186,7 +203,7 @@ pub struct Host {
     services: Vec<&'static str>,
     tasks: TaskGroup,
     health: DependencyHealth,
-    serving: Option<watch::Receiver<bool>>,
+    statuses: Vec<(Vec<&'static str>, watch::Receiver<bool>)>,
     shutdown: CancellationToken,
 }
 
@@ -246,52 +263,55 @@ impl Host {
             .follow(dependency.into(), state, self.shutdown.clone());
     }
 
-    /// Reports the gRPC services SERVING only while `ready` is true (the
-    /// default is SERVING from start to shutdown).
-    pub fn serve_while(&mut self, ready: watch::Receiver<bool>) {
-        self.serving = Some(ready);
+    /// Adds the gRPC health status `name` (a name of its own, not a served
+    /// service: reflection does not list it), SERVING while `state` is true,
+    /// for a part whose state orchestrators or peers wait on separately
+    /// from the API's readiness (the order service's consumer).
+    pub fn health_status(&mut self, name: &'static str, state: watch::Receiver<bool>) {
+        self.statuses.push((vec![name], state));
     }
 }
 
-/// The gRPC server with its health statuses: every service, and the server
-/// as a whole (`""`), SERVING while `serving` says so (always, without it)
-/// and NOT_SERVING from shutdown on.
+/// The gRPC server with its health statuses: each group of names SERVING
+/// while its state says so, and NOT_SERVING from shutdown on.
 async fn serve_grpc(
     routes: RoutesBuilder,
     services: Vec<&'static str>,
-    serving: Option<watch::Receiver<bool>>,
+    statuses: Vec<(Vec<&'static str>, watch::Receiver<bool>)>,
     incoming: TcpIncoming,
     config: grpc::GrpcConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let names: Vec<&'static str> = std::iter::once("").chain(services.iter().copied()).collect();
-    let set = move |up: bool| {
-        let health = health.clone();
-        let names = names.clone();
-        async move {
-            let status = if up {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            for name in names {
-                health.set_service_status(name, status).await;
+    let mut followers = Vec::new();
+    for (names, mut state) in statuses {
+        let set = {
+            let health = health.clone();
+            move |up: bool| {
+                let health = health.clone();
+                let names = names.clone();
+                async move {
+                    let status = if up {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    for name in names {
+                        health.set_service_status(name, status).await;
+                    }
+                }
             }
-        }
-    };
-    let mut serving = serving.unwrap_or_else(|| watch::channel(true).1);
-    let initial = *serving.borrow_and_update();
-    set(initial).await;
-    let follower = {
+        };
+        let initial = *state.borrow_and_update();
+        set(initial).await;
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        followers.push(tokio::spawn(async move {
             loop {
-                let up = *serving.borrow_and_update() && !shutdown.is_cancelled();
+                let up = *state.borrow_and_update() && !shutdown.is_cancelled();
                 set(up).await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    changed = serving.changed() => if changed.is_err() {
+                    changed = state.changed() => if changed.is_err() {
                         // The sender is gone: its last word stands.
                         shutdown.cancelled().await;
                         break;
@@ -299,8 +319,8 @@ async fn serve_grpc(
                 }
             }
             set(false).await;
-        })
-    };
+        }));
+    }
     let served = grpc::serve(
         routes.routes(),
         &services,
@@ -310,6 +330,8 @@ async fn serve_grpc(
         shutdown.cancelled_owned(),
     )
     .await;
-    follower.abort();
+    for follower in followers {
+        follower.abort();
+    }
     served
 }

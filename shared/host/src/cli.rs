@@ -4,6 +4,7 @@
 //! user-service [serve]        gRPC server, outbox relay and the service's tasks (default)
 //! user-service relay          only the outbox relay
 //! user-service healthcheck    exit 0 when the server at GRPC_ADDR is SERVING
+//!   [--service NAME]          … or the part named (order-service.consumer)
 //! user-service --print-config every setting, where it came from, secrets hidden
 //! user-service --help         every setting with its variable and default
 //! ```
@@ -22,14 +23,18 @@ use crate::config::{Config, settings_command};
 use crate::{Service, shutdown};
 
 /// What the binary was asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Serve (the default).
     Serve,
     /// Run only the outbox relay.
     Relay,
-    /// Check the health of the server at `GRPC_ADDR`.
-    Healthcheck,
+    /// Check the health of the server at `GRPC_ADDR`, or of one of its
+    /// parts.
+    Healthcheck {
+        /// The health name to check (`""`: the server).
+        service: String,
+    },
     /// Print the configuration.
     PrintConfig,
 }
@@ -59,7 +64,14 @@ pub fn command<S: Service>() -> Command {
         )
         .subcommand(
             Command::new("healthcheck")
-                .about("Exit 0 if the server at GRPC_ADDR reports SERVING (container health check)"),
+                .about("Exit 0 if the server at GRPC_ADDR reports SERVING (container health check)")
+                .arg(
+                    Arg::new("service")
+                        .long("service")
+                        .value_name("NAME")
+                        .default_value("")
+                        .help("Check this health name instead of the server (e.g. order-service.consumer)"),
+                ),
         )
 }
 
@@ -102,7 +114,13 @@ where
     } else {
         match matches.subcommand_name() {
             Some("relay") => Action::Relay,
-            Some("healthcheck") => Action::Healthcheck,
+            Some("healthcheck") => Action::Healthcheck {
+                service: matches
+                    .subcommand_matches("healthcheck")
+                    .and_then(|m| m.get_one::<String>("service"))
+                    .cloned()
+                    .unwrap_or_default(),
+            },
             _ => Action::Serve,
         }
     };
@@ -165,7 +183,7 @@ pub fn main<S: Service>() -> ExitCode {
 }
 
 async fn run<S: Service>(action: Action, mut config: Config<S>) -> Result<(), ()> {
-    if action == Action::Healthcheck {
+    if matches!(action, Action::Healthcheck { .. }) {
         // A one-shot probe: only problems are logged, nothing is exported.
         config.host.telemetry.log_filter = "warn".to_owned();
         config.host.telemetry.otlp_endpoint = None;
@@ -185,7 +203,7 @@ async fn run<S: Service>(action: Action, mut config: Config<S>) -> Result<(), ()
             Err(error) => Err(error),
         },
         Action::Relay => crate::run_relay(config, shutdown).await,
-        Action::Healthcheck => crate::grpc::check_health(config.host.grpc.addr).await,
+        Action::Healthcheck { service } => crate::healthcheck::check(&config.host.grpc, &service).await,
         Action::PrintConfig => Ok(()),
     };
     if let Err(error) = &outcome {

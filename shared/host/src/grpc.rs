@@ -108,37 +108,6 @@ pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
     Status::internal("internal error")
 }
 
-/// Asks the gRPC health service at `addr` whether the server is serving:
-/// the container health check (`<service> healthcheck`), with no extra
-/// binary in the image.
-pub async fn check_health(addr: SocketAddr) -> anyhow::Result<()> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-    let host = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}"))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    anyhow::ensure!(
-        status == ServingStatus::Serving as i32,
-        "not serving (status {status})"
-    );
-    Ok(())
-}
-
 /// Where a gRPC server listens, its limits and its transport security.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GrpcConfig {

@@ -28,6 +28,7 @@ mod app;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod healthcheck;
 pub mod limit;
 pub mod shutdown;
 pub mod validate;

@@ -15,8 +15,6 @@ use shop_contracts::order::order_service_client::OrderServiceClient;
 use shop_contracts::user::UserCreated;
 use shop_testkit::{Running, TestBroker, TestDatabase, TestPublisher};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use uuid::Uuid;
 
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -46,7 +44,7 @@ pub struct TestApp {
     _running: Running,
     pub pool: shop_database::Pool,
     pub broker: TestBroker,
-    _db: TestDatabase,
+    pub db: TestDatabase,
 }
 
 pub async fn channel(addr: SocketAddr) -> Channel {
@@ -57,24 +55,14 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
-/// The service, started and SERVING (its consumer connected, so its queue
-/// exists and user events published from now on reach it).
+/// The service, started, its consumer connected (so its queue exists and
+/// user events published from now on reach it).
 pub async fn spawn_app() -> TestApp {
     let app = spawn_app_with(|_| {}).await;
-    let health = HealthClient::new(channel(app.addr).await);
-    shop_testkit::eventually("the order service to report SERVING", WAIT, || {
-        let mut health = health.clone();
-        async move {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .status;
-            (status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32).then_some(())
-        }
+    shop_testkit::eventually("the order service's consumer to serve", WAIT, || async {
+        shop_host::healthcheck::check_at(app.addr, order_service::app::CONSUMER_HEALTH)
+            .await
+            .ok()
     })
     .await;
     app
@@ -113,7 +101,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         _running: running,
         pool,
         broker,
-        _db: db,
+        db,
     }
 }
 

@@ -1,4 +1,5 @@
-//! Health follows the consumer; reflection lists the service.
+//! Health: the API follows its database, the consumer has a name of its
+//! own; reflection lists the service.
 
 use std::time::Duration;
 
@@ -14,8 +15,22 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use crate::helpers::{channel, spawn_app, spawn_app_with};
 
+async fn status(health: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
+    health
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// The order API needs only PostgreSQL: a broker it cannot reach leaves it
+/// SERVING (a readiness probe keeps it in the Service), while the
+/// consumer's own health name says it is not connected.
 #[tokio::test(flavor = "multi_thread")]
-async fn health_is_not_serving_while_the_consumer_cannot_connect() {
+async fn while_the_consumer_cannot_connect_the_api_serves_and_only_the_consumer_reports_not_serving() {
     let app = spawn_app_with(|settings| {
         settings.host.amqp = AmqpConfig::new("amqp://guest:guest@127.0.0.1:1/%2f");
         settings.host.relay_enabled = false;
@@ -25,33 +40,59 @@ async fn health_is_not_serving_while_the_consumer_cannot_connect() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     for service in ["", "shop.order.v1.OrderService"] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(status, ServingStatus::NotServing as i32, "service {service:?}");
+        assert_eq!(
+            status(&mut health, service).await,
+            ServingStatus::Serving as i32,
+            "service {service:?}"
+        );
     }
+    assert_eq!(
+        status(&mut health, order_service::app::CONSUMER_HEALTH).await,
+        ServingStatus::NotServing as i32
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn health_is_serving_once_the_consumer_is_connected() {
+async fn the_consumer_reports_serving_once_connected() {
     let app = spawn_app().await;
     let mut health = HealthClient::new(channel(app.addr).await);
 
-    let status = health
-        .check(HealthCheckRequest {
-            service: "shop.order.v1.OrderService".to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
+    for service in [
+        "",
+        "shop.order.v1.OrderService",
+        order_service::app::CONSUMER_HEALTH,
+    ] {
+        assert_eq!(
+            status(&mut health, service).await,
+            ServingStatus::Serving as i32,
+            "service {service:?}"
+        );
+    }
+}
 
-    assert_eq!(status, ServingStatus::Serving as i32);
+/// A database that refuses writes takes the API out of rotation (its calls
+/// would only fail), and brings it back when it takes writes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_is_not_serving_while_its_database_is_read_only() {
+    let app = spawn_app().await;
+    let mut health = HealthClient::new(channel(app.addr).await);
+
+    app.db.set_read_only(true).await.unwrap();
+    shop_testkit::eventually("NOT_SERVING while read-only", Duration::from_secs(20), || {
+        let mut health = health.clone();
+        async move { (status(&mut health, "").await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    app.db.set_read_only(false).await.unwrap();
+    shop_testkit::eventually("SERVING again", Duration::from_secs(20), || {
+        let mut health = health.clone();
+        async move { (status(&mut health, "").await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        status(&mut health, "shop.order.v1.OrderService").await,
+        ServingStatus::Serving as i32
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

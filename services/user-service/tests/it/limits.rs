@@ -139,8 +139,29 @@ async fn the_server_speaks_tls_with_a_certificate_the_client_trusts() {
     )
     .unwrap();
     let garbled = plaintext.get_user(&user.id).await.unwrap_err();
+    // The container probe, beside the server: it pins the server's own
+    // certificate, and refuses another.
+    let probe = |certificate: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+            .arg("healthcheck")
+            .env("GRPC_ADDR", format!("0.0.0.0:{}", app.addr.port()))
+            .env("GRPC_TLS_CERT", certificate)
+            .env("GRPC_TLS_KEY", &key)
+            .output()
+            .unwrap()
+    };
+    let probed = probe(&certificate);
+    let other = dir.join("other.pem");
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(&other, stranger.cert.pem()).unwrap();
+    let mistrusted = probe(&other);
     std::fs::remove_dir_all(&dir).ok();
 
+    assert!(probed.status.success(), "the healthcheck over TLS: {probed:?}");
+    assert!(
+        !mistrusted.status.success(),
+        "another certificate was accepted: {mistrusted:?}"
+    );
     assert_eq!(user.email, "tls@example.com");
     assert_eq!(
         refused.code(),
