@@ -3,6 +3,7 @@
 // `system` is shared with the trace tests, which use more of it.
 #![allow(dead_code)]
 
+mod alarms;
 mod flow;
 mod golden;
 mod readme;

@@ -48,6 +48,12 @@ async fn channel(addr: SocketAddr) -> Channel {
 /// outbox (off: the test runs the relay itself when it wants the events to
 /// flow).
 pub async fn start(user_relay: bool) -> System {
+    start_on(None, user_relay).await
+}
+
+/// [`start`] against the broker at `amqp_url` (a private node of the test's
+/// own), or the shared one.
+pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
     let user_db = TestDatabase::create(
@@ -66,7 +72,8 @@ pub async fn start(user_relay: bool) -> System {
 
     let mut user_settings = user_service::Config::defaults();
     user_settings.host.database = user_db.config();
-    user_settings.host.amqp = broker.config();
+    let amqp = amqp_url.map_or_else(|| broker.config(), shop_messaging::AmqpConfig::new);
+    user_settings.host.amqp = amqp.clone();
     user_settings.host.grpc.addr = any_port;
     user_settings.host.admin_addr = any_port;
     user_settings.host.relay_enabled = user_relay;
@@ -75,7 +82,7 @@ pub async fn start(user_relay: bool) -> System {
     user_settings.service.events_exchange = broker.exchange("user.events");
     let mut order_settings = order_service::Config::defaults();
     order_settings.host.database = order_db.config();
-    order_settings.host.amqp = broker.config();
+    order_settings.host.amqp = amqp;
     order_settings.host.grpc.addr = any_port;
     order_settings.host.admin_addr = any_port;
     order_settings.host.relay.poll_interval = Duration::from_millis(200);

@@ -151,6 +151,7 @@ async fn session(
             shared: shared.clone(),
             channel,
             publisher,
+            publishing: publishing.status().clone(),
             deliveries,
             tag,
         };
@@ -271,6 +272,8 @@ struct Worker {
     shared: Arc<Shared>,
     channel: Channel,
     publisher: Channel,
+    /// The state of the publishing connection (blocked by an alarm?).
+    publishing: lapin::ConnectionStatus,
     deliveries: lapin::Consumer,
     tag: String,
 }
@@ -401,6 +404,12 @@ impl Worker {
             () = stop.cancelled() => false,
             () = tokio::time::sleep(delay) => true,
         }
+    }
+
+    /// `broker_blocked{connection}` of the publishing connection.
+    fn report_blocked(&self, blocked: bool) {
+        metrics::gauge!("broker_blocked", "connection" => format!("{} consumer publisher", self.shared.config.queue))
+            .set(if blocked { 1.0 } else { 0.0 });
     }
 
     /// Acknowledges `delivery` (and, with `multiple`, every earlier one on
@@ -662,7 +671,34 @@ impl Worker {
                 .await?
                 .await
         };
-        let confirm = within(self.shared.broker_timeout, "a publisher confirm", published).await??;
+        // A broker under a memory or disk alarm blocks publishing: the copy
+        // waits (the worker with it; the other workers go on) rather than
+        // failing, which would only redeliver and publish it again.
+        let mut published = std::pin::pin!(published);
+        let mut reported = false;
+        let confirm = loop {
+            match tokio::time::timeout(self.shared.broker_timeout, &mut published).await {
+                Ok(confirm) => break confirm?,
+                Err(_) if self.publishing.blocked() => {
+                    self.report_blocked(true);
+                    if !reported {
+                        tracing::warn!(
+                            queue,
+                            "the broker blocks publishing (memory or disk alarm); the copy waits"
+                        );
+                        reported = true;
+                    }
+                }
+                Err(_) => {
+                    return Err(crate::Timeout {
+                        operation: "a publisher confirm",
+                        deadline: self.shared.broker_timeout,
+                    }
+                    .into());
+                }
+            }
+        };
+        self.report_blocked(false);
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => anyhow::bail!("queue {queue} does not exist"),
