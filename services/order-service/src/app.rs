@@ -5,6 +5,7 @@
 use shop_contracts::order::order_service_server::OrderServiceServer;
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
 use shop_database::Pool;
+use shop_database::retention::Retention;
 use shop_host::{Host, ServiceDefaults};
 use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::{Consumer, ConsumerConfig};
@@ -99,6 +100,18 @@ impl shop_host::Service for OrderService {
     }
 
     fn start(config: &OrderConfig, host: &mut Host) -> anyhow::Result<()> {
+        host.retain(Retention {
+            table: "create_order_requests",
+            column: "created_at",
+            window: host.config().request_id_retention,
+            consumer: None,
+        });
+        host.retain(Retention {
+            table: "inbox",
+            column: "processed_at",
+            window: config.consumer.inbox_retention,
+            consumer: Some(config.user_events_queue.clone()),
+        });
         let consumer = user_events_consumer(config, host.pool().clone(), host.config().amqp.clone());
         let connected = consumer.connected();
         host.report(

@@ -2,6 +2,7 @@
 //! settings, and the gRPC service it adds.
 
 use shop_contracts::user::user_service_server::UserServiceServer;
+use shop_database::retention::Retention;
 use shop_host::{Host, ServiceDefaults};
 
 use crate::grpc::UserGrpc;
@@ -57,6 +58,12 @@ impl shop_host::Service for UserService {
     }
 
     fn start(_config: &UserConfig, host: &mut Host) -> anyhow::Result<()> {
+        host.retain(Retention {
+            table: "create_user_requests",
+            column: "created_at",
+            window: host.config().request_id_retention,
+            consumer: None,
+        });
         let grpc = UserServiceServer::new(UserGrpc::new(host.pool().clone()))
             .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);

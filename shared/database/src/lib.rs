@@ -1,8 +1,9 @@
 //! PostgreSQL for the services, as one small library: the settings of a
 //! connection ([`DatabaseConfig`]), the pool of diesel-async connections on
 //! deadpool ([`Pool`]), TLS with a verified server certificate, migrations
-//! applied once under a lock ([`connect`]), and the classification of errors
-//! into an outage or a failure ([`Fault`]).
+//! applied once under a lock ([`connect`]), the classification of errors
+//! into an outage or a failure ([`Fault`]), and the retention of tables that
+//! grow with traffic ([`retention`]).
 //!
 //! No libpq is involved at build or run time: the driver is tokio-postgres.
 //! The messaging library, the outbox and the service host depend on this
@@ -11,6 +12,7 @@
 
 mod fault;
 mod pool;
+pub mod retention;
 
 pub use fault::{Fault, is_outage, is_unique_violation};
 pub use pool::{

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use shop_database::Pool;
+use shop_database::retention::Retention;
 use shop_outbox::Relay;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -124,6 +125,7 @@ impl<S: Service> App<S> {
             tasks,
             health: health.clone(),
             statuses: Vec::new(),
+            retentions: vec![outbox_retention(&config)],
             shutdown: shutdown.clone(),
         };
         S::start(&config.service, &mut host)?;
@@ -132,8 +134,18 @@ impl<S: Service> App<S> {
             services,
             mut tasks,
             mut statuses,
+            retentions,
             ..
         } = host;
+        tasks.spawn(
+            "retention",
+            shop_database::retention::sweep_forever(
+                pool.clone(),
+                retentions,
+                config.host.retention_interval,
+                shutdown.clone(),
+            ),
+        );
         // The server and its services are ready while what their calls need,
         // the database, is: a broker outage does not take the API away.
         statuses.insert(
@@ -185,12 +197,31 @@ pub fn relay<S: Service>(config: &Config<S>, pool: Pool) -> Relay {
     Relay::new(pool, config.host.database, config.host.amqp, config.host.relay)
 }
 
+/// Published outbox rows are kept for `OUTBOX_RETENTION`.
+fn outbox_retention<S: Service>(config: &Config<S>) -> Retention {
+    Retention {
+        table: "outbox",
+        column: "published_at",
+        window: config.host.relay.retention,
+        consumer: None,
+    }
+}
+
 /// Runs only the relay of `S`, for deployments that keep it out of the gRPC
 /// processes (`<service> relay`).
 pub async fn run_relay<S: Service>(config: Config<S>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = config.complete();
     let pool = shop_database::connect(&config.host.database, S::MIGRATIONS).await?;
     let mut tasks = TaskGroup::new(shutdown.clone());
+    tasks.spawn(
+        "retention",
+        shop_database::retention::sweep_forever(
+            pool.clone(),
+            vec![outbox_retention(&config)],
+            config.host.retention_interval,
+            shutdown.clone(),
+        ),
+    );
     tasks.spawn("outbox relay", relay(&config, pool).run(shutdown));
     tasks.run(config.host.shutdown_grace).await
 }
@@ -204,6 +235,7 @@ pub struct Host {
     tasks: TaskGroup,
     health: DependencyHealth,
     statuses: Vec<(Vec<&'static str>, watch::Receiver<bool>)>,
+    retentions: Vec<Retention>,
     shutdown: CancellationToken,
 }
 
@@ -246,6 +278,12 @@ impl Host {
     {
         self.services.push(T::NAME);
         self.routes.add_service(service);
+    }
+
+    /// Deletes the rows of a table that grows with traffic once they are
+    /// older than its window (see [`shop_database::retention`]).
+    pub fn retain(&mut self, retention: Retention) {
+        self.retentions.push(retention);
     }
 
     /// Runs `task` until shutdown; if it ends before, the service stops.

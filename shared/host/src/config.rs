@@ -50,6 +50,27 @@ pub struct HostConfig {
     /// The outbox relay.
     #[command(flatten)]
     pub relay: RelayConfig,
+    /// How long the request ids of idempotent creates are kept: a create
+    /// repeated with the same `request_id` within this returns the first
+    /// result; later it is a new request.
+    #[arg(
+        long = "request-id-retention",
+        env = "REQUEST_ID_RETENTION",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = shop_config::duration
+    )]
+    pub request_id_retention: Duration,
+    /// How often rows past their retention (outbox, inbox, request ids) are
+    /// deleted; every start sweeps once too.
+    #[arg(
+        long = "retention-interval",
+        env = "RETENTION_INTERVAL",
+        value_name = "DURATION",
+        default_value = "1m",
+        value_parser = shop_config::duration
+    )]
+    pub retention_interval: Duration,
     /// After SIGTERM, how long in-flight calls, the relay's last batch and
     /// the consumer's batch may take.
     #[arg(

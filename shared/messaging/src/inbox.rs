@@ -15,14 +15,14 @@
 //! CREATE INDEX inbox_processed_at ON inbox (processed_at);
 //! ```
 //!
-//! Rows older than the consumer's inbox retention are deleted; a duplicate
-//! arriving later than that is still harmless to projections that ignore
-//! stale versions.
+//! Rows older than the consumer's inbox retention (`INBOX_RETENTION`) are
+//! deleted by the service host's retention sweep
+//! (`shop_database::retention`); a duplicate arriving later than that is
+//! still harmless to projections that ignore stale versions.
 
 use std::collections::HashSet;
 
 use diesel::ExpressionMethods as _;
-use diesel::sql_types::Timestamptz;
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use uuid::Uuid;
 
@@ -60,20 +60,4 @@ pub async fn record(
         .get_results(conn)
         .await?;
     Ok(fresh.into_iter().collect())
-}
-
-/// Deletes the records of `consumer` older than `cutoff`; returns how many.
-pub async fn delete_before(
-    conn: &mut AsyncPgConnection,
-    consumer: &str,
-    cutoff: chrono::DateTime<chrono::Utc>,
-) -> diesel::QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM inbox WHERE ctid IN \
-         (SELECT ctid FROM inbox WHERE consumer = $1 AND processed_at < $2 LIMIT 10000)",
-    )
-    .bind::<diesel::sql_types::Text, _>(consumer)
-    .bind::<Timestamptz, _>(cutoff)
-    .execute(conn)
-    .await
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use diesel::sql_types::{Integer, SmallInt, Timestamptz};
+use diesel::sql_types::{Integer, SmallInt};
 use diesel::{
     ExpressionMethods as _, QueryDsl as _, Queryable, QueryableByName, Selectable, SelectableHelper as _,
 };
@@ -70,7 +70,8 @@ pub struct RelayConfig {
         value_parser = shop_config::duration
     )]
     pub confirm_timeout: Duration,
-    /// Published rows older than this are deleted.
+    /// Published rows older than this are deleted (by the service host's
+    /// retention sweep).
     #[arg(
         id = "outbox_retention",
         long = "outbox-retention",
@@ -80,9 +81,6 @@ pub struct RelayConfig {
         value_parser = shop_config::duration
     )]
     pub retention: Duration,
-    /// How often published rows past retention are deleted.
-    #[arg(skip = Duration::from_secs(60))]
-    pub cleanup_interval: Duration,
     /// Waits between attempts while the broker or the database is away.
     #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
@@ -371,7 +369,6 @@ impl Relay {
     async fn run_lane(mut self, shutdown: CancellationToken) {
         let mut backoff = self.config.backoff.start();
         let mut blocked_reported = false;
-        let mut next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
         while !shutdown.is_cancelled() {
             let result = self.run_once().await;
             self.connected.send_replace(self.publisher.is_some());
@@ -425,23 +422,6 @@ impl Relay {
                     Some(delay)
                 }
             };
-            if self.lane.0 == 0 && tokio::time::Instant::now() >= next_cleanup {
-                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
-                match self
-                    .delete_published_before(
-                        SystemTime::now()
-                            .checked_sub(self.config.retention)
-                            .unwrap_or(UNIX_EPOCH),
-                    )
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::info!(deleted, "deleted published outbox rows past retention"),
-                    Err(error) => {
-                        tracing::warn!(error = %shop_telemetry::error_chain(&error), "outbox cleanup failed")
-                    }
-                }
-            }
             let sleep = wait.unwrap_or(self.config.poll_interval);
             tokio::select! {
                 () = shutdown.cancelled() => {}
@@ -455,32 +435,6 @@ impl Relay {
             }
         }
         self.drop_publisher().await;
-    }
-
-    /// Deletes published rows published before `cutoff`, in chunks; returns
-    /// how many.
-    pub async fn delete_published_before(&self, cutoff: SystemTime) -> Result<usize, RelayError> {
-        let cutoff = chrono::DateTime::<chrono::Utc>::from(cutoff);
-        let mut total = 0;
-        loop {
-            let deleted = self
-                .pool
-                .run(async |conn| {
-                    diesel::sql_query(
-                        "DELETE FROM outbox WHERE seq IN \
-                         (SELECT seq FROM outbox WHERE published_at < $1 LIMIT 10000)",
-                    )
-                    .bind::<Timestamptz, _>(cutoff)
-                    .execute(conn)
-                    .await
-                    .map_err(RelayError::from)
-                })
-                .await?;
-            total += deleted;
-            if deleted < 10_000 {
-                return Ok(total);
-            }
-        }
     }
 
     async fn open_publisher(&self) -> Result<Publisher, RelayError> {

@@ -7,5 +7,6 @@ mod helpers;
 mod metrics;
 mod projection;
 mod properties;
+mod retention;
 mod rpc;
 mod server;

@@ -13,5 +13,6 @@ mod limits;
 mod metrics;
 mod properties;
 mod relay;
+mod retention;
 mod rpc;
 mod server;

@@ -3,8 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use diesel::{ExpressionMethods as _, QueryDsl as _};
-use diesel_async::RunQueryDsl as _;
 use prost::Message as _;
 use shop_contracts::Event as _;
 use shop_contracts::user as pb;
@@ -232,44 +230,4 @@ async fn two_relays_publish_each_event_once_and_each_users_events_in_order() {
         );
     }
     assert_eq!(app.unpublished().await, 0);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn published_rows_past_retention_are_deleted_and_unpublished_rows_never() {
-    let app = spawn_app_without_relay().await;
-    app.create_user("old@example.com", "Old").await;
-    app.create_user("new@example.com", "New").await;
-    app.create_user("pending@example.com", "Pending").await;
-    {
-        use shop_outbox::schema::outbox::dsl;
-        let mut conn = app.pool.get().await.unwrap();
-        let seqs: Vec<i64> = dsl::outbox
-            .order(dsl::seq.asc())
-            .select(dsl::seq)
-            .load(&mut conn)
-            .await
-            .unwrap();
-        let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
-        diesel::update(dsl::outbox.filter(dsl::seq.eq(seqs[0])))
-            .set(dsl::published_at.eq(two_days_ago))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        diesel::update(dsl::outbox.filter(dsl::seq.eq(seqs[1])))
-            .set(dsl::published_at.eq(chrono::Utc::now()))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    let relay = helpers::relay(&app);
-
-    let deleted = relay
-        .delete_published_before(SystemTime::now() - Duration::from_secs(24 * 3600))
-        .await
-        .unwrap();
-
-    assert_eq!(deleted, 1);
-    let left = app.outbox().await;
-    assert_eq!(left.len(), 2);
-    assert_eq!(app.unpublished().await, 1);
 }

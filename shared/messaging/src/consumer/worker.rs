@@ -55,7 +55,6 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         handlers,
         broker_timeout: amqp.timeout,
     });
-    let cleanup = tokio::spawn(clean_inbox(shared.clone(), shutdown.clone()));
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, "consumer started");
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
@@ -82,7 +81,6 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
             () = tokio::time::sleep(delay) => {}
         }
     }
-    cleanup.abort();
     reporter.abort();
     tracing::info!(queue = %shared.config.queue, "consumer stopped");
     Ok(())
@@ -749,23 +747,4 @@ fn truncate(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
-}
-
-/// Deletes inbox records past retention, every ten minutes.
-async fn clean_inbox(shared: Arc<Shared>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(600)) => {}
-        }
-        let cutoff = chrono::Utc::now() - shared.config.inbox_retention;
-        let Ok(mut conn) = shared.pool.get().await else {
-            continue;
-        };
-        match inbox::delete_before(&mut conn, &shared.config.queue, cutoff).await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "deleted inbox records past retention"),
-            Err(error) => tracing::warn!(%error, "inbox cleanup failed"),
-        }
-    }
 }

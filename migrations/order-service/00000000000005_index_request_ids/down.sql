@@ -1,0 +1,1 @@
+DROP INDEX create_order_requests_created_at;

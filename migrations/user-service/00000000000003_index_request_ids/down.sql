@@ -1,0 +1,1 @@
+DROP INDEX create_user_requests_created_at;
