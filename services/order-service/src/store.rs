@@ -43,13 +43,17 @@ pub struct NewOrder {
 }
 
 impl NewOrder {
-    /// What identifies the request's content for idempotency checks.
+    /// What identifies the request's content for idempotency checks: a
+    /// canonical encoding (JSON, every string quoted and escaped), so two
+    /// different requests never share one, whatever their product ids
+    /// contain.
     fn fingerprint(&self) -> String {
-        let mut fingerprint = self.user_id.to_string();
-        for line in &self.lines {
-            fingerprint.push_str(&format!("|{}:{}", line.product_id, line.quantity));
-        }
-        fingerprint
+        let lines: Vec<(&str, i32)> = self
+            .lines
+            .iter()
+            .map(|line| (line.product_id.as_str(), line.quantity))
+            .collect();
+        serde_json::json!([self.user_id, lines]).to_string()
     }
 }
 
@@ -326,4 +330,36 @@ async fn lines_of(
             .push(OrderLine { product_id, quantity });
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(lines: &[(&str, i32)]) -> NewOrder {
+        NewOrder {
+            user_id: Uuid::nil(),
+            request_id: None,
+            lines: lines
+                .iter()
+                .map(|(product_id, quantity)| OrderLine {
+                    product_id: (*product_id).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn different_item_lists_never_share_a_fingerprint() {
+        let pairs = [
+            (order(&[("a:1|b", 2)]), order(&[("a", 1), ("b", 2)])),
+            (order(&[("a\",\"b", 1)]), order(&[("a", 1), ("b", 1)])),
+            (order(&[("x", 12)]), order(&[("x", 1), ("2", 1)])),
+        ];
+        for (one, other) in pairs {
+            assert_ne!(one.fingerprint(), other.fingerprint(), "{one:?} / {other:?}");
+        }
+        assert_eq!(order(&[("a", 1)]).fingerprint(), order(&[("a", 1)]).fingerprint());
+    }
 }

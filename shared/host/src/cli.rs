@@ -150,6 +150,7 @@ pub fn print_config<S: Service>(matches: &ArgMatches) -> String {
 /// The `main` of every service binary: parses the command line, sets up
 /// telemetry and runs what was asked until SIGINT/SIGTERM.
 pub fn main<S: Service>() -> ExitCode {
+    crate::arm_fault_points();
     let (action, config, matches) = match parse::<S, _, _>(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err((text, code)) => {

@@ -21,6 +21,18 @@
 //!   ([`shutdown`]).
 //! - [`validate`]: field violations and the request checks both services
 //!   share; [`limit`]: load shedding past a bound on calls in flight.
+//!
+//! # Nothing dies silently
+//!
+//! Inside a task, a part that ends unexpectedly is started again after a
+//! backoff and counted in `task_restarts_total{task}`: a relay lane (its
+//! partitions would otherwise never be published again) and a consumer
+//! worker (its session is replaced). A whole task of the service (the gRPC
+//! server, the relay, the consumer, the admin port, the retention sweep)
+//! that ends before shutdown is fatal: the others are stopped, the error is
+//! logged, and the process exits non-zero for its supervisor (Kubernetes,
+//! compose's `restart: unless-stopped`) to restart it. Settings are checked
+//! before anything starts ([`config`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -36,6 +48,16 @@ pub mod validate;
 pub use app::{App, Host, relay, run_relay};
 pub use config::{Config, HostConfig, ServiceDefaults};
 pub use tokio_util::sync::CancellationToken;
+
+/// Arms the fault points named in `FAILPOINTS` (`relay-lane=1*panic`,
+/// `relay-after-confirm=return`, `consumer-after-commit=return`): only in
+/// builds with the `failpoints` feature, which only the tests turn on, so a
+/// released binary ignores the variable. Call it once, at the start of a
+/// process.
+pub fn arm_fault_points() {
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
+}
 
 /// The version of every service binary (the workspace's).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -344,21 +344,55 @@ impl Relay {
         ));
         tracing::info!(exchange = %self.config.exchange, lanes = self.config.lanes, "outbox relay started");
         let lanes = usize::from(self.config.lanes).clamp(1, PARTITIONS as usize);
+        let lane = |index| Relay {
+            pool: self.pool.clone(),
+            database: self.database.clone(),
+            amqp: self.amqp.clone(),
+            config: self.config.clone(),
+            publisher: None,
+            wake: wake.clone(),
+            connected: self.connected.clone(),
+            lane: (index, lanes),
+        };
+        // Every lane owns a share of the partitions: one that ended (a
+        // panic, a bug) would leave its aggregates unpublished for good, so
+        // it is started again, after a backoff, and counted.
         let mut running = tokio::task::JoinSet::new();
+        let mut lane_of = std::collections::HashMap::new();
         for index in 0..lanes {
-            let lane = Relay {
-                pool: self.pool.clone(),
-                database: self.database.clone(),
-                amqp: self.amqp.clone(),
-                config: self.config.clone(),
-                publisher: None,
-                wake: wake.clone(),
-                connected: self.connected.clone(),
-                lane: (index, lanes),
-            };
-            running.spawn(lane.run_lane(shutdown.clone()));
+            let handle = running.spawn(lane(index).run_lane(shutdown.clone()));
+            lane_of.insert(handle.id(), index);
         }
-        while running.join_next().await.is_some() {}
+        let mut restarts = self.config.backoff.start();
+        while let Some(ended) = running.join_next_with_id().await {
+            if shutdown.is_cancelled() {
+                continue;
+            }
+            let (id, cause) = match ended {
+                Ok((id, ())) => (id, "it returned".to_owned()),
+                Err(error) => (error.id(), error.to_string()),
+            };
+            let Some(index) = lane_of.remove(&id) else {
+                continue;
+            };
+            let delay = restarts.next_delay();
+            metrics::counter!("task_restarts_total", "task" => "outbox relay lane").increment(1);
+            tracing::error!(
+                lane = index,
+                cause,
+                restart_in_ms = delay.as_millis() as u64,
+                "outbox relay lane ended; restarting it"
+            );
+            let lane = lane(index);
+            let shutdown = shutdown.clone();
+            let handle = running.spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(delay) => lane.run_lane(shutdown).await,
+                }
+            });
+            lane_of.insert(handle.id(), index);
+        }
         listener.abort();
         depth.abort();
         tracing::info!("outbox relay stopped");
@@ -370,6 +404,8 @@ impl Relay {
         let mut backoff = self.config.backoff.start();
         let mut blocked_reported = false;
         while !shutdown.is_cancelled() {
+            // A fault point for the tests: a lane that dies.
+            fail::fail_point!("relay-lane");
             let result = self.run_once().await;
             self.connected.send_replace(self.publisher.is_some());
             let wait = match result {
@@ -528,6 +564,9 @@ async fn publish_batch(
         return Ok((outcome, None));
     }
     let (confirmed, failure) = publish_in_order(publisher, config, &rows).await;
+    // A fault point for the tests: the process dies between the broker's
+    // confirms and the commit that marks the rows (they go out again).
+    fail::fail_point!("relay-after-confirm", |_| std::process::abort());
     if !confirmed.is_empty() {
         diesel::update(dsl::outbox.filter(dsl::seq.eq_any(&confirmed)))
             .set(dsl::published_at.eq(diesel::dsl::now))

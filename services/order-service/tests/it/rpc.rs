@@ -123,6 +123,29 @@ async fn create_order_with_the_same_request_id_returns_the_same_order_once() {
     assert_eq!(other.code(), Code::AlreadyExists);
 }
 
+/// Two different item lists never look alike to the request-id check,
+/// whatever characters product ids carry: a reused request id with other
+/// items is refused, not answered with the first order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_id_reused_with_items_that_spell_the_same_text_is_refused() {
+    let app = spawn_app().await;
+    let user = app.known_user_id().await;
+    let request_id = Uuid::new_v4().to_string();
+    let first = pb::CreateOrderRequest {
+        request_id: request_id.clone(),
+        ..create_request(user, &[("a:1|b", 2)])
+    };
+    let lookalike = pb::CreateOrderRequest {
+        request_id,
+        ..create_request(user, &[("a", 1), ("b", 2)])
+    };
+
+    app.client.clone().create_order(first).await.unwrap();
+    let reused = app.client.clone().create_order(lookalike).await.unwrap_err();
+
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn get_order_returns_it_and_errors_for_unknown_and_malformed_ids() {
     let app = spawn_app().await;

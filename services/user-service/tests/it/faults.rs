@@ -151,3 +151,60 @@ async fn a_read_only_database_makes_commands_unavailable_and_the_relay_wait_with
     ids.dedup();
     assert_eq!(ids.len(), 3, "each event published once");
 }
+
+/// A relay lane that dies (a panic, a bug) would leave its share of the
+/// partitions unpublished for good: it is started again, counted in
+/// `task_restarts_total`, and every event is still published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_lane_that_panics_is_restarted_and_counted_and_every_event_still_published() {
+    let db = crate::helpers::test_database().await;
+    let broker = shop_testkit::TestBroker::new();
+    let exchange = broker.exchange("user.events");
+    let mut probe = broker.probe(&exchange, "#").await.unwrap();
+    let service = shop_testkit::ServiceProcess::start(
+        env!("CARGO_BIN_EXE_user-service"),
+        &[
+            ("DATABASE_URL", db.url().to_owned()),
+            ("AMQP_URL", shop_testkit::amqp_url()),
+            ("USER_EVENTS_EXCHANGE", exchange.clone()),
+            ("RELAY_POLL_INTERVAL", "200ms".to_owned()),
+            // The first time any lane goes round, it panics.
+            ("FAILPOINTS", "relay-lane=1*panic".to_owned()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut client = pb::user_service_client::UserServiceClient::connect(format!("http://{}", service.addr))
+        .await
+        .unwrap();
+
+    for i in 0..20 {
+        client
+            .create_user(pb::CreateUserRequest {
+                email: format!("lane-{i}@example.com"),
+                name: "Lane".to_owned(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    let deliveries = probe
+        .expect(20, Duration::from_secs(20), Duration::from_millis(500))
+        .await;
+    assert_eq!(deliveries.len(), 20);
+    let admin = service.admin_addr.unwrap();
+    let (_, metrics) = shop_testkit::http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(
+        shop_testkit::metric(&metrics, "task_restarts_total", &[("task", "outbox relay lane")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        service
+            .lines()
+            .iter()
+            .any(|line| line.contains("outbox relay lane ended")),
+        "the restart is logged"
+    );
+}

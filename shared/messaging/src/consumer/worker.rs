@@ -195,7 +195,12 @@ async fn session(
         Some(Ok(Ok(()))) if shutdown.is_cancelled() => Ok(()),
         Some(Ok(Ok(()))) | None => anyhow::bail!("a worker stopped"),
         Some(Ok(Err(error))) => Err(error),
-        Some(Err(error)) => Err(anyhow::anyhow!("a worker panicked: {error}")),
+        Some(Err(error)) => {
+            // The session ends and a new one starts after the backoff: the
+            // worker is replaced, not lost, and the replacement is counted.
+            metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(1);
+            Err(anyhow::Error::new(error).context("a worker panicked"))
+        }
     }
 }
 
@@ -326,6 +331,10 @@ impl Worker {
         let first_failure = loop {
             match self.apply(&ready).await {
                 Ok(()) => {
+                    // A fault point for the tests: the process dies between
+                    // the commit and the acknowledgement (the batch comes
+                    // back, and the inbox absorbs it).
+                    fail::fail_point!("consumer-after-commit", |_| std::process::abort());
                     if let Some(last) = ready.last() {
                         // Everything up to the last tag on this channel is in
                         // this batch or was acknowledged before.
