@@ -68,6 +68,16 @@ pub enum Fault {
     KillOrderService,
     /// Publish again a sample of past user events, shuffled.
     Duplicates,
+    /// Every open connection to PostgreSQL and RabbitMQ stops carrying
+    /// bytes without being closed (a NAT or firewall forgot the flows);
+    /// new connections work.
+    FreezeConnections,
+    /// Both databases turn read-only (a failover onto a standby) for
+    /// longer than the consumer's whole retry schedule.
+    ReadOnlyDatabases,
+    /// RabbitMQ raises a memory alarm and blocks every publishing
+    /// connection for longer than the relay's confirm wait.
+    BrokerAlarm,
 }
 
 /// A service instance: its process, and what it takes to start it again on
@@ -130,7 +140,9 @@ pub struct Chaos {
     pub taps: Taps,
     pub user_exchange: String,
     pub consumer_queue: String,
-    pub faults_injected: Vec<(Fault, Duration)>,
+    /// Each fault, how long injecting it took, and how long after it ended
+    /// the first event was applied by the order service.
+    pub faults_injected: Vec<(Fault, Duration, Option<Duration>)>,
     pub broker: TestBroker,
     pub user_db: TestDatabase,
     pub order_db: TestDatabase,
@@ -151,11 +163,12 @@ impl Chaos {
             tokio::time::sleep_until(started + at).await;
             let began = Instant::now();
             chaos.inject(*fault, &load).await;
-            chaos.faults_injected.push((*fault, began.elapsed()));
+            let took = began.elapsed();
+            let recovered = chaos.first_event_applied_after(chrono::Utc::now()).await;
+            chaos.faults_injected.push((*fault, took, recovered));
             println!(
-                "chaos: {fault:?} at {:?} took {:?}",
+                "chaos: {fault:?} at {:?} took {took:?}; first event applied {recovered:?} after it ended",
                 started.elapsed(),
-                began.elapsed()
             );
         }
         tokio::time::sleep_until(started + chaos.options.duration).await;
@@ -329,7 +342,50 @@ impl Chaos {
                 node.start().await;
             }
             Fault::Duplicates => load.replay_sample(self).await,
+            Fault::FreezeConnections => {
+                let frozen = self.pg_proxy.freeze() + self.amqp_proxy.freeze();
+                println!("chaos: froze {frozen} connections");
+            }
+            Fault::ReadOnlyDatabases => {
+                self.user_db.set_read_only(true).await.unwrap();
+                self.order_db.set_read_only(true).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                self.user_db.set_read_only(false).await.unwrap();
+                self.order_db.set_read_only(false).await.unwrap();
+            }
+            Fault::BrokerAlarm => {
+                let _alarm = MemoryAlarm::raise().await;
+                tokio::time::sleep(Duration::from_secs(12)).await;
+            }
         }
+    }
+
+    /// How long after `since` the order service applied its first event
+    /// (within a minute; `None` past it): how long the system took to move
+    /// again after a fault.
+    async fn first_event_applied_after(&self, since: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        let pool = self.order_db.pool();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            #[derive(diesel::QueryableByName)]
+            struct Latest {
+                #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+                at: Option<chrono::DateTime<chrono::Utc>>,
+            }
+            if let Ok(mut conn) = pool.get().await {
+                use diesel_async::RunQueryDsl as _;
+                let latest = diesel::sql_query("SELECT max(processed_at) AS at FROM inbox")
+                    .get_result::<Latest>(&mut conn)
+                    .await;
+                if let Ok(Latest { at: Some(at) }) = latest
+                    && at > since
+                {
+                    return (at - since).to_std().ok();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     /// Every fault undone: proxies open, every instance running.
@@ -341,6 +397,27 @@ impl Chaos {
                 node.start().await;
             }
         }
+    }
+}
+
+/// A memory alarm on the shared broker, lifted when dropped, even when the
+/// run fails (the watermark goes back to RabbitMQ's default, 0.4).
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    async fn raise() -> Self {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1000000"]).await;
+        Self
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -1,7 +1,8 @@
 //! Fault injection: both services run as processes behind proxies the test
 //! owns, under a steady load of commands, while the test cuts their broker
-//! connections, restarts RabbitMQ, kills PostgreSQL backends, makes the
-//! database refuse connections, SIGKILLs services and replays events out
+//! connections, freezes them (open but silent), restarts RabbitMQ, raises a
+//! broker memory alarm, kills PostgreSQL backends, makes the database refuse
+//! connections or turn read-only, SIGKILLs services and replays events out
 //! of order. When the load stops and the system settles, it reconciles:
 //! nothing lost, nothing applied twice, projections equal to the source.
 //!
@@ -27,7 +28,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_match() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let options = Options::from_env(Options {
-        duration: std::time::Duration::from_secs(60),
+        duration: std::time::Duration::from_secs(90),
         rate: 30,
         users: 40,
         instances: 1,
@@ -37,8 +38,11 @@ async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_m
             Fault::KillUserService,
             Fault::Duplicates,
             Fault::RefuseDatabase,
+            Fault::FreezeConnections,
             Fault::KillOrderService,
+            Fault::ReadOnlyDatabases,
             Fault::RestartBroker,
+            Fault::BrokerAlarm,
         ],
     });
     let report = Chaos::run(options).await;

@@ -456,7 +456,10 @@ pub async fn settle_and_reconcile(
     let faults: Vec<String> = chaos
         .faults_injected
         .iter()
-        .map(|(f, d)| format!("{f:?} ({d:.1?})"))
+        .map(|(f, d, recovered)| match recovered {
+            Some(recovered) => format!("{f:?} ({d:.1?}, moving again {recovered:.1?} after)"),
+            None => format!("{f:?} ({d:.1?}, no event within a minute after)"),
+        })
         .collect();
     let mib = |m: &[(String, u64)]| {
         m.iter()
