@@ -213,9 +213,7 @@ impl Chaos {
             ];
             config
         };
-        for queue in consumer.queue_names() {
-            broker.track_queue(&queue);
-        }
+        broker.track_topology(&consumer.topology());
         let taps = Taps::declare(&broker, &user_exchange, &order_exchange).await;
         let amqp_url = amqp_proxy.url_for(broker.config().url.expose_secret());
         let delays = consumer
@@ -233,6 +231,9 @@ impl Chaos {
                 ("USER_EVENTS_QUEUE", consumer_queue.clone()),
                 ("CONSUMER_RETRY_DELAYS", delays.clone()),
                 ("CONSUMER_MAX_ATTEMPTS", "6".to_owned()),
+                // Every application recorded, in order, for the
+                // reconciliation.
+                ("CONSUMER_LEDGER", "true".to_owned()),
                 ("RELAY_POLL_INTERVAL", "500ms".to_owned()),
                 ("DATABASE_ACQUIRE_TIMEOUT", "2s".to_owned()),
                 ("SHUTDOWN_GRACE", "3s".to_owned()),

@@ -315,7 +315,35 @@ pub async fn settle_and_reconcile(
         .iter()
         .filter(|key| !effects.contains_key(*key))
         .count();
-    let applied_twice = effects.values().filter(|n| **n > 1).count();
+    let written_twice = effects.values().filter(|n| **n > 1).count();
+
+    // What the handlers saw, from the consumer's ledger (every application,
+    // in order): each event once, each user's versions 1, 2, 3, … in order.
+    let mut applications: HashMap<String, i64> = HashMap::new();
+    let mut seen_by_user: HashMap<String, Vec<i64>> = HashMap::new();
+    for row in orders
+        .query(
+            "SELECT event_id::text, aggregate_id, aggregate_version FROM inbox_ledger \
+             WHERE consumer = $1 ORDER BY seq",
+            &[&chaos.consumer_queue],
+        )
+        .await
+        .unwrap()
+    {
+        *applications.entry(row.get(0)).or_default() += 1;
+        if let (Some(user), Some(version)) = (row.get::<_, Option<String>>(1), row.get::<_, Option<i64>>(2)) {
+            seen_by_user.entry(user).or_default().push(version);
+        }
+    }
+    let applied_twice = applications.values().filter(|n| **n > 1).count();
+    let never_handled = user_events
+        .iter()
+        .filter(|id| !applications.contains_key(*id))
+        .count();
+    let handler_order_violations = seen_by_user
+        .values()
+        .filter(|versions| **versions != (1..=versions.len() as i64).collect::<Vec<_>>())
+        .count();
     let order_ids: HashSet<String> = texts(&orders, "SELECT id::text FROM orders", &[]).await;
     let missing_orders = outcome
         .orders
@@ -350,7 +378,7 @@ pub async fn settle_and_reconcile(
         let dlq = shop_messaging::dlq::DeadLetters::connect(&chaos.broker.config(), &chaos.consumer_queue)
             .await
             .unwrap();
-        let letters = dlq.browse(usize::MAX).await.unwrap();
+        let letters = dlq.browse().await.unwrap();
         dlq.close().await;
         letters
     };
@@ -415,8 +443,20 @@ pub async fn settle_and_reconcile(
         format!("{missing_effects} acknowledged user commands without their event"),
     );
     check(
+        written_twice == 0,
+        format!("{written_twice} user versions written twice to the outbox"),
+    );
+    check(
         applied_twice == 0,
-        format!("{applied_twice} user versions written twice"),
+        format!("{applied_twice} user events handed to the handler twice (consumer ledger)"),
+    );
+    check(
+        never_handled == 0,
+        format!("{never_handled} user events never handed to the handler (consumer ledger)"),
+    );
+    check(
+        handler_order_violations == 0,
+        format!("{handler_order_violations} users whose events the handler saw out of order or with a gap"),
     );
     check(
         missing_orders == 0,
@@ -508,10 +548,17 @@ pub async fn settle_and_reconcile(
             "lost".to_owned(),
             (lost + lost_order_events + missing_effects + missing_orders).to_string(),
         ),
-        ("applied twice".to_owned(), applied_twice.to_string()),
+        (
+            "applied twice (consumer ledger; outbox)".to_owned(),
+            format!("{applied_twice}; {written_twice}"),
+        ),
+        (
+            "handler order violations (users)".to_owned(),
+            handler_order_violations.to_string(),
+        ),
         ("projection mismatches".to_owned(), mismatches.len().to_string()),
         (
-            "per-aggregate order violations".to_owned(),
+            "per-aggregate order violations on the wire".to_owned(),
             (user_violations + order_violations).to_string(),
         ),
         ("dead letters".to_owned(), dead_letters.len().to_string()),

@@ -91,9 +91,7 @@ pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     order_settings.service.user_events_exchange = user_settings.service.events_exchange.clone();
     order_settings.service.user_events_queue = broker.queue("order-service.user-events");
     order_settings.service.consumer.retry_delays = vec![Duration::from_millis(200)];
-    for queue in order_settings.service.consumer().queue_names() {
-        broker.track_queue(&queue);
-    }
+    broker.track_topology(&order_settings.service.consumer().topology());
 
     let user_app = user_service::Application::build(user_settings.clone())
         .await

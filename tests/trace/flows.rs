@@ -158,9 +158,7 @@ fn a_create_order_call_is_one_trace_through_order_events_to_its_consumer() {
             system.order_settings.host.amqp.clone(),
         )
         .subscribe::<OrderCreated, _>(NoteOrder);
-        for name in consumer.topology().queue_names() {
-            system.broker.track_queue(&name);
-        }
+        system.broker.track_topology(&consumer.topology());
         let mut connected = consumer.connected();
         let _consumer = Running::spawn(|shutdown| consumer.run(shutdown));
         tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c))

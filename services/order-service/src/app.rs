@@ -93,6 +93,10 @@ impl shop_host::Service for OrderService {
         database_url: "postgres://postgres:postgres@localhost:5432/orders",
         grpc_addr: "0.0.0.0:50052",
         admin_addr: "0.0.0.0:9102",
+        // Nothing in the system consumes `order.events` yet: with `wait` the
+        // order outbox would never drain. A deployment that adds a consumer
+        // sets RELAY_UNROUTABLE=wait.
+        relay_unroutable: "drop",
     };
 
     fn events_exchange(config: &OrderConfig) -> &str {

@@ -51,6 +51,7 @@ impl shop_host::Service for UserService {
         database_url: "postgres://postgres:postgres@localhost:5432/users",
         grpc_addr: "0.0.0.0:50051",
         admin_addr: "0.0.0.0:9101",
+        relay_unroutable: "wait",
     };
 
     fn events_exchange(config: &UserConfig) -> &str {

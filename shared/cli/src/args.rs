@@ -36,6 +36,7 @@ Examples:
   shop --json orders list --user <user id> | jq '.orders[].status'
   shop dlq list
   shop dlq replay --reason max-attempts
+  shop dlq skip <message id>   # give up on one dead letter; what waited behind it goes on
   shop up                      # both services, against the local PostgreSQL and RabbitMQ
 
 Exit codes: 0 ok, 2 usage or invalid request, 3 not found, 4 conflict
@@ -90,6 +91,16 @@ pub struct Connection {
         default_value = "order-service.user-events"
     )]
     pub queue: String,
+    /// That consumer's database, where the events parked behind dead
+    /// letters and gaps wait (the dlq commands).
+    #[arg(
+        long,
+        global = true,
+        env = "CONSUMER_DATABASE_URL",
+        default_value = "postgres://postgres:postgres@localhost:5432/orders",
+        hide_env_values = true
+    )]
+    pub consumer_database_url: String,
 }
 
 /// Commands.
@@ -235,15 +246,18 @@ pub enum OrdersCommand {
 /// Dead-letter commands.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// Count the dead letters, grouped by reason and by type.
+    /// Count the dead letters by reason and type, and list every aggregate
+    /// whose events are parked: behind a dead letter, or behind a gap.
     List,
-    /// Print one dead letter: headers and decoded body.
+    /// Print one dead letter (headers, decoded body) and the events of its
+    /// aggregate parked behind it.
     Show {
         /// Its message id (the event id).
         message_id: String,
     },
-    /// Send dead letters back to the consumer's queue (all, or those
-    /// matching every filter given).
+    /// Send dead letters back to the consumer (all, or those matching every
+    /// filter given); applied, each releases the events parked behind it,
+    /// in order.
     Replay {
         /// Only this reason: missing-message-id, unknown-type, undecodable,
         /// rejected, max-attempts.
@@ -255,6 +269,19 @@ pub enum DlqCommand {
         /// Only this message id.
         #[arg(long)]
         message_id: Option<String>,
+    },
+    /// Give up on one dead letter: remove it without applying it, and let
+    /// the events parked behind it go on, in order.
+    Skip {
+        /// Its message id (the event id).
+        message_id: String,
+    },
+    /// Give up on the versions an aggregate's parked events wait for (a gap
+    /// that will not fill): the first parked event and those after it are
+    /// applied, in order.
+    Release {
+        /// The aggregate, TYPE/ID as `shop dlq list` prints it.
+        aggregate: String,
     },
     /// Delete every dead letter.
     Purge {

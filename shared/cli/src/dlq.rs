@@ -1,8 +1,13 @@
-//! `shop dlq`: the dead-letter queue of a consumer.
+//! `shop dlq`: the dead-letter queue of a consumer, and the events of its
+//! aggregates parked behind dead letters and gaps (in the consumer's
+//! database; see `shop_messaging::sequence`).
 
+use diesel_async::AsyncPgConnection;
 use serde_json::json;
+use shop_database::DatabaseConfig;
 use shop_messaging::AmqpConfig;
-use shop_messaging::dlq::{DeadLetter, DeadLetters, Selection};
+use shop_messaging::dlq::{DeadLetter, DeadLetters, Selection, Summary};
+use shop_messaging::sequence::{self, Aggregate, Held};
 
 use crate::args::{Connection, DlqCommand};
 use crate::output::Output;
@@ -12,15 +17,30 @@ pub(crate) async fn run(connection: &Connection, command: DlqCommand, output: &O
     let mut amqp = AmqpConfig::new(connection.amqp_url.clone());
     amqp.ca_file.clone_from(&connection.amqp_ca_file);
     let dead_letters = DeadLetters::connect(&amqp, &connection.queue).await?;
-    let outcome = execute(&dead_letters, command, output).await;
+    let database = DatabaseConfig::new(connection.consumer_database_url.clone());
+    let outcome = execute(&dead_letters, &database, &connection.queue, command, output).await;
     dead_letters.close().await;
     outcome
 }
 
-async fn execute(dead_letters: &DeadLetters, command: DlqCommand, output: &Output) -> anyhow::Result<()> {
+/// The consumer's database, for what is parked.
+async fn consumer_database(database: &DatabaseConfig) -> anyhow::Result<AsyncPgConnection> {
+    shop_database::establish(database)
+        .await
+        .map_err(|error| anyhow::anyhow!("the consumer's database (CONSUMER_DATABASE_URL): {error}"))
+}
+
+async fn execute(
+    dead_letters: &DeadLetters,
+    database: &DatabaseConfig,
+    queue: &str,
+    command: DlqCommand,
+    output: &Output,
+) -> anyhow::Result<()> {
     match command {
         DlqCommand::List => {
-            let summary = dead_letters.summary().await?;
+            let letters = dead_letters.browse().await?;
+            let summary = Summary::of(&letters);
             let mut text = format!("{}: {} dead letter(s)", dead_letters.name(), summary.count);
             for (reason, count) in &summary.by_reason {
                 text.push_str(&format!("\n  reason {reason}: {count}"));
@@ -28,8 +48,35 @@ async fn execute(dead_letters: &DeadLetters, command: DlqCommand, output: &Outpu
             for (type_name, count) in &summary.by_type {
                 text.push_str(&format!("\n  type {type_name}: {count}"));
             }
+            let held = match consumer_database(database).await {
+                Ok(mut conn) => Ok(sequence::held(&mut conn, queue).await?),
+                Err(error) => Err(error),
+            };
+            let parked_json = match &held {
+                Ok(held) => {
+                    let events: usize = held.iter().map(|h| h.parked.len()).sum();
+                    text.push_str(&format!(
+                        "\nparked: {} aggregate(s), {events} event(s)",
+                        held.len()
+                    ));
+                    for held in held {
+                        text.push_str(&format!("\n  {}", describe_held(held)));
+                    }
+                    json!(held.iter().map(held_json).collect::<Vec<_>>())
+                }
+                Err(error) => {
+                    text.push_str(&format!("\nparked: unknown ({error:#})"));
+                    json!(null)
+                }
+            };
             output.value(
-                json!({"queue": dead_letters.name(), "count": summary.count, "by_reason": summary.by_reason, "by_type": summary.by_type}),
+                json!({
+                    "queue": dead_letters.name(),
+                    "count": summary.count,
+                    "by_reason": summary.by_reason,
+                    "by_type": summary.by_type,
+                    "parked": parked_json,
+                }),
                 &text,
             );
         }
@@ -40,7 +87,19 @@ async fn execute(dead_letters: &DeadLetters, command: DlqCommand, output: &Outpu
                     dead_letters.name()
                 );
             };
-            output.value(letter_json(&letter), &describe(&letter));
+            let mut text = describe(&letter);
+            let mut value = letter_json(&letter);
+            if let Some((aggregate, _)) = &letter.sequenced {
+                match followers(database, queue, aggregate).await {
+                    Ok(Some(held)) => {
+                        text.push_str(&format!("\nparked behind it: {}", describe_held(&held)));
+                        value["parked"] = held_json(&held);
+                    }
+                    Ok(None) => text.push_str("\nparked behind it: nothing"),
+                    Err(error) => text.push_str(&format!("\nparked behind it: unknown ({error:#})")),
+                }
+            }
+            output.value(value, &text);
         }
         DlqCommand::Replay {
             reason,
@@ -59,6 +118,66 @@ async fn execute(dead_letters: &DeadLetters, command: DlqCommand, output: &Outpu
                 &format!("replayed {}, kept {}", outcome.replayed, outcome.kept),
             );
         }
+        DlqCommand::Skip { message_id } => {
+            let Some(letter) = dead_letters.show(&message_id).await? else {
+                anyhow::bail!(
+                    "no dead letter with message id {message_id} in {}",
+                    dead_letters.name()
+                );
+            };
+            let mut released = 0;
+            if let Some((aggregate, version)) = &letter.sequenced {
+                let mut conn = consumer_database(database).await?;
+                let position = sequence::position(&mut conn, queue, aggregate).await?;
+                anyhow::ensure!(
+                    position.last_version >= version - 1,
+                    "{aggregate} is at version {}: versions {} to {} are missing too; \
+                     `shop dlq release {aggregate}` gives up on them all",
+                    position.last_version,
+                    position.last_version + 1,
+                    version - 1
+                );
+                let (_, events) = sequence::release(&mut conn, queue, aggregate, *version).await?;
+                dead_letters.send_back(&events).await?;
+                released = events.len();
+            }
+            let removed = dead_letters.take(&message_id).await?.len();
+            output.value(
+                json!({"skipped": message_id, "removed": removed, "released": released}),
+                &format!("skipped {message_id}: removed {removed} dead letter(s), released {released} parked event(s)"),
+            );
+        }
+        DlqCommand::Release { aggregate } => {
+            let aggregate: Aggregate = aggregate.parse().map_err(anyhow::Error::msg)?;
+            let mut conn = consumer_database(database).await?;
+            let held = sequence::held(&mut conn, queue)
+                .await?
+                .into_iter()
+                .find(|held| held.aggregate == aggregate);
+            let Some(held) = held else {
+                anyhow::bail!("{aggregate} has no parked events");
+            };
+            if let Some((event, version)) = held.position.dead_letter {
+                anyhow::bail!(
+                    "{aggregate} waits for dead letter {event} (version {version}): `shop dlq replay --message-id {event}` or `shop dlq skip {event}`"
+                );
+            }
+            let first = held
+                .parked
+                .first()
+                .map_or(held.position.last_version + 1, |p| p.version);
+            let (before, events) = sequence::release(&mut conn, queue, &aggregate, first - 1).await?;
+            dead_letters.send_back(&events).await?;
+            output.value(
+                json!({"aggregate": aggregate.to_string(), "from_version": before.last_version, "through_version": first - 1, "released": events.len()}),
+                &format!(
+                    "{aggregate}: gave up on versions {} to {}; released {} parked event(s)",
+                    before.last_version + 1,
+                    first - 1,
+                    events.len()
+                ),
+            );
+        }
         DlqCommand::Purge { yes } => {
             anyhow::ensure!(yes, "purge deletes every dead letter; pass --yes to confirm");
             let purged = dead_letters.purge().await?;
@@ -69,6 +188,54 @@ async fn execute(dead_letters: &DeadLetters, command: DlqCommand, output: &Outpu
         }
     }
     Ok(())
+}
+
+/// The parked events of `aggregate`, if any.
+async fn followers(
+    database: &DatabaseConfig,
+    queue: &str,
+    aggregate: &Aggregate,
+) -> anyhow::Result<Option<Held>> {
+    let mut conn = consumer_database(database).await?;
+    Ok(sequence::held(&mut conn, queue)
+        .await?
+        .into_iter()
+        .find(|held| held.aggregate == *aggregate))
+}
+
+/// One line: the aggregate, where it stands, what holds it, what waits.
+fn describe_held(held: &Held) -> String {
+    let versions: Vec<String> = held.parked.iter().map(|p| p.version.to_string()).collect();
+    let since = held
+        .parked
+        .first()
+        .map(|p| chrono::Utc::now() - p.parked_at)
+        .map_or_else(String::new, |age| format!(" since {}s", age.num_seconds()));
+    let holder = match held.position.dead_letter {
+        Some((event, version)) => format!("behind dead letter {event} (version {version})"),
+        None => format!("waiting for version {} (a gap)", held.position.last_version + 1),
+    };
+    format!(
+        "{} at version {}, {holder}: version(s) {} parked{since}",
+        held.aggregate,
+        held.position.last_version,
+        versions.join(", ")
+    )
+}
+
+fn held_json(held: &Held) -> serde_json::Value {
+    json!({
+        "aggregate": held.aggregate.to_string(),
+        "last_version": held.position.last_version,
+        "dead_letter": held.position.dead_letter.map(|(event, version)| json!({"message_id": event.to_string(), "version": version})),
+        "parked": held.parked.iter().map(|p| json!({
+            "version": p.version,
+            "message_id": p.event_id.to_string(),
+            "type": p.event_type,
+            "parked_at": p.parked_at.to_rfc3339(),
+            "released_at": p.released_at.map(|t| t.to_rfc3339()),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn body_text(letter: &DeadLetter) -> String {
@@ -93,6 +260,8 @@ fn letter_json(letter: &DeadLetter) -> serde_json::Value {
         "original_exchange": letter.original_exchange,
         "original_routing_key": letter.original_routing_key,
         "dead_lettered_at": letter.dead_lettered_at,
+        "aggregate": letter.sequenced.as_ref().map(|(aggregate, _)| aggregate.to_string()),
+        "version": letter.sequenced.as_ref().map(|(_, version)| version),
         "headers": letter.headers,
         "body": body_text(letter),
     })

@@ -16,8 +16,8 @@ pub mod retention;
 
 pub use fault::{Fault, is_outage, is_unique_violation};
 pub use pool::{
-    DatabaseConfig, Pool, PoolError, PooledConnection, Timeout, connect, ensure_database_exists, establish,
-    migrate, pool, probe, quote_identifier,
+    DatabaseConfig, Pool, PoolError, PooledConnection, RunError, Timeout, connect, ensure_database_exists,
+    establish, migrate, pool, probe, quote_identifier,
 };
 
 #[cfg(test)]

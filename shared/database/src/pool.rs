@@ -498,7 +498,7 @@ pub async fn probe(pool: &Pool) -> bool {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         writable: bool,
     }
-    let answer: Result<Writable, ProbeError> = pool
+    let answer: Result<Writable, RunError> = pool
         .run(async |conn| {
             Ok(diesel::sql_query(
                 "SELECT NOT pg_is_in_recovery() \
@@ -511,30 +511,20 @@ pub async fn probe(pool: &Pool) -> bool {
     matches!(answer, Ok(Writable { writable: true }))
 }
 
-/// Why [`probe`] got no answer (only its absence matters).
-#[derive(Debug)]
-enum ProbeError {
-    Pool,
-    Timeout,
-    Query,
-}
-
-impl From<PoolError> for ProbeError {
-    fn from(_: PoolError) -> Self {
-        Self::Pool
-    }
-}
-
-impl From<Timeout> for ProbeError {
-    fn from(_: Timeout) -> Self {
-        Self::Timeout
-    }
-}
-
-impl From<diesel::result::Error> for ProbeError {
-    fn from(_: diesel::result::Error) -> Self {
-        Self::Query
-    }
+/// Why a unit of work on the [`Pool`] failed: a statement, no connection,
+/// or no answer within the deadline. [`Fault::of`](crate::Fault::of) tells
+/// an outage from a failure of the statement itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A statement failed.
+    #[error("database error")]
+    Database(#[from] diesel::result::Error),
+    /// No pooled connection could be had.
+    #[error("no database connection")]
+    Pool(#[from] PoolError),
+    /// The database did not answer in time; the connection was discarded.
+    #[error(transparent)]
+    Timeout(#[from] Timeout),
 }
 
 /// `name` as a quoted SQL identifier.

@@ -21,7 +21,7 @@ use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::RunQueryDsl as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Pool, PoolError, Timeout};
+use crate::{Pool, RunError};
 
 /// Rows deleted by one statement of a sweep.
 pub const BATCH: i64 = 5000;
@@ -40,24 +40,10 @@ pub struct Retention {
     pub consumer: Option<String>,
 }
 
-/// Why a sweep stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SweepError {
-    /// A statement failed.
-    #[error("the sweep's delete failed")]
-    Database(#[from] diesel::result::Error),
-    /// No connection.
-    #[error("no database connection for the sweep")]
-    Pool(#[from] PoolError),
-    /// The database did not answer in time.
-    #[error(transparent)]
-    Timeout(#[from] Timeout),
-}
-
 impl Retention {
     /// Deletes every row older than the window, `BATCH` at a time; returns
     /// how many.
-    pub async fn sweep(&self, pool: &Pool) -> Result<usize, SweepError> {
+    pub async fn sweep(&self, pool: &Pool) -> Result<usize, RunError> {
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX);
         let filter = if self.consumer.is_some() {
@@ -84,7 +70,7 @@ impl Retention {
                         Some(consumer) => query.bind::<Text, _>(consumer).execute(conn).await,
                         None => query.execute(conn).await,
                     };
-                    result.map_err(SweepError::from)
+                    result.map_err(RunError::from)
                 })
                 .await?;
             total += deleted;

@@ -188,6 +188,7 @@ pub fn settings_command<S: Service>() -> Command {
         "database_url" => arg.default_value(S::DEFAULTS.database_url),
         "grpc_addr" => arg.default_value(S::DEFAULTS.grpc_addr),
         "admin_addr" => arg.default_value(S::DEFAULTS.admin_addr),
+        "relay_unroutable" => arg.default_value(S::DEFAULTS.relay_unroutable),
         _ => arg,
     })
 }
@@ -201,4 +202,7 @@ pub struct ServiceDefaults {
     pub grpc_addr: &'static str,
     /// `ADMIN_ADDR`.
     pub admin_addr: &'static str,
+    /// `RELAY_UNROUTABLE`: `wait` for events some consumer must receive,
+    /// `drop` for an exchange nobody consumes yet.
+    pub relay_unroutable: &'static str,
 }

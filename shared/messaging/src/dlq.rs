@@ -1,14 +1,24 @@
-//! Operating a consumer's dead-letter queue: list, show, replay, purge.
+//! Operating a consumer's dead-letter queue: list, show, replay, skip, purge.
 //!
-//! Dead letters sit in `<queue>.dlq` (see [`crate::consumer`]). Listing and
-//! showing read the messages without removing them (they are fetched
-//! unacknowledged and returned when the channel closes). Replay sends the
-//! selected messages back to `<queue>` itself, through the default exchange,
-//! so only the consumer that failed sees them again (other queues bound to
-//! the producer's exchange already have them); their original exchange and
-//! routing key stay in the headers, their attempt count starts over. The
-//! others are moved to the back of the dead-letter queue unchanged. Every
-//! move waits for the publisher confirm before the original is acknowledged.
+//! Dead letters sit in `<group>.dlq` (see [`crate::consumer`]). Every
+//! operation is one pass over the queue: each message is taken, then either
+//! copied to the back of the queue unchanged (kept), sent back to the
+//! consumer (replayed), or dropped (skipped), and acknowledged only after
+//! the broker confirmed the copy. Listing and showing keep every message, so
+//! the queue holds the same messages in the same order afterwards; no
+//! message is ever handed back unacknowledged, which a quorum queue would
+//! count as a delivery (RabbitMQ 4 drops a message after 20 by default). A
+//! pass cut short (the connection lost mid-way) may leave a message twice,
+//! which is harmless: replayed twice, the second is a duplicate. Run one pass
+//! at a time per queue.
+//!
+//! Replay sends the selected messages back through the group's exchange
+//! (`<group>.partitions`), whose `partition` header routing takes each to its
+//! own partition queue, so only the consumer that failed sees them again
+//! (other queues bound to the producer's exchange already have them); their
+//! original exchange and routing key stay in the headers, their attempt
+//! count starts over. Applied, a dead letter releases the events of its
+//! aggregate that were parked behind it ([`crate::sequence`]).
 
 use std::collections::BTreeMap;
 
@@ -44,6 +54,8 @@ pub struct DeadLetter {
     pub original_routing_key: Option<String>,
     /// `dead_lettered_at`.
     pub dead_lettered_at: Option<String>,
+    /// The aggregate and version it is sequenced by, if any.
+    pub sequenced: Option<(crate::sequence::Aggregate, i64)>,
     /// Every header, rendered as text.
     pub headers: BTreeMap<String, String>,
     /// The body, untouched.
@@ -66,6 +78,7 @@ impl DeadLetter {
             original_exchange: text(wire::ORIGINAL_EXCHANGE),
             original_routing_key: text(wire::ORIGINAL_ROUTING_KEY),
             dead_lettered_at: text(wire::DEAD_LETTERED_AT),
+            sequenced: crate::sequence::sequenced_by(headers),
             headers: headers
                 .inner()
                 .iter()
@@ -123,6 +136,35 @@ pub struct Summary {
     pub by_type: BTreeMap<String, usize>,
 }
 
+/// What a pass does with one dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Copied to the back of the queue.
+    Keep,
+    /// Sent back to the consumer.
+    Replay,
+    /// Removed.
+    Drop,
+}
+
+impl Summary {
+    /// The counts of `letters`.
+    pub fn of(letters: &[DeadLetter]) -> Self {
+        let mut summary = Self {
+            count: letters.len(),
+            ..Self::default()
+        };
+        for letter in letters {
+            *summary.by_reason.entry(letter.reason.clone()).or_default() += 1;
+            *summary
+                .by_type
+                .entry(letter.type_name.clone().unwrap_or_else(|| "(none)".to_owned()))
+                .or_default() += 1;
+        }
+        summary
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplayOutcome {
@@ -174,107 +216,136 @@ impl DeadLetters {
         Ok(queue.message_count())
     }
 
-    /// Up to `limit` dead letters, oldest first, left in the queue.
-    pub async fn browse(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-        let channel = self.connection.create_channel().await?;
-        let count = self.count(&channel).await? as usize;
-        let mut letters = Vec::new();
-        while letters.len() < count.min(limit) {
-            let Some(message) = self.get(&channel).await? else {
-                break;
-            };
-            letters.push(DeadLetter::from_properties(
-                &message.delivery.properties,
-                &message.delivery.data,
-            ));
-        }
-        // Closing the channel returns every unacknowledged message; the queue
-        // takes them back asynchronously, so wait until it shows them again
-        // (a listing right after this one must see them).
-        let _ = channel.close(200, "browsed".into()).await;
-        self.wait_for_count(count).await?;
-        Ok(letters)
-    }
-
-    /// Waits (up to 5 s) until the queue holds at least `expected` ready
-    /// messages again.
-    async fn wait_for_count(&self, expected: usize) -> anyhow::Result<()> {
-        let channel = self.connection.create_channel().await?;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while (self.count(&channel).await? as usize) < expected && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let _ = channel.close(200, "counted".into()).await;
-        Ok(())
-    }
-
-    /// Counts per reason and type.
-    pub async fn summary(&self) -> anyhow::Result<Summary> {
-        let letters = self.browse(usize::MAX).await?;
-        let mut summary = Summary {
-            count: letters.len(),
-            ..Summary::default()
-        };
-        for letter in letters {
-            *summary.by_reason.entry(letter.reason).or_default() += 1;
-            *summary
-                .by_type
-                .entry(letter.type_name.unwrap_or_else(|| "(none)".to_owned()))
-                .or_default() += 1;
-        }
-        Ok(summary)
-    }
-
-    /// The dead letter with this message id, if it is in the queue.
-    pub async fn show(&self, message_id: &str) -> anyhow::Result<Option<DeadLetter>> {
-        Ok(self
-            .browse(usize::MAX)
-            .await?
-            .into_iter()
-            .find(|letter| letter.message_id.as_deref() == Some(message_id)))
-    }
-
-    /// Sends the selected dead letters back to the consumer's queue and keeps
-    /// the others (see the module docs).
-    pub async fn replay(&self, selection: &Selection) -> anyhow::Result<ReplayOutcome> {
+    /// One pass over the queue (see the module docs): `choose` says what
+    /// happens to each dead letter, oldest first.
+    async fn pass(
+        &self,
+        mut choose: impl FnMut(&DeadLetter) -> Fate,
+    ) -> anyhow::Result<Vec<(DeadLetter, Fate)>> {
         let channel = self.connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions { nowait: false })
             .await?;
         let count = self.count(&channel).await?;
-        let mut outcome = ReplayOutcome::default();
+        let router = crate::topology::router(&self.queue);
+        let mut seen = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let Some(message) = self.get(&channel).await? else {
                 break;
             };
             let delivery = &message.delivery;
             let letter = DeadLetter::from_properties(&delivery.properties, &delivery.data);
-            if selection.matches(&letter) {
-                let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-                let mut kept = FieldTable::default();
-                for (key, value) in headers.inner() {
-                    if !is_dead_letter_header(key.as_str()) {
-                        kept.insert(key.clone(), value.clone());
-                    }
+            let fate = choose(&letter);
+            match fate {
+                Fate::Keep => {
+                    publish_confirmed(
+                        &channel,
+                        "",
+                        &self.dead_letter_queue,
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                    .await?;
                 }
-                headers = kept;
-                let properties = delivery.properties.clone().with_headers(headers);
-                publish_confirmed(&channel, &self.queue, &delivery.data, properties).await?;
-                outcome.replayed += 1;
-            } else {
-                publish_confirmed(
-                    &channel,
-                    &self.dead_letter_queue,
-                    &delivery.data,
-                    delivery.properties.clone(),
-                )
-                .await?;
-                outcome.kept += 1;
+                Fate::Replay => {
+                    let mut headers = FieldTable::default();
+                    for (key, value) in delivery.properties.headers().clone().unwrap_or_default().inner() {
+                        if !is_dead_letter_header(key.as_str()) {
+                            headers.insert(key.clone(), value.clone());
+                        }
+                    }
+                    if header_i64(&headers, wire::PARTITION).is_none()
+                        && let Some(aggregate_id) = header_str(&headers, wire::AGGREGATE_ID)
+                    {
+                        let partition = wire::partition_of(aggregate_id);
+                        headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+                    }
+                    let properties = delivery.properties.clone().with_headers(headers);
+                    publish_confirmed(&channel, &router, "", &delivery.data, properties).await?;
+                }
+                Fate::Drop => {}
             }
             delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+            seen.push((letter, fate));
         }
-        let _ = channel.close(200, "replayed".into()).await;
-        Ok(outcome)
+        let _ = channel.close(200, "pass done".into()).await;
+        Ok(seen)
+    }
+
+    /// Every dead letter, oldest first, left in the queue.
+    pub async fn browse(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        Ok(self
+            .pass(|_| Fate::Keep)
+            .await?
+            .into_iter()
+            .map(|(letter, _)| letter)
+            .collect())
+    }
+
+    /// Counts per reason and type.
+    pub async fn summary(&self) -> anyhow::Result<Summary> {
+        Ok(Summary::of(&self.browse().await?))
+    }
+
+    /// The dead letter with this message id, if it is in the queue.
+    pub async fn show(&self, message_id: &str) -> anyhow::Result<Option<DeadLetter>> {
+        Ok(self
+            .browse()
+            .await?
+            .into_iter()
+            .find(|letter| letter.message_id.as_deref() == Some(message_id)))
+    }
+
+    /// Sends the selected dead letters back to the consumer and keeps the
+    /// others (see the module docs).
+    pub async fn replay(&self, selection: &Selection) -> anyhow::Result<ReplayOutcome> {
+        let seen = self
+            .pass(|letter| {
+                if selection.matches(letter) {
+                    Fate::Replay
+                } else {
+                    Fate::Keep
+                }
+            })
+            .await?;
+        let replayed = seen.iter().filter(|(_, fate)| *fate == Fate::Replay).count();
+        Ok(ReplayOutcome {
+            replayed,
+            kept: seen.len() - replayed,
+        })
+    }
+
+    /// Removes the dead letters with this message id (normally one) and
+    /// returns them.
+    pub async fn take(&self, message_id: &str) -> anyhow::Result<Vec<DeadLetter>> {
+        Ok(self
+            .pass(|letter| {
+                if letter.message_id.as_deref() == Some(message_id) {
+                    Fate::Drop
+                } else {
+                    Fate::Keep
+                }
+            })
+            .await?
+            .into_iter()
+            .filter(|(_, fate)| *fate == Fate::Drop)
+            .map(|(letter, _)| letter)
+            .collect())
+    }
+
+    /// Sends released parked events back to the consumer (see
+    /// [`crate::sequence::release`]).
+    pub async fn send_back(&self, events: &[crate::sequence::ParkedEvent]) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await?;
+        crate::sequence::send_back(&channel, &crate::topology::router(&self.queue), events).await?;
+        let _ = channel.close(200, "sent back".into()).await;
+        Ok(())
     }
 
     /// Deletes every dead letter; returns how many.
@@ -317,13 +388,14 @@ fn is_dead_letter_header(key: &str) -> bool {
 
 async fn publish_confirmed(
     channel: &Channel,
+    exchange: &str,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> anyhow::Result<()> {
     let confirm = channel
         .basic_publish(
-            ShortString::from(""),
+            ShortString::from(exchange),
             queue.into(),
             BasicPublishOptions {
                 mandatory: true,
@@ -336,7 +408,7 @@ async fn publish_confirmed(
         .await?;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => anyhow::bail!("queue {queue} does not exist"),
-        Confirmation::Nack(_) => anyhow::bail!("the broker refused the message for {queue}"),
+        Confirmation::Ack(Some(_)) => anyhow::bail!("no queue takes the message ({exchange:?} {queue:?})"),
+        Confirmation::Nack(_) => anyhow::bail!("the broker refused the message ({exchange:?} {queue:?})"),
     }
 }

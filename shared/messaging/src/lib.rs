@@ -8,13 +8,17 @@
 //! - [`topology`]: every exchange and queue the system declares, in one
 //!   place, each option written out.
 //! - [`consumer`]: typed subscriptions (`subscribe::<UserCreated>(handler)`)
-//!   applied with an [`inbox`] in batches, delayed retries and dead letters.
+//!   applied with an [`inbox`] in batches, delayed retries and dead letters,
+//!   each aggregate's events once and in order ([`sequence`]), over
+//!   partition queues the replicas share ([`membership`]).
 #![forbid(unsafe_code)]
 
 pub mod connection;
 pub mod consumer;
 pub mod dlq;
 pub mod inbox;
+pub mod membership;
+pub mod sequence;
 pub mod topology;
 pub mod wire;
 

@@ -6,62 +6,134 @@
 //! step. The options are the same everywhere a name is declared; declaring an
 //! existing name with other options is a channel error, which is why they
 //! live here only.
+//!
+//! # A consumer group: partitions
+//!
+//! A consumer group (the queue name its replicas share, e.g.
+//! `order-service.user-events`) receives the producer's events on
+//! [`ConsumerTopology::partitions`] partition queues. The relay stamps every
+//! event with the `partition` header (a stable hash of its aggregate id into
+//! `0..32`, [`crate::wire::partition_of`]); the group's headers exchange
+//! routes header value `k` to partition queue `k % partitions`:
+//!
+//! ```text
+//! user.events ──routing keys──► <group>.partitions ──partition=k──► <group>.p<k % P> ──► one active consumer
+//!  (topic)                        (headers)      └─no partition─► <group>.unpartitioned ──► <group>.p0
+//!
+//! <group>.p<i> ──handler fails──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
+//! <group>.p<i> ──never succeeds / N attempts──► <group>.dlq
+//! ```
+//!
+//! Why a headers exchange fed by the relay's hash, not the consistent-hash
+//! exchange: that exchange is a plugin an operator has to enable on every
+//! node, and its ring would hash again what the outbox already partitions
+//! (the relay claims the same 32 partitions); the headers exchange is built
+//! in, and the mapping `k % P` is visible in the bindings. Every partition
+//! queue is a quorum queue with `x-single-active-consumer`, so even while
+//! replicas hand partitions over, one consumer at a time takes from it.
+//!
+//! Changing the number of partitions re-binds the queues at the next start;
+//! messages of queues beyond the new count are moved back through the
+//! group's exchange (see [`ConsumerTopology::retire`]). Change it with every
+//! replica stopped: replicas with different counts would re-bind the queues
+//! back and forth. Ordering holds either way, as the consumer's sequencing
+//! does not depend on the routing ([`crate::sequence`]).
 
-use lapin::Channel;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Confirmation, Connection, ExchangeKind};
+
+use crate::wire::{self, PARTITIONS};
 
 /// Declares the topic exchange a service publishes its events to
 /// (`user.events`, `order.events`).
 pub async fn declare_event_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    declare_exchange(channel, exchange, ExchangeKind::Topic, FieldTable::default()).await
+}
+
+async fn declare_exchange(
+    channel: &Channel,
+    exchange: &str,
+    kind: ExchangeKind,
+    args: FieldTable,
+) -> lapin::Result<()> {
     channel
         .exchange_declare(
             exchange.into(),
-            lapin::ExchangeKind::Topic,
+            kind,
             ExchangeDeclareOptions {
                 // Only check that it exists: no, create it when missing.
                 passive: false,
                 // Survives a broker restart.
                 durable: true,
-                // Stays when no queue is bound: events of a producer without
-                // consumers are dropped by the broker, not an error.
+                // Stays when nothing is bound: events of a producer without
+                // consumers are returned (or dropped), not an error.
                 auto_delete: false,
-                // Publishers use it directly.
+                // Publishers (the relay, the dead-letter tooling) use it
+                // directly.
                 internal: false,
                 // Wait for declare-ok so errors surface here.
                 nowait: false,
             },
-            FieldTable::default(),
+            args,
         )
         .await
 }
 
-/// The queues of one consumer: the main queue bound to the producer's
-/// exchange, one delay queue per retry step, and the dead-letter queue.
-///
-/// ```text
-/// exchange ──routing keys──► <queue> ──handler fails──► <queue>.retry.<n> (TTL) ─┐
-///                              ▲                                                 │
-///                              └──────────── dead-lettered back after the TTL ───┘
-///                            <queue> ──never succeeds / N attempts──► <queue>.dlq
-/// ```
+/// The exchanges and queues of one consumer group; see the module docs.
 #[derive(Debug, Clone)]
 pub struct ConsumerTopology {
     /// The producer's topic exchange.
     pub exchange: String,
-    /// The consumer's queue, e.g. `order-service.user-events`.
+    /// The group's name, shared by all its replicas, e.g.
+    /// `order-service.user-events`: every name below starts with it.
     pub queue: String,
-    /// Routing keys bound from the exchange to the queue.
+    /// Routing keys bound from the producer's exchange.
     pub routing_keys: Vec<String>,
     /// One delay queue per entry.
-    pub retry_delays: Vec<std::time::Duration>,
+    pub retry_delays: Vec<Duration>,
+    /// Partition queues, 1 to 32.
+    pub partitions: u16,
 }
 
 impl ConsumerTopology {
+    /// The number of partition queues, clamped to 1..=32.
+    pub fn partition_count(&self) -> u16 {
+        self.partitions.clamp(1, PARTITIONS.unsigned_abs())
+    }
+
+    /// Name of partition queue `index`: `<group>.p<index>`.
+    pub fn partition_queue(&self, index: u16) -> String {
+        format!("{}.p{index}", self.queue)
+    }
+
+    /// The partition queue that receives events of wire partition
+    /// `partition` (the `partition` header).
+    pub fn queue_of(&self, partition: i16) -> u16 {
+        partition.unsigned_abs() % self.partition_count()
+    }
+
+    /// The group's headers exchange, which routes by the `partition` header:
+    /// `<group>.partitions`. Replays and retries go back through it.
+    pub fn router(&self) -> String {
+        router(&self.queue)
+    }
+
+    /// The fanout exchange that takes what carries no `partition` header:
+    /// `<group>.unpartitioned`, bound to partition 0.
+    pub fn unpartitioned(&self) -> String {
+        format!("{}.unpartitioned", self.queue)
+    }
+
     /// Name of the delay queue for retry step `step` (0-based).
     pub fn retry_queue(&self, step: usize) -> String {
         let delay = self.retry_delays.get(step).copied().unwrap_or_default();
-        format!("{}.retry.{}ms", self.queue, delay.as_millis())
+        format!("{}.delay.{}ms", self.queue, delay.as_millis())
     }
 
     /// Name of the dead-letter queue.
@@ -71,66 +143,107 @@ impl ConsumerTopology {
 
     /// Every queue this topology declares (for tooling and test clean-up).
     pub fn queue_names(&self) -> Vec<String> {
-        let mut names = vec![self.queue.clone(), self.dead_letter_queue()];
+        let mut names: Vec<String> = (0..self.partition_count())
+            .map(|index| self.partition_queue(index))
+            .collect();
+        names.push(self.dead_letter_queue());
         names.extend((0..self.retry_delays.len()).map(|step| self.retry_queue(step)));
         names
     }
 
-    /// Declares the exchange, the queues and the bindings. Idempotent.
+    /// Every exchange of the group itself (not the producer's), for
+    /// clean-up.
+    pub fn exchange_names(&self) -> Vec<String> {
+        vec![self.router(), self.unpartitioned()]
+    }
+
+    /// Declares the exchanges, the queues and the bindings. Idempotent.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         declare_event_exchange(channel, &self.exchange).await?;
         // The dead-letter queue: where messages that can never succeed wait
-        // for a person (list, replay, purge).
+        // for a person (list, replay, skip, purge).
         declare_quorum_queue(channel, &self.dead_letter_queue(), FieldTable::default()).await?;
 
-        // The main queue. Whatever the broker itself dead-letters (a message
-        // redelivered more than the delivery limit because it crashes every
-        // consumer) goes to the dead-letter queue too, at least once.
-        let mut main = FieldTable::default();
-        main.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        main.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(self.dead_letter_queue().as_str().into()),
+        declare_exchange(
+            channel,
+            &self.unpartitioned(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        )
+        .await?;
+        let mut router_args = FieldTable::default();
+        router_args.insert(
+            "alternate-exchange".into(),
+            wire::long_string(&self.unpartitioned()),
         );
-        main.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        main.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
-        main.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(MAIN_QUEUE_DELIVERY_LIMIT),
-        );
-        declare_quorum_queue(channel, &self.queue, main).await?;
+        declare_exchange(
+            channel,
+            &self.router(),
+            ExchangeKind::Custom("headers".into()),
+            router_args,
+        )
+        .await?;
+
+        for index in 0..self.partition_count() {
+            let queue = self.partition_queue(index);
+            declare_quorum_queue(channel, &queue, self.partition_queue_args()).await?;
+            for partition in 0..PARTITIONS {
+                let binding = partition_binding(partition);
+                if self.queue_of(partition) == index {
+                    channel
+                        .queue_bind(
+                            queue.as_str().into(),
+                            self.router().as_str().into(),
+                            "".into(),
+                            QueueBindOptions { nowait: false },
+                            binding,
+                        )
+                        .await?;
+                } else {
+                    // Left over from another partition count; unbinding
+                    // what is not bound is not an error.
+                    channel
+                        .queue_unbind(
+                            queue.as_str().into(),
+                            self.router().as_str().into(),
+                            "".into(),
+                            binding,
+                        )
+                        .await?;
+                }
+            }
+        }
+        channel
+            .queue_bind(
+                self.partition_queue(0).as_str().into(),
+                self.unpartitioned().as_str().into(),
+                "".into(),
+                QueueBindOptions { nowait: false },
+                FieldTable::default(),
+            )
+            .await?;
         for key in &self.routing_keys {
             channel
-                .queue_bind(
-                    self.queue.as_str().into(),
+                .exchange_bind(
+                    self.router().as_str().into(),
                     self.exchange.as_str().into(),
                     key.as_str().into(),
-                    QueueBindOptions { nowait: false },
+                    ExchangeBindOptions { nowait: false },
                     FieldTable::default(),
                 )
                 .await?;
         }
 
         // Delay queues: nobody consumes them; a message waits out the TTL and
-        // is dead-lettered back to the main queue through the default
-        // exchange.
+        // is dead-lettered to the group's exchange, whose `partition` header
+        // routing takes it back to its own partition queue.
         for (step, delay) in self.retry_delays.iter().enumerate() {
             let mut args = FieldTable::default();
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             );
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.queue.as_str().into()),
-            );
+            args.insert("x-dead-letter-exchange".into(), wire::long_string(&self.router()));
             args.insert(
                 "x-dead-letter-strategy".into(),
                 AMQPValue::LongString("at-least-once".into()),
@@ -143,16 +256,191 @@ impl ConsumerTopology {
         }
         Ok(())
     }
+
+    /// The arguments of a partition queue.
+    fn partition_queue_args(&self) -> FieldTable {
+        // Whatever the broker itself dead-letters (a message redelivered
+        // more than the delivery limit because it crashes every consumer)
+        // goes to the dead-letter queue too, at least once.
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            wire::long_string(&self.dead_letter_queue()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(MAIN_QUEUE_DELIVERY_LIMIT),
+        );
+        // One consumer at a time takes from a partition, whatever the
+        // number of replicas.
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args
+    }
+
+    /// Moves the messages of queues this group no longer uses back through
+    /// the group's exchange and deletes those queues: the single queue of
+    /// the layout before partitions (`<group>`, and its delay queues
+    /// `<group>.retry.<ms>ms`), and partition queues beyond the current
+    /// count. Each message is re-published with its `partition` header (set
+    /// from its aggregate id when missing), confirmed, then acknowledged.
+    /// Returns how many messages moved.
+    ///
+    /// A queue a replica of the old layout still consumes from is left for
+    /// a later start (it is deleted only when empty).
+    pub async fn retire(&self, connection: &Connection) -> anyhow::Result<usize> {
+        let mut retired: Vec<String> = self
+            .retry_delays
+            .iter()
+            .map(|delay| format!("{}.retry.{}ms", self.queue, delay.as_millis()))
+            .collect();
+        retired.push(self.queue.clone());
+        retired.extend(
+            (self.partition_count()..PARTITIONS.unsigned_abs()).map(|index| self.partition_queue(index)),
+        );
+        let mut moved = 0;
+        for queue in retired {
+            // A passive declare of a missing queue closes the channel: one
+            // channel per look.
+            let probe = connection.create_channel().await?;
+            let exists = probe
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok();
+            if probe.status().connected() {
+                let _ = probe.close(200, "probed".into()).await;
+            }
+            if !exists {
+                continue;
+            }
+            moved += self.drain(connection, &queue).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Unbinds `queue`, moves its messages to the group's exchange, and
+    /// deletes it if it is empty.
+    async fn drain(&self, connection: &Connection, queue: &str) -> anyhow::Result<usize> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await?;
+        // No new messages: the layout before partitions bound the queue to
+        // the producer's exchange; partition queues are bound to the router.
+        for key in &self.routing_keys {
+            channel
+                .queue_unbind(
+                    queue.into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for partition in 0..PARTITIONS {
+            channel
+                .queue_unbind(
+                    queue.into(),
+                    self.router().as_str().into(),
+                    "".into(),
+                    partition_binding(partition),
+                )
+                .await?;
+        }
+        let mut moved = 0;
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            let delivery = &message.delivery;
+            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            if wire::header_i64(&headers, wire::PARTITION).is_none()
+                && let Some(aggregate_id) = wire::header_str(&headers, wire::AGGREGATE_ID)
+            {
+                let partition = wire::partition_of(aggregate_id);
+                headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+            }
+            let confirm = channel
+                .basic_publish(
+                    self.router().as_str().into(),
+                    delivery.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &delivery.data,
+                    delivery.properties.clone().with_headers(headers),
+                )
+                .await?
+                .await?;
+            match confirm {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
+                    anyhow::bail!("moving a message of {queue} to {} failed", self.router())
+                }
+            }
+            delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+            moved += 1;
+        }
+        let deleted = channel
+            .queue_delete(
+                queue.into(),
+                QueueDeleteOptions {
+                    if_unused: false,
+                    if_empty: true,
+                    nowait: false,
+                },
+            )
+            .await;
+        if let Err(error) = deleted {
+            tracing::info!(queue, %error, "a retired queue is not empty yet; it is moved again at the next start");
+        } else if channel.status().connected() {
+            let _ = channel.close(200, "retired".into()).await;
+        }
+        if moved > 0 {
+            tracing::info!(queue, moved, router = %self.router(), "moved the messages of a retired queue to the partitions");
+        }
+        Ok(moved)
+    }
 }
 
-/// The dead-letter queue of consumer queue `queue`.
+/// The binding of wire partition `partition` on a group's headers exchange.
+fn partition_binding(partition: i16) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    args.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+    args
+}
+
+/// The headers exchange of consumer group `queue`.
+pub fn router(queue: &str) -> String {
+    format!("{queue}.partitions")
+}
+
+/// The dead-letter queue of consumer group `queue`.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
-/// How many times the broker delivers a message of a main queue before it
-/// dead-letters it itself: only a message that kills its consumer every time
-/// gets there, since handler failures are retried through the delay queues.
+/// How many times the broker delivers a message of a partition queue before
+/// it dead-letters it itself: only a message that kills its consumer every
+/// time gets there, since handler failures are retried through the delay
+/// queues.
 pub const MAIN_QUEUE_DELIVERY_LIMIT: i32 = 20;
 
 /// Declares a durable quorum queue (replicated across the nodes of a

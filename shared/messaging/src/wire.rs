@@ -11,9 +11,15 @@
 //! | `delivery_mode` | 2 (persistent) |
 //! | header `traceparent`, `tracestate`, `baggage` | W3C trace context of the publish span |
 //! | header `aggregate_type`, `aggregate_id`, `aggregate_version` | the aggregate the event is about |
+//! | header `partition` | [`partition_of`] the aggregate id, `0..`[`PARTITIONS`] |
 //!
 //! Routing: the producer's topic exchange, routing key
-//! [`shop_contracts::Event::ROUTING_KEY`].
+//! [`shop_contracts::Event::ROUTING_KEY`]. A consumer group routes on from
+//! there by the `partition` header (see [`crate::topology`]).
+//!
+//! `aggregate_version` numbers an aggregate's events 1, 2, 3, … without gaps:
+//! every change of an aggregate is one event. Consumers rely on it to apply
+//! each aggregate's events once and in order ([`crate::sequence`]).
 
 use std::collections::HashMap;
 
@@ -29,6 +35,9 @@ pub const AGGREGATE_TYPE: &str = "aggregate_type";
 pub const AGGREGATE_ID: &str = "aggregate_id";
 /// Header: version of the aggregate after the event.
 pub const AGGREGATE_VERSION: &str = "aggregate_version";
+/// Header: the aggregate's partition ([`partition_of`]), which consumer
+/// groups route by.
+pub const PARTITION: &str = "partition";
 /// AMQP delivery mode of a message the broker writes to disk.
 pub const PERSISTENT: u8 = 2;
 
@@ -49,6 +58,8 @@ pub struct EventHeaders<'a> {
     pub aggregate_id: &'a str,
     /// See [`AGGREGATE_VERSION`].
     pub aggregate_version: i64,
+    /// See [`PARTITION`].
+    pub partition: i16,
     /// Propagation fields (`traceparent`, …) to put in the headers.
     pub trace: &'a HashMap<String, String>,
 }
@@ -66,6 +77,7 @@ impl EventHeaders<'_> {
             AGGREGATE_VERSION.into(),
             AMQPValue::LongLongInt(self.aggregate_version),
         );
+        headers.insert(PARTITION.into(), AMQPValue::ShortInt(self.partition));
         BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_type(self.type_name.into())
@@ -75,6 +87,24 @@ impl EventHeaders<'_> {
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers)
     }
+}
+
+/// Number of partitions aggregates are spread over, by [`partition_of`]
+/// their id: the unit outbox relays claim and consumer groups route by.
+/// Changing it moves aggregates between partitions; keep it fixed for a
+/// deployment.
+pub const PARTITIONS: i16 = 32;
+
+/// The partition of an aggregate: FNV-1a of its id modulo [`PARTITIONS`],
+/// stable across builds and platforms.
+pub fn partition_of(aggregate_id: &str) -> i16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in aggregate_id.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    // The remainder is below PARTITIONS, so it fits.
+    i16::try_from(hash % PARTITIONS.unsigned_abs() as u32).unwrap_or(0)
 }
 
 /// A header value as an AMQP long string.
@@ -129,6 +159,9 @@ pub const ORIGINAL_ROUTING_KEY: &str = "original_routing_key";
 /// Header: queue the message was consumed from when it was retried or
 /// dead-lettered; replay sends it back there.
 pub const ORIGINAL_QUEUE: &str = "original_queue";
+/// Header: set on a parked event sent back to its queue once the versions
+/// before it were applied ([`crate::sequence`]).
+pub const RELEASED: &str = "released";
 /// Header: the last error of a message sent to a retry queue.
 pub const LAST_ERROR: &str = "last_error";
 /// Header: why a message was dead-lettered (a [`DeadLetterReason`]).

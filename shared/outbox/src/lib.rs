@@ -67,28 +67,14 @@
 mod relay;
 pub mod schema;
 
-pub use relay::{BatchOutcome, BrokerError, Relay, RelayConfig, RelayError};
+pub use relay::{BatchOutcome, BrokerError, Relay, RelayConfig, RelayError, Unroutable};
 
 use diesel::{ExpressionMethods as _, QueryResult};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use shop_contracts::Event;
 use uuid::Uuid;
 
-/// Number of partitions rows are spread over. Changing it re-partitions rows
-/// written afterwards only; keep it fixed for a deployment.
-pub const PARTITIONS: i16 = 32;
-
-/// The partition of an aggregate: FNV-1a of its id, stable across builds and
-/// platforms.
-pub fn partition_of(aggregate_id: &str) -> i16 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in aggregate_id.as_bytes() {
-        hash ^= u32::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    // The remainder is below PARTITIONS, so it fits.
-    i16::try_from(hash % PARTITIONS.unsigned_abs() as u32).unwrap_or(0)
-}
+pub use shop_messaging::wire::{PARTITIONS, partition_of};
 
 /// Writes `event` to the outbox on `conn`, which should be inside the
 /// transaction that makes the change the event describes. The current span's

@@ -1,7 +1,7 @@
 //! The relay: publishes stored events with publisher confirms, then marks
 //! them. See the crate docs for the claiming and ordering rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use diesel::sql_types::{Integer, SmallInt};
@@ -81,6 +81,18 @@ pub struct RelayConfig {
         value_parser = shop_config::duration
     )]
     pub retention: Duration,
+    /// What happens to an event no queue is bound to receive: `wait` keeps
+    /// it in the outbox, unpublished, and tries again (nothing is lost when a
+    /// consumer declares its queue after the producer started); `drop` lets
+    /// the broker drop it, for an exchange nobody consumes.
+    #[arg(
+        id = "relay_unroutable",
+        long = "relay-unroutable",
+        env = "RELAY_UNROUTABLE",
+        value_name = "POLICY",
+        default_value = "wait"
+    )]
+    pub unroutable: Unroutable,
     /// Waits between attempts while the broker or the database is away.
     #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
@@ -107,6 +119,20 @@ impl RelayConfig {
         config.app_id = app_id.into();
         config
     }
+}
+
+/// What the relay does with an event that no queue is bound to receive
+/// ([`RelayConfig::unroutable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unroutable {
+    /// Published `mandatory`: the broker returns it, the row stays
+    /// unpublished (as do the aggregate's later events) and the lane tries
+    /// again after a growing pause, counted in
+    /// `outbox_events_unroutable_total` and logged.
+    Wait,
+    /// Published without `mandatory`: the broker drops it and the row is
+    /// marked published.
+    Drop,
 }
 
 /// Why a batch did not publish everything it claimed.
@@ -174,6 +200,9 @@ pub struct BatchOutcome {
     pub claimed: usize,
     /// Rows confirmed by the broker and marked published.
     pub published: usize,
+    /// Rows the broker returned because no queue is bound to receive them
+    /// (with [`Unroutable::Wait`]); they stay unpublished.
+    pub unroutable: usize,
 }
 
 /// One outbox row, as the relay reads it.
@@ -188,6 +217,7 @@ struct PendingEvent {
     aggregate_version: i64,
     event_type: String,
     routing_key: String,
+    partition_key: i16,
     payload: Vec<u8>,
     trace_context: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
@@ -402,6 +432,7 @@ impl Relay {
     /// The loop of one lane (see [`RelayConfig::lanes`]).
     async fn run_lane(mut self, shutdown: CancellationToken) {
         let mut backoff = self.config.backoff.start();
+        let mut unroutable = Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).start();
         let mut blocked_reported = false;
         while !shutdown.is_cancelled() {
             // A fault point for the tests: a lane that dies.
@@ -425,10 +456,30 @@ impl Relay {
                             "published batch"
                         );
                     }
-                    if outcome.claimed as i64 >= self.config.batch_size {
-                        continue;
+                    if outcome.unroutable > 0 && outcome.published == 0 {
+                        // Nothing but events no queue takes: try again after
+                        // a growing pause (a consumer may declare its queue
+                        // any time), not in a tight loop.
+                        let delay = unroutable.next_delay();
+                        if unroutable.worth_logging() {
+                            tracing::warn!(
+                                unroutable = outcome.unroutable,
+                                exchange = %self.config.exchange,
+                                lane = self.lane.0,
+                                retry_in_ms = delay.as_millis() as u64,
+                                "events no queue is bound to receive wait in the outbox (RELAY_UNROUTABLE=wait)"
+                            );
+                        }
+                        Some(delay)
+                    } else {
+                        if outcome.unroutable == 0 {
+                            unroutable.reset();
+                        }
+                        if outcome.claimed as i64 >= self.config.batch_size {
+                            continue;
+                        }
+                        None
                     }
-                    None
                 }
                 Err(RelayError::Broker(BrokerError::Blocked)) => {
                     if !blocked_reported {
@@ -563,7 +614,11 @@ async fn publish_batch(
     if rows.is_empty() {
         return Ok((outcome, None));
     }
-    let (confirmed, failure) = publish_in_order(publisher, config, &rows).await;
+    let Published {
+        confirmed,
+        unroutable,
+        failure,
+    } = publish_in_order(publisher, config, &rows).await;
     // A fault point for the tests: the process dies between the broker's
     // confirms and the commit that marks the rows (they go out again).
     fail::fail_point!("relay-after-confirm", |_| std::process::abort());
@@ -574,84 +629,140 @@ async fn publish_batch(
             .await?;
     }
     outcome.published = confirmed.len();
+    outcome.unroutable = unroutable;
     Ok((outcome, failure))
 }
 
-/// Publishes `rows` pipelined (all sent, then all confirms awaited) and
-/// returns the `seq` of the confirmed prefix, with the error that ended it
-/// early.
-async fn publish_in_order(
-    publisher: &Publisher,
-    config: &RelayConfig,
-    rows: &[PendingEvent],
-) -> (Vec<i64>, Option<RelayError>) {
+/// What [`publish_in_order`] did.
+struct Published {
+    /// `seq` of the rows the broker confirmed, to be marked.
+    confirmed: Vec<i64>,
+    /// Rows the broker returned as unroutable.
+    unroutable: usize,
+    /// The broker failure that stopped publishing early.
+    failure: Option<RelayError>,
+}
+
+/// Publishes `rows` (in `seq` order) in waves: each wave holds the next
+/// unpublished row of every aggregate that has one, is sent pipelined, and
+/// all its confirms are awaited before the next wave goes out. So there is
+/// never more than one unconfirmed publish per aggregate: a later event of
+/// an aggregate is sent only once the broker confirmed the earlier one was
+/// routed to every queue bound for it. An aggregate whose row is nacked,
+/// returned, not confirmed in time or lost with the connection stops there
+/// for this batch (its later rows are not sent, so none can overtake it);
+/// the other aggregates go on.
+async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[PendingEvent]) -> Published {
     let channel = &publisher.channel;
-    let mut pending = Vec::with_capacity(rows.len());
-    let mut failure = None;
-    for row in rows {
-        let span = publish_span(config, row);
-        let trace = if span.is_none() {
-            HashMap::new()
-        } else {
-            shop_telemetry::propagation::inject_map(&span.context())
-        };
-        let event_id = row.event_id.to_string();
-        let headers = EventHeaders {
-            event_id: &event_id,
-            type_name: &row.event_type,
-            app_id: &config.app_id,
-            timestamp: unix_seconds(row.created_at),
-            aggregate_type: &row.aggregate_type,
-            aggregate_id: &row.aggregate_id,
-            aggregate_version: row.aggregate_version,
-            trace: &trace,
-        };
-        let sent = channel
-            .basic_publish(
-                config.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &row.payload,
-                headers.properties(),
-            )
-            .await;
-        match sent {
-            Ok(confirm) => pending.push((row.seq, confirm, span, std::time::Instant::now())),
-            Err(error) => {
-                failure = Some(RelayError::from(error));
-                break;
-            }
-        }
-    }
-    let mut confirmed = Vec::with_capacity(pending.len());
+    let mut published = Published {
+        confirmed: Vec::with_capacity(rows.len()),
+        unroutable: 0,
+        failure: None,
+    };
     let confirm_seconds =
         metrics::histogram!("outbox_confirm_seconds", "exchange" => config.exchange.clone());
-    for (seq, confirm, span, sent_at) in pending {
-        let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nack),
-            Ok(Err(error)) => Err(BrokerError::Connection(error)),
-            // A blocked connection is not a silent one: the batch ends and
-            // waits for the alarm to clear, on this connection.
-            Err(_) if publisher.connection.status().blocked() => Err(BrokerError::Blocked),
-            Err(_) => Err(BrokerError::ConfirmTimeout(config.confirm_timeout)),
-        };
-        match outcome {
-            Ok(()) => {
-                confirm_seconds.record(sent_at.elapsed().as_secs_f64());
-                confirmed.push(seq);
+    let options = BasicPublishOptions {
+        mandatory: config.unroutable == Unroutable::Wait,
+        immediate: false,
+    };
+    let mut stopped: HashSet<(&str, &str)> = HashSet::new();
+    let mut remaining: Vec<&PendingEvent> = rows.iter().collect();
+    while !remaining.is_empty() && published.failure.is_none() {
+        let mut in_wave = HashSet::new();
+        let mut later = Vec::new();
+        let mut wave = Vec::new();
+        for row in remaining {
+            let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+            if stopped.contains(&aggregate) {
+                continue;
             }
-            Err(error) => {
-                span.record("otel.status_code", "ERROR");
-                span.record("error.type", error.to_string());
-                failure.get_or_insert(RelayError::Broker(error));
-                break;
+            if in_wave.insert(aggregate) {
+                wave.push(row);
+            } else {
+                later.push(row);
+            }
+        }
+        remaining = later;
+
+        let mut pending = Vec::with_capacity(wave.len());
+        for row in wave {
+            let span = publish_span(config, row);
+            let trace = if span.is_none() {
+                HashMap::new()
+            } else {
+                shop_telemetry::propagation::inject_map(&span.context())
+            };
+            let event_id = row.event_id.to_string();
+            let headers = EventHeaders {
+                event_id: &event_id,
+                type_name: &row.event_type,
+                app_id: &config.app_id,
+                timestamp: unix_seconds(row.created_at),
+                aggregate_type: &row.aggregate_type,
+                aggregate_id: &row.aggregate_id,
+                aggregate_version: row.aggregate_version,
+                partition: row.partition_key,
+                trace: &trace,
+            };
+            let sent = channel
+                .basic_publish(
+                    config.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    options,
+                    &row.payload,
+                    headers.properties(),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => pending.push((row, confirm, span, std::time::Instant::now())),
+                Err(error) => {
+                    published.failure = Some(RelayError::from(error));
+                    break;
+                }
+            }
+        }
+        for (row, confirm, span, sent_at) in pending {
+            let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+            let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
+                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(true),
+                // Returned: no queue is bound for it (only with `mandatory`).
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Ok(false),
+                Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nack),
+                Ok(Err(error)) => Err(BrokerError::Connection(error)),
+                // A blocked connection is not a silent one: the batch ends and
+                // waits for the alarm to clear, on this connection.
+                Err(_) if publisher.connection.status().blocked() => Err(BrokerError::Blocked),
+                Err(_) => Err(BrokerError::ConfirmTimeout(config.confirm_timeout)),
+            };
+            match outcome {
+                Ok(true) => {
+                    confirm_seconds.record(sent_at.elapsed().as_secs_f64());
+                    published.confirmed.push(row.seq);
+                }
+                Ok(false) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", "unroutable");
+                    published.unroutable += 1;
+                    stopped.insert(aggregate);
+                }
+                Err(error) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", error.to_string());
+                    // The rest of the wave is still awaited: what the broker
+                    // confirms is marked, so it is not published twice.
+                    published.failure.get_or_insert(RelayError::Broker(error));
+                    stopped.insert(aggregate);
+                }
             }
         }
     }
     metrics::counter!("outbox_events_published_total", "exchange" => config.exchange.clone())
-        .increment(confirmed.len() as u64);
-    (confirmed, failure)
+        .increment(published.confirmed.len() as u64);
+    if published.unroutable > 0 {
+        metrics::counter!("outbox_events_unroutable_total", "exchange" => config.exchange.clone())
+            .increment(published.unroutable as u64);
+    }
+    published
 }
 
 /// Every five seconds, `outbox_pending_events` (rows not yet published) and

@@ -67,6 +67,16 @@ impl TestBroker {
         push_unique(&self.queues, name);
     }
 
+    /// Registers every queue and exchange of a consumer group for deletion.
+    pub fn track_topology(&self, topology: &shop_messaging::topology::ConsumerTopology) {
+        for queue in topology.queue_names() {
+            self.track_queue(&queue);
+        }
+        for exchange in topology.exchange_names() {
+            push_unique(&self.exchanges, &exchange);
+        }
+    }
+
     /// A queue bound to `exchange` with `binding_key` (`#` for all), declared
     /// now, so it sees every message published from here on.
     pub async fn probe(&self, exchange: &str, binding_key: &str) -> anyhow::Result<ProbeQueue> {

@@ -41,6 +41,7 @@ impl TestPublisher {
             aggregate_type: E::AGGREGATE_TYPE,
             aggregate_id: event.aggregate_id(),
             aggregate_version: event.aggregate_version(),
+            partition: shop_messaging::wire::partition_of(event.aggregate_id()),
             trace: &trace,
         };
         self.publish_raw(

@@ -174,7 +174,9 @@ impl Bench {
                         .await;
                 }
             }
-            for exchange in [&self.user_exchange, &self.order_exchange] {
+            let mut exchanges = self.consumer_config(1).topology().exchange_names();
+            exchanges.extend([self.user_exchange.clone(), self.order_exchange.clone()]);
+            for exchange in &exchanges {
                 if let Ok(channel) = connection.create_channel().await {
                     let _ = channel
                         .exchange_delete(exchange.as_str().into(), Default::default())

@@ -80,9 +80,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let broker = TestBroker::new();
     let mut settings = settings(&db, &broker);
     adjust(&mut settings);
-    for queue in settings.service.consumer().queue_names() {
-        broker.track_queue(&queue);
-    }
+    broker.track_topology(&settings.service.consumer().topology());
     let publisher = TestPublisher::connect(&settings.service.user_events_exchange)
         .await
         .unwrap();
@@ -195,6 +193,25 @@ impl TestApp {
             .load(&mut conn)
             .await
             .unwrap()
+    }
+
+    /// The aggregates with parked events (ahead of their next version).
+    pub async fn held(&self) -> Vec<shop_messaging::sequence::Held> {
+        let mut conn = self.pool.get().await.unwrap();
+        shop_messaging::sequence::held(&mut conn, &self.settings.service.user_events_queue)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `user`'s events at `versions` are parked.
+    pub async fn wait_for_parked(&self, user: Uuid, versions: &[i64]) {
+        shop_testkit::eventually(&format!("user {user} parked at {versions:?}"), WAIT, || async {
+            let held = self.held().await;
+            let parked = held.iter().find(|held| held.aggregate.id == user.to_string())?;
+            let parked: Vec<i64> = parked.parked.iter().map(|p| p.version).collect();
+            (parked == versions).then_some(())
+        })
+        .await;
     }
 
     pub async fn inbox_count(&self) -> i64 {

@@ -12,6 +12,9 @@ use crate::helpers::test_database;
 async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_stops_on_sigterm() {
     let db = test_database().await;
     let broker = TestBroker::new();
+    // A queue that takes the events: the relay warns about events no queue
+    // takes.
+    let _consumer = broker.probe(&broker.exchange("user.events"), "#").await.unwrap();
     let mut service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_user-service"),
         &[

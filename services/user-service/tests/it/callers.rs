@@ -51,6 +51,7 @@ async fn thousands_of_calls_to_made_up_methods_add_no_metric_series() {
     let db = test_database().await;
     let broker = TestBroker::new();
     let exchange = broker.exchange("user.events");
+    let _consumer = broker.probe(&exchange, "#").await.unwrap();
     let mut service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_user-service"),
         &[

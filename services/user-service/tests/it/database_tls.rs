@@ -55,6 +55,7 @@ async fn with_sslmode_require_every_connection_of_the_service_is_tls() {
         settings.host.database.ca_file = Some(certificate);
     })
     .await;
+    let _consumer = app.broker.probe(&app.exchange, "#").await.unwrap();
     let user = app.create_user("tls@example.com", "Over TLS").await;
     assert_eq!(user.email, "tls@example.com");
 

@@ -15,6 +15,9 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
     let db = test_database().await;
     let broker = TestBroker::new();
     let exchange = broker.exchange("user.events");
+    // A queue that takes the events (the relay waits with events no queue
+    // takes).
+    let _consumer = broker.probe(&exchange, "#").await.unwrap();
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
     proxy.refuse(true);
     let amqp = proxy.url_for(broker.config().url.expose_secret());

@@ -231,3 +231,187 @@ async fn two_relays_publish_each_event_once_and_each_users_events_in_order() {
     }
     assert_eq!(app.unpublished().await, 0);
 }
+
+/// Writes `versions` events for each of `aggregates` ids straight into the
+/// outbox, version after version (so each batch interleaves aggregates).
+async fn fill_outbox(app: &TestApp, aggregates: &[String], versions: i64) {
+    let conn = app.pool.get().await.unwrap();
+    for version in 1..=versions {
+        for id in aggregates {
+            let event = pb::UserUpdated {
+                user_id: id.clone(),
+                version,
+                email: format!("{id}@example.com"),
+                name: format!("v{version}"),
+                occurred_at: None,
+            };
+            shop_outbox::enqueue(&conn, &event).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nacks_in_the_middle_of_a_batch_never_let_a_later_event_of_an_aggregate_overtake_an_earlier_one() {
+    use futures::StreamExt as _;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+
+    const AGGREGATES: usize = 12;
+    const VERSIONS: i64 = 6;
+    let app = spawn_app_without_relay().await;
+    // A queue at its length limit refuses publishes (the broker nacks them)
+    // while a slow consumer makes room now and then: nacks and acks
+    // interleave inside every batch.
+    let connection =
+        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    shop_messaging::topology::declare_event_exchange(&channel, &app.exchange)
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            app.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut deliveries = channel
+        .basic_consume(
+            queue.name().clone(),
+            "slow".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let total = AGGREGATES * VERSIONS as usize;
+    let drain = tokio::spawn(async move {
+        let mut seen: Vec<(String, i64)> = Vec::new();
+        while seen.len() < total {
+            let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_secs(30), deliveries.next()).await
+            else {
+                break;
+            };
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            seen.push((
+                header_str(&headers, "aggregate_id").unwrap().to_owned(),
+                header_i64(&headers, "aggregate_version").unwrap(),
+            ));
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        seen
+    });
+
+    let aggregates: Vec<String> = (0..AGGREGATES)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    fill_outbox(&app, &aggregates, VERSIONS).await;
+    let mut relay = helpers::relay(&app);
+    let mut nacked_batches = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.unpublished().await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rows still unpublished after 60 s"
+        );
+        match relay.run_once().await {
+            Err(RelayError::Broker(shop_outbox::BrokerError::Nack)) => nacked_batches += 1,
+            Err(error) => panic!("{error}"),
+            Ok(_) => {}
+        }
+    }
+    let seen = drain.await.unwrap();
+    assert!(nacked_batches > 0, "the queue refused some publishes");
+
+    // Per aggregate, the first time each version reached the queue: 1, 2, …
+    // in that order (a version may arrive twice, never before the one
+    // ahead of it).
+    let mut first_seen: HashMap<String, Vec<i64>> = HashMap::new();
+    for (aggregate, version) in seen {
+        let versions = first_seen.entry(aggregate).or_default();
+        if !versions.contains(&version) {
+            versions.push(version);
+        }
+    }
+    assert_eq!(first_seen.len(), AGGREGATES);
+    for (aggregate, versions) in first_seen {
+        assert_eq!(
+            versions,
+            (1..=VERSIONS).collect::<Vec<_>>(),
+            "{aggregate} reached the queue out of order"
+        );
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_no_queue_takes_wait_in_the_outbox_until_a_queue_is_bound() {
+    let app = spawn_app_without_relay().await;
+    for i in 0..3 {
+        app.create_user(&format!("early{i}@example.com"), "Early").await;
+    }
+    let mut relay = helpers::relay(&app);
+
+    // A fresh broker: the consumer has not declared its queue yet.
+    for _ in 0..2 {
+        let outcome = relay.run_once().await.unwrap();
+        assert_eq!(
+            (outcome.claimed, outcome.published, outcome.unroutable),
+            (3, 0, 3)
+        );
+    }
+    assert_eq!(app.unpublished().await, 3, "returned events stay unpublished");
+
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let outcome = relay.run_once().await.unwrap();
+    assert_eq!(
+        (outcome.claimed, outcome.published, outcome.unroutable),
+        (3, 3, 0)
+    );
+    probe.expect(3, WAIT, QUIET).await;
+    assert_eq!(app.unpublished().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_relay_unroutable_drop_events_no_queue_takes_are_marked_published() {
+    let app = spawn_app_without_relay().await;
+    app.create_user("dropped@example.com", "Dropped").await;
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.relay.unroutable = shop_outbox::Unroutable::Drop;
+    let mut relay = shop_host::relay(&settings, app.pool.clone());
+
+    let outcome = relay.run_once().await.unwrap();
+    assert_eq!(
+        (outcome.claimed, outcome.published, outcome.unroutable),
+        (1, 1, 0)
+    );
+    assert_eq!(app.unpublished().await, 0);
+}

@@ -64,6 +64,7 @@
 //! reconnects with backoff and declares its topology again; unacknowledged
 //! messages are redelivered and the inbox absorbs the repeats.
 
+mod session;
 mod worker;
 
 use std::any::Any;
@@ -93,7 +94,8 @@ pub struct ConsumerConfig {
     /// service).
     #[arg(skip)]
     pub queue: String,
-    /// Unacknowledged messages the broker may push to each worker.
+    /// Unacknowledged messages the broker may push to each partition's
+    /// worker.
     #[arg(
         id = "consumer_prefetch",
         long = "consumer-prefetch",
@@ -103,16 +105,52 @@ pub struct ConsumerConfig {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub prefetch: u16,
-    /// Workers (channels) consuming the queue in this process.
+    /// Partition queues of the consumer group (1 to 32): the most replicas
+    /// (and workers) that consume at once, one per partition. Change it
+    /// with every replica stopped (see [`crate::topology`]).
     #[arg(
-        id = "consumer_concurrency",
-        long = "consumer-concurrency",
-        env = "CONSUMER_CONCURRENCY",
+        id = "consumer_partitions",
+        long = "consumer-partitions",
+        env = "CONSUMER_PARTITIONS",
         value_name = "N",
-        default_value_t = 2,
-        value_parser = clap::value_parser!(u16).range(1..=64)
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..=32)
     )]
-    pub concurrency: u16,
+    pub partitions: u16,
+    /// How long a replica may miss its heartbeats before the others take
+    /// its partitions (it beats five times as often).
+    #[arg(
+        id = "consumer_member_timeout",
+        long = "consumer-member-timeout",
+        env = "CONSUMER_MEMBER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = shop_config::duration
+    )]
+    pub member_timeout: Duration,
+    /// How long an event may wait for an earlier version of its aggregate
+    /// before the gap counts as stuck (`consumer_stuck_gaps`, a warning,
+    /// `shop dlq list`); keep it above the sum of the retry delays.
+    #[arg(
+        id = "consumer_gap_timeout",
+        long = "consumer-gap-timeout",
+        env = "CONSUMER_GAP_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = shop_config::duration
+    )]
+    pub gap_timeout: Duration,
+    /// Record every application in `inbox_ledger` (event, aggregate,
+    /// version, in order), for audits and reconciliation.
+    #[arg(
+        id = "consumer_ledger",
+        long = "consumer-ledger",
+        env = "CONSUMER_LEDGER",
+        value_name = "BOOL",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub ledger: bool,
     /// Most messages applied in one transaction.
     #[arg(
         id = "consumer_batch_size",
@@ -162,9 +200,9 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// The defaults for consuming `queue` from `exchange`: prefetch 200, 2
-    /// workers, batches of up to 100, retries after 1 s, 10 s and 60 s, 4
-    /// attempts, inbox kept 7 days.
+    /// The defaults for consuming `queue` from `exchange`: 4 partitions,
+    /// prefetch 200, batches of up to 100, retries after 1 s, 10 s and 60 s,
+    /// 4 attempts, inbox kept 7 days.
     pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
         let mut config: Self = shop_config::defaults();
         config.exchange = exchange.into();
@@ -172,16 +210,24 @@ impl ConsumerConfig {
         config
     }
 
-    /// Every queue a consumer with this configuration declares (its own,
-    /// the delay queues and the dead-letter queue), for tooling and clean-up.
-    pub fn queue_names(&self) -> Vec<String> {
+    /// The exchanges and queues of a consumer with this configuration
+    /// (without routing keys: those come from its subscriptions), for
+    /// tooling and clean-up.
+    pub fn topology(&self) -> ConsumerTopology {
         ConsumerTopology {
             exchange: self.exchange.clone(),
             queue: self.queue.clone(),
             routing_keys: Vec::new(),
             retry_delays: self.retry_delays.clone(),
+            partitions: self.partitions,
         }
-        .queue_names()
+    }
+
+    /// Every queue a consumer with this configuration declares (its
+    /// partitions, the delay queues and the dead-letter queue), for tooling
+    /// and clean-up.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.topology().queue_names()
     }
 }
 
@@ -196,12 +242,27 @@ pub struct EventMeta {
     pub exchange: String,
     /// Routing key it was first published with.
     pub routing_key: String,
+    /// Aggregate type from the headers, when present.
+    pub aggregate_type: Option<String>,
     /// Aggregate id from the headers, when present.
     pub aggregate_id: Option<String>,
     /// Aggregate version from the headers, when present.
     pub aggregate_version: Option<i64>,
     /// 1 on the first delivery, then one more per retry.
     pub attempt: u32,
+}
+
+impl EventMeta {
+    /// The aggregate and version the event is sequenced by (see
+    /// [`crate::sequence`]): `None` without an aggregate id or a positive
+    /// version.
+    pub fn sequenced(&self) -> Option<(crate::sequence::Aggregate, i64)> {
+        crate::sequence::Aggregate::sequenced(
+            self.aggregate_type.as_deref(),
+            self.aggregate_id.as_deref(),
+            self.aggregate_version,
+        )
+    }
 }
 
 /// Why a handler could not apply an event.
@@ -423,10 +484,8 @@ impl Consumer {
     /// The exchange, queues and bindings this consumer declares.
     pub fn topology(&self) -> ConsumerTopology {
         ConsumerTopology {
-            exchange: self.config.exchange.clone(),
-            queue: self.config.queue.clone(),
             routing_keys: self.routing_keys.clone(),
-            retry_delays: self.config.retry_delays.clone(),
+            ..self.config.topology()
         }
     }
 
@@ -440,7 +499,7 @@ impl Consumer {
     /// Consumes until `shutdown`, reconnecting whenever the broker goes away.
     /// The batch under way when shutdown comes is finished and acknowledged.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        worker::run(self, shutdown).await
+        session::run(self, shutdown).await
     }
 }
 

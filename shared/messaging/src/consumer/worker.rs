@@ -1,219 +1,41 @@
-//! The consuming loop: sessions (one connection each), workers (one channel
-//! each), batches.
+//! One partition's worker: batches, the sequenced transaction, retries and
+//! dead letters.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::AsyncConnection as _;
+use diesel::ExpressionMethods as _;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
 use opentelemetry::trace::TraceContextExt as _;
 use shop_backoff::Delays;
 use shop_database::{Fault, Pool};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
-use super::{Consumer, ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
+use super::{ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
+use crate::sequence::{self, Aggregate, Decision, ParkedEvent};
 use crate::topology::ConsumerTopology;
 use crate::wire::{self, DeadLetterReason, header_i64, header_str, long_string};
-use crate::{AmqpConfig, inbox, within};
+use crate::{inbox, within};
 
 /// What every worker of a consumer shares.
-struct Shared {
-    config: ConsumerConfig,
-    topology: ConsumerTopology,
-    pool: Pool,
-    handlers: std::collections::HashMap<&'static str, Arc<dyn ErasedHandler>>,
+pub(super) struct Shared {
+    pub(super) config: ConsumerConfig,
+    pub(super) topology: ConsumerTopology,
+    pub(super) pool: Pool,
+    pub(super) handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     /// Deadline of every broker operation.
-    broker_timeout: Duration,
-}
-
-pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let topology = consumer.topology();
-    let Consumer {
-        config,
-        pool,
-        amqp,
-        handlers,
-        connected,
-        ..
-    } = consumer;
-    let shared = Arc::new(Shared {
-        config,
-        topology,
-        pool,
-        handlers,
-        broker_timeout: amqp.timeout,
-    });
-    let mut backoff = shared.config.backoff.start();
-    tracing::info!(queue = %shared.config.queue, "consumer started");
-    let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
-    let mut states = connected.subscribe();
-    let reporter = tokio::spawn(async move {
-        loop {
-            let up = *states.borrow_and_update();
-            connected_gauge.set(if up { 1.0 } else { 0.0 });
-            if states.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    while !shutdown.is_cancelled() {
-        let result = session(&shared, &amqp, &connected, &shutdown, &mut backoff).await;
-        connected.send_replace(false);
-        let Err(error) = result else { break };
-        let delay = backoff.next_delay();
-        if backoff.worth_logging() {
-            tracing::warn!(error = format!("{error:#}"), failures = backoff.failures(), retry_in_ms = delay.as_millis() as u64, queue = %shared.config.queue, "consumer disconnected");
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-    reporter.abort();
-    tracing::info!(queue = %shared.config.queue, "consumer stopped");
-    Ok(())
-}
-
-/// One connection: declare the topology, run the workers until one fails or
-/// shutdown, close.
-async fn session(
-    shared: &Arc<Shared>,
-    amqp: &AmqpConfig,
-    connected: &watch::Sender<bool>,
-    shutdown: &CancellationToken,
-    backoff: &mut Delays,
-) -> anyhow::Result<()> {
-    let queue = &shared.config.queue;
-    let deadline = shared.broker_timeout;
-    let connection = crate::connection::connect(amqp, &format!("{queue} consumer")).await?;
-    // Retries and dead letters go out on a connection of their own: a broker
-    // under a memory or disk alarm blocks every connection that publishes,
-    // and a blocked consuming connection could not acknowledge either.
-    let publishing = crate::connection::connect(amqp, &format!("{queue} consumer publisher")).await?;
-    let setup = within(deadline, "opening a channel", connection.create_channel()).await??;
-    within(
-        deadline,
-        "declaring the topology",
-        shared.topology.declare(&setup),
-    )
-    .await??;
-    let _ = within(
-        deadline,
-        "closing a channel",
-        setup.close(200, "topology declared".into()),
-    )
-    .await;
-
-    let stop = shutdown.child_token();
-    let mut workers = JoinSet::new();
-    for n in 0..shared.config.concurrency.max(1) {
-        let channel = within(deadline, "opening a channel", connection.create_channel()).await??;
-        within(
-            deadline,
-            "setting the prefetch",
-            channel.basic_qos(shared.config.prefetch, BasicQosOptions { global: false }),
-        )
-        .await??;
-        let publisher = within(deadline, "opening a channel", publishing.create_channel()).await??;
-        within(
-            deadline,
-            "turning on publisher confirms",
-            publisher.confirm_select(ConfirmSelectOptions { nowait: false }),
-        )
-        .await??;
-        let tag = format!("{queue}.{n}.{}", Uuid::new_v4().simple());
-        let deliveries = within(
-            deadline,
-            "starting to consume",
-            channel.basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await??;
-        let worker = Worker {
-            shared: shared.clone(),
-            channel,
-            publisher,
-            publishing: publishing.status().clone(),
-            deliveries,
-            tag,
-        };
-        workers.spawn(worker.run(stop.clone()));
-    }
-    connected.send_replace(true);
-    if backoff.failures() > 0 {
-        tracing::info!(queue = %queue, failures = backoff.failures(), "consumer reconnected");
-    } else {
-        tracing::info!(queue = %queue, "consumer connected");
-    }
-    backoff.reset();
-
-    // A worker ends on shutdown or on an error of its own channel; a lost
-    // connection is reported on the connection's events (a worker waiting on
-    // an acknowledgement of the dead connection would never learn of it).
-    let mut events = std::pin::pin!(connection.events_listener());
-    let mut publishing_events = std::pin::pin!(publishing.events_listener());
-    let first = tokio::select! {
-        first = workers.join_next() => first,
-        error = connection_error(events.as_mut()) => Some(Ok(Err(error))),
-        error = connection_error(publishing_events.as_mut()) => Some(Ok(Err(error.context("publishing connection")))),
-    };
-    stop.cancel();
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        while workers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        // Stuck on the dead connection: what they did not acknowledge is
-        // redelivered, and an open transaction rolls back with its connection.
-        workers.abort_all();
-    }
-    for connection in [&connection, &publishing] {
-        let _ = within(
-            deadline,
-            "closing the connection",
-            connection.close(200, "consumer session ending".into()),
-        )
-        .await;
-    }
-    match first {
-        Some(Ok(Ok(()))) if shutdown.is_cancelled() => Ok(()),
-        Some(Ok(Ok(()))) | None => anyhow::bail!("a worker stopped"),
-        Some(Ok(Err(error))) => Err(error),
-        Some(Err(error)) => {
-            // The session ends and a new one starts after the backoff: the
-            // worker is replaced, not lost, and the replacement is counted.
-            metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(1);
-            Err(anyhow::Error::new(error).context("a worker panicked"))
-        }
-    }
-}
-
-/// The first error the connection reports.
-async fn connection_error(
-    mut events: std::pin::Pin<&mut impl futures::Stream<Item = lapin::Event>>,
-) -> anyhow::Error {
-    while let Some(event) = events.next().await {
-        if let lapin::Event::Error(error) = event {
-            return anyhow::Error::new(error).context("connection lost");
-        }
-    }
-    anyhow::anyhow!("connection closed")
+    pub(super) broker_timeout: Duration,
+    /// This replica's id in the consumer group ([`crate::membership`]).
+    pub(super) member: Uuid,
 }
 
 /// A delivery that passed the checks, with what the handler gets.
@@ -271,23 +93,44 @@ impl From<shop_database::Timeout> for ApplyError {
     }
 }
 
-struct Worker {
-    shared: Arc<Shared>,
-    channel: Channel,
-    publisher: Channel,
+/// The worker of one partition queue.
+pub(super) struct Worker {
+    pub(super) shared: Arc<Shared>,
+    /// Which partition queue it consumes.
+    pub(super) partition: u16,
+    pub(super) channel: Channel,
+    pub(super) publisher: Channel,
     /// The state of the publishing connection (blocked by an alarm?).
-    publishing: lapin::ConnectionStatus,
-    deliveries: lapin::Consumer,
-    tag: String,
+    pub(super) publishing: lapin::ConnectionStatus,
+    pub(super) deliveries: lapin::Consumer,
+}
+
+/// What one transaction did.
+#[derive(Default)]
+struct Applied {
+    applied: usize,
+    duplicates: usize,
+    parked: usize,
+    /// Parked events next in line, to send back after the commit.
+    released: Vec<ParkedEvent>,
 }
 
 impl Worker {
-    async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+    /// Consumes until `handover` (shutdown, or the partition moved to
+    /// another replica): the batch under way is finished and acknowledged,
+    /// then the channel is closed, which hands every message it had
+    /// prefetched back to the queue (and lets the next consumer in).
+    pub(super) async fn run(mut self, handover: CancellationToken) -> anyhow::Result<()> {
         loop {
             let first = tokio::select! {
                 biased;
-                () = stop.cancelled() => {
-                    let _ = self.channel.basic_cancel(self.tag.as_str().into(), lapin::options::BasicCancelOptions::default()).await;
+                () = handover.cancelled() => {
+                    let _ = within(
+                        self.shared.broker_timeout,
+                        "closing a channel",
+                        self.channel.close(200, "partition handed over".into()),
+                    )
+                    .await;
                     return Ok(());
                 }
                 next = self.deliveries.next() => match next {
@@ -304,7 +147,7 @@ impl Worker {
                     _ => break,
                 }
             }
-            self.process(batch, &stop).await?;
+            self.process(batch, &handover).await?;
         }
     }
 
@@ -330,16 +173,17 @@ impl Worker {
             shop_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
         let first_failure = loop {
             match self.apply(&ready).await {
-                Ok(()) => {
+                Ok(released) => {
                     // A fault point for the tests: the process dies between
                     // the commit and the acknowledgement (the batch comes
-                    // back, and the inbox absorbs it).
+                    // back, and the sequence and the inbox absorb it).
                     fail::fail_point!("consumer-after-commit", |_| std::process::abort());
                     if let Some(last) = ready.last() {
                         // Everything up to the last tag on this channel is in
                         // this batch or was acknowledged before.
                         self.ack(&last.delivery, true).await?;
                     }
+                    self.send_back(released).await;
                     return Ok(());
                 }
                 Err(ApplyError::Unavailable(error)) => {
@@ -361,8 +205,9 @@ impl Worker {
                     None => self.apply(std::slice::from_ref(incoming)).await,
                 };
                 match outcome {
-                    Ok(()) => {
+                    Ok(released) => {
                         self.ack(&incoming.delivery, false).await?;
+                        self.send_back(released).await;
                         break;
                     }
                     Err(ApplyError::Unavailable(error)) => {
@@ -390,6 +235,36 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Sends released parked events back to their partition; a failure is
+    /// logged and left to the sweep, which sends them again.
+    async fn send_back(&self, released: Vec<ParkedEvent>) {
+        if released.is_empty() {
+            return;
+        }
+        let router = self.shared.topology.router();
+        let sent = within(
+            self.shared.broker_timeout,
+            "sending parked events back",
+            sequence::send_back(&self.publisher, &router, &released),
+        )
+        .await;
+        let error = match sent {
+            Ok(Ok(())) => {
+                metrics::counter!("consumer_events_total", "queue" => self.shared.config.queue.clone(), "outcome" => "released")
+                    .increment(released.len() as u64);
+                return;
+            }
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(error) => error.to_string(),
+        };
+        tracing::warn!(
+            queue = %self.shared.config.queue,
+            events = released.len(),
+            error,
+            "could not send released events back; the sweep sends them again"
+        );
     }
 
     /// Sleeps before the next attempt while the database is away; false when
@@ -456,6 +331,7 @@ impl Worker {
             exchange: header(wire::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string()),
             routing_key: header(wire::ORIGINAL_ROUTING_KEY)
                 .unwrap_or_else(|| delivery.routing_key.to_string()),
+            aggregate_type: header(wire::AGGREGATE_TYPE),
             aggregate_id: header(wire::AGGREGATE_ID),
             aggregate_version: headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION)),
             attempt: attempt_of(&delivery),
@@ -469,27 +345,34 @@ impl Worker {
         })
     }
 
-    /// Applies `incoming` in one transaction: inbox first, then the handlers
-    /// of the events that are new; counts them once committed.
-    async fn apply(&self, incoming: &[Incoming]) -> Result<(), ApplyError> {
+    /// Applies `incoming` in one transaction (see [`crate::sequence`]) and
+    /// counts what it did once committed; returns the parked events it
+    /// released.
+    async fn apply(&self, incoming: &[Incoming]) -> Result<Vec<ParkedEvent>, ApplyError> {
         let started = std::time::Instant::now();
-        let duplicates = self.apply_in_transaction(incoming).await?;
+        let done = self.apply_in_transaction(incoming).await?;
         let queue = self.shared.config.queue.clone();
         metrics::histogram!("consumer_apply_seconds", "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("consumer_batch_size", "queue" => queue.clone()).record(incoming.len() as f64);
-        metrics::counter!("consumer_events_total", "queue" => queue.clone(), "outcome" => "applied")
-            .increment((incoming.len() - duplicates) as u64);
-        if duplicates > 0 {
-            metrics::counter!("consumer_events_total", "queue" => queue, "outcome" => "duplicate")
-                .increment(duplicates as u64);
+        for (outcome, count) in [
+            ("applied", done.applied),
+            ("duplicate", done.duplicates),
+            ("parked", done.parked),
+        ] {
+            if count > 0 || outcome == "applied" {
+                metrics::counter!("consumer_events_total", "queue" => queue.clone(), "outcome" => outcome)
+                    .increment(count as u64);
+            }
         }
-        Ok(())
+        Ok(done.released)
     }
 
-    /// The transaction of [`Self::apply`]; returns how many events were
-    /// duplicates.
-    async fn apply_in_transaction(&self, incoming: &[Incoming]) -> Result<usize, ApplyError> {
+    /// The transaction of [`Self::apply`]: lock the aggregates' positions,
+    /// decide each event (apply, duplicate, park), record the inbox, run the
+    /// handlers on what applies, park what is ahead, move the positions and
+    /// release what is next in line.
+    async fn apply_in_transaction(&self, incoming: &[Incoming]) -> Result<Applied, ApplyError> {
         let transaction = match incoming.first() {
             Some(first) => tracing::info_span!(
                 parent: &first.span,
@@ -497,30 +380,85 @@ impl Worker {
                 db.system = "postgresql",
                 messaging.batch.message_count = incoming.len(),
             ),
-            None => return Ok(0),
+            None => return Ok(Applied::default()),
         };
         for other in incoming.iter().skip(1) {
             transaction.add_link(other.span.context().span().span_context().clone());
         }
         let queue = self.shared.config.queue.as_str();
+        let ledger = self.shared.config.ledger;
         self.shared.pool.run(async |conn| conn.transaction(async |conn| {
-            let ids: Vec<(Uuid, &str)> = incoming.iter().map(|i| (i.meta.event_id, i.meta.type_name.as_str())).collect();
-            let fresh = inbox::record(conn, queue, &ids).await?;
-            let mut applied = HashSet::with_capacity(fresh.len());
-            let mut duplicates = 0;
+            let sequenced: Vec<Option<(Aggregate, i64)>> = incoming.iter().map(|item| item.meta.sequenced()).collect();
+            let keys: Vec<&Aggregate> = sequenced.iter().flatten().map(|(aggregate, _)| aggregate).collect();
+            let mut positions = sequence::lock(conn, queue, &keys).await?;
+            let before: HashMap<Aggregate, i64> =
+                positions.iter().map(|(aggregate, position)| (aggregate.clone(), position.last_version)).collect();
+            let mut decisions = Vec::with_capacity(incoming.len());
+            for (item, sequenced) in incoming.iter().zip(&sequenced) {
+                decisions.push(match sequenced {
+                    Some((aggregate, version)) => positions.entry(aggregate.clone()).or_default().decide(*version),
+                    None => Decision::Apply,
+                });
+                if let Decision::Park(reason) = decisions.last().copied().unwrap_or(Decision::Apply) {
+                    tracing::info!(parent: &item.span, event_id = %item.meta.event_id, reason = reason.as_str(), "event parked until the versions before it are applied");
+                }
+            }
+
+            // The inbox: every event applied now. For a sequenced event the
+            // position decides (the row is written all the same); for the
+            // others the inbox is what tells a repeat.
+            let ids: Vec<(Uuid, &str)> = incoming
+                .iter()
+                .zip(&decisions)
+                .filter(|(_, decision)| **decision == Decision::Apply)
+                .map(|(item, _)| (item.meta.event_id, item.meta.type_name.as_str()))
+                .collect();
+            let fresh = if ids.is_empty() { HashSet::new() } else { inbox::record(conn, queue, &ids).await? };
+
+            let mut done = Applied::default();
+            let mut applied_ids = HashSet::with_capacity(ids.len());
+            let mut to_park = Vec::new();
+            let mut ledger_rows = Vec::new();
             // Runs of consecutive new events of one type, each applied by one
             // handle_batch call.
             let mut runs: Vec<(&Incoming, Vec<(super::Decoded, EventMeta)>)> = Vec::new();
-            for item in incoming {
-                if !fresh.contains(&item.meta.event_id) || !applied.insert(item.meta.event_id) {
+            for ((item, decision), sequenced) in incoming.iter().zip(&decisions).zip(&sequenced) {
+                match decision {
+                    Decision::Duplicate => {
+                        tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
+                        done.duplicates += 1;
+                        continue;
+                    }
+                    Decision::Park(_) => {
+                        if let Some((aggregate, version)) = sequenced {
+                            to_park.push(ParkedEvent::new(
+                                aggregate,
+                                *version,
+                                item.meta.event_id,
+                                &item.meta.type_name,
+                                &item.delivery.data,
+                                &item.delivery.properties,
+                            ));
+                        }
+                        done.parked += 1;
+                        continue;
+                    }
+                    Decision::Apply => {}
+                }
+                let unsequenced_repeat = sequenced.is_none() && !fresh.contains(&item.meta.event_id);
+                if unsequenced_repeat || !applied_ids.insert(item.meta.event_id) {
                     tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
-                    duplicates += 1;
+                    done.duplicates += 1;
                     continue;
                 }
                 let event = item
                     .handler
                     .decode(&item.delivery.data)
                     .map_err(|error| ApplyError::Failed(HandlerError::permanent(error)))?;
+                done.applied += 1;
+                if ledger {
+                    ledger_rows.push(&item.meta);
+                }
                 match runs.last_mut() {
                     Some((first, events)) if Arc::ptr_eq(&first.handler, &item.handler) => {
                         events.push((event, item.meta.clone()));
@@ -536,7 +474,17 @@ impl Worker {
                     .await
                     .map_err(ApplyError::from_handler)?;
             }
-            Ok(duplicates)
+            sequence::park(conn, queue, &to_park).await?;
+            let moved: Vec<(&Aggregate, i64)> = positions
+                .iter()
+                .filter(|(aggregate, position)| before.get(*aggregate).is_none_or(|last| position.last_version > *last))
+                .map(|(aggregate, position)| (aggregate, position.last_version))
+                .collect();
+            done.released = sequence::advance(conn, queue, &moved).await?;
+            if !ledger_rows.is_empty() {
+                write_ledger(conn, queue, &ledger_rows).await?;
+            }
+            Ok(done)
         }).await)
         .instrument(transaction)
         .await
@@ -614,6 +562,7 @@ impl Worker {
         );
         let queue = self.shared.topology.dead_letter_queue();
         self.republish(delivery, &queue, headers).await?;
+        self.hold_followers(delivery).await;
         let consumer_queue = self.shared.config.queue.clone();
         metrics::counter!("consumer_events_total", "queue" => consumer_queue.clone(), "outcome" => "dead_lettered")
             .increment(1);
@@ -626,9 +575,41 @@ impl Worker {
             attempts,
             message_id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
             dead_letter_queue = %queue,
+            partition = self.partition,
             "message dead-lettered"
         );
         Ok(())
+    }
+
+    /// Records a dead-lettered event as what holds its aggregate's next
+    /// version, so its followers park behind it by that name. Best effort:
+    /// if the database is away they park all the same, as behind a gap.
+    async fn hold_followers(&self, delivery: &Delivery) {
+        let headers = delivery.properties.headers().as_ref();
+        let sequenced = headers.and_then(sequence::sequenced_by);
+        let event_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::try_parse(id.as_str()).ok());
+        let (Some((aggregate, version)), Some(event_id)) = (sequenced, event_id) else {
+            return;
+        };
+        let queue = self.shared.config.queue.as_str();
+        let marked = self
+            .shared
+            .pool
+            .run(async |conn| {
+                conn.transaction(async |conn| {
+                    sequence::mark_dead_letter(conn, queue, &aggregate, version, event_id).await
+                })
+                .await
+                .map_err(shop_database::RunError::from)
+            })
+            .await;
+        if let Err(error) = marked {
+            tracing::warn!(%error, %aggregate, version, "could not record the dead letter that holds its aggregate");
+        }
     }
 
     /// Publishes a copy of `delivery` to `queue` through the default
@@ -756,4 +737,43 @@ fn truncate(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+diesel::table! {
+    /// Every application, in order (`CONSUMER_LEDGER`).
+    inbox_ledger (seq) {
+        seq -> BigInt,
+        consumer -> Text,
+        event_id -> Uuid,
+        aggregate_type -> Nullable<Text>,
+        aggregate_id -> Nullable<Text>,
+        aggregate_version -> Nullable<BigInt>,
+        applied_at -> Timestamptz,
+    }
+}
+
+/// Appends the events handed to the handlers to the ledger, in the order
+/// they were handed over.
+async fn write_ledger(
+    conn: &mut AsyncPgConnection,
+    queue: &str,
+    applied: &[&EventMeta],
+) -> diesel::QueryResult<()> {
+    let rows: Vec<_> = applied
+        .iter()
+        .map(|meta| {
+            (
+                inbox_ledger::consumer.eq(queue),
+                inbox_ledger::event_id.eq(meta.event_id),
+                inbox_ledger::aggregate_type.eq(meta.aggregate_type.as_deref()),
+                inbox_ledger::aggregate_id.eq(meta.aggregate_id.as_deref()),
+                inbox_ledger::aggregate_version.eq(meta.aggregate_version),
+            )
+        })
+        .collect();
+    diesel::insert_into(inbox_ledger::table)
+        .values(rows)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -6,4 +6,5 @@
 mod consumer;
 mod dead_letters;
 mod faults;
+mod ordered;
 mod support;

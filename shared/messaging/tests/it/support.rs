@@ -21,11 +21,13 @@ pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
     diesel_migrations::embed_migrations!("tests/migrations");
 
 diesel::table! {
-    applied (event_id, applied_at) {
+    applied (seq) {
         event_id -> Uuid,
         user_id -> Text,
         version -> BigInt,
         applied_at -> Timestamptz,
+        seq -> BigInt,
+        instance -> Text,
     }
 }
 
@@ -40,13 +42,20 @@ pub struct Behavior {
     pub reject: AtomicBool,
     /// Fail transiently every time for this user id.
     pub fail_user: std::sync::Mutex<Option<String>>,
+    /// Fail transiently on the first delivery (attempt 1) of each (user id,
+    /// version) listed.
+    pub fail_first_attempt: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
+    /// Every call: (user id, version, attempt).
+    pub attempts: std::sync::Mutex<Vec<(String, i64, u32)>>,
+    /// Fail permanently for each (user id, version) listed, while listed.
+    pub reject_versions: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     /// Calls so far.
     pub calls: AtomicU32,
 }
 
 /// Records each application in `applied`, failing as told.
 #[derive(Debug, Clone)]
-pub struct Recorder(pub Arc<Behavior>);
+pub struct Recorder(pub Arc<Behavior>, pub String);
 
 impl Recorder {
     async fn record(
@@ -57,6 +66,22 @@ impl Recorder {
         meta: &EventMeta,
     ) -> Result<(), HandlerError> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
+        let key = (user_id.to_owned(), version);
+        if self.0.reject_versions.lock().unwrap().contains(&key) {
+            return Err(HandlerError::permanent(anyhow::anyhow!(
+                "rejected by the test: {user_id} v{version}"
+            )));
+        }
+        self.0
+            .attempts
+            .lock()
+            .unwrap()
+            .push((user_id.to_owned(), version, meta.attempt));
+        if meta.attempt == 1 && self.0.fail_first_attempt.lock().unwrap().contains(&key) {
+            return Err(HandlerError::transient(anyhow::anyhow!(
+                "failing the first attempt on purpose: {user_id} v{version}"
+            )));
+        }
         if AtomicBool::load(&self.0.reject, Ordering::SeqCst) {
             return Err(HandlerError::permanent(anyhow::anyhow!("rejected by the test")));
         }
@@ -83,6 +108,7 @@ impl Recorder {
                 applied::event_id.eq(meta.event_id),
                 applied::user_id.eq(user_id),
                 applied::version.eq(version),
+                applied::instance.eq(&self.1),
             ))
             .execute(conn)
             .await?;
@@ -192,12 +218,8 @@ impl Harness {
     /// Starts the consumer with `amqp` (the broker itself, or a proxy) and
     /// waits until its queues exist.
     pub async fn start_with(&mut self, amqp: AmqpConfig) {
-        let consumer = Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp)
-            .subscribe::<UserCreated, _>(Recorder(self.behavior.clone()))
-            .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone()));
-        for queue in consumer.topology().queue_names() {
-            self.broker.track_queue(&queue);
-        }
+        let consumer = self.consumer("main", amqp);
+        self.broker.track_topology(&consumer.topology());
         self.connected = consumer.connected();
         self.consumer = Some(tokio::spawn(consumer.run(self.shutdown.clone())));
         let mut connected = self.connected.clone();
@@ -205,6 +227,26 @@ impl Harness {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// A consumer of this harness's queue whose applications are recorded
+    /// as `instance`.
+    pub fn consumer(&self, instance: &str, amqp: AmqpConfig) -> Consumer {
+        Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp)
+            .subscribe::<UserCreated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
+            .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
+    }
+
+    /// Another replica of the consumer, running until its token is
+    /// cancelled or its task aborted (a crash: no clean-up, connections
+    /// dropped).
+    pub fn spawn_replica(
+        &self,
+        instance: &str,
+    ) -> (tokio::task::JoinHandle<anyhow::Result<()>>, CancellationToken) {
+        let stop = self.shutdown.child_token();
+        let consumer = self.consumer(instance, self.broker.config());
+        (tokio::spawn(consumer.run(stop.clone())), stop)
     }
 
     pub async fn start(&mut self) {
@@ -235,7 +277,7 @@ impl Harness {
         loop {
             let mut conn = self.pool.get().await.unwrap();
             let rows = applied::table
-                .order(applied::applied_at.asc())
+                .order(applied::seq.asc())
                 .select((applied::event_id, applied::user_id, applied::version))
                 .load(&mut conn)
                 .await;
@@ -270,7 +312,7 @@ impl Harness {
         let dlq = shop_messaging::dlq::DeadLetters::connect(&self.broker.config(), &self.queue)
             .await
             .unwrap();
-        let letters = dlq.browse(usize::MAX).await.unwrap();
+        let letters = dlq.browse().await.unwrap();
         dlq.close().await;
         letters
     }
@@ -296,4 +338,23 @@ pub fn created(user_id: &str, version: i64) -> UserCreated {
         name: "Test".to_owned(),
         occurred_at: None,
     }
+}
+
+pub fn updated(user_id: &str, version: i64) -> UserUpdated {
+    UserUpdated {
+        user_id: user_id.to_owned(),
+        version,
+        email: format!("{user_id}@example.com"),
+        name: format!("Version {version}"),
+        occurred_at: None,
+    }
+}
+
+/// Each user's versions in the order the handlers saw them.
+pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let mut seen: std::collections::BTreeMap<String, Vec<i64>> = std::collections::BTreeMap::new();
+    for (_, user, version) in applied {
+        seen.entry(user.clone()).or_default().push(*version);
+    }
+    seen
 }

@@ -20,15 +20,15 @@ pub(crate) async fn fresh_consumer_queue(bench: &Bench, prefetch: u16) -> anyhow
     let connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let topology = shop_messaging::topology::ConsumerTopology {
-        exchange: bench.user_exchange.clone(),
-        queue: bench.consumer_queue.clone(),
         routing_keys: vec!["user.created".to_owned()],
-        retry_delays: bench.consumer_config(prefetch).retry_delays,
+        ..bench.consumer_config(prefetch).topology()
     };
     topology.declare(&channel).await?;
-    channel
-        .queue_purge(bench.consumer_queue.as_str().into(), QueuePurgeOptions::default())
-        .await?;
+    for queue in topology.queue_names() {
+        channel
+            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+    }
     let _ = connection.close(200, "declared".into()).await;
     Ok(())
 }

@@ -1,0 +1,837 @@
+//! Ordered consumption: each aggregate's events reach the handlers once, in
+//! version order, with no gaps, however the broker delivers them.
+//!
+//! Every event with an aggregate id and a version (`aggregate_version`
+//! counts each aggregate's events 1, 2, 3, …) is sequenced in the
+//! consumer's transaction, against a row per aggregate that holds the last
+//! version applied (`inbox_sequence`), locked for the transaction:
+//!
+//! - version `last + 1`: applied, and `last` moves on in the same
+//!   transaction as the handler's effect;
+//! - at or below `last`: a duplicate, acknowledged without effect;
+//! - above `last + 1`: **parked** in `inbox_parked` (not applied, not lost,
+//!   acknowledged on the broker) until the versions before it are applied.
+//!   The transaction that applies version `n` marks the parked `n + 1` as
+//!   released, and after the commit the consumer sends it back through the
+//!   group's exchange to its partition queue, where it is applied like any
+//!   delivery (retries and dead-lettering included), which releases `n + 2`,
+//!   and so on.
+//!
+//! When an aggregate's next event is dead-lettered, its row records the dead
+//! letter (`dead_letter_event`), and the aggregate's later events park
+//! behind it while other aggregates flow: **sequenced dead letters**.
+//! Replaying the dead letter applies it and releases the followers in order;
+//! skipping it ([`release`]) moves `last` past it and releases them too.
+//! A gap that is not a dead letter (an event lost upstream, or a retry still
+//! waiting out its delay) holds its followers the same way; past
+//! `CONSUMER_GAP_TIMEOUT` it is counted as stuck
+//! (`consumer_stuck_gaps{queue}`), logged, and shown by `shop dlq list`,
+//! where [`release`] gives up on the missing versions.
+//!
+//! Events without an aggregate id or with no (or a non-positive) version
+//! are not sequenced: the inbox alone keeps them from being applied twice,
+//! in whatever order they arrive.
+//!
+//! A sweep, every few seconds, sends again what was released but not applied
+//! (the process died between its commit and the publish) and reports
+//! `consumer_parked_events{queue, reason}`,
+//! `consumer_oldest_parked_seconds{queue}` and `consumer_stuck_gaps{queue}`.
+//!
+//! The tables (each consuming service's migrations create them; see
+//! `migrations/order-service/…_sequence_consumption`):
+//!
+//! ```sql
+//! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
+//!     last_version BIGINT NOT NULL DEFAULT 0, dead_letter_event UUID, dead_letter_version BIGINT,
+//!     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+//!     PRIMARY KEY (consumer, aggregate_type, aggregate_id));
+//! CREATE TABLE inbox_parked (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
+//!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
+//!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
+//!     parked_at TIMESTAMPTZ NOT NULL DEFAULT now(), released_at TIMESTAMPTZ,
+//!     PRIMARY KEY (consumer, aggregate_type, aggregate_id, aggregate_version));
+//! ```
+//!
+//! A consumer added to an existing projection seeds `inbox_sequence` with
+//! the versions the projection already holds (the order service's migration
+//! does), or the first event it sees of each aggregate would wait for
+//! versions it will never receive. `inbox_sequence` has one row per
+//! aggregate, like the projection: it is not swept.
+
+use std::collections::{BTreeMap, HashMap};
+
+use diesel::sql_types::{Array, BigInt, Double, Nullable, Text};
+use diesel::{ExpressionMethods as _, QueryDsl as _, QueryResult, QueryableByName};
+use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use uuid::Uuid;
+
+use crate::wire;
+
+diesel::table! {
+    /// The last version applied per aggregate and consumer.
+    inbox_sequence (consumer, aggregate_type, aggregate_id) {
+        consumer -> Text,
+        aggregate_type -> Text,
+        aggregate_id -> Text,
+        last_version -> BigInt,
+        dead_letter_event -> Nullable<Uuid>,
+        dead_letter_version -> Nullable<BigInt>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Events held until the versions before them are applied.
+    inbox_parked (consumer, aggregate_type, aggregate_id, aggregate_version) {
+        consumer -> Text,
+        aggregate_type -> Text,
+        aggregate_id -> Text,
+        aggregate_version -> BigInt,
+        event_id -> Uuid,
+        event_type -> Text,
+        payload -> Binary,
+        properties -> Jsonb,
+        parked_at -> Timestamptz,
+        released_at -> Nullable<Timestamptz>,
+    }
+}
+
+/// An aggregate: its type (`user`) and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Aggregate {
+    /// The `aggregate_type` header (empty when missing).
+    pub kind: String,
+    /// The `aggregate_id` header.
+    pub id: String,
+}
+
+impl Aggregate {
+    /// The aggregate and version an event is sequenced by: an id and a
+    /// positive version; otherwise it is not sequenced.
+    pub fn sequenced(kind: Option<&str>, id: Option<&str>, version: Option<i64>) -> Option<(Self, i64)> {
+        let version = version.filter(|version| *version > 0)?;
+        Some((
+            Self {
+                kind: kind.unwrap_or_default().to_owned(),
+                id: id?.to_owned(),
+            },
+            version,
+        ))
+    }
+}
+
+/// [`Aggregate::sequenced`] from an event's AMQP headers.
+pub fn sequenced_by(headers: &FieldTable) -> Option<(Aggregate, i64)> {
+    Aggregate::sequenced(
+        wire::header_str(headers, wire::AGGREGATE_TYPE),
+        wire::header_str(headers, wire::AGGREGATE_ID),
+        wire::header_i64(headers, wire::AGGREGATE_VERSION),
+    )
+}
+
+impl std::fmt::Display for Aggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.id)
+    }
+}
+
+impl std::str::FromStr for Aggregate {
+    type Err = String;
+
+    /// `type/id`, as printed.
+    fn from_str(value: &str) -> Result<Self, String> {
+        let (kind, id) = value
+            .split_once('/')
+            .ok_or_else(|| format!("{value:?} is not TYPE/ID (e.g. user/3f2504e0-…)"))?;
+        Ok(Self {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// Where an aggregate stands for a consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The last version applied (0: none yet).
+    pub last_version: i64,
+    /// The dead letter that holds the next version: (event id, version).
+    pub dead_letter: Option<(Uuid, i64)>,
+}
+
+/// What to do with a sequenced event, given its aggregate's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The next version: apply it.
+    Apply,
+    /// At or below the last version: applied before.
+    Duplicate,
+    /// Ahead of the next version: park it.
+    Park(ParkReason),
+}
+
+/// Why an event is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkReason {
+    /// An earlier version has not arrived (yet).
+    Gap,
+    /// An earlier version is in the dead-letter queue.
+    BehindDeadLetter,
+}
+
+impl ParkReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gap => "gap",
+            Self::BehindDeadLetter => "behind-dead-letter",
+        }
+    }
+}
+
+impl Position {
+    /// What to do with version `version`; an applied one moves the position.
+    pub fn decide(&mut self, version: i64) -> Decision {
+        if version <= self.last_version {
+            Decision::Duplicate
+        } else if version == self.last_version + 1 {
+            self.last_version = version;
+            self.dead_letter = self.dead_letter.filter(|(_, held)| *held > version);
+            Decision::Apply
+        } else if self.dead_letter.is_some() {
+            Decision::Park(ParkReason::BehindDeadLetter)
+        } else {
+            Decision::Park(ParkReason::Gap)
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct PositionRow {
+    #[diesel(sql_type = Text)]
+    aggregate_type: String,
+    #[diesel(sql_type = Text)]
+    aggregate_id: String,
+    #[diesel(sql_type = BigInt)]
+    last_version: i64,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    dead_letter_event: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    dead_letter_version: Option<i64>,
+}
+
+impl PositionRow {
+    fn into_pair(self) -> (Aggregate, Position) {
+        (
+            Aggregate {
+                kind: self.aggregate_type,
+                id: self.aggregate_id,
+            },
+            Position {
+                last_version: self.last_version,
+                dead_letter: self.dead_letter_event.zip(self.dead_letter_version),
+            },
+        )
+    }
+}
+
+fn columns<'a>(aggregates: &[&'a Aggregate]) -> (Vec<&'a str>, Vec<&'a str>) {
+    aggregates
+        .iter()
+        .map(|a| (a.kind.as_str(), a.id.as_str()))
+        .unzip()
+}
+
+/// The positions of `aggregates` for `consumer`, each row created when
+/// missing and locked until the transaction ends (in a fixed order, so two
+/// transactions over the same aggregates do not deadlock).
+pub(crate) async fn lock(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregates: &[&Aggregate],
+) -> QueryResult<HashMap<Aggregate, Position>> {
+    let mut sorted = aggregates.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (kinds, ids) = columns(&sorted);
+    // A row another transaction is creating makes this insert wait for it,
+    // so the select below sees its committed position.
+    diesel::sql_query(
+        "INSERT INTO inbox_sequence (consumer, aggregate_type, aggregate_id) \
+         SELECT $1, a.t, a.i FROM unnest($2::text[], $3::text[]) AS a(t, i) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&ids)
+    .execute(conn)
+    .await?;
+    let rows: Vec<PositionRow> = diesel::sql_query(
+        "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.dead_letter_event, s.dead_letter_version \
+         FROM inbox_sequence s JOIN unnest($2::text[], $3::text[]) AS a(t, i) \
+         ON s.aggregate_type = a.t AND s.aggregate_id = a.i \
+         WHERE s.consumer = $1 \
+         ORDER BY s.aggregate_type, s.aggregate_id FOR UPDATE OF s",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&ids)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(PositionRow::into_pair).collect())
+}
+
+/// An event held in `inbox_parked`.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct ParkedEvent {
+    /// `aggregate_type`.
+    #[diesel(sql_type = Text)]
+    pub aggregate_type: String,
+    /// `aggregate_id`.
+    #[diesel(sql_type = Text)]
+    pub aggregate_id: String,
+    /// `aggregate_version`.
+    #[diesel(sql_type = BigInt)]
+    pub aggregate_version: i64,
+    /// The AMQP `message_id`.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub event_id: Uuid,
+    /// The AMQP `type`.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// The body.
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    pub payload: Vec<u8>,
+    /// `app_id`, `timestamp` and the headers, as JSON.
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    pub properties: serde_json::Value,
+}
+
+impl ParkedEvent {
+    /// The event as it arrived, to be parked.
+    pub(crate) fn new(
+        aggregate: &Aggregate,
+        version: i64,
+        event_id: Uuid,
+        event_type: &str,
+        payload: &[u8],
+        properties: &BasicProperties,
+    ) -> Self {
+        Self {
+            aggregate_type: aggregate.kind.clone(),
+            aggregate_id: aggregate.id.clone(),
+            aggregate_version: version,
+            event_id,
+            event_type: event_type.to_owned(),
+            payload: payload.to_vec(),
+            properties: properties_to_json(properties),
+        }
+    }
+
+    /// The AMQP properties to send it back with: those it arrived with,
+    /// marked as released.
+    pub fn amqp_properties(&self) -> BasicProperties {
+        let mut properties = properties_from_json(&self.properties)
+            .with_message_id(self.event_id.to_string().into())
+            .with_type(self.event_type.as_str().into());
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(wire::RELEASED.into(), AMQPValue::Boolean(true));
+        properties = properties.with_headers(headers);
+        properties
+    }
+}
+
+/// Headers worth keeping (strings and integers) with `app_id` and
+/// `timestamp`, as JSON.
+fn properties_to_json(properties: &BasicProperties) -> serde_json::Value {
+    let mut headers = serde_json::Map::new();
+    if let Some(table) = properties.headers() {
+        for (key, value) in table.inner() {
+            let key = key.as_str();
+            if key.starts_with("x-") || key == wire::RELEASED {
+                continue;
+            }
+            if let Some(text) = wire::header_str(table, key) {
+                headers.insert(key.to_owned(), serde_json::Value::from(text));
+            } else if let Some(number) = wire::header_i64(table, key) {
+                headers.insert(key.to_owned(), serde_json::Value::from(number));
+            } else if let AMQPValue::Boolean(flag) = value {
+                headers.insert(key.to_owned(), serde_json::Value::from(*flag));
+            }
+        }
+    }
+    serde_json::json!({
+        "app_id": properties.app_id().as_ref().map(|id| id.as_str()),
+        "timestamp": properties.timestamp(),
+        "content_type": properties.content_type().as_ref().map(|c| c.as_str()),
+        "headers": headers,
+    })
+}
+
+fn properties_from_json(json: &serde_json::Value) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(wire::PERSISTENT)
+        .with_content_type(json["content_type"].as_str().unwrap_or(wire::CONTENT_TYPE).into());
+    if let Some(app_id) = json["app_id"].as_str() {
+        properties = properties.with_app_id(app_id.into());
+    }
+    if let Some(timestamp) = json["timestamp"].as_u64() {
+        properties = properties.with_timestamp(timestamp);
+    }
+    let mut headers = FieldTable::default();
+    if let Some(map) = json["headers"].as_object() {
+        for (key, value) in map {
+            let value = match value {
+                serde_json::Value::String(text) => wire::long_string(text),
+                serde_json::Value::Bool(flag) => AMQPValue::Boolean(*flag),
+                serde_json::Value::Number(number) => match number.as_i64() {
+                    Some(number) => AMQPValue::LongLongInt(number),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            headers.insert(key.as_str().into(), value);
+        }
+    }
+    properties.with_headers(headers)
+}
+
+/// Parks `events` (an event parked before stays as it is).
+pub(crate) async fn park(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    events: &[ParkedEvent],
+) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = events
+        .iter()
+        .map(|event| {
+            (
+                inbox_parked::consumer.eq(consumer),
+                inbox_parked::aggregate_type.eq(&event.aggregate_type),
+                inbox_parked::aggregate_id.eq(&event.aggregate_id),
+                inbox_parked::aggregate_version.eq(event.aggregate_version),
+                inbox_parked::event_id.eq(event.event_id),
+                inbox_parked::event_type.eq(&event.event_type),
+                inbox_parked::payload.eq(&event.payload),
+                inbox_parked::properties.eq(&event.properties),
+            )
+        })
+        .collect();
+    diesel::insert_into(inbox_parked::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+const RELEASED_COLUMNS: &str = "p.aggregate_type, p.aggregate_id, p.aggregate_version, p.event_id, \
+     p.event_type, p.payload, p.properties";
+
+/// Moves each aggregate to its new last version (clearing a dead letter it
+/// got past), forgets parked events at or below it, and returns the parked
+/// events that are next in line, marked released: the caller sends them
+/// back after the commit. One statement.
+pub(crate) async fn advance(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    advanced: &[(&Aggregate, i64)],
+) -> QueryResult<Vec<ParkedEvent>> {
+    if advanced.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (aggregates, versions): (Vec<&Aggregate>, Vec<i64>) = advanced.iter().copied().unzip();
+    let (kinds, ids) = columns(&aggregates);
+    diesel::sql_query(format!(
+        "WITH advanced AS ( \
+           UPDATE inbox_sequence s SET last_version = a.v, \
+             dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
+             dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
+             updated_at = now() \
+           FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) \
+           WHERE s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i AND s.last_version < a.v \
+           RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
+         applied AS ( \
+           DELETE FROM inbox_parked p USING advanced a \
+           WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
+             AND p.aggregate_version <= a.last_version) \
+         UPDATE inbox_parked p SET released_at = now() FROM advanced a \
+         WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
+           AND p.aggregate_version = a.last_version + 1 \
+         RETURNING {RELEASED_COLUMNS}"
+    ))
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&versions)
+    .load(conn)
+    .await
+}
+
+/// Records that the event at `aggregate`'s next version, `version`, went
+/// to the dead-letter queue: its followers park behind it, by that name.
+/// Nothing changes when `version` is not the next one.
+pub(crate) async fn mark_dead_letter(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+    version: i64,
+    event_id: Uuid,
+) -> QueryResult<()> {
+    lock(conn, consumer, &[aggregate]).await?;
+    diesel::update(
+        inbox_sequence::table
+            .filter(inbox_sequence::consumer.eq(consumer))
+            .filter(inbox_sequence::aggregate_type.eq(&aggregate.kind))
+            .filter(inbox_sequence::aggregate_id.eq(&aggregate.id))
+            .filter(inbox_sequence::last_version.eq(version - 1)),
+    )
+    .set((
+        inbox_sequence::dead_letter_event.eq(event_id),
+        inbox_sequence::dead_letter_version.eq(version),
+        inbox_sequence::updated_at.eq(diesel::dsl::now),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Gives up on `aggregate`'s versions up to `through`, in a transaction of
+/// its own: they count as applied (a dead letter among them is skipped,
+/// parked events among them are forgotten), and the parked event at
+/// `through + 1`, if any, is released: returned (marked) for the caller to
+/// [`send_back`]; the consumer's sweep sends it if the caller does not.
+/// Returns the position before, and the released events.
+pub async fn release(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+    through: i64,
+) -> QueryResult<(Position, Vec<ParkedEvent>)> {
+    use diesel_async::AsyncConnection as _;
+    conn.transaction(async |conn| {
+        let before = lock(conn, consumer, &[aggregate])
+            .await?
+            .remove(aggregate)
+            .unwrap_or_default();
+        let released = advance(conn, consumer, &[(aggregate, through)]).await?;
+        Ok((before, released))
+    })
+    .await
+}
+
+/// The position of `aggregate` for `consumer` (none yet: 0).
+pub async fn position(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Position> {
+    let row: Option<(i64, Option<Uuid>, Option<i64>)> = inbox_sequence::table
+        .filter(inbox_sequence::consumer.eq(consumer))
+        .filter(inbox_sequence::aggregate_type.eq(&aggregate.kind))
+        .filter(inbox_sequence::aggregate_id.eq(&aggregate.id))
+        .select((
+            inbox_sequence::last_version,
+            inbox_sequence::dead_letter_event,
+            inbox_sequence::dead_letter_version,
+        ))
+        .first(conn)
+        .await
+        .map(Some)
+        .or_else(|error| match error {
+            diesel::result::Error::NotFound => Ok(None),
+            other => Err(other),
+        })?;
+    Ok(
+        row.map_or_else(Position::default, |(last_version, event, version)| Position {
+            last_version,
+            dead_letter: event.zip(version),
+        }),
+    )
+}
+
+/// Parked events that are next in line but were not sent back (released
+/// more than `grace` ago, or never): marked released again and returned,
+/// at most `limit`, skipping rows another replica's sweep holds.
+pub(crate) async fn take_ready(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    grace: std::time::Duration,
+    limit: i64,
+) -> QueryResult<Vec<ParkedEvent>> {
+    diesel::sql_query(format!(
+        "UPDATE inbox_parked p SET released_at = now() \
+         WHERE (p.consumer, p.aggregate_type, p.aggregate_id, p.aggregate_version) IN ( \
+           SELECT q.consumer, q.aggregate_type, q.aggregate_id, q.aggregate_version \
+           FROM inbox_parked q JOIN inbox_sequence s \
+             ON s.consumer = q.consumer AND s.aggregate_type = q.aggregate_type AND s.aggregate_id = q.aggregate_id \
+           WHERE q.consumer = $1 AND q.aggregate_version = s.last_version + 1 \
+             AND (q.released_at IS NULL OR q.released_at < now() - make_interval(secs => $2)) \
+           ORDER BY q.aggregate_version LIMIT $3 FOR UPDATE OF q SKIP LOCKED) \
+         RETURNING {RELEASED_COLUMNS}"
+    ))
+    .bind::<Text, _>(consumer)
+    .bind::<Double, _>(grace.as_secs_f64())
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// Deletes parked events at or below their aggregate's last version
+/// (applied or skipped meanwhile); returns how many.
+pub(crate) async fn forget_applied(conn: &mut AsyncPgConnection, consumer: &str) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM inbox_parked p USING inbox_sequence s \
+         WHERE p.consumer = $1 AND s.consumer = p.consumer AND s.aggregate_type = p.aggregate_type \
+           AND s.aggregate_id = p.aggregate_id AND p.aggregate_version <= s.last_version",
+    )
+    .bind::<Text, _>(consumer)
+    .execute(conn)
+    .await
+}
+
+/// Sends released parked events back through consumer group `router`
+/// exchange (their `partition` header takes each to its partition queue),
+/// on `channel` (in confirm mode), waiting for every confirm.
+pub async fn send_back(channel: &lapin::Channel, router: &str, events: &[ParkedEvent]) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(events.len());
+    for event in events {
+        let confirm = channel
+            .basic_publish(
+                router.into(),
+                "".into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &event.payload,
+                event.amqp_properties(),
+            )
+            .await?;
+        confirms.push((event, confirm));
+    }
+    for (event, confirm) in confirms {
+        match confirm.await? {
+            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => {}
+            lapin::Confirmation::Ack(Some(_)) => {
+                anyhow::bail!("no queue is bound to {router} for event {}", event.event_id)
+            }
+            lapin::Confirmation::Nack(_) => {
+                anyhow::bail!("the broker refused event {} on {router}", event.event_id)
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What is parked for a consumer, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, QueryableByName)]
+pub struct ParkedStats {
+    /// Events parked behind a gap.
+    #[diesel(sql_type = BigInt)]
+    pub gaps: i64,
+    /// Events parked behind a dead letter.
+    #[diesel(sql_type = BigInt)]
+    pub behind_dead_letters: i64,
+    /// Gap-parked events older than the gap timeout.
+    #[diesel(sql_type = BigInt)]
+    pub stuck: i64,
+    /// Age of the oldest parked event (0 when none).
+    #[diesel(sql_type = Double)]
+    pub oldest_seconds: f64,
+}
+
+/// Counts of what `consumer` has parked; a gap older than `gap_timeout` is
+/// stuck.
+pub(crate) async fn stats(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    gap_timeout: std::time::Duration,
+) -> QueryResult<ParkedStats> {
+    diesel::sql_query(
+        "SELECT count(*) FILTER (WHERE s.dead_letter_event IS NULL) AS gaps, \
+           count(*) FILTER (WHERE s.dead_letter_event IS NOT NULL) AS behind_dead_letters, \
+           count(*) FILTER (WHERE s.dead_letter_event IS NULL \
+             AND p.parked_at < now() - make_interval(secs => $2)) AS stuck, \
+           COALESCE(EXTRACT(EPOCH FROM now() - min(p.parked_at)), 0)::float8 AS oldest_seconds \
+         FROM inbox_parked p JOIN inbox_sequence s \
+           ON s.consumer = p.consumer AND s.aggregate_type = p.aggregate_type AND s.aggregate_id = p.aggregate_id \
+         WHERE p.consumer = $1",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Double, _>(gap_timeout.as_secs_f64())
+    .get_result(conn)
+    .await
+}
+
+type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// One parked event, as the tooling lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// Its version.
+    pub version: i64,
+    /// Its event id.
+    pub event_id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// When it was parked.
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+    /// When it was last released (sent back), if ever.
+    pub released_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// An aggregate with parked events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    /// The aggregate.
+    pub aggregate: Aggregate,
+    /// Where it stands.
+    pub position: Position,
+    /// Its parked events, by version.
+    pub parked: Vec<Parked>,
+}
+
+/// Every aggregate of `consumer` with parked events, oldest first.
+pub async fn held(conn: &mut AsyncPgConnection, consumer: &str) -> QueryResult<Vec<Held>> {
+    #[derive(diesel::Queryable)]
+    struct Row {
+        kind: String,
+        id: String,
+        version: i64,
+        event_id: Uuid,
+        event_type: String,
+        parked_at: Timestamp,
+        released_at: Option<Timestamp>,
+    }
+    let rows: Vec<Row> = inbox_parked::table
+        .filter(inbox_parked::consumer.eq(consumer))
+        .order((
+            inbox_parked::aggregate_type,
+            inbox_parked::aggregate_id,
+            inbox_parked::aggregate_version,
+        ))
+        .select((
+            inbox_parked::aggregate_type,
+            inbox_parked::aggregate_id,
+            inbox_parked::aggregate_version,
+            inbox_parked::event_id,
+            inbox_parked::event_type,
+            inbox_parked::parked_at,
+            inbox_parked::released_at,
+        ))
+        .load(conn)
+        .await?;
+    let mut by_aggregate: BTreeMap<Aggregate, Vec<Parked>> = BTreeMap::new();
+    for row in rows {
+        by_aggregate
+            .entry(Aggregate {
+                kind: row.kind,
+                id: row.id,
+            })
+            .or_default()
+            .push(Parked {
+                version: row.version,
+                event_id: row.event_id,
+                event_type: row.event_type,
+                parked_at: row.parked_at,
+                released_at: row.released_at,
+            });
+    }
+    let mut held = Vec::with_capacity(by_aggregate.len());
+    for (aggregate, parked) in by_aggregate {
+        let position = position(conn, consumer, &aggregate).await?;
+        held.push(Held {
+            aggregate,
+            position,
+            parked,
+        });
+    }
+    held.sort_by_key(|h| h.parked.as_slice().first().map(|p| p.parked_at));
+    Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_version_applies_older_ones_are_duplicates_later_ones_park() {
+        let mut position = Position::default();
+        assert_eq!(position.decide(2), Decision::Park(ParkReason::Gap));
+        assert_eq!(position.decide(1), Decision::Apply);
+        assert_eq!(position.decide(1), Decision::Duplicate);
+        assert_eq!(position.decide(2), Decision::Apply);
+        assert_eq!(position.last_version, 2);
+        position.dead_letter = Some((Uuid::nil(), 3));
+        assert_eq!(position.decide(4), Decision::Park(ParkReason::BehindDeadLetter));
+        assert_eq!(position.decide(3), Decision::Apply);
+        assert_eq!(position.dead_letter, None);
+        assert_eq!(position.decide(4), Decision::Apply);
+    }
+
+    #[test]
+    fn parked_properties_come_back_as_they_arrived_and_marked_released() {
+        let mut headers = FieldTable::default();
+        headers.insert(wire::AGGREGATE_ID.into(), wire::long_string("a-1"));
+        headers.insert(wire::AGGREGATE_VERSION.into(), AMQPValue::LongLongInt(3));
+        headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(7));
+        headers.insert("traceparent".into(), wire::long_string("00-abc-def-01"));
+        headers.insert("x-death".into(), AMQPValue::Boolean(true));
+        let properties = BasicProperties::default()
+            .with_app_id("user-service".into())
+            .with_timestamp(42)
+            .with_headers(headers);
+        let aggregate = Aggregate {
+            kind: "user".into(),
+            id: "a-1".into(),
+        };
+        let id = Uuid::now_v7();
+        let parked = ParkedEvent::new(
+            &aggregate,
+            3,
+            id,
+            "shop.user.v1.UserUpdated",
+            b"body",
+            &properties,
+        );
+        let back = parked.amqp_properties();
+        let headers = back.headers().clone().unwrap_or_default();
+        assert_eq!(
+            back.message_id().as_ref().map(|m| m.to_string()),
+            Some(id.to_string())
+        );
+        assert_eq!(
+            back.kind().as_ref().map(|k| k.to_string()).as_deref(),
+            Some("shop.user.v1.UserUpdated")
+        );
+        assert_eq!(
+            back.app_id().as_ref().map(|a| a.to_string()).as_deref(),
+            Some("user-service")
+        );
+        assert_eq!(*back.timestamp(), Some(42));
+        assert_eq!(wire::header_i64(&headers, wire::PARTITION), Some(7));
+        assert_eq!(wire::header_i64(&headers, wire::AGGREGATE_VERSION), Some(3));
+        assert_eq!(wire::header_str(&headers, "traceparent"), Some("00-abc-def-01"));
+        assert!(headers.inner().get("x-death").is_none());
+        assert!(matches!(
+            headers.inner().get(wire::RELEASED),
+            Some(AMQPValue::Boolean(true))
+        ));
+    }
+
+    #[test]
+    fn an_aggregate_reads_back_as_printed() {
+        let aggregate: Aggregate = "user/3f2504e0".parse().unwrap();
+        assert_eq!(aggregate.to_string(), "user/3f2504e0");
+        assert!("no-slash".parse::<Aggregate>().is_err());
+    }
+}

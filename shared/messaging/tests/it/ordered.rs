@@ -1,0 +1,293 @@
+//! Ordered consumption: the handler sees each aggregate's events once, in
+//! version order, with no gaps — through duplicates, out-of-order arrival,
+//! retries, dead letters, gaps, and replicas that come and go. The test
+//! handler records every application in order (`applied.seq`), so each
+//! test compares what it saw, per user, with 1, 2, 3, …
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::RunQueryDsl as _;
+use shop_messaging::dlq::{DeadLetters, Selection};
+use shop_messaging::sequence::{self, Aggregate, Held};
+use uuid::Uuid;
+
+use crate::support::{Harness, created, harness, harness_with, seen_by_user, updated};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn user(id: &str) -> Aggregate {
+    Aggregate {
+        kind: "user".to_owned(),
+        id: id.to_owned(),
+    }
+}
+
+/// Publishes version `version` of `user` (1 is its creation) as event `id`.
+async fn publish(h: &Harness, user: &str, version: i64, id: Uuid) {
+    if version == 1 {
+        h.publish(&created(user, 1), id).await;
+    } else {
+        h.publish(&updated(user, version), id).await;
+    }
+}
+
+/// Waits until the handler has seen exactly `expected` (per user, in
+/// order), and checks that nothing more is parked.
+async fn expect_seen(h: &Harness, expected: &[(&str, &[i64])]) {
+    let expected: BTreeMap<String, Vec<i64>> = expected
+        .iter()
+        .map(|(user, versions)| ((*user).to_owned(), versions.to_vec()))
+        .collect();
+    let total: usize = expected.values().map(Vec::len).sum();
+    shop_testkit::eventually(&format!("{total} applications"), WAIT, || async {
+        (h.applied().await.len() >= total).then_some(())
+    })
+    .await;
+    assert_eq!(seen_by_user(&h.applied().await), expected);
+}
+
+async fn held(h: &Harness) -> Vec<Held> {
+    let mut conn = h.pool.get().await.unwrap();
+    sequence::held(&mut conn, &h.queue).await.unwrap()
+}
+
+/// Waits until `user` has exactly `versions` parked.
+async fn wait_parked(h: &Harness, user_id: &str, versions: &[i64]) -> Held {
+    shop_testkit::eventually(&format!("{user_id} parked at {versions:?}"), WAIT, || async {
+        let held = held(h)
+            .await
+            .into_iter()
+            .find(|held| held.aggregate.id == user_id)?;
+        let parked: Vec<i64> = held.parked.iter().map(|p| p.version).collect();
+        (parked == versions).then_some(held)
+    })
+    .await
+}
+
+async fn nothing_parked(h: &Harness) {
+    shop_testkit::eventually("nothing parked", WAIT, || async {
+        held(h).await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_that_arrive_out_of_order_and_twice_reach_the_handler_once_in_order() {
+    let mut h = harness().await;
+    h.start().await;
+    let ids: Vec<Uuid> = (0..=8).map(|_| Uuid::now_v7()).collect();
+    for version in [3, 1, 1, 5, 2, 8, 4, 3, 7, 6, 2, 8] {
+        publish(&h, "a", version, ids[version as usize]).await;
+    }
+    publish(&h, "b", 2, Uuid::now_v7()).await;
+    publish(&h, "b", 1, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[1, 2, 3, 4, 5, 6, 7, 8]), ("b", &[1, 2])]).await;
+    nothing_parked(&h).await;
+    assert!(h.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_of_version_2_while_version_3_is_queued_is_applied_before_it() {
+    let mut h = harness().await;
+    h.behavior
+        .fail_first_attempt
+        .lock()
+        .unwrap()
+        .insert(("a".to_owned(), 2));
+    h.start().await;
+    for version in 1..=3 {
+        publish(&h, "a", version, Uuid::now_v7()).await;
+    }
+    publish(&h, "b", 1, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[1, 2, 3]), ("b", &[1])]).await;
+    let attempts = h.behavior.attempts.lock().unwrap().clone();
+    assert!(
+        attempts.contains(&("a".to_owned(), 2, 2)),
+        "version 2 came back from its delay queue: {attempts:?}"
+    );
+    nothing_parked(&h).await;
+    assert!(h.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_lettered_version_parks_its_followers_while_others_flow_and_a_replay_applies_them_in_order() {
+    let mut h = harness().await;
+    h.behavior
+        .reject_versions
+        .lock()
+        .unwrap()
+        .insert(("a".to_owned(), 2));
+    h.start().await;
+    let ids: Vec<Uuid> = (0..=5).map(|_| Uuid::now_v7()).collect();
+    for version in 1..=5 {
+        publish(&h, "a", version, ids[version as usize]).await;
+    }
+    for version in 1..=3 {
+        publish(&h, "b", version, Uuid::now_v7()).await;
+    }
+
+    let parked = wait_parked(&h, "a", &[3, 4, 5]).await;
+    assert_eq!(parked.position.last_version, 1);
+    assert_eq!(
+        parked.position.dead_letter,
+        Some((ids[2], 2)),
+        "held by the dead letter"
+    );
+    expect_seen(&h, &[("a", &[1]), ("b", &[1, 2, 3])]).await;
+    let letters = h.expect_dead_letters(1).await;
+    assert_eq!(
+        letters[0].message_id.as_deref(),
+        Some(ids[2].to_string().as_str())
+    );
+    assert_eq!(letters[0].sequenced, Some((user("a"), 2)));
+
+    h.behavior.reject_versions.lock().unwrap().clear();
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+    let replayed = dlq
+        .replay(&Selection {
+            message_id: Some(ids[2].to_string()),
+            ..Selection::default()
+        })
+        .await
+        .unwrap();
+    dlq.close().await;
+    assert_eq!(replayed.replayed, 1);
+
+    expect_seen(&h, &[("a", &[1, 2, 3, 4, 5]), ("b", &[1, 2, 3])]).await;
+    nothing_parked(&h).await;
+    assert!(h.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn skipping_a_dead_letter_releases_its_followers_without_applying_it() {
+    let mut h = harness().await;
+    h.behavior
+        .reject_versions
+        .lock()
+        .unwrap()
+        .insert(("a".to_owned(), 2));
+    h.start().await;
+    let ids: Vec<Uuid> = (0..=4).map(|_| Uuid::now_v7()).collect();
+    for version in 1..=4 {
+        publish(&h, "a", version, ids[version as usize]).await;
+    }
+    wait_parked(&h, "a", &[3, 4]).await;
+    h.expect_dead_letters(1).await;
+
+    // What `shop dlq skip` does.
+    let mut conn = h.pool.get().await.unwrap();
+    let (before, released) = sequence::release(&mut conn, &h.queue, &user("a"), 2)
+        .await
+        .unwrap();
+    assert_eq!(before.last_version, 1);
+    assert_eq!(
+        released.iter().map(|p| p.aggregate_version).collect::<Vec<_>>(),
+        [3]
+    );
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+    dlq.send_back(&released).await.unwrap();
+    assert_eq!(dlq.take(&ids[2].to_string()).await.unwrap().len(), 1);
+    dlq.close().await;
+
+    expect_seen(&h, &[("a", &[1, 3, 4])]).await;
+    nothing_parked(&h).await;
+    assert!(h.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gap_that_never_fills_holds_the_followers_until_it_is_released_and_the_sweep_sends_them() {
+    let mut h = harness().await;
+    h.start().await;
+    for version in [1, 3, 4] {
+        publish(&h, "a", version, Uuid::now_v7()).await;
+    }
+    let parked = wait_parked(&h, "a", &[3, 4]).await;
+    assert_eq!(parked.position.last_version, 1);
+    assert_eq!(parked.position.dead_letter, None, "a gap, not a dead letter");
+    expect_seen(&h, &[("a", &[1])]).await;
+
+    // What `shop dlq release user/a` does, without sending anything back:
+    // the consumer's sweep does it.
+    let mut conn = h.pool.get().await.unwrap();
+    let (_, released) = sequence::release(&mut conn, &h.queue, &user("a"), 2)
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    // Marked released long enough ago for the sweep to send it again.
+    diesel::update(sequence::inbox_parked::table)
+        .filter(sequence::inbox_parked::consumer.eq(&h.queue))
+        .set(sequence::inbox_parked::released_at.eq(chrono::Utc::now() - chrono::Duration::minutes(1)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    expect_seen(&h, &[("a", &[1, 3, 4])]).await;
+    nothing_parked(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_the_partitions_and_one_crashed_and_one_added_lose_and_reorder_nothing() {
+    let mut h = harness_with(|mut config, _| {
+        config.partitions = 4;
+        config.member_timeout = Duration::from_secs(1);
+        config.prefetch = 5;
+        config.batch_size = 5;
+        config
+    })
+    .await;
+    h.start().await;
+    let (crashing, _) = h.spawn_replica("second");
+    let (_third, _third_stop) = h.spawn_replica("third");
+    let members = || async {
+        let mut conn = h.pool.get().await.unwrap();
+        diesel::sql_query("SELECT 1 FROM consumer_members WHERE seen_at > now() - interval '1 second'")
+            .execute(&mut conn)
+            .await
+            .unwrap()
+    };
+    shop_testkit::eventually("three live members", WAIT, || async {
+        (members().await == 3).then_some(())
+    })
+    .await;
+
+    let users: Vec<String> = (0..30).map(|n| format!("u{n}")).collect();
+    let mut fourth = None;
+    for version in 1..=12 {
+        for user in &users {
+            publish(&h, user, version, Uuid::now_v7()).await;
+        }
+        if version == 4 {
+            // A crash: no clean-up, its connections dropped mid-batch.
+            crashing.abort();
+        }
+        if version == 8 {
+            fourth = Some(h.spawn_replica("fourth"));
+        }
+    }
+
+    let every: Vec<i64> = (1..=12).collect();
+    let expected: Vec<(&str, &[i64])> = users
+        .iter()
+        .map(|user| (user.as_str(), every.as_slice()))
+        .collect();
+    expect_seen(&h, &expected).await;
+    nothing_parked(&h).await;
+    assert!(h.dead_letters().await.is_empty());
+
+    let mut conn = h.pool.get().await.unwrap();
+    let instances: Vec<String> = crate::support::applied::table
+        .select(crate::support::applied::instance)
+        .distinct()
+        .load(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        instances.len() >= 2,
+        "the replicas shared the partitions: {instances:?}"
+    );
+    drop(fourth);
+}
