@@ -78,6 +78,13 @@ pub enum Fault {
     /// RabbitMQ raises a memory alarm and blocks every publishing
     /// connection for longer than the relay's confirm wait.
     BrokerAlarm,
+    /// Two faults at once: the database refuses connections while the
+    /// broker connections are cut and refused too; the broker comes back
+    /// first.
+    DatabaseAndBrokerAtOnce,
+    /// Every instance of both services SIGKILLed at once, then started
+    /// again.
+    EveryInstanceDown,
 }
 
 /// A service instance: its process, and what it takes to start it again on
@@ -143,6 +150,15 @@ pub struct Chaos {
     /// Each fault, how long injecting it took, and how long after it ended
     /// the first event was applied by the order service.
     pub faults_injected: Vec<(Fault, Duration, Option<Duration>)>,
+    /// What each fault was seen to do (backends killed, reconnections,
+    /// duplicates replayed, commands acknowledged after it).
+    pub evidence: Vec<String>,
+    /// A fault that did not happen, or after which nothing moved again.
+    pub fault_problems: Vec<String>,
+    /// The consumer's whole retry schedule: the sum of its delays over
+    /// every attempt; an outage held longer would dead-letter every event
+    /// it held if it were charged to them.
+    pub retry_budget: Duration,
     pub broker: TestBroker,
     pub user_db: TestDatabase,
     pub order_db: TestDatabase,
@@ -164,7 +180,28 @@ impl Chaos {
             let began = Instant::now();
             chaos.inject(*fault, &load).await;
             let took = began.elapsed();
+            let acknowledged = load.acknowledged();
+            let ended = Instant::now();
             let recovered = chaos.first_event_applied_after(chrono::Utc::now()).await;
+            let answered = {
+                let mut answered = None;
+                while ended.elapsed() < Duration::from_secs(60) {
+                    if load.acknowledged() > acknowledged {
+                        answered = Some(ended.elapsed());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                answered
+            };
+            match answered {
+                Some(after) => chaos.evidence.push(format!(
+                    "{fault:?}: commands acknowledged again {after:.1?} after it"
+                )),
+                None => chaos
+                    .fault_problems
+                    .push(format!("{fault:?}: no command acknowledged within 60 s after it")),
+            }
             chaos.faults_injected.push((*fault, took, recovered));
             println!(
                 "chaos: {fault:?} at {:?} took {took:?}; first event applied {recovered:?} after it ended",
@@ -174,6 +211,19 @@ impl Chaos {
         tokio::time::sleep_until(started + chaos.options.duration).await;
         let loaded_memory = chaos.memory();
         let outcome = load.stop().await;
+        // The load itself: at least a fifth of the commands it was to send
+        // acknowledged, or the faults were not tried under load.
+        let expected = u64::from(chaos.options.rate) * chaos.options.duration.as_secs() / 5;
+        chaos.evidence.push(format!(
+            "load: {} commands acknowledged (at least {expected} required)",
+            outcome.acknowledged
+        ));
+        if outcome.acknowledged < expected {
+            chaos.fault_problems.push(format!(
+                "only {} commands acknowledged, fewer than {expected}",
+                outcome.acknowledged
+            ));
+        }
         chaos.restore().await;
         crate::reconcile::settle_and_reconcile(&chaos, outcome, started.elapsed(), idle_memory, loaded_memory)
             .await
@@ -213,6 +263,10 @@ impl Chaos {
             ];
             config
         };
+        let max_attempts = 6;
+        let retry_budget: Duration = (0..max_attempts - 1)
+            .map(|step| consumer.retry_delays[step.min(consumer.retry_delays.len() - 1)])
+            .sum();
         broker.track_topology(&consumer.topology());
         let taps = Taps::declare(&broker, &user_exchange, &order_exchange).await;
         let amqp_url = amqp_proxy.url_for(broker.config().url.expose_secret());
@@ -230,7 +284,7 @@ impl Chaos {
                 ("ORDER_EVENTS_EXCHANGE", order_exchange.clone()),
                 ("USER_EVENTS_QUEUE", consumer_queue.clone()),
                 ("CONSUMER_RETRY_DELAYS", delays.clone()),
-                ("CONSUMER_MAX_ATTEMPTS", "6".to_owned()),
+                ("CONSUMER_MAX_ATTEMPTS", max_attempts.to_string()),
                 // Every application recorded, in order, for the
                 // reconciliation.
                 ("CONSUMER_LEDGER", "true".to_owned()),
@@ -273,6 +327,9 @@ impl Chaos {
             user_exchange,
             consumer_queue,
             faults_injected: Vec::new(),
+            evidence: Vec::new(),
+            fault_problems: Vec::new(),
+            retry_budget,
             broker,
             user_db,
             order_db,
@@ -293,6 +350,7 @@ impl Chaos {
     }
 
     async fn inject(&mut self, fault: Fault, load: &Load) {
+        let connections = self.amqp_proxy.accepted();
         match fault {
             Fault::CutBroker => self.amqp_proxy.cut(),
             Fault::RestartBroker => {
@@ -302,27 +360,13 @@ impl Chaos {
                 rabbitmqctl(&["await_startup"]).await;
             }
             Fault::KillDatabaseBackends => {
-                let (client, connection) = tokio_postgres::connect(
-                    &std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-                        "postgres://postgres:postgres@localhost:5432/postgres".to_owned()
-                    }),
-                    tokio_postgres::NoTls,
-                )
-                .await
-                .unwrap();
-                tokio::spawn(connection);
-                let killed = client
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
-                        &[&vec![
-                            self.user_db.name().to_owned(),
-                            self.order_db.name().to_owned(),
-                        ]],
-                    )
-                    .await
-                    .unwrap();
-                println!("chaos: terminated {} backends", killed.len());
+                let killed = self.kill_database_backends().await;
+                println!("chaos: terminated {killed} backends");
+                self.expect(
+                    fault,
+                    killed > 0,
+                    format!("{killed} database backends terminated"),
+                );
             }
             Fault::RefuseDatabase => {
                 self.pg_proxy.refuse(true);
@@ -342,23 +386,112 @@ impl Chaos {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 node.start().await;
             }
-            Fault::Duplicates => load.replay_sample(self).await,
+            Fault::Duplicates => {
+                let replayed = load.replay_sample(self).await;
+                self.expect(
+                    fault,
+                    replayed > 0,
+                    format!("{replayed} past events published again"),
+                );
+            }
             Fault::FreezeConnections => {
                 let frozen = self.pg_proxy.freeze() + self.amqp_proxy.freeze();
                 println!("chaos: froze {frozen} connections");
+                self.expect(fault, frozen > 0, format!("{frozen} connections frozen"));
             }
             Fault::ReadOnlyDatabases => {
+                // Longer than the consumer's whole retry schedule: were the
+                // outage charged to the events it holds, they would all be
+                // dead letters by the end of it.
+                let held = self.retry_budget + Duration::from_secs(2);
                 self.user_db.set_read_only(true).await.unwrap();
                 self.order_db.set_read_only(true).await.unwrap();
-                tokio::time::sleep(Duration::from_secs(8)).await;
+                tokio::time::sleep(held).await;
                 self.user_db.set_read_only(false).await.unwrap();
                 self.order_db.set_read_only(false).await.unwrap();
+                self.evidence.push(format!(
+                    "{fault:?}: held {held:.1?}, the retry schedule is {:.1?}",
+                    self.retry_budget
+                ));
             }
             Fault::BrokerAlarm => {
                 let _alarm = MemoryAlarm::raise().await;
                 tokio::time::sleep(Duration::from_secs(12)).await;
             }
+            Fault::DatabaseAndBrokerAtOnce => {
+                self.pg_proxy.refuse(true);
+                self.pg_proxy.cut();
+                self.amqp_proxy.refuse(true);
+                self.amqp_proxy.cut();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                self.amqp_proxy.refuse(false);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.pg_proxy.refuse(false);
+            }
+            Fault::EveryInstanceDown => {
+                for node in self.user_nodes.iter_mut().chain(self.order_nodes.iter_mut()) {
+                    node.kill().await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for node in self.order_nodes.iter_mut().chain(self.user_nodes.iter_mut()) {
+                    node.start().await;
+                }
+            }
         }
+        if matches!(
+            fault,
+            Fault::CutBroker
+                | Fault::RestartBroker
+                | Fault::FreezeConnections
+                | Fault::DatabaseAndBrokerAtOnce
+        ) {
+            // The services' broker connections were lost: they must come
+            // back through the proxy.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.amqp_proxy.accepted() <= connections && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let reconnections = self.amqp_proxy.accepted().saturating_sub(connections);
+            self.expect(
+                fault,
+                reconnections > 0,
+                format!("{reconnections} broker connections opened again"),
+            );
+        }
+    }
+
+    /// Records what a fault was seen to do, or a problem when it was not.
+    fn expect(&mut self, fault: Fault, happened: bool, what: String) {
+        if happened {
+            self.evidence.push(format!("{fault:?}: {what}"));
+        } else {
+            self.fault_problems
+                .push(format!("{fault:?} did not happen: {what}"));
+        }
+    }
+
+    /// `pg_terminate_backend` on every session of both databases; how many.
+    async fn kill_database_backends(&self) -> usize {
+        let (client, connection) = tokio_postgres::connect(
+            &std::env::var("TEST_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+                &[&vec![
+                    self.user_db.name().to_owned(),
+                    self.order_db.name().to_owned(),
+                ]],
+            )
+            .await
+            .unwrap()
+            .len()
     }
 
     /// How long after `since` the order service applied its first event

@@ -122,22 +122,27 @@ impl Load {
         }
     }
 
+    /// Commands acknowledged so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.model.lock().unwrap().outcome.acknowledged
+    }
+
     pub async fn stop(mut self) -> Outcome {
         let _ = self.running.stop().await;
         self.model.lock().unwrap().outcome.clone()
     }
 
     /// Publishes again up to 30 past user events, shuffled: duplicates, out
-    /// of order.
-    pub async fn replay_sample(&self, _chaos: &Chaos) {
+    /// of order. Returns how many.
+    pub async fn replay_sample(&self, _chaos: &Chaos) -> usize {
         use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
         let Ok(connection) =
             lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
         else {
-            return;
+            return 0;
         };
         let Ok(channel) = connection.create_channel().await else {
-            return;
+            return 0;
         };
         let _ = channel.confirm_select(ConfirmSelectOptions::default()).await;
         let mut sample = Vec::new();
@@ -173,6 +178,7 @@ impl Load {
         }
         println!("chaos: republished {} user events, shuffled", sample.len());
         let _ = connection.close(200, "replayed".into()).await;
+        sample.len()
     }
 }
 

@@ -42,7 +42,9 @@ async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_m
             Fault::KillOrderService,
             Fault::ReadOnlyDatabases,
             Fault::RestartBroker,
+            Fault::DatabaseAndBrokerAtOnce,
             Fault::BrokerAlarm,
+            Fault::EveryInstanceDown,
         ],
     });
     let report = Chaos::run(options).await;
@@ -59,7 +61,11 @@ async fn two_instances_of_each_service_keep_every_projection_right_and_per_user_
             rate: 40,
             users: 8,
             instances: 2,
-            faults: vec![Fault::KillUserService, Fault::KillOrderService],
+            faults: vec![
+                Fault::KillUserService,
+                Fault::KillOrderService,
+                Fault::EveryInstanceDown,
+            ],
         },
     );
     let report = Chaos::run(options).await;

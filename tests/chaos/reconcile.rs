@@ -493,6 +493,10 @@ pub async fn settle_and_reconcile(
         ),
     );
 
+    // What the harness saw each fault do (and any fault that did not
+    // happen, or after which no command was acknowledged).
+    problems.extend(chaos.fault_problems.iter().cloned());
+
     let faults: Vec<String> = chaos
         .faults_injected
         .iter()
@@ -562,6 +566,7 @@ pub async fn settle_and_reconcile(
             (user_violations + order_violations).to_string(),
         ),
         ("dead letters".to_owned(), dead_letters.len().to_string()),
+        ("what the faults did".to_owned(), chaos.evidence.join("; ")),
         ("resident memory at start".to_owned(), mib(&idle_memory)),
         (
             "resident memory at the end of the load".to_owned(),

@@ -6,5 +6,6 @@
 mod alarms;
 mod flow;
 mod golden;
+mod model;
 mod readme;
 mod system;

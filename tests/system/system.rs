@@ -131,6 +131,11 @@ impl System {
         .await;
     }
 
+    /// The order service's database, for reading its projection.
+    pub fn order_db_url(&self) -> &str {
+        self._order_db.url()
+    }
+
     /// The user service's outbox relay, run by the test.
     pub fn user_relay(&self) -> Running {
         let pool = shop_database::pool(&self.user_settings.host.database).unwrap();

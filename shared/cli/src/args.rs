@@ -92,15 +92,25 @@ pub struct Connection {
     )]
     pub queue: String,
     /// That consumer's database, where the events parked behind dead
-    /// letters and gaps wait (the dlq commands).
-    #[arg(
-        long,
-        global = true,
-        env = "CONSUMER_DATABASE_URL",
-        default_value = "postgres://postgres:postgres@localhost:5432/orders",
-        hide_env_values = true
-    )]
-    pub consumer_database_url: String,
+    /// letters and gaps wait (the dlq commands). Unset: `DATABASE_URL` if
+    /// set (as in the order service's container), else the local `orders`.
+    #[arg(long, global = true, env = "CONSUMER_DATABASE_URL", hide_env_values = true)]
+    pub consumer_database_url: Option<String>,
+}
+
+impl Connection {
+    /// The consumer's database: `--consumer-database-url`, else
+    /// `DATABASE_URL`, else the local `orders`.
+    pub fn consumer_database(&self) -> String {
+        self.consumer_database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .unwrap_or_else(|| {
+                <order_service::app::OrderService as shop_host::Service>::DEFAULTS
+                    .database_url
+                    .to_owned()
+            })
+    }
 }
 
 /// Commands.

@@ -17,7 +17,7 @@ pub(crate) async fn run(connection: &Connection, command: DlqCommand, output: &O
     let mut amqp = AmqpConfig::new(connection.amqp_url.clone());
     amqp.ca_file.clone_from(&connection.amqp_ca_file);
     let dead_letters = DeadLetters::connect(&amqp, &connection.queue).await?;
-    let database = DatabaseConfig::new(connection.consumer_database_url.clone());
+    let database = DatabaseConfig::new(connection.consumer_database());
     let outcome = execute(&dead_letters, &database, &connection.queue, command, output).await;
     dead_letters.close().await;
     outcome

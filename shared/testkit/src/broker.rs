@@ -146,12 +146,18 @@ pub struct ProbeQueue {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    queue: String,
 }
 
 impl ProbeQueue {
     async fn bind(exchange: &str, binding_key: &str) -> anyhow::Result<Self> {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
+        // Confirms, so the marker of `expect_nothing_more` is known to be
+        // queued.
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
         shop_messaging::topology::declare_event_exchange(&channel, exchange).await?;
         let queue = channel
             .queue_declare(
@@ -185,6 +191,7 @@ impl ProbeQueue {
             connection,
             channel,
             consumer,
+            queue: queue.name().to_string(),
         })
     }
 
@@ -199,8 +206,8 @@ impl ProbeQueue {
     }
 
     /// Exactly `count` messages (panics if they do not arrive within
-    /// `timeout`), then checks that nothing more arrives for `quiet`.
-    pub async fn expect(&mut self, count: usize, timeout: Duration, quiet: Duration) -> Vec<Delivery> {
+    /// `timeout`), then [`Self::expect_nothing_more`].
+    pub async fn expect(&mut self, count: usize, timeout: Duration) -> Vec<Delivery> {
         let until = tokio::time::Instant::now() + timeout;
         let mut received = Vec::with_capacity(count);
         while received.len() < count {
@@ -213,14 +220,44 @@ impl ProbeQueue {
                 ),
             }
         }
-        if let Some(extra) = self.next(quiet).await {
-            panic!(
-                "expected exactly {count} messages, got another: type {:?}, id {:?}",
-                extra.properties.kind(),
-                extra.properties.message_id()
-            );
-        }
+        self.expect_nothing_more().await;
         received
+    }
+
+    /// Checks that nothing more is in the queue, without waiting for a
+    /// quiet spell: a marker is sent to the queue itself (through the
+    /// default exchange) and must be the next message. Whatever was routed
+    /// to the queue before the marker arrives before it, so a message that
+    /// a producer had confirmed (or sent on a connection it has closed)
+    /// before this call is caught however slow the machine. Call it once
+    /// the producers are stopped, or have nothing left to send.
+    pub async fn expect_nothing_more(&mut self) {
+        let marker = format!("marker-{}", crate::short_id());
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"",
+                lapin::BasicProperties::default().with_message_id(marker.as_str().into()),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("publishing the marker: {error}"))
+            .await
+            .unwrap_or_else(|error| panic!("confirm of the marker: {error}"));
+        assert!(confirm.is_ack(), "the broker refused the marker");
+        let Some(next) = self.next(Duration::from_secs(30)).await else {
+            panic!("the marker did not come back within 30 s");
+        };
+        let id = next.properties.message_id().as_ref().map(|id| id.to_string());
+        assert_eq!(
+            id.as_deref(),
+            Some(marker.as_str()),
+            "expected nothing more, got another message: type {:?}, routing key {}",
+            next.properties.kind(),
+            next.routing_key
+        );
     }
 
     /// The channel, for publishing test messages.

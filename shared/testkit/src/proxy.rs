@@ -17,6 +17,7 @@ struct State {
     live: Mutex<Vec<Live>>,
     refusing: AtomicBool,
     accepted: AtomicUsize,
+    refused: AtomicUsize,
 }
 
 /// One forwarded connection.
@@ -118,6 +119,13 @@ impl TcpProxy {
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::SeqCst)
     }
+
+    /// Connections refused so far (see [`Self::refuse`]): how often a
+    /// client tried while the target was away, a count a test can wait on
+    /// instead of sleeping.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for TcpProxy {
@@ -133,6 +141,7 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             continue;
         };
         if state.refusing.load(Ordering::SeqCst) {
+            state.refused.fetch_add(1, Ordering::SeqCst);
             drop(client);
             continue;
         }

@@ -41,7 +41,7 @@ pub struct TestApp {
     pub client: OrderServiceClient<Channel>,
     pub settings: Config,
     pub publisher: TestPublisher,
-    _running: Running,
+    pub running: Running,
     pub pool: shop_database::Pool,
     pub broker: TestBroker,
     pub db: TestDatabase,
@@ -96,7 +96,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         client,
         settings,
         publisher,
-        _running: running,
+        running,
         pool,
         broker,
         db,
@@ -212,6 +212,54 @@ impl TestApp {
             (parked == versions).then_some(())
         })
         .await;
+    }
+
+    /// Stops the service (gRPC, relay, consumer), within its grace period.
+    pub async fn stop(&mut self) {
+        self.running.stop().await.unwrap();
+    }
+
+    /// Outbox rows not yet marked published.
+    pub async fn unpublished(&self) -> i64 {
+        use shop_outbox::schema::outbox::dsl;
+        let mut conn = self.pool.get().await.unwrap();
+        dsl::outbox
+            .filter(dsl::published_at.is_null())
+            .count()
+            .get_result(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Whether the consumer has recorded `event_id` in its inbox.
+    pub async fn inbox_has(&self, event_id: Uuid) -> bool {
+        use shop_messaging::inbox::inbox;
+        let Ok(mut conn) = self.pool.get().await else {
+            return false;
+        };
+        inbox::table
+            .filter(inbox::consumer.eq(&self.settings.service.user_events_queue))
+            .filter(inbox::event_id.eq(event_id))
+            .count()
+            .get_result::<i64>(&mut conn)
+            .await
+            .is_ok_and(|found| found == 1)
+    }
+
+    /// `consumer_events_total{outcome}` of this test's queue (0 before the
+    /// first one): how many events the consumer handed to the projection
+    /// (`applied`) or skipped as already applied (`duplicate`).
+    pub fn consumer_events(&self, outcome: &str) -> u64 {
+        let metrics = shop_host::admin::metrics_handle().unwrap().render();
+        shop_testkit::metric(
+            &metrics,
+            "consumer_events_total",
+            &[
+                ("queue", self.settings.service.user_events_queue.as_str()),
+                ("outcome", outcome),
+            ],
+        )
+        .map_or(0, |value| value as u64)
     }
 
     pub async fn inbox_count(&self) -> i64 {

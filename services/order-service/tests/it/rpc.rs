@@ -265,7 +265,7 @@ async fn cancel_order_cancels_once_and_refuses_twice_stale_and_unknown() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn order_events_are_published_to_the_order_exchange() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     let mut probe = app
         .broker
         .probe(&app.settings.service.events_exchange, "#")
@@ -283,9 +283,13 @@ async fn order_events_are_published_to_the_order_exchange() {
         .await
         .unwrap();
 
-    let deliveries = probe
-        .expect(2, Duration::from_secs(15), Duration::from_millis(500))
-        .await;
+    // Every row marked and the service stopped: nothing more can come.
+    shop_testkit::eventually("every row marked", Duration::from_secs(15), || async {
+        (app.unpublished().await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    let deliveries = probe.expect(2, Duration::from_secs(15)).await;
     assert_eq!(deliveries[0].routing_key.as_str(), pb::OrderCreated::ROUTING_KEY);
     assert_eq!(
         deliveries[1].routing_key.as_str(),

@@ -31,14 +31,22 @@ async fn status(health: &mut HealthClient<tonic::transport::Channel>, service: &
 /// consumer's own health name says it is not connected.
 #[tokio::test(flavor = "multi_thread")]
 async fn while_the_consumer_cannot_connect_the_api_serves_and_only_the_consumer_reports_not_serving() {
+    let refusing = shop_testkit::TcpProxy::start(shop_testkit::amqp_addr().await)
+        .await
+        .unwrap();
+    refusing.refuse(true);
     let app = spawn_app_with(|settings| {
-        settings.host.amqp = AmqpConfig::new("amqp://guest:guest@127.0.0.1:1/%2f");
+        settings.host.amqp = AmqpConfig::new(refusing.url_for(&shop_testkit::amqp_url()));
         settings.host.relay_enabled = false;
     })
     .await;
     let mut health = HealthClient::new(channel(app.addr).await);
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The consumer has tried, and been refused, twice.
+    shop_testkit::eventually("two refused attempts", Duration::from_secs(10), || async {
+        (refusing.refused() >= 2).then_some(())
+    })
+    .await;
     for service in ["", "shop.order.v1.OrderService"] {
         assert_eq!(
             status(&mut health, service).await,
@@ -85,6 +93,46 @@ async fn the_api_is_not_serving_while_its_database_is_read_only() {
     .await;
     app.db.set_read_only(false).await.unwrap();
     shop_testkit::eventually("SERVING again", Duration::from_secs(20), || {
+        let mut health = health.clone();
+        async move { (status(&mut health, "").await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        status(&mut health, "shop.order.v1.OrderService").await,
+        ServingStatus::Serving as i32
+    );
+}
+
+/// Connections to PostgreSQL dropped and new ones refused: the API is
+/// NOT_SERVING, and SERVING again once the database is reachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_is_not_serving_while_its_database_is_unreachable() {
+    let proxy = shop_testkit::TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    let app = spawn_app_with(|settings| {
+        use secrecy::ExposeSecret as _;
+        let url = proxy.url_for(settings.host.database.url.expose_secret());
+        settings.host.database.url = url.into();
+        settings.host.database.acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut health = HealthClient::new(channel(app.addr).await);
+    assert_eq!(status(&mut health, "").await, ServingStatus::Serving as i32);
+
+    proxy.refuse(true);
+    proxy.cut();
+    shop_testkit::eventually("NOT_SERVING while unreachable", Duration::from_secs(30), || {
+        let mut health = health.clone();
+        async move { (status(&mut health, "").await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        status(&mut health, "shop.order.v1.OrderService").await,
+        ServingStatus::NotServing as i32
+    );
+    proxy.refuse(false);
+    shop_testkit::eventually("SERVING again", Duration::from_secs(30), || {
         let mut health = health.clone();
         async move { (status(&mut health, "").await == ServingStatus::Serving as i32).then_some(()) }
     })

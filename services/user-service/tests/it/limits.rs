@@ -43,7 +43,15 @@ async fn calls_past_the_in_flight_bound_are_refused_at_once_and_health_still_ans
         Duration::from_secs(10),
         || async {
             let waiting: i64 = watcher
-                .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+                // This test's database only: other tests on the server
+                // wait on locks of their own.
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l \
+                     JOIN pg_database d ON d.oid = l.database \
+                     WHERE NOT l.granted AND d.datname = current_database() \
+                     AND l.relation = 'users'::regclass",
+                    &[],
+                )
                 .await
                 .ok()?
                 .get(0);

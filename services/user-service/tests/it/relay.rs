@@ -3,18 +3,20 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use prost::Message as _;
 use shop_contracts::Event as _;
 use shop_contracts::user as pb;
 use shop_messaging::AmqpConfig;
 use shop_messaging::wire::{header_i64, header_str};
-use shop_outbox::RelayError;
+use shop_outbox::{BrokerError, RelayError};
+use shop_testkit::{Running, TcpProxy};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{self, TestApp, spawn_app, spawn_app_with};
 
 const WAIT: Duration = Duration::from_secs(15);
-const QUIET: Duration = Duration::from_millis(500);
 
 async fn spawn_app_without_relay() -> TestApp {
     spawn_app_with(|settings| settings.host.relay_enabled = false).await
@@ -22,7 +24,7 @@ async fn spawn_app_without_relay() -> TestApp {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_committed_event_arrives_once_with_the_wire_properties() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
     let mut client = app.client.clone();
 
@@ -44,7 +46,10 @@ async fn every_committed_event_arrives_once_with_the_wire_properties() {
         .await
         .unwrap();
 
-    let deliveries = probe.expect(3, WAIT, QUIET).await;
+    // Every row marked, the relay stopped: nothing more can come.
+    wait_until_all_published(&app).await;
+    app.running.stop().await.unwrap();
+    let deliveries = probe.expect(3, WAIT).await;
     let expected = [
         (pb::UserCreated::TYPE_NAME, pb::UserCreated::ROUTING_KEY),
         (pb::UserUpdated::TYPE_NAME, pb::UserUpdated::ROUTING_KEY),
@@ -91,8 +96,6 @@ async fn every_committed_event_arrives_once_with_the_wire_properties() {
     );
     let deleted = pb::UserDeleted::decode(&*deliveries[2].data).unwrap();
     assert_eq!((deleted.user_id.as_str(), deleted.version), (user.id.as_str(), 3));
-
-    wait_until_all_published(&app).await;
 }
 
 async fn wait_until_all_published(app: &TestApp) {
@@ -104,7 +107,7 @@ async fn wait_until_all_published(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_carries_its_trace_context_into_the_message_headers() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(pb::CreateUserRequest {
@@ -119,7 +122,9 @@ async fn a_command_carries_its_trace_context_into_the_message_headers() {
 
     app.client.clone().create_user(request).await.unwrap();
 
-    let delivery = probe.expect(1, WAIT, QUIET).await.remove(0);
+    wait_until_all_published(&app).await;
+    app.running.stop().await.unwrap();
+    let delivery = probe.expect(1, WAIT).await.remove(0);
     let headers = delivery.properties.headers().as_ref().unwrap();
     let traceparent = header_str(headers, "traceparent").expect("traceparent header");
     assert!(
@@ -129,7 +134,7 @@ async fn a_command_carries_its_trace_context_into_the_message_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broker_is_back() {
+async fn a_relay_facing_a_closed_port_reports_a_broker_error_and_marks_nothing() {
     let app = spawn_app_without_relay().await;
     for i in 0..3 {
         app.create_user(&format!("wait{i}@example.com"), "Waiting").await;
@@ -139,29 +144,195 @@ async fn a_relay_facing_a_closed_port_loses_nothing_and_publishes_once_the_broke
     let mut unreachable = shop_host::relay(&down, app.pool.clone());
 
     let error = unreachable.run_once().await.unwrap_err();
-    assert!(matches!(error, RelayError::Broker(_)), "{error}");
-    // Running against the closed port keeps retrying without losing rows or
-    // ending the task.
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(unreachable.run(stop.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!running.is_finished());
-    stop.cancel();
-    running.await.unwrap().unwrap();
-    assert_eq!(app.unpublished().await, 3);
 
+    assert!(matches!(error, RelayError::Broker(_)), "{error}");
+    assert_eq!(app.unpublished().await, 3);
+}
+
+/// The broker goes away under a running relay (its connection cut, new
+/// ones refused) while events are committed, and comes back to the same
+/// relay: nothing is marked while it is away, the relay keeps trying, and
+/// once it is back every event is published exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_whose_broker_goes_away_and_comes_back_publishes_every_event_exactly_once() {
+    let app = spawn_app_without_relay().await;
+    let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
     let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.amqp = AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url()));
+    let relay = shop_host::relay(&settings, app.pool.clone());
+    let mut running = Running::spawn(|shutdown| relay.run(shutdown));
+    let first = app.create_user("before@example.com", "Before").await;
+    assert!(probe.next(WAIT).await.is_some(), "the relay publishes");
+    wait_until_all_published(&app).await;
+
+    proxy.refuse(true);
+    proxy.cut();
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        waiting.push(app.create_user(&format!("away{i}@example.com"), "Away").await);
+    }
+    let refused = proxy.refused();
+    shop_testkit::eventually("three more attempts of the relay", WAIT, || async {
+        (proxy.refused() >= refused + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.unpublished().await,
+        3,
+        "nothing marked while the broker is away"
+    );
+    assert!(!running.is_finished(), "the relay keeps going");
+    proxy.refuse(false);
+    wait_until_all_published(&app).await;
+    running.stop().await.unwrap();
+
+    let deliveries = probe.expect(3, WAIT).await;
+    let mut published: Vec<String> = deliveries
+        .iter()
+        .map(|d| {
+            let headers = d.properties.headers().as_ref().unwrap();
+            header_str(headers, "aggregate_id").unwrap().to_owned()
+        })
+        .collect();
+    let mut expected: Vec<String> = waiting.iter().map(|user| user.id.clone()).collect();
+    published.sort();
+    expected.sort();
+    assert_eq!(published, expected, "each event once, none again");
+    assert!(!published.contains(&first.id));
+}
+
+/// A queue at its length limit with `x-overflow: reject-publish` makes the
+/// broker nack what is routed to it: the relay marks only the confirmed
+/// prefix of its batch, and the refused rows go out later, in order, once
+/// the queue has room.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_the_broker_nacks_stay_unpublished_and_go_out_later_in_order() {
+    let app = spawn_app_without_relay().await;
+    let (connection, channel) = bounded_queue(&app, 2).await;
+    let queue = app.broker.queue("bounded");
+    let user = app.create_user("nacked@example.com", "Nacked").await;
+    for version in 1..5 {
+        app.client
+            .clone()
+            .update_user(pb::UpdateUserRequest {
+                id: user.id.clone(),
+                expected_version: version,
+                email: None,
+                name: Some(format!("Nacked v{}", version + 1)),
+            })
+            .await
+            .unwrap();
+    }
     let mut relay = helpers::relay(&app);
+    let mut versions = Vec::new();
+
+    let error = relay.run_once().await.unwrap_err();
+    assert!(
+        matches!(error, RelayError::Broker(BrokerError::Nack)),
+        "{error:?}"
+    );
+    assert_eq!(app.unpublished().await, 3, "only the confirmed rows are marked");
+    versions.extend(take_all(&channel, &queue).await);
+    assert!(relay.run_once().await.is_err(), "two fit, the fifth is nacked");
+    assert_eq!(app.unpublished().await, 1);
+    versions.extend(take_all(&channel, &queue).await);
+    let last = relay.run_once().await.unwrap();
+    versions.extend(take_all(&channel, &queue).await);
+    let _ = connection.close(200, "done".into()).await;
+
+    assert_eq!((last.claimed, last.published), (1, 1));
+    assert_eq!(app.unpublished().await, 0);
+    assert_eq!(versions, [1, 2, 3, 4, 5], "each once, in version order");
+}
+
+/// The relay's publishing connection goes silent (frozen by the proxy)
+/// mid-batch: no confirm comes within `RELAY_CONFIRM_TIMEOUT`, nothing is
+/// marked, and the next batch publishes every row once on a new
+/// connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_without_confirms_marks_nothing_and_goes_out_once_on_a_new_connection() {
+    let app = spawn_app_without_relay().await;
+    let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.amqp = AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url()));
+    // Closing the frozen connection waits this long.
+    settings.host.amqp.timeout = Duration::from_secs(2);
+    settings.host.relay.confirm_timeout = Duration::from_secs(1);
+    let mut relay = shop_host::relay(&settings, app.pool.clone());
+    relay.run_once().await.unwrap();
+    for i in 0..3 {
+        app.create_user(&format!("silent{i}@example.com"), "Silent").await;
+    }
+
+    assert_eq!(proxy.freeze(), 1, "the relay's connection");
+    let error = relay.run_once().await.unwrap_err();
+    assert!(
+        matches!(error, RelayError::Broker(BrokerError::ConfirmTimeout(_))),
+        "{error:?}"
+    );
+    assert_eq!(app.unpublished().await, 3, "nothing marked without its confirm");
     let outcome = relay.run_once().await.unwrap();
 
     assert_eq!((outcome.claimed, outcome.published), (3, 3));
-    let deliveries = probe.expect(3, WAIT, QUIET).await;
-    assert!(
-        deliveries
-            .iter()
-            .all(|d| d.routing_key.as_str() == "user.created")
-    );
     assert_eq!(app.unpublished().await, 0);
+    let deliveries = probe.expect(3, WAIT).await;
+    let ids: HashSet<_> = deliveries
+        .iter()
+        .map(|d| d.properties.message_id().clone())
+        .collect();
+    assert_eq!(ids.len(), 3, "each event once");
+}
+
+/// A classic queue bound to the app's exchange that holds at most `limit`
+/// messages and refuses (nacks) the rest.
+async fn bounded_queue(app: &TestApp, limit: i64) -> (lapin::Connection, lapin::Channel) {
+    let connection =
+        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    shop_messaging::topology::declare_event_exchange(&channel, &app.exchange)
+        .await
+        .unwrap();
+    let queue = app.broker.queue("bounded");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(limit));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), arguments)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            app.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (connection, channel)
+}
+
+/// The aggregate versions of every message in `queue`, taken off it.
+async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<i64> {
+    let mut versions = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let headers = message.delivery.properties.headers().as_ref().unwrap();
+        versions.push(header_i64(headers, "aggregate_version").unwrap());
+        message.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    versions
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -204,13 +375,15 @@ async fn two_relays_publish_each_event_once_and_each_users_events_in_order() {
     }
 
     let total = USERS * (1 + UPDATES_PER_USER as usize);
-    let deliveries = probe
-        .expect(total, Duration::from_secs(30), Duration::from_secs(1))
-        .await;
+    shop_testkit::eventually("every row marked", Duration::from_secs(30), || async {
+        (app.unpublished().await == 0).then_some(())
+    })
+    .await;
     stop.cancel();
     for relay in relays {
         relay.await.unwrap().unwrap();
     }
+    let deliveries = probe.expect(total, Duration::from_secs(30)).await;
 
     let ids: HashSet<_> = deliveries
         .iter()
@@ -396,7 +569,7 @@ async fn events_no_queue_takes_wait_in_the_outbox_until_a_queue_is_bound() {
         (outcome.claimed, outcome.published, outcome.unroutable),
         (3, 3, 0)
     );
-    probe.expect(3, WAIT, QUIET).await;
+    probe.expect(3, WAIT).await;
     assert_eq!(app.unpublished().await, 0);
 }
 

@@ -102,9 +102,65 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
     let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap();
-    if let Some(Ok(update)) = next {
-        assert_eq!(update.status, ServingStatus::NotServing as i32);
-    }
+    // The watcher hears NOT_SERVING before the server closes the stream.
+    let update = next
+        .expect("an update before the stream ends")
+        .expect("the update, not an error");
+    assert_eq!(update.status, ServingStatus::NotServing as i32);
+}
+
+/// The API's readiness follows its database: when the service's
+/// connections to PostgreSQL drop and new ones are refused, health turns
+/// NOT_SERVING (a load balancer stops sending calls that would only fail),
+/// and SERVING again once the database is reachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_not_serving_while_the_database_is_unreachable_and_serving_again_after() {
+    let proxy = shop_testkit::TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    let app = crate::helpers::spawn_app_with(|settings| {
+        use secrecy::ExposeSecret as _;
+        let url = proxy.url_for(settings.host.database.url.expose_secret());
+        settings.host.database.url = url.into();
+        settings.host.database.acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut health = HealthClient::new(channel(&app).await);
+    let status = |mut health: HealthClient<tonic::transport::Channel>| async move {
+        health
+            .check(HealthCheckRequest {
+                service: "shop.user.v1.UserService".to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    assert_eq!(status(health.clone()).await, ServingStatus::Serving as i32);
+
+    proxy.refuse(true);
+    proxy.cut();
+    shop_testkit::eventually("NOT_SERVING while unreachable", Duration::from_secs(30), || {
+        let health = health.clone();
+        async move { (status(health).await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(overall, ServingStatus::NotServing as i32);
+    proxy.refuse(false);
+    shop_testkit::eventually("SERVING again", Duration::from_secs(30), || {
+        let health = health.clone();
+        async move { (status(health).await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    app.create_user("back@example.com", "Back").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -21,6 +21,7 @@ fn dlq(system: &System, args: &[&str]) -> (bool, String, String) {
             "USER_EVENTS_QUEUE",
             &system.order_settings.service.user_events_queue,
         )
+        .env("CONSUMER_DATABASE_URL", system.order_db_url())
         .output()
         .unwrap();
     (
@@ -81,4 +82,145 @@ async fn dlq_commands_list_show_replay_and_purge() {
     let (ok, purged, _) = dlq(&system, &["purge", "--yes"]);
     assert!(ok);
     assert!(purged.starts_with("purged 1"), "{purged}");
+}
+
+/// Publishes `event` as the relay would, with a body that decodes or not.
+async fn publish_user_event(
+    system: &System,
+    publisher: &TestPublisher,
+    event: &shop_contracts::user::UserUpdated,
+    decodable: bool,
+) -> Uuid {
+    use prost::Message as _;
+    let id = Uuid::now_v7();
+    let exchange = &system.order_settings.service.user_events_exchange;
+    let trace = Default::default();
+    let id_text = id.to_string();
+    let headers = shop_messaging::wire::EventHeaders {
+        event_id: &id_text,
+        type_name: shop_contracts::user::UserUpdated::TYPE_NAME,
+        app_id: "test",
+        timestamp: 0,
+        aggregate_type: "user",
+        aggregate_id: &event.user_id,
+        aggregate_version: event.version,
+        partition: shop_messaging::wire::partition_of(&event.user_id),
+        trace: &trace,
+    };
+    let body = if decodable {
+        event.encode_to_vec()
+    } else {
+        b"\xff\xfe".to_vec()
+    };
+    publisher
+        .publish_raw(
+            exchange,
+            shop_contracts::user::UserUpdated::ROUTING_KEY,
+            &body,
+            headers.properties(),
+        )
+        .await
+        .unwrap();
+    id
+}
+
+fn updated(user: &str, version: i64) -> shop_contracts::user::UserUpdated {
+    shop_contracts::user::UserUpdated {
+        user_id: user.to_owned(),
+        version,
+        email: format!("{user}@example.com"),
+        name: format!("Version {version}"),
+        occurred_at: None,
+    }
+}
+
+/// `shop dlq list` until its text contains `needle`.
+async fn wait_for_listing(system: &System, needle: &str) -> String {
+    shop_testkit::eventually(
+        &format!("`shop dlq list` showing {needle:?}"),
+        Duration::from_secs(20),
+        || async {
+            let (ok, listed, _) = dlq(system, &["list"]);
+            (ok && listed.contains(needle)).then_some(listed)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_holds_its_users_later_events_until_skipped_and_a_gap_until_released() {
+    let system = start(true).await;
+    let publisher = TestPublisher::connect(&system.order_settings.service.user_events_exchange)
+        .await
+        .unwrap();
+    let user = Uuid::now_v7().to_string();
+    publisher
+        .publish(
+            &system.order_settings.service.user_events_exchange,
+            &shop_contracts::user::UserCreated {
+                user_id: user.clone(),
+                version: 1,
+                email: format!("{user}@example.com"),
+                name: "First".to_owned(),
+                occurred_at: None,
+            },
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+    let poison = publish_user_event(&system, &publisher, &updated(&user, 2), false).await;
+    publish_user_event(&system, &publisher, &updated(&user, 3), true).await;
+
+    let listed = wait_for_listing(&system, "version(s) 3 parked").await;
+    assert!(listed.contains(": 1 dead letter(s)"), "{listed}");
+    assert!(
+        listed.contains(&format!(
+            "user/{user} at version 1, behind dead letter {poison} (version 2)"
+        )),
+        "{listed}"
+    );
+    let (ok, shown, _) = dlq(&system, &["show", &poison.to_string()]);
+    assert!(ok);
+    assert!(shown.contains("parked behind it: user/"), "{shown}");
+
+    let (ok, skipped, stderr) = dlq(&system, &["skip", &poison.to_string()]);
+    assert!(ok, "{stderr}");
+    assert!(
+        skipped.contains("removed 1 dead letter(s), released 1 parked event(s)"),
+        "{skipped}"
+    );
+    wait_for_listing(&system, "parked: 0 aggregate(s), 0 event(s)").await;
+    let (_, listed, _) = dlq(&system, &["list"]);
+    assert!(listed.contains(": 0 dead letter(s)"), "{listed}");
+
+    // A gap: version 4 never comes.
+    publish_user_event(&system, &publisher, &updated(&user, 5), true).await;
+    wait_for_listing(
+        &system,
+        "at version 3, waiting for version 4 (a gap): version(s) 5 parked",
+    )
+    .await;
+    let (ok, released, stderr) = dlq(&system, &["release", &format!("user/{user}")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        released.contains("gave up on versions 4 to 4; released 1"),
+        "{released}"
+    );
+    wait_for_listing(&system, "parked: 0 aggregate(s), 0 event(s)").await;
+
+    let mut order_db = shop_database::establish(&system.order_settings.host.database)
+        .await
+        .unwrap();
+    let aggregate: shop_messaging::sequence::Aggregate = format!("user/{user}").parse().unwrap();
+    let position = shop_messaging::sequence::position(
+        &mut order_db,
+        &system.order_settings.service.user_events_queue,
+        &aggregate,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        position.last_version, 5,
+        "versions 1, 3 and 5 applied; 2 skipped, 4 given up"
+    );
 }

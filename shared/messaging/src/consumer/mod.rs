@@ -360,6 +360,71 @@ pub(crate) fn classify<T>(
     }
 }
 
+/// Everything the consumer reads from a delivery before any handler sees it:
+/// [`classify`] on its `message_id`, `type` and body, then the handler's
+/// [`EventMeta`] from its headers (original exchange and routing key,
+/// aggregate id and version, attempt). The worker calls it on every
+/// delivery; [`inspect_delivery`] calls it on anything, for fuzzing.
+pub(crate) fn inspect<T>(
+    properties: &lapin::BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    decode: impl FnOnce(&str, &[u8]) -> Option<Result<T, prost::DecodeError>>,
+) -> Result<(EventMeta, T), (crate::wire::DeadLetterReason, String)> {
+    use crate::wire::{self, header_i64, header_str};
+    let (event_id, type_name, decoded) = classify(
+        properties.message_id().as_ref().map(|id| id.as_str()),
+        properties.kind().as_ref().map(|kind| kind.as_str()),
+        body,
+        decode,
+    )?;
+    let headers = properties.headers().as_ref();
+    let header = |key| headers.and_then(|h| header_str(h, key)).map(str::to_owned);
+    let meta = EventMeta {
+        event_id,
+        type_name,
+        exchange: header(wire::ORIGINAL_EXCHANGE).unwrap_or_else(|| exchange.to_owned()),
+        routing_key: header(wire::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| routing_key.to_owned()),
+        aggregate_type: header(wire::AGGREGATE_TYPE),
+        aggregate_id: header(wire::AGGREGATE_ID),
+        aggregate_version: headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION)),
+        attempt: attempt(properties),
+    };
+    Ok((meta, decoded))
+}
+
+/// The attempt a delivery is on: the `attempt` header, 1 without it.
+pub(crate) fn attempt(properties: &lapin::BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| crate::wire::header_i64(headers, crate::wire::ATTEMPT))
+        .and_then(|attempt| u32::try_from(attempt).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// [`inspect`] as the consumer runs it on a delivery, with every event type
+/// of the system as a subscription, plus the trace context the consumer's
+/// span continues: for fuzzing and randomized tests, which feed it
+/// properties parsed from arbitrary AMQP frames. Returns the metadata, or
+/// the dead-letter reason; it must never panic.
+pub fn inspect_delivery(
+    properties: &lapin::BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> Result<EventMeta, crate::wire::DeadLetterReason> {
+    let _trace = crate::wire::extract_trace(properties.headers().as_ref());
+    let known = |type_name: &str, body: &[u8]| {
+        shop_contracts::describe_event(type_name, body).map(|decoded| decoded.map(drop))
+    };
+    inspect(properties, exchange, routing_key, body, known)
+        .map(|(meta, ())| meta)
+        .map_err(|(reason, _)| reason)
+}
+
 /// [`classify`] on arbitrary bytes, for fuzzing: the input is split into a
 /// message id, a type name and a body (two length bytes, then the parts), a
 /// body alone also tried as every event type of the system. Returns the

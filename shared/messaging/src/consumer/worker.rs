@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::{ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
 use crate::sequence::{self, Aggregate, Decision, ParkedEvent};
 use crate::topology::ConsumerTopology;
-use crate::wire::{self, DeadLetterReason, header_i64, header_str, long_string};
+use crate::wire::{self, DeadLetterReason, long_string};
 use crate::{inbox, within};
 
 /// What every worker of a consumer shares.
@@ -309,32 +309,19 @@ impl Worker {
     /// The checks a message must pass before any handler sees it.
     #[allow(clippy::result_large_err)] // the delivery travels back to be dead-lettered
     fn check(&self, delivery: Delivery) -> Result<Incoming, (Delivery, DeadLetterReason, String)> {
-        let properties = &delivery.properties;
-        let checked = super::classify(
-            properties.message_id().as_ref().map(|id| id.as_str()),
-            properties.kind().as_ref().map(|kind| kind.as_str()),
+        let checked = super::inspect(
+            &delivery.properties,
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
             &delivery.data,
             |type_name, body| {
                 let handler = self.shared.handlers.get(type_name)?;
                 Some(handler.decode(body).map(|_| handler.clone()))
             },
         );
-        let (event_id, type_name, handler) = match checked {
+        let (meta, handler) = match checked {
             Ok(checked) => checked,
             Err((reason, error)) => return Err((delivery, reason, error)),
-        };
-        let headers = properties.headers().as_ref();
-        let header = |key| headers.and_then(|h| header_str(h, key)).map(str::to_owned);
-        let meta = EventMeta {
-            event_id,
-            type_name,
-            exchange: header(wire::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string()),
-            routing_key: header(wire::ORIGINAL_ROUTING_KEY)
-                .unwrap_or_else(|| delivery.routing_key.to_string()),
-            aggregate_type: header(wire::AGGREGATE_TYPE),
-            aggregate_id: header(wire::AGGREGATE_ID),
-            aggregate_version: headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION)),
-            attempt: attempt_of(&delivery),
         };
         let span = process_span(&self.shared.config.queue, &delivery);
         Ok(Incoming {
@@ -697,14 +684,7 @@ impl Worker {
 
 /// The attempt a delivery is on: the `attempt` header, 1 without it.
 fn attempt_of(delivery: &Delivery) -> u32 {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| header_i64(headers, wire::ATTEMPT))
-        .and_then(|attempt| u32::try_from(attempt).ok())
-        .unwrap_or(1)
-        .max(1)
+    super::attempt(&delivery.properties)
 }
 
 /// The consumer span of one message, continuing the trace in its headers.

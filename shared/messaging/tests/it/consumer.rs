@@ -27,24 +27,56 @@ async fn the_same_event_delivered_three_times_is_applied_once() {
 
     let applied = h.expect_applied(2).await;
     assert_eq!(applied.iter().filter(|(id, ..)| *id == event_id).count(), 1);
+    assert_eq!(
+        h.behavior.calls.load(Ordering::SeqCst),
+        2,
+        "the handler ran twice"
+    );
     assert!(h.dead_letters().await.is_empty());
 }
 
+/// The consumer commits an event but its acknowledgement never reaches the
+/// broker (the connection went silent, then dropped): the broker delivers
+/// the event again to the consumer's next session, which acknowledges it
+/// without a second application.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_redelivery_after_a_restart_is_acknowledged_without_a_second_effect() {
+async fn a_redelivery_after_a_reconnection_is_acknowledged_without_a_second_effect() {
     let mut h = harness().await;
-    h.start().await;
+    let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    *h.behavior.hold_user.lock().unwrap() = Some("u1".to_owned());
+    h.start_with(AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url())))
+        .await;
     let event_id = Uuid::now_v7();
     h.publish(&created("u1", 1), event_id).await;
-    h.expect_applied(1).await;
+    shop_testkit::eventually("the handler to hold u1", Duration::from_secs(10), || async {
+        (h.behavior.calls.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
 
-    // The same event published again later, as a relay that crashed before
-    // marking its batch would.
-    h.publish(&created("u1", 1), event_id).await;
+    // Silence first, so the acknowledgement after the commit is lost.
+    assert!(proxy.freeze() >= 1);
+    h.behavior.release.notify_one();
+    shop_testkit::eventually("u1 committed", Duration::from_secs(10), || async {
+        (h.applied().await.len() == 1).then_some(())
+    })
+    .await;
+    let connections = proxy.accepted();
+    proxy.cut();
     h.publish(&created("u3", 1), Uuid::now_v7()).await;
 
     let applied = h.expect_applied(2).await;
+    assert_eq!(applied[0].0, event_id);
     assert_eq!(applied[1].1, "u3");
+    assert!(
+        proxy.accepted() > connections,
+        "the consumer reconnected ({} connections)",
+        proxy.accepted()
+    );
+    assert_eq!(
+        h.behavior.calls.load(Ordering::SeqCst),
+        2,
+        "the redelivered u1 never reached the handler"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -253,17 +285,21 @@ async fn the_consumer_resumes_after_its_broker_connection_is_cut_and_applies_eve
         .await;
     }
 
-    let applied = h.expect_applied(220).await;
-    let mut seen: Vec<_> = applied.iter().map(|(id, ..)| *id).collect();
-    seen.sort();
-    ids.sort();
-    assert_eq!(seen, ids, "every event applied exactly once");
+    tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| *c))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         proxy.accepted() >= 3,
         "the consumer reconnected ({} connections)",
         proxy.accepted()
     );
-    assert!(*connected.borrow_and_update());
+
+    let applied = h.expect_applied(220).await;
+    let mut seen: Vec<_> = applied.iter().map(|(id, ..)| *id).collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every event applied exactly once");
     assert!(h.dead_letters().await.is_empty());
 }
 

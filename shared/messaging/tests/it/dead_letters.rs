@@ -65,3 +65,63 @@ async fn dead_letters_are_listed_by_reason_shown_replayed_selectively_and_purged
     assert!(h.dead_letters().await.is_empty());
     dlq.close().await;
 }
+
+/// A quorum queue counts every message handed back unacknowledged as a
+/// delivery (`x-delivery-count`), and RabbitMQ 4 drops a message after 20 by
+/// default: listing must never hand one back. After 25 listings the dead
+/// letters are the same, in the same order, and none was ever redelivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_dead_letters_many_times_never_counts_as_a_delivery_and_keeps_their_order() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+
+    let mut h = harness().await;
+    h.behavior.reject.store(true, Ordering::SeqCst);
+    h.start().await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        h.publish(&created(&format!("listed{n}"), 1), *id).await;
+    }
+    h.expect_dead_letters(3).await;
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+    for _ in 0..25 {
+        let listed: Vec<String> = dlq
+            .browse()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|letter| letter.message_id)
+            .collect();
+        let expected: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        assert_eq!(listed, expected, "the same dead letters, in the same order");
+    }
+    dlq.close().await;
+
+    let connection =
+        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = shop_messaging::topology::dead_letter_queue(&h.queue);
+    let message = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    let headers = message.delivery.properties.headers().clone().unwrap_or_default();
+    assert!(!message.delivery.redelivered, "never handed back");
+    assert_eq!(
+        shop_messaging::wire::header_i64(&headers, "x-delivery-count").unwrap_or(0),
+        0,
+        "no delivery counted"
+    );
+    message
+        .delivery
+        .acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}

@@ -49,6 +49,11 @@ pub struct Behavior {
     pub attempts: std::sync::Mutex<Vec<(String, i64, u32)>>,
     /// Fail permanently for each (user id, version) listed, while listed.
     pub reject_versions: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
+    /// Hold the first call for this user id, inside the transaction, until
+    /// `release` is notified.
+    pub hold_user: std::sync::Mutex<Option<String>>,
+    /// Lets a held call go on.
+    pub release: tokio::sync::Notify,
     /// Calls so far.
     pub calls: AtomicU32,
 }
@@ -66,6 +71,17 @@ impl Recorder {
         meta: &EventMeta,
     ) -> Result<(), HandlerError> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
+        let hold = {
+            let mut held = self.0.hold_user.lock().unwrap();
+            let hold = held.as_deref() == Some(user_id);
+            if hold {
+                *held = None;
+            }
+            hold
+        };
+        if hold {
+            self.0.release.notified().await;
+        }
         let key = (user_id.to_owned(), version);
         if self.0.reject_versions.lock().unwrap().contains(&key) {
             return Err(HandlerError::permanent(anyhow::anyhow!(
@@ -149,6 +165,8 @@ pub struct Harness {
     pub shutdown: CancellationToken,
     pub connected: tokio::sync::watch::Receiver<bool>,
     consumer: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The broker settings the consumer was started with.
+    amqp: Option<AmqpConfig>,
     /// The test's own connections, for its assertions.
     pub pool: shop_database::Pool,
     /// The consumer's (through a proxy, when the test says so).
@@ -207,6 +225,7 @@ pub async fn harness_with(adjust: impl FnOnce(ConsumerConfig, &TestBroker) -> Co
         shutdown: CancellationToken::new(),
         connected,
         consumer: None,
+        amqp: None,
         consumer_pool: pool.clone(),
         pool,
         broker,
@@ -218,6 +237,7 @@ impl Harness {
     /// Starts the consumer with `amqp` (the broker itself, or a proxy) and
     /// waits until its queues exist.
     pub async fn start_with(&mut self, amqp: AmqpConfig) {
+        self.amqp = Some(amqp.clone());
         let consumer = self.consumer("main", amqp);
         self.broker.track_topology(&consumer.topology());
         self.connected = consumer.connected();
@@ -292,19 +312,86 @@ impl Harness {
         }
     }
 
-    /// Waits until `count` applications are recorded, then a little longer
-    /// to catch any extra one.
-    pub async fn expect_applied(&self, count: usize) -> Vec<(Uuid, String, i64)> {
+    /// Waits until `count` applications are recorded, then makes sure no
+    /// message is left that could add one, without waiting for a quiet
+    /// spell: the consumer is stopped (it finishes its batch, and whatever
+    /// it held unacknowledged goes back to its queue), its queue and delay
+    /// queues are counted, and it is started again; until they are empty.
+    /// Only then are the applications counted.
+    pub async fn expect_applied(&mut self, count: usize) -> Vec<(Uuid, String, i64)> {
         shop_testkit::eventually(
             &format!("{count} applied events"),
             Duration::from_secs(20),
             || async { (self.applied().await.len() >= count).then_some(()) },
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            self.stop().await;
+            let waiting = self.waiting().await;
+            self.restart().await;
+            if waiting == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{waiting} messages still waiting after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let applied = self.applied().await;
         assert_eq!(applied.len(), count, "{applied:?}");
         applied
+    }
+
+    /// Stops the consumer and waits until it has closed its connections.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(consumer) = self.consumer.take() {
+            tokio::time::timeout(Duration::from_secs(20), consumer)
+                .await
+                .expect("the consumer stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Starts the consumer again, as it was started last.
+    pub async fn restart(&mut self) {
+        self.shutdown = CancellationToken::new();
+        let amqp = self.amqp.clone().expect("started before");
+        self.start_with(amqp).await;
+    }
+
+    /// Messages ready in the consumer's queue and delay queues (with the
+    /// consumer stopped, none is held unacknowledged).
+    pub async fn waiting(&self) -> u32 {
+        let connection =
+            lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let dead_letters = shop_messaging::topology::dead_letter_queue(&self.queue);
+        let mut waiting = 0;
+        for queue in self.config.queue_names() {
+            if queue == dead_letters {
+                continue;
+            }
+            let channel = connection.create_channel().await.unwrap();
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..lapin::options::QueueDeclareOptions::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            waiting += declared.message_count();
+        }
+        let _ = connection.close(200, "counted".into()).await;
+        waiting
     }
 
     /// Messages waiting in the dead-letter queue.
