@@ -7,5 +7,6 @@ mod alarms;
 mod flow;
 mod golden;
 mod model;
+mod monitoring;
 mod readme;
 mod system;

@@ -43,6 +43,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         handlers,
         broker_timeout: amqp.timeout,
         member: Uuid::new_v4(),
+        in_flight: std::sync::atomic::AtomicI64::new(0),
     });
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
@@ -189,7 +190,12 @@ async fn session(
                     }
                 }
             }
-            _ = sweep.tick() => sweep_parked(shared, &sweeper).await,
+            _ = sweep.tick() => {
+                sweep_parked(shared, &sweeper).await;
+                if let Err(error) = report_depths(shared, &sweeper).await {
+                    break Err(error.context("sampling the queues"));
+                }
+            }
             Some(ended) = partitions.workers.join_next_with_id() => {
                 if let Err(error) = partitions.ended(ended) {
                     break Err(error);
@@ -217,6 +223,8 @@ async fn session(
         )
         .await;
     }
+    // What was delivered and not acknowledged goes back to the queues.
+    shared.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
     outcome
 }
 
@@ -417,6 +425,45 @@ async fn sweep_parked(shared: &Shared, channel: &Channel) {
             "events wait for versions that have not arrived within CONSUMER_GAP_TIMEOUT; see `shop dlq list`"
         );
     }
+}
+
+/// `consumer_queue_messages{queue, partition}` (ready messages of each
+/// partition queue), `dead_letter_queue_messages{queue}` and
+/// `consumer_in_flight_messages{queue}` (delivered to this replica, not yet
+/// acknowledged). Every replica samples the same queues.
+async fn report_depths(shared: &Shared, channel: &Channel) -> anyhow::Result<()> {
+    use lapin::options::QueueDeclareOptions;
+    let label = shared.config.queue.clone();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    for partition in 0..shared.topology.partition_count() {
+        let queue = shared.topology.partition_queue(partition);
+        let declared = within(
+            shared.broker_timeout,
+            "sampling a queue",
+            channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+        )
+        .await??;
+        metrics::gauge!("consumer_queue_messages", "queue" => label.clone(), "partition" => partition.to_string())
+            .set(f64::from(declared.message_count()));
+    }
+    let dead_letters = within(
+        shared.broker_timeout,
+        "sampling a queue",
+        channel.queue_declare(
+            shared.topology.dead_letter_queue().as_str().into(),
+            passive,
+            FieldTable::default(),
+        ),
+    )
+    .await??;
+    metrics::gauge!("dead_letter_queue_messages", "queue" => label.clone())
+        .set(f64::from(dead_letters.message_count()));
+    metrics::gauge!("consumer_in_flight_messages", "queue" => label)
+        .set(shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    Ok(())
 }
 
 /// The first error the connection reports.

@@ -36,6 +36,9 @@ pub(super) struct Shared {
     pub(super) broker_timeout: Duration,
     /// This replica's id in the consumer group ([`crate::membership`]).
     pub(super) member: Uuid,
+    /// Messages delivered to this replica's workers and not yet
+    /// acknowledged.
+    pub(super) in_flight: std::sync::atomic::AtomicI64,
 }
 
 /// A delivery that passed the checks, with what the handler gets.
@@ -147,7 +150,14 @@ impl Worker {
                     _ => break,
                 }
             }
+            let size = batch.len() as i64;
+            self.shared
+                .in_flight
+                .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
             self.process(batch, &handover).await?;
+            self.shared
+                .in_flight
+                .fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
