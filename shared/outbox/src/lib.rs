@@ -22,9 +22,28 @@
 //!   each event is published once, and an aggregate's events leave in `seq`
 //!   order. `seq` is commit order per aggregate because every command locks
 //!   the aggregate's row before it inserts the event.
-//! - When a confirm is missing or negative, only the rows before the first
-//!   failure are marked; the rest stay unpublished and go out again, in order,
-//!   in a later batch.
+//! - Within a batch the rows go out in **waves**: a wave holds the next row
+//!   of every aggregate that has one, is sent pipelined, and all its
+//!   confirms are awaited before the next wave. So there is never more than
+//!   one unconfirmed publish per aggregate, and a later event of an
+//!   aggregate is sent only after the broker confirmed the earlier one was
+//!   routed to every queue bound for it: a nack, a confirm timeout or a lost
+//!   connection in the middle of a batch cannot let it overtake. An
+//!   aggregate whose row failed stops there for the batch (its later rows
+//!   stay unpublished and go out, in order, in a later batch); the others go
+//!   on, and every confirmed row is marked. Batches of many aggregates cost
+//!   nothing in throughput (one wave); one aggregate's backlog goes out one
+//!   confirm at a time.
+//! - Every publish is `mandatory` ([`Unroutable::Wait`], the default): an
+//!   event no queue is bound to receive comes back from the broker, is not
+//!   marked, and waits in the outbox (counted in
+//!   `outbox_events_unroutable_total`, logged) until a consumer declares its
+//!   queue; so a producer that starts on a fresh broker before its consumers
+//!   loses nothing. Batches read the oldest rows first, so more than
+//!   `RELAY_BATCH_SIZE` events no queue takes hold up the events behind them
+//!   in their partitions: with `wait`, every routing key a producer uses
+//!   needs a consumer. [`Unroutable::Drop`] is for an exchange nobody
+//!   consumes (the order service's, by default).
 //! - A relay that dies mid-batch loses its transaction, its locks and its
 //!   marks: another relay (or the restarted one) publishes those rows again.
 //!   That is the one case where an event is published twice.

@@ -59,13 +59,14 @@ pub(crate) struct Options {
     /// Where to write the results as JSON.
     #[arg(long, global = true, default_value = "target/bench-results.json")]
     pub(crate) out: std::path::PathBuf,
-    /// Stages to run: create-user, relay, consumer, end-to-end, latency,
-    /// replicas (consumer drains what relay published, so it needs relay).
+    /// Stages to run: create-user, relay, consumer, ordered, end-to-end,
+    /// latency, replicas (consumer drains what relay published, so it needs
+    /// relay).
     #[arg(
         long,
         global = true,
         value_delimiter = ',',
-        default_value = "create-user,relay,consumer,end-to-end,latency,replicas"
+        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,replicas"
     )]
     pub(crate) stages: Vec<String>,
     /// Rounds of each CreateUser measurement, alternating the service and

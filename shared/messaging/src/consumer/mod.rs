@@ -20,49 +20,73 @@
 //! # }
 //! ```
 //!
+//! # Where messages come from
+//!
+//! The consumer group (its queue name, shared by every replica) receives the
+//! producer's events on [`ConsumerConfig::partitions`] partition queues,
+//! routed by the `partition` header the relay sets from the aggregate id
+//! ([`crate::topology`]). The replicas split the partitions between them
+//! through a heartbeat table ([`crate::membership`]); each replica runs one
+//! worker (one channel) per partition it owns, and each partition queue has
+//! a single active consumer, so one aggregate's events are taken by one
+//! worker at a time, in the order the relay published them.
+//!
 //! # What happens to a message
 //!
 //! 1. The body is decoded by its AMQP `type` into the subscribed event type:
-//!    the queue is bound to exactly the subscribed routing keys, both names
-//!    coming from [`shop_contracts::Event`].
+//!    the group's exchange is bound to exactly the subscribed routing keys,
+//!    both names coming from [`shop_contracts::Event`].
 //! 2. A message that can never succeed (no or malformed `message_id`, unknown
 //!    `type`, undecodable body) is re-published to `<queue>.dlq` at once with
 //!    the reason in its headers, and acknowledged.
 //! 3. The others are applied in batches (up to
-//!    [`ConsumerConfig::batch_size`] messages already delivered): one
-//!    transaction records every event id in the inbox in one statement
-//!    (skipping the ones already there: duplicates and redeliveries have no
-//!    second effect) and runs the handlers, each run of consecutive events
-//!    of one type in one [`Handler::handle_batch`] call; the messages are
-//!    acknowledged (one `multiple` ack) only after the commit. A batched
-//!    handler's span belongs to the first message of its run; the
+//!    [`ConsumerConfig::batch_size`] messages already delivered) in one
+//!    transaction that first locks the position of every aggregate in the
+//!    batch and decides each event ([`crate::sequence`]): the aggregate's
+//!    next version is applied, an older one is a duplicate, a later one is
+//!    parked until its turn. The events applied are recorded in the inbox in
+//!    one statement (events without an aggregate version rely on it alone to
+//!    skip repeats) and handed to the handlers, each run of consecutive
+//!    events of one type in one [`Handler::handle_batch`] call, in delivery
+//!    order; the positions move in the same transaction. The messages are
+//!    acknowledged (one `multiple` ack) only after the commit, and the
+//!    parked events whose turn came are sent back to their partition. A
+//!    batched handler's span belongs to the first message of its run; the
 //!    transaction's span links to every message of the batch.
 //! 4. If the batch fails, each message is applied alone to find the culprit.
 //!    A [`HandlerError::Transient`] failure is re-published to the delay queue
-//!    of its attempt (`<queue>.retry.<ms>`, dead-lettered back to `<queue>`
-//!    when the delay is over); after [`ConsumerConfig::max_attempts`], or at
-//!    once for [`HandlerError::Permanent`], it goes to `<queue>.dlq`. Every
-//!    re-publish waits for its publisher confirm before the original is
-//!    acknowledged, so nothing is lost, and the worker carries on with the
-//!    next messages meanwhile.
+//!    of its attempt (`<queue>.delay.<ms>ms`, dead-lettered back to its
+//!    partition when the delay is over); after
+//!    [`ConsumerConfig::max_attempts`], or at once for
+//!    [`HandlerError::Permanent`], it goes to `<queue>.dlq`, and its
+//!    aggregate's later events park behind it until it is replayed or
+//!    skipped. Every re-publish waits for its publisher confirm before the
+//!    original is acknowledged, so nothing is lost, and the worker carries on
+//!    with the next messages meanwhile.
 //! 5. When the database itself is unreachable the batch is held, unacked,
 //!    and retried with backoff: an outage is not the message's fault and does
 //!    not use up its attempts.
 //!
+//! With [`ConsumerConfig::ledger`], every application is also appended to
+//! `inbox_ledger` in the same transaction: what the handlers were given, in
+//! order, for audits (the chaos run reconciles against it).
+//!
 //! Metrics: `consumer_events_total{queue, outcome}` (outcome `applied`,
-//! `duplicate` for events the inbox already had, `retried`,
+//! `duplicate` for events applied before, `parked`, `released`, `retried`,
 //! `dead_lettered`), `consumer_dead_letters_total{queue, reason}`,
+//! `consumer_parked_events{queue, reason}`,
+//! `consumer_oldest_parked_seconds{queue}`, `consumer_stuck_gaps{queue}`,
 //! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}` and
 //! `consumer_connected{queue}`.
 //!
 //! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
 //! `dead_letter_attempts`, `original_exchange`, `original_routing_key`,
 //! `original_queue` and `dead_lettered_at`; [`crate::dlq`] lists, shows,
-//! replays and purges them.
+//! replays and skips them.
 //!
 //! After the broker drops the connection (or restarts), the consumer
 //! reconnects with backoff and declares its topology again; unacknowledged
-//! messages are redelivered and the inbox absorbs the repeats.
+//! messages are redelivered and the positions absorb the repeats.
 
 mod session;
 mod worker;
@@ -405,8 +429,8 @@ pub(crate) fn attempt(properties: &lapin::BasicProperties) -> u32 {
         .max(1)
 }
 
-/// [`inspect`] as the consumer runs it on a delivery, with every event type
-/// of the system as a subscription, plus the trace context the consumer's
+/// The checks the consumer runs on a delivery, with every event type of
+/// the system as a subscription, plus the trace context the consumer's
 /// span continues: for fuzzing and randomized tests, which feed it
 /// properties parsed from arbitrary AMQP frames. Returns the metadata, or
 /// the dead-letter reason; it must never panic.
@@ -425,8 +449,8 @@ pub fn inspect_delivery(
         .map_err(|(reason, _)| reason)
 }
 
-/// [`classify`] on arbitrary bytes, for fuzzing: the input is split into a
-/// message id, a type name and a body (two length bytes, then the parts), a
+/// The checks of a message on arbitrary bytes, for fuzzing: the input is
+/// split into a message id, a type name and a body (two length bytes, then the parts), a
 /// body alone also tried as every event type of the system. Returns the
 /// dead-letter reasons it met; it must never panic.
 pub fn inspect_any(data: &[u8]) -> Vec<crate::wire::DeadLetterReason> {

@@ -4,6 +4,7 @@ mod consumer;
 mod create_user;
 mod end_to_end;
 mod latency;
+mod ordered;
 mod relay;
 mod replicas;
 
@@ -38,6 +39,9 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
         if wanted("consumer") {
             slowest = slowest.min(consumer::run(bench, options, report).await?);
         }
+    }
+    if wanted("ordered") {
+        ordered::run(bench, options, report).await?;
     }
     if wanted("end-to-end") {
         end_to_end::run(bench, options, report, slowest).await?;
