@@ -508,7 +508,7 @@ impl Chaos {
             }
             if let Ok(mut conn) = pool.get().await {
                 use diesel_async::RunQueryDsl as _;
-                let latest = diesel::sql_query("SELECT max(processed_at) AS at FROM inbox")
+                let latest = diesel::sql_query("SELECT max(applied_at) AS at FROM inbox_ledger")
                     .get_result::<Latest>(&mut conn)
                     .await;
                 if let Ok(Latest { at: Some(at) }) = latest

@@ -2,6 +2,13 @@
 //! transaction as the handler's changes, so a redelivered or duplicated
 //! event is recognised and acknowledged without a second effect.
 //!
+//! Only events that carry no aggregate version are recorded here. A
+//! sequenced event (with `x-aggregate-*` headers) is told apart by its
+//! aggregate's position in `inbox_sequence` ([`crate::sequence`]): a version
+//! at or below the position is a repeat, whatever its id. One row per
+//! aggregate instead of one per event keeps the hot path to a lock, a read
+//! and an upsert, and the record never expires.
+//!
 //! Each consuming service's migrations create the table:
 //!
 //! ```sql

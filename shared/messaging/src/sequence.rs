@@ -4,11 +4,14 @@
 //! Every event with an aggregate id and a version (`aggregate_version`
 //! counts each aggregate's events 1, 2, 3, …) is sequenced in the
 //! consumer's transaction, against a row per aggregate that holds the last
-//! version applied (`inbox_sequence`), locked for the transaction:
+//! version applied (`inbox_sequence`; no row is position 0), the aggregate
+//! locked for the transaction by an advisory lock ([`lock`]):
 //!
 //! - version `last + 1`: applied, and `last` moves on in the same
 //!   transaction as the handler's effect;
-//! - at or below `last`: a duplicate, acknowledged without effect;
+//! - at or below `last`: a duplicate, acknowledged without effect (the
+//!   position is the idempotency record of sequenced events: they write no
+//!   inbox row);
 //! - above `last + 1`: **parked** in `inbox_parked` (not applied, not lost,
 //!   acknowledged on the broker) until the versions before it are applied.
 //!   The transaction that applies version `n` marks the parked `n + 1` as
@@ -244,9 +247,14 @@ fn columns<'a>(aggregates: &[&'a Aggregate]) -> (Vec<&'a str>, Vec<&'a str>) {
         .unzip()
 }
 
-/// The positions of `aggregates` for `consumer`, each row created when
-/// missing and locked until the transaction ends (in a fixed order, so two
-/// transactions over the same aggregates do not deadlock).
+/// The positions of `aggregates` for `consumer`, each aggregate locked
+/// until the transaction ends: a transaction-scoped advisory lock on a hash
+/// of (consumer, aggregate), taken in key order so two transactions over the
+/// same aggregates do not deadlock. An advisory lock writes nothing (a row
+/// lock would dirty every position read) and holds for an aggregate that
+/// has no row yet, so the read that follows sees the position the previous
+/// holder committed. An aggregate without a row is at position 0; its row
+/// is created by [`advance`].
 pub(crate) async fn lock(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -259,12 +267,10 @@ pub(crate) async fn lock(
         return Ok(HashMap::new());
     }
     let (kinds, ids) = columns(&sorted);
-    // A row another transaction is creating makes this insert wait for it,
-    // so the select below sees its committed position.
     diesel::sql_query(
-        "INSERT INTO inbox_sequence (consumer, aggregate_type, aggregate_id) \
-         SELECT $1, a.t, a.i FROM unnest($2::text[], $3::text[]) AS a(t, i) \
-         ON CONFLICT DO NOTHING",
+        "SELECT pg_advisory_xact_lock(k) FROM ( \
+           SELECT DISTINCT hashtextextended($1 || '/' || a.t || '/' || a.i, 0) AS k \
+           FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY k) AS keys",
     )
     .bind::<Text, _>(consumer)
     .bind::<Array<Text>, _>(&kinds)
@@ -275,8 +281,7 @@ pub(crate) async fn lock(
         "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.dead_letter_event, s.dead_letter_version \
          FROM inbox_sequence s JOIN unnest($2::text[], $3::text[]) AS a(t, i) \
          ON s.aggregate_type = a.t AND s.aggregate_id = a.i \
-         WHERE s.consumer = $1 \
-         ORDER BY s.aggregate_type, s.aggregate_id FOR UPDATE OF s",
+         WHERE s.consumer = $1",
     )
     .bind::<Text, _>(consumer)
     .bind::<Array<Text>, _>(&kinds)
@@ -436,10 +441,11 @@ pub(crate) async fn park(
 const RELEASED_COLUMNS: &str = "p.aggregate_type, p.aggregate_id, p.aggregate_version, p.event_id, \
      p.event_type, p.payload, p.properties";
 
-/// Moves each aggregate to its new last version (clearing a dead letter it
-/// got past), forgets parked events at or below it, and returns the parked
-/// events that are next in line, marked released: the caller sends them
-/// back after the commit. One statement.
+/// Moves each aggregate to its new last version (creating its row, clearing
+/// a dead letter it got past; never moving it back), forgets parked events
+/// at or below it, and returns the parked events that are next in line,
+/// marked released: the caller sends them back after the commit. One
+/// statement.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -452,12 +458,14 @@ pub(crate) async fn advance(
     let (kinds, ids) = columns(&aggregates);
     diesel::sql_query(format!(
         "WITH advanced AS ( \
-           UPDATE inbox_sequence s SET last_version = a.v, \
-             dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
-             dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
+           INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
+           SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) \
+           ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
+             last_version = excluded.last_version, \
+             dead_letter_event = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_event END, \
+             dead_letter_version = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_version END, \
              updated_at = now() \
-           FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) \
-           WHERE s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i AND s.last_version < a.v \
+           WHERE s.last_version < excluded.last_version \
            RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
          applied AS ( \
            DELETE FROM inbox_parked p USING advanced a \
@@ -487,6 +495,14 @@ pub(crate) async fn mark_dead_letter(
     event_id: Uuid,
 ) -> QueryResult<()> {
     lock(conn, consumer, &[aggregate]).await?;
+    diesel::sql_query(
+        "INSERT INTO inbox_sequence (consumer, aggregate_type, aggregate_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Text, _>(&aggregate.kind)
+    .bind::<Text, _>(&aggregate.id)
+    .execute(conn)
+    .await?;
     diesel::update(
         inbox_sequence::table
             .filter(inbox_sequence::consumer.eq(consumer))

@@ -32,6 +32,8 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     config.service.user_events_queue = broker.queue("order-service.user-events");
     config.service.consumer.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
     config.service.consumer.max_attempts = 3;
+    // Every application recorded, for the tests to count.
+    config.service.consumer.ledger = true;
     config
 }
 
@@ -231,19 +233,18 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Whether the consumer has recorded `event_id` in its inbox.
-    pub async fn inbox_has(&self, event_id: Uuid) -> bool {
-        use shop_messaging::inbox::inbox;
+    /// How many times the consumer handed `event_id` to the projection, in
+    /// committed transactions (its ledger).
+    pub async fn applications_of(&self, event_id: Uuid) -> i64 {
         let Ok(mut conn) = self.pool.get().await else {
-            return false;
+            return 0;
         };
-        inbox::table
-            .filter(inbox::consumer.eq(&self.settings.service.user_events_queue))
-            .filter(inbox::event_id.eq(event_id))
-            .count()
-            .get_result::<i64>(&mut conn)
+        diesel::sql_query("SELECT count(*) AS n FROM inbox_ledger WHERE consumer = $1 AND event_id = $2")
+            .bind::<diesel::sql_types::Text, _>(&self.settings.service.user_events_queue)
+            .bind::<diesel::sql_types::Uuid, _>(event_id)
+            .get_result::<Count>(&mut conn)
             .await
-            .is_ok_and(|found| found == 1)
+            .map_or(0, |count| count.n)
     }
 
     /// `consumer_events_total{outcome}` of this test's queue (0 before the
@@ -262,16 +263,22 @@ impl TestApp {
         .map_or(0, |value| value as u64)
     }
 
-    pub async fn inbox_count(&self) -> i64 {
-        use shop_messaging::inbox::inbox;
+    /// How many applications the consumer made (its ledger).
+    pub async fn applications(&self) -> i64 {
         let mut conn = self.pool.get().await.unwrap();
-        inbox::table
-            .filter(inbox::consumer.eq(&self.settings.service.user_events_queue))
-            .count()
-            .get_result(&mut conn)
+        diesel::sql_query("SELECT count(*) AS n FROM inbox_ledger WHERE consumer = $1")
+            .bind::<diesel::sql_types::Text, _>(&self.settings.service.user_events_queue)
+            .get_result::<Count>(&mut conn)
             .await
             .unwrap()
+            .n
     }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 pub fn create_request(user_id: Uuid, items: &[(&str, i32)]) -> pb::CreateOrderRequest {

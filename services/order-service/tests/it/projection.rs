@@ -99,7 +99,7 @@ async fn the_same_event_delivered_three_times_has_one_effect() {
         (2, 2),
         "each distinct event handed to the projection once, the copies skipped"
     );
-    assert_eq!(app.inbox_count().await, 2);
+    assert_eq!(app.applications().await, 2, "two applications in the ledger");
     assert_eq!(app.known_user(user).await.unwrap().name, "Grace Hopper");
 }
 
@@ -128,7 +128,7 @@ async fn an_update_delivered_before_its_create_waits_for_it_then_both_apply_in_o
         app.held().await.is_empty().then_some(())
     })
     .await;
-    assert_eq!(app.inbox_count().await, 2, "both applied");
+    assert_eq!(app.applications().await, 2, "both applied");
 }
 
 #[tokio::test(flavor = "multi_thread")]

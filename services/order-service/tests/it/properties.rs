@@ -296,7 +296,7 @@ async fn outcome_of(
     let until = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::time::Instant::now() < until {
         if let Some(id) = id
-            && app.inbox_has(id).await
+            && app.applications_of(id).await > 0
         {
             return Some(Outcome::Applied);
         }

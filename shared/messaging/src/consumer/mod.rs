@@ -10,7 +10,8 @@
 //! impl Handler<UserCreated> for ApplyUserCreated {
 //!     async fn handle(&self, conn: &mut AsyncPgConnection, event: UserCreated, meta: &EventMeta) -> Result<(), HandlerError> {
 //!         // write the projection with `conn`: it is inside the transaction
-//!         // that also records meta.event_id in the inbox
+//!         // that also moves the user's position (or records meta.event_id
+//!         // in the inbox, for an event without a version)
 //!         Ok(())
 //!     }
 //! }
@@ -44,9 +45,11 @@
 //!    transaction that first locks the position of every aggregate in the
 //!    batch and decides each event ([`crate::sequence`]): the aggregate's
 //!    next version is applied, an older one is a duplicate, a later one is
-//!    parked until its turn. The events applied are recorded in the inbox in
-//!    one statement (events without an aggregate version rely on it alone to
-//!    skip repeats) and handed to the handlers, each run of consecutive
+//!    parked until its turn. A sequenced event needs no inbox row: its
+//!    aggregate's position is its idempotency record (a version at or below
+//!    it is a repeat). Events without an aggregate version are recorded in
+//!    the inbox in one statement, which is what tells their repeats. The
+//!    events applied are handed to the handlers, each run of consecutive
 //!    events of one type in one [`Handler::handle_batch`] call, in delivery
 //!    order; the positions move in the same transaction. The messages are
 //!    acknowledged (one `multiple` ack) only after the commit, and the

@@ -401,13 +401,14 @@ impl Worker {
                 }
             }
 
-            // The inbox: every event applied now. For a sequenced event the
-            // position decides (the row is written all the same); for the
-            // others the inbox is what tells a repeat.
+            // The inbox, for the events that carry no version: one it
+            // already holds is a repeat. A sequenced event's position is its
+            // inbox (a version at or below it is a repeat), so it writes no
+            // inbox row.
             let ids: Vec<(Uuid, &str)> = incoming
                 .iter()
-                .zip(&decisions)
-                .filter(|(_, decision)| **decision == Decision::Apply)
+                .zip(&sequenced)
+                .filter(|(_, sequenced)| sequenced.is_none())
                 .map(|(item, _)| (item.meta.event_id, item.meta.type_name.as_str()))
                 .collect();
             let fresh = if ids.is_empty() { HashSet::new() } else { inbox::record(conn, queue, &ids).await? };
@@ -442,8 +443,8 @@ impl Worker {
                     }
                     Decision::Apply => {}
                 }
-                let unsequenced_repeat = sequenced.is_none() && !fresh.contains(&item.meta.event_id);
-                if unsequenced_repeat || !applied_ids.insert(item.meta.event_id) {
+                let repeat = sequenced.is_none() && !fresh.contains(&item.meta.event_id);
+                if repeat || !applied_ids.insert(item.meta.event_id) {
                     tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
                     done.duplicates += 1;
                     continue;
@@ -474,7 +475,7 @@ impl Worker {
             sequence::park(conn, queue, &to_park).await?;
             let moved: Vec<(&Aggregate, i64)> = positions
                 .iter()
-                .filter(|(aggregate, position)| before.get(*aggregate).is_none_or(|last| position.last_version > *last))
+                .filter(|(aggregate, position)| position.last_version > before.get(*aggregate).copied().unwrap_or(0))
                 .map(|(aggregate, position)| (aggregate, position.last_version))
                 .collect();
             done.released = sequence::advance(conn, queue, &moved).await?;

@@ -120,18 +120,39 @@ pub(crate) async fn wait_for_rows(
     started: tokio::time::Instant,
     limit: Duration,
 ) -> anyhow::Result<Duration> {
+    wait_for_count(
+        url,
+        &format!("SELECT count(*) FROM {table}"),
+        table,
+        count,
+        started,
+        limit,
+    )
+    .await
+}
+
+/// Runs `query` (one `bigint`: how much is done) until it reaches `count`;
+/// returns the time it took from `started`. `what` names the count in the
+/// error when `limit` passes first.
+pub(crate) async fn wait_for_count(
+    url: &str,
+    query: &str,
+    what: &str,
+    count: usize,
+    started: tokio::time::Instant,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    let query = format!("SELECT count(*) FROM {table}");
     loop {
-        let rows: i64 = client.query_one(&query, &[]).await?.get(0);
+        let rows: i64 = client.query_one(query, &[]).await?.get(0);
         let rows = usize::try_from(rows).unwrap_or(0);
         if rows >= count {
             return Ok(started.elapsed());
         }
         anyhow::ensure!(
             started.elapsed() < limit,
-            "only {rows} of {count} rows in {table} after {limit:?}"
+            "only {rows} of {count} {what} after {limit:?}"
         );
         tokio::time::sleep(next_poll(rows, count, started.elapsed())).await;
     }
