@@ -2,8 +2,9 @@
 //! connection ([`DatabaseConfig`]), the pool of diesel-async connections on
 //! deadpool ([`Pool`]), TLS with a verified server certificate, migrations
 //! applied once under a lock ([`connect`]), the classification of errors
-//! into an outage or a failure ([`Fault`]), and the retention of tables that
-//! grow with traffic ([`retention`]).
+//! into an outage or a failure ([`Fault`]), raw SQL kept prepared
+//! ([`prepared`]), and the retention of tables that grow with traffic
+//! ([`retention`]).
 //!
 //! No libpq is involved at build or run time: the driver is tokio-postgres.
 //! The messaging library, the outbox and the service host depend on this
@@ -12,6 +13,7 @@
 
 mod fault;
 mod pool;
+mod prepared;
 pub mod retention;
 
 pub use fault::{Fault, is_outage, is_unique_violation};
@@ -19,6 +21,7 @@ pub use pool::{
     DatabaseConfig, Pool, PoolError, PooledConnection, RunError, Timeout, connect, ensure_database_exists,
     establish, migrate, pool, probe, quote_identifier,
 };
+pub use prepared::{Prepared, prepared};
 
 #[cfg(test)]
 mod tests {

@@ -29,8 +29,10 @@
 
 use std::collections::HashSet;
 
-use diesel::ExpressionMethods as _;
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use shop_database::prepared;
 use uuid::Uuid;
 
 diesel::table! {
@@ -44,27 +46,33 @@ diesel::table! {
 }
 
 /// Records `events` (id, type) as applied by `consumer` in one statement and
-/// returns the ids that were new; the others were applied before.
+/// returns the ids that were new; the others were applied before. The
+/// statement's text is the same for any number of events (arrays, not a
+/// list of values), so it is prepared once per connection.
 pub async fn record(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     events: &[(Uuid, &str)],
 ) -> diesel::QueryResult<HashSet<Uuid>> {
-    let rows: Vec<_> = events
-        .iter()
-        .map(|(id, event_type)| {
-            (
-                inbox::consumer.eq(consumer),
-                inbox::event_id.eq(*id),
-                inbox::event_type.eq(*event_type),
-            )
-        })
-        .collect();
-    let fresh: Vec<Uuid> = diesel::insert_into(inbox::table)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(inbox::event_id)
-        .get_results(conn)
-        .await?;
-    Ok(fresh.into_iter().collect())
+    let (ids, types): (Vec<Uuid>, Vec<&str>) = events.iter().copied().unzip();
+    let fresh: Vec<Fresh> = prepared(
+        diesel::sql_query(
+            "INSERT INTO inbox (consumer, event_id, event_type) \
+             SELECT $1, e.id, e.t FROM unnest($2::uuid[], $3::text[]) AS e(id, t) \
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
+        .bind::<Array<Text>, _>(&types),
+    )
+    .load(conn)
+    .await?;
+    Ok(fresh.into_iter().map(|row| row.event_id).collect())
+}
+
+/// An id [`record`] found new.
+#[derive(QueryableByName)]
+struct Fresh {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    event_id: Uuid,
 }

@@ -68,6 +68,7 @@ use diesel::{ExpressionMethods as _, QueryDsl as _, QueryResult, QueryableByName
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use shop_database::prepared;
 use uuid::Uuid;
 
 use crate::wire;
@@ -267,25 +268,34 @@ pub(crate) async fn lock(
         return Ok(HashMap::new());
     }
     let (kinds, ids) = columns(&sorted);
-    diesel::sql_query(
-        "SELECT pg_advisory_xact_lock(k) FROM ( \
-           SELECT DISTINCT hashtextextended($1 || '/' || a.t || '/' || a.i, 0) AS k \
-           FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY k) AS keys",
+    prepared(
+        diesel::sql_query(
+            "SELECT pg_advisory_xact_lock(k) FROM ( \
+               SELECT DISTINCT hashtextextended($1 || '/' || a.t || '/' || a.i, 0) AS k \
+               FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY k) AS keys",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(&kinds)
+        .bind::<Array<Text>, _>(&ids),
     )
-    .bind::<Text, _>(consumer)
-    .bind::<Array<Text>, _>(&kinds)
-    .bind::<Array<Text>, _>(&ids)
     .execute(conn)
     .await?;
-    let rows: Vec<PositionRow> = diesel::sql_query(
-        "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.dead_letter_event, s.dead_letter_version \
-         FROM inbox_sequence s JOIN unnest($2::text[], $3::text[]) AS a(t, i) \
-         ON s.aggregate_type = a.t AND s.aggregate_id = a.i \
-         WHERE s.consumer = $1",
+    // One index lookup per aggregate, whatever the planner thinks of the
+    // table: a plain join is planned as a hash join over every position of
+    // the consumer while the table's statistics are stale (a new or fast
+    // growing table), which costs a scan of all of them per batch. The
+    // LIMIT keeps the lateral lookup from being flattened into that join.
+    let rows: Vec<PositionRow> = prepared(
+        diesel::sql_query(
+            "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.dead_letter_event, s.dead_letter_version \
+             FROM unnest($2::text[], $3::text[]) AS a(t, i) CROSS JOIN LATERAL ( \
+               SELECT * FROM inbox_sequence s \
+               WHERE s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i LIMIT 1) AS s",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(&kinds)
+        .bind::<Array<Text>, _>(&ids),
     )
-    .bind::<Text, _>(consumer)
-    .bind::<Array<Text>, _>(&kinds)
-    .bind::<Array<Text>, _>(&ids)
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(PositionRow::into_pair).collect())
@@ -456,7 +466,7 @@ pub(crate) async fn advance(
     }
     let (aggregates, versions): (Vec<&Aggregate>, Vec<i64>) = advanced.iter().copied().unzip();
     let (kinds, ids) = columns(&aggregates);
-    diesel::sql_query(format!(
+    prepared(diesel::sql_query(format!(
         "WITH advanced AS ( \
            INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
            SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) \
@@ -479,7 +489,7 @@ pub(crate) async fn advance(
     .bind::<Text, _>(consumer)
     .bind::<Array<Text>, _>(&kinds)
     .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&versions)
+    .bind::<Array<BigInt>, _>(&versions))
     .load(conn)
     .await
 }
