@@ -10,9 +10,11 @@
 
 use diesel::ExpressionMethods as _;
 use diesel::query_dsl::methods::FilterDsl as _;
+use diesel::sql_types::{self, Array, BigInt, Text};
 use diesel::upsert::excluded;
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
+use shop_database::prepared;
 use shop_messaging::consumer::{EventMeta, Handler, HandlerError};
 use uuid::Uuid;
 
@@ -68,31 +70,28 @@ fn latest<T>(items: Vec<T>, key: impl Fn(&T) -> (Uuid, i64)) -> Vec<T> {
 #[tracing::instrument(name = "projection.upsert_user", skip_all, fields(db.system = "postgresql", users = states.len()))]
 async fn upsert(conn: &mut AsyncPgConnection, states: Vec<UserState>) -> Result<(), HandlerError> {
     let states = latest(states, |state| (state.id, state.version));
-    let rows: Vec<_> = states
-        .iter()
-        .map(|state| {
-            (
-                known_users::user_id.eq(state.id),
-                known_users::email.eq(&state.email),
-                known_users::name.eq(&state.name),
-                known_users::version.eq(state.version),
-                known_users::deleted.eq(false),
-            )
-        })
-        .collect();
-    let applied = diesel::insert_into(known_users::table)
-        .values(rows)
-        .on_conflict(known_users::user_id)
-        .do_update()
-        .set((
-            known_users::email.eq(excluded(known_users::email)),
-            known_users::name.eq(excluded(known_users::name)),
-            known_users::version.eq(excluded(known_users::version)),
-            known_users::updated_at.eq(diesel::dsl::now),
-        ))
-        .filter(known_users::version.lt(excluded(known_users::version)))
-        .execute(conn)
-        .await?;
+    let ids: Vec<Uuid> = states.iter().map(|state| state.id).collect();
+    let versions: Vec<i64> = states.iter().map(|state| state.version).collect();
+    let emails: Vec<&str> = states.iter().map(|state| state.email.as_str()).collect();
+    let names: Vec<&str> = states.iter().map(|state| state.name.as_str()).collect();
+    // Arrays rather than a list of rows: the statement's text is the same
+    // for any batch, so the connection keeps it prepared.
+    let applied = prepared(
+        diesel::sql_query(
+            "INSERT INTO known_users (user_id, version, email, name, deleted) \
+             SELECT u.id, u.version, u.email, u.name, false \
+             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[]) AS u(id, version, email, name) \
+             ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+               version = excluded.version, updated_at = now() \
+             WHERE known_users.version < excluded.version",
+        )
+        .bind::<Array<sql_types::Uuid>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&versions)
+        .bind::<Array<Text>, _>(&emails)
+        .bind::<Array<Text>, _>(&names),
+    )
+    .execute(conn)
+    .await?;
     if applied < states.len() {
         tracing::debug!(stale = states.len() - applied, "stale user events ignored");
     }

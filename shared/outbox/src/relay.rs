@@ -582,16 +582,18 @@ async fn publish_batch(
     //
     // The claim also says whether the session takes writes: publishing rows
     // that cannot be marked would only publish them again and again.
-    let claimed = diesel::sql_query(
-        "SELECT p::smallint AS partition, \
-         current_setting('transaction_read_only') = 'on' AS read_only \
-         FROM generate_series($1, $2 - 1, $3) AS p \
-         WHERE pg_try_advisory_xact_lock($4, p)",
+    let claimed = shop_database::prepared(
+        diesel::sql_query(
+            "SELECT p::smallint AS partition, \
+             current_setting('transaction_read_only') = 'on' AS read_only \
+             FROM generate_series($1, $2 - 1, $3) AS p \
+             WHERE pg_try_advisory_xact_lock($4, p)",
+        )
+        .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
+        .bind::<Integer, _>(i32::from(PARTITIONS))
+        .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
+        .bind::<Integer, _>(LOCK_NAMESPACE),
     )
-    .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
-    .bind::<Integer, _>(i32::from(PARTITIONS))
-    .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
-    .bind::<Integer, _>(LOCK_NAMESPACE)
     .load::<HeldPartition>(conn)
     .await?;
     if claimed.iter().any(|row| row.read_only) {
