@@ -60,15 +60,23 @@ pub(crate) struct Options {
     #[arg(long, global = true, default_value = "target/bench-results.json")]
     pub(crate) out: std::path::PathBuf,
     /// Stages to run: create-user, relay, consumer, ordered, end-to-end,
-    /// latency, replicas (consumer drains what relay published, so it needs
-    /// relay).
+    /// latency, steady, replicas (consumer drains what relay published, so
+    /// it needs relay; steady's bound needs create-user, relay and
+    /// consumer).
     #[arg(
         long,
         global = true,
         value_delimiter = ',',
-        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,replicas"
+        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,steady,replicas"
     )]
     pub(crate) stages: Vec<String>,
+    /// Seconds of each steady-state rate step.
+    #[arg(long, global = true, default_value_t = 10)]
+    pub(crate) steady_secs: u64,
+    /// The first steady-state rate, commands/s; each step offers 1.4 times
+    /// the one before until the pipeline no longer keeps up.
+    #[arg(long, global = true, default_value_t = 500.0)]
+    pub(crate) steady_start: f64,
     /// Rounds of each CreateUser measurement, alternating the service and
     /// the raw transaction; the median round is reported (the disk's fsync
     /// time drifts, alternating keeps both sides under the same drift).
@@ -109,6 +117,8 @@ impl Options {
             self.concurrency = vec![1, 8];
             self.events = 500;
             self.latency_secs = 2;
+            self.steady_secs = 1;
+            self.steady_start = 50.0;
             self.rounds = 1;
         }
         self

@@ -17,6 +17,9 @@ pub(crate) struct Row {
 pub(crate) struct Report {
     machine: Value,
     rows: Vec<Row>,
+    /// The raw rates of the run, by what they measure, for the steady
+    /// state's bound (the best one seen of each).
+    bounds: std::collections::BTreeMap<&'static str, f64>,
 }
 
 fn command_version(program: &str, args: &[&str]) -> String {
@@ -66,7 +69,30 @@ impl Report {
         Self {
             machine,
             rows: Vec::new(),
+            bounds: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// Records a raw rate (per second) of `what`; the highest is kept.
+    pub(crate) fn bound(&mut self, what: &'static str, rate: f64) {
+        let best = self.bounds.entry(what).or_insert(rate);
+        *best = best.max(rate);
+    }
+
+    /// `1 / Σ (1 / rate)` over the raw rates of `parts`, and their per-event
+    /// costs spelled out; `None` unless every part was measured.
+    pub(crate) fn bound_rate(&self, parts: &[&str]) -> Option<(f64, String)> {
+        let rates: Vec<(&str, f64)> = parts
+            .iter()
+            .map(|part| Some((*part, *self.bounds.get(part).filter(|rate| **rate > 0.0)?)))
+            .collect::<Option<_>>()?;
+        let seconds: f64 = rates.iter().map(|(_, rate)| 1.0 / rate).sum();
+        let spelled = rates
+            .iter()
+            .map(|(part, rate)| format!("{part} {:.0} µs", 1e6 / rate))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        Some((1.0 / seconds, spelled))
     }
 
     pub(crate) fn add(&mut self, row: Row) {

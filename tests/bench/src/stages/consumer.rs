@@ -92,6 +92,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     let raw_elapsed = raw_consume(bench, &raw_queues(bench)[0], options.events, options.prefetch).await?;
     let rate = options.events as f64 / elapsed.as_secs_f64();
     let raw_rate = options.events as f64 / raw_elapsed.as_secs_f64();
+    report.bound("consume + ack", raw_rate);
     report.add(Row {
         figure: format!("consumer: {} queued user.created applied (position + projection)", options.events),
         value: format!("{rate:.0} events/s"),

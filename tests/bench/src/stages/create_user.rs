@@ -205,6 +205,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
             let grpc = grpc_load(&endpoint, concurrency, options.duration()).await?;
             bench.reset_tables().await?;
             let raw = raw_load(&bench.user_db, concurrency, options.duration()).await?;
+            report.bound("command transaction", raw.0.rate());
             rounds.push((grpc, raw));
         }
         let (grpc, (raw, connections)) =

@@ -7,6 +7,7 @@ mod latency;
 mod ordered;
 mod relay;
 mod replicas;
+mod steady;
 
 use std::time::Duration;
 
@@ -48,6 +49,9 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
     }
     if wanted("latency") {
         latency::run(bench, options, report).await?;
+    }
+    if wanted("steady") {
+        steady::run(bench, options, report).await?;
     }
     if wanted("replicas") {
         replicas::run(bench, options, report).await?;

@@ -152,6 +152,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     }
     let (rate, raw_rate) = crate::stats::median_by_ratio(&rounds, |(relay, raw)| relay / raw)
         .ok_or_else(|| anyhow::anyhow!("no relay round ran"))?;
+    report.bound("confirmed publish", raw_rate);
     report.add(Row {
         figure: format!(
             "relay: {} outbox rows published, confirmed, marked",
