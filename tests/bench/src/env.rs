@@ -107,7 +107,7 @@ impl Bench {
                 ("AMQP_URL", self.amqp_url.clone()),
                 ("USER_EVENTS_EXCHANGE", self.user_exchange.clone()),
                 ("RELAY_ENABLED", relay.to_string()),
-                ("DATABASE_POOL_SIZE", "32".to_owned()),
+                ("DATABASE_POOL_SIZE", crate::stages::SERVICE_POOL.to_string()),
                 ("RUST_LOG", "info".to_owned()),
             ],
         )

@@ -70,17 +70,21 @@ pub(crate) async fn grpc_load(
     Ok(Sample::merge(samples, started.elapsed()))
 }
 
+/// The user service's `DATABASE_POOL_SIZE` in the benchmark.
+pub(crate) const SERVICE_POOL: usize = 32;
+
 /// The best the same transaction does from a plain client at `concurrency`:
 /// [`raw_load_on`] with each number of connections up to `concurrency`
-/// (from 8 on, doubling), the fastest kept with its connection count. More
-/// connections than the server's cores can use contend on locks and WAL
-/// (the service's own pool holds 16), so the most connections is not the
-/// limit.
+/// (from 8 on, doubling) and at most [`SERVICE_POOL`], the fastest kept with
+/// its connection count. More connections than the server's cores can use
+/// contend on locks and WAL, so the most connections is not the limit; and
+/// the raw side gets no more connections than the service's pool.
 async fn raw_load(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<(Sample, usize)> {
+    let most = concurrency.min(SERVICE_POOL);
     let mut counts: Vec<usize> = std::iter::successors(Some(8), |n| Some(n * 2))
-        .take_while(|n| *n < concurrency)
+        .take_while(|n| *n < most)
         .collect();
-    counts.push(concurrency);
+    counts.push(most);
     let mut best: Option<(Sample, usize)> = None;
     for connections in counts {
         let sample = raw_load_on(url, connections, duration).await?;
@@ -99,9 +103,10 @@ async fn raw_load(url: &str, concurrency: usize, duration: Duration) -> anyhow::
 async fn raw_load_on(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Sample> {
     RUN.fetch_add(1, Ordering::Relaxed);
     let mut clients = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..concurrency {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
+        connections.push(tokio::spawn(connection));
         clients.push(client);
     }
     let started = Instant::now();
@@ -152,7 +157,13 @@ async fn raw_load_on(url: &str, concurrency: usize, duration: Duration) -> anyho
     for task in tasks {
         samples.push(task.await??);
     }
-    Ok(Sample::merge(samples, started.elapsed()))
+    let elapsed = started.elapsed();
+    // The clients are gone with their tasks: wait for the connections to
+    // close, so the next run's do not find the server's slots still taken.
+    for connection in connections {
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    }
+    Ok(Sample::merge(samples, elapsed))
 }
 
 /// The highest resident memory of `pid` while `load` runs, sampled every

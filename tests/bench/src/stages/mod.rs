@@ -9,6 +9,8 @@ mod relay;
 mod replicas;
 mod steady;
 
+pub(crate) use create_user::SERVICE_POOL;
+
 use std::time::Duration;
 
 use prost::Message as _;
