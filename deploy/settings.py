@@ -98,6 +98,13 @@ def expansions(value):
 DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "amqp": 5672, "amqps": 5671, "http": 80, "https": 443}
 
 
+def url_ports(value):
+    """The port of every URL of a comma-separated list (AMQP_URL may name
+    the nodes of a cluster), skipping entries whose port cannot be told."""
+    ports = (url_port(entry.strip()) for entry in str(value or "").split(","))
+    return [port for port in ports if port is not None]
+
+
 def url_port(url):
     """The port a URL connects to (written, else its scheme's default), or None.
     `$(NAME)` expansions in the host part are fine: only the port is read."""

@@ -5,9 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
-use shop_testkit::{ServiceProcess, TcpProxy, TestBroker, TestDatabase};
+use shop_messaging::AmqpConfig;
+use shop_testkit::{RabbitCluster, ServiceProcess, TcpProxy, TestBroker, TestDatabase};
 use tokio::time::Instant;
 
+use crate::cluster::Outage;
 use crate::load::Load;
 use crate::reconcile::{Report, Taps};
 
@@ -24,6 +26,10 @@ pub struct Options {
     pub instances: usize,
     /// Faults, injected in turn, evenly over the run.
     pub faults: Vec<Fault>,
+    /// Run on a RabbitMQ cluster of three nodes of the test's own (the
+    /// services given every node's URL) instead of the machine's broker
+    /// behind a proxy.
+    pub cluster: bool,
 }
 
 impl Options {
@@ -85,6 +91,24 @@ pub enum Fault {
     /// Every instance of both services SIGKILLed at once, then started
     /// again.
     EveryInstanceDown,
+    /// Cluster runs: `rabbitmqctl stop_app` on the node that leads most of
+    /// the consumer's partition queues, and `start_app` some seconds later.
+    StopLeaderNode,
+    /// Cluster runs: the same on a node that leads as few of them as any.
+    StopFollowerNode,
+    /// Cluster runs: the node that leads most partition queues cut off from
+    /// the other two (it pauses, being the minority), then healed.
+    IsolateNode,
+}
+
+impl Fault {
+    /// Whether the fault takes a cluster node away.
+    pub fn is_cluster_fault(self) -> bool {
+        matches!(
+            self,
+            Self::StopLeaderNode | Self::StopFollowerNode | Self::IsolateNode
+        )
+    }
 }
 
 /// A service instance: its process, and what it takes to start it again on
@@ -142,11 +166,23 @@ pub struct Chaos {
     pub options: Options,
     pub user_nodes: Vec<Node>,
     pub order_nodes: Vec<Node>,
-    pub amqp_proxy: TcpProxy,
+    /// Between the services and the machine's broker (`None` on a
+    /// cluster: the services connect to its nodes directly).
+    pub amqp_proxy: Option<TcpProxy>,
     pub pg_proxy: TcpProxy,
+    /// The cluster of a cluster run.
+    pub cluster: Option<RabbitCluster>,
+    /// The broker, as the test itself reaches it (taps, dead letters,
+    /// replays).
+    pub amqp: AmqpConfig,
     pub taps: Taps,
     pub user_exchange: String,
     pub consumer_queue: String,
+    /// The consumer group's partition queues.
+    pub partition_queues: Vec<String>,
+    /// Each cluster node taken away, and how long until the system moved
+    /// again, measured from the moment it went.
+    pub outages: Vec<Outage>,
     /// Each fault, how long injecting it took, and how long after it ended
     /// the first event was applied by the order service.
     pub faults_injected: Vec<(Fault, Duration, Option<Duration>)>,
@@ -159,7 +195,8 @@ pub struct Chaos {
     /// every attempt; an outage held longer would dead-letter every event
     /// it held if it were charged to them.
     pub retry_budget: Duration,
-    pub broker: TestBroker,
+    /// The run's names; deletes its queues and exchanges when dropped.
+    _broker: TestBroker,
     pub user_db: TestDatabase,
     pub order_db: TestDatabase,
 }
@@ -169,6 +206,9 @@ impl Chaos {
     pub async fn run(options: Options) -> Report {
         shop_testkit::init_test_log();
         let mut chaos = Self::start(options).await;
+        if chaos.cluster.is_some() {
+            chaos.check_quorum_membership("before the load").await;
+        }
         let load = Load::start(&chaos);
         let started = Instant::now();
         let idle_memory = chaos.memory();
@@ -182,7 +222,7 @@ impl Chaos {
             let took = began.elapsed();
             let acknowledged = load.acknowledged();
             let ended = Instant::now();
-            let recovered = chaos.first_event_applied_after(chrono::Utc::now()).await;
+            let recovered = chaos.first_applied_after(chrono::Utc::now(), false).await;
             let answered = {
                 let mut answered = None;
                 while ended.elapsed() < Duration::from_secs(60) {
@@ -225,6 +265,9 @@ impl Chaos {
             ));
         }
         chaos.restore().await;
+        if chaos.cluster.is_some() {
+            chaos.check_quorum_membership("after the faults").await;
+        }
         crate::reconcile::settle_and_reconcile(&chaos, outcome, started.elapsed(), idle_memory, loaded_memory)
             .await
     }
@@ -243,7 +286,20 @@ impl Chaos {
         .await
         .unwrap();
         let broker = TestBroker::new();
-        let amqp_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+        let cluster = if options.cluster {
+            Some(RabbitCluster::start().await.unwrap())
+        } else {
+            None
+        };
+        let amqp_proxy = if options.cluster {
+            None
+        } else {
+            Some(TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap())
+        };
+        let amqp = match &cluster {
+            Some(cluster) => AmqpConfig::new(cluster.amqp_urls().join(",")),
+            None => broker.config(),
+        };
         let pg_addr = tokio::net::lookup_host(("127.0.0.1", 5432))
             .await
             .unwrap()
@@ -267,9 +323,18 @@ impl Chaos {
         let retry_budget: Duration = (0..max_attempts - 1)
             .map(|step| consumer.retry_delays[step.min(consumer.retry_delays.len() - 1)])
             .sum();
-        broker.track_topology(&consumer.topology());
-        let taps = Taps::declare(&broker, &user_exchange, &order_exchange).await;
-        let amqp_url = amqp_proxy.url_for(broker.config().url.expose_secret());
+        let topology = consumer.topology();
+        let partition_queues = (0..topology.partition_count())
+            .map(|index| topology.partition_queue(index))
+            .collect();
+        broker.track_topology(&topology);
+        let taps = Taps::declare(&broker, &amqp, &user_exchange, &order_exchange).await;
+        // The services reach the machine's broker through the proxy, and a
+        // cluster through the list of its nodes.
+        let amqp_url = match &amqp_proxy {
+            Some(proxy) => proxy.url_for(amqp.url.expose_secret()),
+            None => amqp.url.expose_secret().to_owned(),
+        };
         let delays = consumer
             .retry_delays
             .iter()
@@ -323,14 +388,18 @@ impl Chaos {
             order_nodes,
             amqp_proxy,
             pg_proxy,
+            cluster,
+            amqp,
             taps,
             user_exchange,
             consumer_queue,
+            partition_queues,
+            outages: Vec::new(),
             faults_injected: Vec::new(),
             evidence: Vec::new(),
             fault_problems: Vec::new(),
             retry_budget,
-            broker,
+            _broker: broker,
             user_db,
             order_db,
         }
@@ -349,10 +418,21 @@ impl Chaos {
         memory
     }
 
+    /// The proxy to the machine's broker, which the faults on it need.
+    fn broker_proxy(&self) -> &TcpProxy {
+        self.amqp_proxy
+            .as_ref()
+            .expect("this fault needs the machine's broker, not a cluster")
+    }
+
     async fn inject(&mut self, fault: Fault, load: &Load) {
-        let connections = self.amqp_proxy.accepted();
+        if fault.is_cluster_fault() {
+            self.lose_node(fault, load).await;
+            return;
+        }
+        let connections = self.broker_proxy().accepted();
         match fault {
-            Fault::CutBroker => self.amqp_proxy.cut(),
+            Fault::CutBroker => self.broker_proxy().cut(),
             Fault::RestartBroker => {
                 rabbitmqctl(&["stop_app"]).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -395,7 +475,7 @@ impl Chaos {
                 );
             }
             Fault::FreezeConnections => {
-                let frozen = self.pg_proxy.freeze() + self.amqp_proxy.freeze();
+                let frozen = self.pg_proxy.freeze() + self.broker_proxy().freeze();
                 println!("chaos: froze {frozen} connections");
                 self.expect(fault, frozen > 0, format!("{frozen} connections frozen"));
             }
@@ -421,10 +501,10 @@ impl Chaos {
             Fault::DatabaseAndBrokerAtOnce => {
                 self.pg_proxy.refuse(true);
                 self.pg_proxy.cut();
-                self.amqp_proxy.refuse(true);
-                self.amqp_proxy.cut();
+                self.broker_proxy().refuse(true);
+                self.broker_proxy().cut();
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                self.amqp_proxy.refuse(false);
+                self.broker_proxy().refuse(false);
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 self.pg_proxy.refuse(false);
             }
@@ -437,6 +517,9 @@ impl Chaos {
                     node.start().await;
                 }
             }
+            Fault::StopLeaderNode | Fault::StopFollowerNode | Fault::IsolateNode => {
+                unreachable!("taken away above")
+            }
         }
         if matches!(
             fault,
@@ -448,10 +531,10 @@ impl Chaos {
             // The services' broker connections were lost: they must come
             // back through the proxy.
             let deadline = Instant::now() + Duration::from_secs(60);
-            while self.amqp_proxy.accepted() <= connections && Instant::now() < deadline {
+            while self.broker_proxy().accepted() <= connections && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let reconnections = self.amqp_proxy.accepted().saturating_sub(connections);
+            let reconnections = self.broker_proxy().accepted().saturating_sub(connections);
             self.expect(
                 fault,
                 reconnections > 0,
@@ -461,7 +544,7 @@ impl Chaos {
     }
 
     /// Records what a fault was seen to do, or a problem when it was not.
-    fn expect(&mut self, fault: Fault, happened: bool, what: String) {
+    pub(crate) fn expect(&mut self, fault: Fault, happened: bool, what: String) {
         if happened {
             self.evidence.push(format!("{fault:?}: {what}"));
         } else {
@@ -495,25 +578,42 @@ impl Chaos {
     }
 
     /// How long after `since` the order service applied its first event
-    /// (within a minute; `None` past it): how long the system took to move
-    /// again after a fault.
-    async fn first_event_applied_after(&self, since: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    /// (`created_after`: its first event created after `since`, told by the
+    /// time in the event's UUIDv7 id), within a minute (`None` past
+    /// it): how long the system took to move again after a fault.
+    pub async fn first_applied_after(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        created_after: bool,
+    ) -> Option<Duration> {
+        #[derive(diesel::QueryableByName)]
+        struct First {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+            at: Option<chrono::DateTime<chrono::Utc>>,
+        }
+        use diesel_async::RunQueryDsl as _;
+        // The smallest UUIDv7 of the millisecond `since` (or the nil id):
+        // the first 48 bits of one are its creation time in milliseconds.
+        let lowest = if created_after {
+            let millis = u64::try_from(since.timestamp_millis()).unwrap_or(0);
+            let mut bytes = [0_u8; 16];
+            bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+            uuid::Uuid::from_bytes(bytes)
+        } else {
+            uuid::Uuid::nil()
+        };
         let pool = self.order_db.pool();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
-            #[derive(diesel::QueryableByName)]
-            struct Latest {
-                #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
-                at: Option<chrono::DateTime<chrono::Utc>>,
-            }
             if let Ok(mut conn) = pool.get().await {
-                use diesel_async::RunQueryDsl as _;
-                let latest = diesel::sql_query("SELECT max(applied_at) AS at FROM inbox_ledger")
-                    .get_result::<Latest>(&mut conn)
-                    .await;
-                if let Ok(Latest { at: Some(at) }) = latest
-                    && at > since
-                {
+                let first = diesel::sql_query(
+                    "SELECT min(applied_at) AS at FROM inbox_ledger WHERE applied_at > $1 AND event_id >= $2",
+                )
+                .bind::<diesel::sql_types::Timestamptz, _>(since)
+                .bind::<diesel::sql_types::Uuid, _>(lowest)
+                .get_result::<First>(&mut conn)
+                .await;
+                if let Ok(First { at: Some(at) }) = first {
                     return (at - since).to_std().ok();
                 }
             }
@@ -525,7 +625,9 @@ impl Chaos {
     /// Every fault undone: proxies open, every instance running.
     async fn restore(&mut self) {
         self.pg_proxy.refuse(false);
-        self.amqp_proxy.refuse(false);
+        if let Some(proxy) = &self.amqp_proxy {
+            proxy.refuse(false);
+        }
         for node in self.user_nodes.iter_mut().chain(self.order_nodes.iter_mut()) {
             if node.process.is_none() {
                 node.start().await;

@@ -54,7 +54,7 @@ pub struct Outcome {
 pub struct Load {
     running: Running,
     model: Arc<Mutex<Model>>,
-    amqp_url: String,
+    amqp: shop_messaging::AmqpConfig,
     sample_queue: String,
     user_exchange: String,
 }
@@ -116,7 +116,7 @@ impl Load {
         Self {
             running,
             model,
-            amqp_url: shop_testkit::amqp_url(),
+            amqp: chaos.amqp.clone(),
             sample_queue: chaos.taps.sample.clone(),
             user_exchange: chaos.user_exchange.clone(),
         }
@@ -136,9 +136,7 @@ impl Load {
     /// of order. Returns how many.
     pub async fn replay_sample(&self, _chaos: &Chaos) -> usize {
         use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-        let Ok(connection) =
-            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
-        else {
+        let Ok(connection) = shop_messaging::connection::connect(&self.amqp, "chaos replay").await else {
             return 0;
         };
         let Ok(channel) = connection.create_channel().await else {

@@ -6,7 +6,11 @@
 //! of order. When the load stops and the system settles, it reconciles:
 //! nothing lost, nothing applied twice, projections equal to the source.
 //!
-//! The short form runs in CI. A soak: `CHAOS_DURATION_SECS=1800 CHAOS_RATE=60
+//! The cluster run does the same on a RabbitMQ cluster of three nodes of its
+//! own: the node leading the consumer's partition queues stopped, a
+//! follower stopped, a node cut off from the others.
+//!
+//! The short forms run in CI. A soak: `CHAOS_DURATION_SECS=1800 CHAOS_RATE=60
 //! cargo test --release -p system-tests --test chaos -- --nocapture`.
 #![allow(
     clippy::unwrap_used,
@@ -15,6 +19,7 @@
     clippy::print_stdout
 )]
 
+mod cluster;
 mod harness;
 mod load;
 mod reconcile;
@@ -46,6 +51,7 @@ async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_m
             Fault::BrokerAlarm,
             Fault::EveryInstanceDown,
         ],
+        cluster: false,
     });
     let report = Chaos::run(options).await;
     report.assert_clean();
@@ -66,6 +72,25 @@ async fn two_instances_of_each_service_keep_every_projection_right_and_per_user_
                 Fault::KillOrderService,
                 Fault::EveryInstanceDown,
             ],
+            cluster: false,
+        },
+    );
+    let report = Chaos::run(options).await;
+    report.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_three_node_cluster_losing_any_node_loses_duplicates_and_reorders_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let options = Options::from_env_with_prefix(
+        "CLUSTER",
+        Options {
+            duration: std::time::Duration::from_secs(45),
+            rate: 30,
+            users: 20,
+            instances: 2,
+            faults: vec![Fault::StopLeaderNode, Fault::StopFollowerNode, Fault::IsolateNode],
+            cluster: true,
         },
     );
     let report = Chaos::run(options).await;

@@ -9,6 +9,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, Que
 use lapin::types::{AMQPValue, FieldTable};
 use prost::Message as _;
 use shop_contracts::user::{UserCreated, UserUpdated};
+use shop_messaging::AmqpConfig;
 use shop_messaging::wire::{header_i64, header_str};
 use shop_testkit::TestBroker;
 use tokio::time::Instant;
@@ -22,25 +23,31 @@ pub struct Taps {
     pub user: String,
     pub order: String,
     pub sample: String,
+    amqp: AmqpConfig,
 }
 
-async fn channel() -> (lapin::Connection, lapin::Channel) {
-    let connection =
-        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
+async fn channel(amqp: &AmqpConfig) -> (lapin::Connection, lapin::Channel) {
+    let connection = shop_messaging::connection::connect(amqp, "chaos taps")
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
     (connection, channel)
 }
 
 impl Taps {
-    pub async fn declare(broker: &TestBroker, user_exchange: &str, order_exchange: &str) -> Self {
+    pub async fn declare(
+        broker: &TestBroker,
+        amqp: &AmqpConfig,
+        user_exchange: &str,
+        order_exchange: &str,
+    ) -> Self {
         let taps = Self {
             user: broker.queue("tap.user-events"),
             order: broker.queue("tap.order-events"),
             sample: broker.queue("tap.sample"),
+            amqp: amqp.clone(),
         };
-        let (connection, channel) = channel().await;
+        let (connection, channel) = channel(amqp).await;
         for (queue, exchange) in [
             (&taps.user, user_exchange),
             (&taps.order, order_exchange),
@@ -79,8 +86,8 @@ impl Taps {
 
     /// Everything in `queue`, in delivery order, until it is quiet for a
     /// second.
-    async fn drain(queue: &str) -> Vec<Seen> {
-        let (connection, channel) = channel().await;
+    async fn drain(&self, queue: &str) -> Vec<Seen> {
+        let (connection, channel) = channel(&self.amqp).await;
         let mut consumer = channel
             .basic_consume(
                 queue.into(),
@@ -360,8 +367,8 @@ pub async fn settle_and_reconcile(
         .count();
 
     // The wire.
-    let user_wire = Taps::drain(&chaos.taps.user).await;
-    let order_wire = Taps::drain(&chaos.taps.order).await;
+    let user_wire = chaos.taps.drain(&chaos.taps.user).await;
+    let order_wire = chaos.taps.drain(&chaos.taps.order).await;
     let (user_duplicates, user_violations) = wire_order(&user_wire);
     let (order_duplicates, order_violations) = wire_order(&order_wire);
     let seen_orders: HashSet<&str> = order_wire.iter().map(|s| s.id.as_str()).collect();
@@ -371,7 +378,7 @@ pub async fn settle_and_reconcile(
         .filter(|id| !seen_orders.contains(id.as_str()))
         .count();
     let dead_letters = {
-        let dlq = shop_messaging::dlq::DeadLetters::connect(&chaos.broker.config(), &chaos.consumer_queue)
+        let dlq = shop_messaging::dlq::DeadLetters::connect(&chaos.amqp, &chaos.consumer_queue)
             .await
             .unwrap();
         let letters = dlq.browse().await.unwrap();
@@ -397,18 +404,25 @@ pub async fn settle_and_reconcile(
             })
             .collect::<Vec<_>>();
         let mut queues = Vec::new();
-        let output = tokio::process::Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-                "consumers",
-            ])
-            .output()
-            .await
-            .unwrap();
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let args = [
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ];
+        let output = match &chaos.cluster {
+            Some(cluster) => cluster.rabbitmqctl(1, &args).await.unwrap_or_default(),
+            None => {
+                let output = tokio::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .output()
+                    .await
+                    .unwrap();
+                String::from_utf8_lossy(&output.stdout).into_owned()
+            }
+        };
+        for line in output.lines() {
             if line.starts_with(chaos.consumer_queue.as_str()) {
                 queues.push(line.to_owned());
             }
@@ -503,10 +517,27 @@ pub async fn settle_and_reconcile(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let lines = vec![
+    let load_secs = elapsed.as_secs_f64().max(1.0);
+    let mut lines = vec![
         (
             "duration (load), settle".to_owned(),
             format!("{elapsed:.1?}, {settle_time:.1?}"),
+        ),
+        (
+            "broker".to_owned(),
+            match &chaos.cluster {
+                Some(cluster) => format!("a cluster of {} nodes", cluster.len()),
+                None => "one node, behind a proxy".to_owned(),
+            },
+        ),
+        (
+            "throughput over the load".to_owned(),
+            format!(
+                "{:.1} commands/s acknowledged, {:.1} user events/s applied (offered: {} commands/s)",
+                outcome.acknowledged as f64 / load_secs,
+                inbox.len() as f64 / load_secs,
+                chaos.options.rate
+            ),
         ),
         (
             "instances per service".to_owned(),
@@ -520,6 +551,15 @@ pub async fn settle_and_reconcile(
             ),
         ),
         (format!("faults injected ({})", faults.len()), faults.join(", ")),
+        (
+            "failover, from the moment a node went".to_owned(),
+            chaos
+                .outages
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
         (
             "user events published (distinct)".to_owned(),
             user_events.len().to_string(),
@@ -565,5 +605,6 @@ pub async fn settle_and_reconcile(
             mib(&loaded_memory),
         ),
     ];
+    lines.retain(|(_, value)| !value.is_empty());
     Report { lines, problems }
 }

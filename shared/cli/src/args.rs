@@ -70,7 +70,8 @@ pub struct Connection {
         value_parser = shop_config::duration
     )]
     pub timeout: Duration,
-    /// RabbitMQ, for the dead-letter commands.
+    /// RabbitMQ, for the dead-letter commands (a cluster: its nodes' URLs,
+    /// separated by commas, tried in turn).
     #[arg(
         long,
         global = true,

@@ -74,8 +74,15 @@ pub fn secret(value: &str) -> Result<SecretString, String> {
 
 /// A URL with its password replaced by `***`, for logs and
 /// `--print-config`; a value that does not parse as a URL is hidden whole.
+/// A comma-separated list of URLs (`AMQP_URL` naming several brokers) is
+/// redacted entry by entry: parsed whole, every password after the first
+/// would be read as part of the first URL's path and shown.
 pub fn redact_url(value: &str) -> String {
-    match url::Url::parse(value) {
+    value.split(',').map(redact_one_url).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one_url(value: &str) -> String {
+    match url::Url::parse(value.trim()) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 // Only fails for URLs that cannot have a password at all.
@@ -356,11 +363,35 @@ mod tests {
         assert_eq!(redact_url("not a url"), "***");
     }
 
+    #[test]
+    fn redact_url_hides_every_password_of_a_list() {
+        assert_eq!(
+            redact_url("amqp://u:first@rabbit-1:5672/%2f,amqp://u:second@rabbit-2:5672/%2f"),
+            "amqp://u:***@rabbit-1:5672/%2f,amqp://u:***@rabbit-2:5672/%2f"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn redacted_urls_never_contain_the_password(password in "[a-zA-Z0-9]{6,20}") {
             let url = format!("amqp://user:{password}@host:5672/%2f");
             proptest::prop_assert!(!redact_url(&url).contains(&password));
+        }
+
+        #[test]
+        fn redacted_url_lists_never_contain_a_password(
+            passwords in proptest::collection::vec("[a-zA-Z0-9]{6,20}", 1..4),
+        ) {
+            let list = passwords
+                .iter()
+                .enumerate()
+                .map(|(i, password)| format!("amqp://user:{password}@rabbit-{i}:5672/%2f"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let redacted = redact_url(&list);
+            for password in &passwords {
+                proptest::prop_assert!(!redacted.contains(password.as_str()), "{}", redacted);
+            }
         }
     }
 }
