@@ -211,16 +211,38 @@ pub fn one_line_error(command: &Command, error: &clap::Error) -> String {
             format!("{name} must be set as well: another setting that needs it is set")
         }
         ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
-            let value = context(ContextKind::InvalidValue).unwrap_or_default();
             let why = match (context(ContextKind::ValidValue), std::error::Error::source(error)) {
                 (Some(valid), _) => format!("accepted values: {valid}"),
                 (None, Some(source)) => source.to_string(),
+                (None, None) if secret_setting(command, &flag) => "not accepted".to_owned(),
                 (None, None) => first_line(error),
             };
-            format!("invalid value {value:?} for {name}: {why}")
+            // A secret's value (a URL with its password) is never echoed:
+            // the line goes to logs. Its parser names what is wrong without
+            // the credentials.
+            if secret_setting(command, &flag) {
+                format!("invalid value for {name}: {why}")
+            } else {
+                let value = context(ContextKind::InvalidValue).unwrap_or_default();
+                format!("invalid value {value:?} for {name}: {why}")
+            }
         }
         _ => format!("{name}: {}", first_line(error)),
     }
+}
+
+/// Whether the argument clap names as `--flag <VALUE>` holds a secret (its
+/// environment value is hidden from the help).
+fn secret_setting(command: &Command, flag: &str) -> bool {
+    let long = flag
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches('-');
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .is_some_and(clap::Arg::is_hide_env_values_set)
 }
 
 /// `VARIABLE (--flag)` for the argument clap names as `--flag <VALUE>`.
@@ -271,6 +293,14 @@ mod tests {
         /// A choice.
         #[arg(long = "example-format", env = "EXAMPLE_FORMAT", default_value = "text")]
         format: Format,
+        /// A secret number.
+        #[arg(
+            long = "example-pin",
+            env = "EXAMPLE_PIN",
+            hide_env_values = true,
+            default_value_t = 1
+        )]
+        pin: u16,
     }
 
     #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -321,7 +351,13 @@ mod tests {
         assert_eq!(get("EXAMPLE_URL").value, "amqp://guest:***@localhost:5672/%2f");
         assert_eq!(
             variables(&command),
-            ["EXAMPLE_WAIT", "EXAMPLE_COUNT", "EXAMPLE_URL", "EXAMPLE_FORMAT"]
+            [
+                "EXAMPLE_WAIT",
+                "EXAMPLE_COUNT",
+                "EXAMPLE_URL",
+                "EXAMPLE_FORMAT",
+                "EXAMPLE_PIN"
+            ]
         );
     }
 
@@ -342,6 +378,11 @@ mod tests {
         assert!(
             wait.contains("EXAMPLE_WAIT") && wait.contains("such as 250ms"),
             "{wait}"
+        );
+        let pin = line(&["example", "--example-pin", "s3cret"]);
+        assert!(
+            pin.starts_with("invalid value for EXAMPLE_PIN (--example-pin):") && !pin.contains("s3cret"),
+            "{pin}"
         );
         let format = line(&["example", "--example-format", "xml"]);
         assert!(

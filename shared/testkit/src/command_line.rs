@@ -27,7 +27,7 @@ fn text(bytes: &[u8]) -> String {
 /// `variables` listed), `--version`, and `--print-config` (every setting
 /// with its source, the database password hidden); and that each bad
 /// setting stops it before it starts, exit 2, with one line naming the
-/// variable.
+/// variable (and never a secret's value).
 ///
 /// # Panics
 ///
@@ -117,6 +117,19 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
             "{variable}={value}: the line does not show the value: {stderr}"
         );
     }
+    // A secret's bad value is refused the same way, without being echoed:
+    // the line goes to logs.
+    let bad_url = run(
+        binary,
+        &[],
+        &[("AMQP_URL", "amqp://app:hunter2-secret@broker:5672/%2f,not a url")],
+    );
+    let stderr = text(&bad_url.stderr);
+    assert_eq!(bad_url.status.code(), Some(2), "bad AMQP_URL: {bad_url:?}");
+    assert!(
+        stderr.contains("AMQP_URL") && !stderr.contains("hunter2-secret"),
+        "bad AMQP_URL: {stderr}"
+    );
     let half_tls = run(binary, &[], &[("GRPC_TLS_CERT", "/tmp/cert.pem")]);
     assert_eq!(half_tls.status.code(), Some(2), "{half_tls:?}");
     assert!(text(&half_tls.stderr).contains("GRPC_TLS_KEY"), "{half_tls:?}");
