@@ -349,9 +349,12 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
         .await
         .unwrap();
 
-    // Every series a rule or panel reads has been scraped a few times.
+    // Every series a rule or panel reads has been scraped a few times, and
+    // the recording rules over both services' rates have been evaluated
+    // (on a busy machine a scrape or an evaluation can lag the other
+    // service's by seconds).
     shop_testkit::eventually(
-        "dead letters and applied events scraped",
+        "dead letters, applied events and request rates scraped",
         Duration::from_secs(60),
         || async {
             let dead = prometheus.query("dead_letter_queue_messages > 0").await;
@@ -359,7 +362,19 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
                 .query("sum(consumer_events_total{outcome=\"applied\"}) >= 5")
                 .await;
             let rates = prometheus.query("queue:consumer_events_applied:rate5m > 0").await;
-            (!dead.is_empty() && !applied.is_empty() && !rates.is_empty()).then_some(())
+            let requests = prometheus
+                .query("service_method:grpc_server_requests:rate5m > 0")
+                .await;
+            let errors = prometheus
+                .query("service_method:grpc_server_error_ratio:rate5m")
+                .await;
+            let latency = prometheus
+                .query("service_method:grpc_server_request_duration_seconds:p99_5m")
+                .await;
+            [dead, applied, rates, requests, errors, latency]
+                .iter()
+                .all(|result| !result.is_empty())
+                .then_some(())
         },
     )
     .await;
