@@ -12,25 +12,36 @@
 //! A consumer group (the queue name its replicas share, e.g.
 //! `order-service.user-events`) receives the producer's events on
 //! [`ConsumerTopology::partitions`] partition queues. The relay stamps every
-//! event with the `partition` header (a stable hash of its aggregate id into
-//! `0..32`, [`crate::wire::partition_of`]); the group's headers exchange
-//! routes header value `k` to partition queue `k % partitions`:
+//! event with its partition (a stable hash of its aggregate id into `0..32`,
+//! [`crate::wire::partition_of`]) twice: as the `partition` header and as the
+//! routing key `partition.<k>` in the `CC` header. The group's direct
+//! exchange routes key `partition.<k>` to partition queue `k % partitions`;
+//! what carries no such key goes on to the group's headers exchange, which
+//! routes by the `partition` header, and what carries neither lands on
+//! partition 0:
 //!
 //! ```text
-//! user.events ──routing keys──► <group>.partitions ──partition=k──► <group>.p<k % P> ──► one active consumer
-//!  (topic)                        (headers)      └─no partition─► <group>.unpartitioned ──► <group>.p0
+//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.p<k % P> ──► one active consumer
+//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.p<k % P>
+//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.p0
 //!
 //! <group>.p<i> ──handler fails──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
 //! <group>.p<i> ──never succeeds / N attempts──► <group>.dlq
 //! ```
 //!
-//! Why a headers exchange fed by the relay's hash, not the consistent-hash
-//! exchange: that exchange is a plugin an operator has to enable on every
-//! node, and its ring would hash again what the outbox already partitions
-//! (the relay claims the same 32 partitions); the headers exchange is built
-//! in, and the mapping `k % P` is visible in the bindings. Every partition
-//! queue is a quorum queue with `x-single-active-consumer`, so even while
-//! replicas hand partitions over, one consumer at a time takes from it.
+//! Why exchanges fed by the relay's hash, not the consistent-hash exchange:
+//! that exchange is a plugin an operator has to enable on every node, and
+//! its ring would hash again what the outbox already partitions (the relay
+//! claims the same 32 partitions); the direct and headers exchanges are
+//! built in, and the mapping `k % P` is visible in the bindings. Why two:
+//! every event passes the direct exchange, one table lookup; a headers
+//! exchange compares each message with every one of its 32 bindings, which
+//! halved the broker's publishing rate. The headers exchange stays for what
+//! the group sends itself (retries, replays, released parked events: rare,
+//! and dead-lettering keeps the delay queue's target fixed) and for events of
+//! producers that do not set `CC`. Every partition queue is a quorum queue
+//! with `x-single-active-consumer`, so even while replicas hand partitions
+//! over, one consumer at a time takes from it.
 //!
 //! Changing the number of partitions re-binds the queues at the next start;
 //! messages of queues beyond the new count are moved back through the
@@ -43,7 +54,7 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ExchangeKind};
@@ -124,6 +135,14 @@ impl ConsumerTopology {
         router(&self.queue)
     }
 
+    /// The group's direct exchange, bound to the producer's exchange, which
+    /// routes by the `partition.<k>` routing key the relay puts in the `CC`
+    /// header: `<group>.route`. What it cannot route goes on to
+    /// [`Self::router`].
+    pub fn route(&self) -> String {
+        format!("{}.route", self.queue)
+    }
+
     /// The fanout exchange that takes what carries no `partition` header:
     /// `<group>.unpartitioned`, bound to partition 0.
     pub fn unpartitioned(&self) -> String {
@@ -154,7 +173,7 @@ impl ConsumerTopology {
     /// Every exchange of the group itself (not the producer's), for
     /// clean-up.
     pub fn exchange_names(&self) -> Vec<String> {
-        vec![self.router(), self.unpartitioned()]
+        vec![self.route(), self.router(), self.unpartitioned()]
     }
 
     /// Declares the exchanges, the queues and the bindings. Idempotent.
@@ -183,34 +202,33 @@ impl ConsumerTopology {
             router_args,
         )
         .await?;
+        let mut route_args = FieldTable::default();
+        route_args.insert("alternate-exchange".into(), wire::long_string(&self.router()));
+        declare_exchange(channel, &self.route(), ExchangeKind::Direct, route_args).await?;
 
         for index in 0..self.partition_count() {
             let queue = self.partition_queue(index);
             declare_quorum_queue(channel, &queue, self.partition_queue_args()).await?;
             for partition in 0..PARTITIONS {
-                let binding = partition_binding(partition);
-                if self.queue_of(partition) == index {
-                    channel
-                        .queue_bind(
-                            queue.as_str().into(),
-                            self.router().as_str().into(),
-                            "".into(),
-                            QueueBindOptions { nowait: false },
-                            binding,
-                        )
-                        .await?;
-                } else {
-                    // Left over from another partition count; unbinding
-                    // what is not bound is not an error.
-                    channel
-                        .queue_unbind(
-                            queue.as_str().into(),
-                            self.router().as_str().into(),
-                            "".into(),
-                            binding,
-                        )
-                        .await?;
-                }
+                let bound = self.queue_of(partition) == index;
+                bind_or_unbind(
+                    channel,
+                    &queue,
+                    &self.router(),
+                    "",
+                    partition_binding(partition),
+                    bound,
+                )
+                .await?;
+                bind_or_unbind(
+                    channel,
+                    &queue,
+                    &self.route(),
+                    &wire::partition_routing_key(partition),
+                    FieldTable::default(),
+                    bound,
+                )
+                .await?;
             }
         }
         channel
@@ -225,10 +243,22 @@ impl ConsumerTopology {
         for key in &self.routing_keys {
             channel
                 .exchange_bind(
-                    self.router().as_str().into(),
+                    self.route().as_str().into(),
                     self.exchange.as_str().into(),
                     key.as_str().into(),
                     ExchangeBindOptions { nowait: false },
+                    FieldTable::default(),
+                )
+                .await?;
+            // Before the direct exchange, the producer's exchange fed the
+            // headers exchange; bound both ways, an event would arrive
+            // twice (harmless, the inbox drops the copy, but wasted).
+            channel
+                .exchange_unbind(
+                    self.router().as_str().into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    ExchangeUnbindOptions { nowait: false },
                     FieldTable::default(),
                 )
                 .await?;
@@ -361,6 +391,14 @@ impl ConsumerTopology {
                     partition_binding(partition),
                 )
                 .await?;
+            channel
+                .queue_unbind(
+                    queue.into(),
+                    self.route().as_str().into(),
+                    wire::partition_routing_key(partition).as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
         }
         let mut moved = 0;
         while let Some(message) = channel
@@ -416,6 +454,34 @@ impl ConsumerTopology {
             tracing::info!(queue, moved, router = %self.router(), "moved the messages of a retired queue to the partitions");
         }
         Ok(moved)
+    }
+}
+
+/// Binds `queue` to `exchange` with `key` and `args`, or (`bound` false)
+/// removes such a binding left over from another partition count;
+/// unbinding what is not bound is not an error.
+async fn bind_or_unbind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+    args: FieldTable,
+    bound: bool,
+) -> lapin::Result<()> {
+    if bound {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions { nowait: false },
+                args,
+            )
+            .await
+    } else {
+        channel
+            .queue_unbind(queue.into(), exchange.into(), key.into(), args)
+            .await
     }
 }
 

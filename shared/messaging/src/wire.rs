@@ -12,10 +12,16 @@
 //! | header `traceparent`, `tracestate`, `baggage` | W3C trace context of the publish span |
 //! | header `aggregate_type`, `aggregate_id`, `aggregate_version` | the aggregate the event is about |
 //! | header `partition` | [`partition_of`] the aggregate id, `0..`[`PARTITIONS`] |
+//! | header `CC` | `["partition.<k>"]`, the partition as a second routing key ([`partition_routing_key`]) |
 //!
 //! Routing: the producer's topic exchange, routing key
 //! [`shop_contracts::Event::ROUTING_KEY`]. A consumer group routes on from
-//! there by the `partition` header (see [`crate::topology`]).
+//! there by the partition (see [`crate::topology`]): the `CC` header is
+//! RabbitMQ's sender-selected distribution, a list of routing keys the
+//! broker uses besides the message's own, so a direct exchange can route by
+//! partition at the cost of one table lookup. (Routing by the `partition`
+//! header alone goes through a headers exchange, which compares the message
+//! with each of its 32 bindings: half the broker's publishing rate.)
 //!
 //! `aggregate_version` numbers an aggregate's events 1, 2, 3, … without gaps:
 //! every change of an aggregate is one event. Consumers rely on it to apply
@@ -38,6 +44,9 @@ pub const AGGREGATE_VERSION: &str = "aggregate_version";
 /// Header: the aggregate's partition ([`partition_of`]), which consumer
 /// groups route by.
 pub const PARTITION: &str = "partition";
+/// Header: more routing keys for the broker (sender-selected distribution);
+/// events carry [`partition_routing_key`] in it.
+pub const CC: &str = "CC";
 /// AMQP delivery mode of a message the broker writes to disk.
 pub const PERSISTENT: u8 = 2;
 
@@ -78,6 +87,10 @@ impl EventHeaders<'_> {
             AMQPValue::LongLongInt(self.aggregate_version),
         );
         headers.insert(PARTITION.into(), AMQPValue::ShortInt(self.partition));
+        headers.insert(
+            CC.into(),
+            AMQPValue::FieldArray(vec![long_string(&partition_routing_key(self.partition))].into()),
+        );
         BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_type(self.type_name.into())
@@ -87,6 +100,12 @@ impl EventHeaders<'_> {
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers)
     }
+}
+
+/// The routing key that carries wire partition `partition` to a consumer
+/// group (in the [`CC`] header): `partition.<k>`.
+pub fn partition_routing_key(partition: i16) -> String {
+    format!("partition.{partition}")
 }
 
 /// Number of partitions aggregates are spread over, by [`partition_of`]

@@ -7,4 +7,5 @@ mod consumer;
 mod dead_letters;
 mod faults;
 mod ordered;
+mod routing;
 mod support;

@@ -1,0 +1,210 @@
+//! A consumer group's routing on the real broker: every event reaches the
+//! partition queue of its aggregate exactly once, whichever way it carries
+//! its partition, and a group bound the way of an older release is re-bound.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use shop_messaging::topology::ConsumerTopology;
+use shop_messaging::wire;
+use shop_testkit::{TestBroker, TestPublisher, amqp_url};
+use uuid::Uuid;
+
+use crate::support::created;
+
+fn topology(broker: &TestBroker, partitions: u16) -> ConsumerTopology {
+    let topology = ConsumerTopology {
+        partitions,
+        routing_keys: vec!["user.created".to_owned()],
+        ..crate::support::config(broker).topology()
+    };
+    broker.track_topology(&topology);
+    topology
+}
+
+/// How many messages each partition queue holds.
+async fn counts(channel: &lapin::Channel, topology: &ConsumerTopology) -> Vec<u32> {
+    let mut counts = Vec::new();
+    for index in 0..topology.partition_count() {
+        let queue = channel
+            .queue_declare(
+                topology.partition_queue(index).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        counts.push(queue.message_count());
+    }
+    counts
+}
+
+/// Waits until `count` messages are in the group's partition queues (a
+/// publish confirm means routed, but a quorum queue counts it a moment
+/// later), then how many each holds, and empties them. (Partition queues
+/// have a single active consumer, which rules out `basic.get`.)
+async fn take(channel: &lapin::Channel, topology: &ConsumerTopology, count: u32) -> Vec<u32> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counts(channel, topology).await.iter().sum::<u32>() < count && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything more would be a copy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = counts(channel, topology).await;
+    for index in 0..topology.partition_count() {
+        channel
+            .queue_purge(
+                topology.partition_queue(index).as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    taken
+}
+
+/// The counts of `take` when one event lands on queue `index`.
+fn one_on(topology: &ConsumerTopology, index: u16) -> Vec<u32> {
+    (0..topology.partition_count())
+        .map(|queue| u32::from(queue == index))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_event_reaches_its_aggregates_partition_queue_once_by_cc_by_header_or_on_partition_zero() {
+    shop_testkit::init_test_log();
+    let broker = TestBroker::new();
+    let topology = topology(&broker, 4);
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    let publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
+
+    // As the relay publishes: the partition in the CC header and in the
+    // `partition` header.
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    for user in &users {
+        publisher
+            .publish(&topology.exchange, &created(user, 1), Uuid::now_v7())
+            .await
+            .unwrap();
+    }
+    let mut expected = vec![0; usize::from(topology.partition_count())];
+    for user in &users {
+        expected[usize::from(topology.queue_of(wire::partition_of(user)))] += 1;
+    }
+    assert!(
+        expected.iter().filter(|count| **count > 0).count() > 1,
+        "the users spread over several partitions: {expected:?}"
+    );
+    assert_eq!(take(&channel, &topology, 40).await, expected);
+
+    // A producer that sets only the `partition` header (an older relay):
+    // the headers exchange behind the direct one routes it.
+    let mut headers = FieldTable::default();
+    headers.insert(wire::AGGREGATE_ID.into(), wire::long_string("old-relay"));
+    headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(7));
+    publisher
+        .publish_raw(
+            &topology.exchange,
+            "user.created",
+            b"",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        take(&channel, &topology, 1).await,
+        one_on(&topology, topology.queue_of(7))
+    );
+
+    // Neither: partition 0.
+    let mut headers = FieldTable::default();
+    headers.insert(wire::AGGREGATE_ID.into(), wire::long_string("no-partition"));
+    publisher
+        .publish_raw(
+            &topology.exchange,
+            "user.created",
+            b"",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+    assert_eq!(take(&channel, &topology, 1).await, one_on(&topology, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_bound_the_old_way_is_rebound_to_the_direct_exchange_only() {
+    shop_testkit::init_test_log();
+    let broker = TestBroker::new();
+    let topology = topology(&broker, 2);
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // The layout before the direct exchange: the producer's exchange bound
+    // straight to the group's headers exchange.
+    shop_messaging::topology::declare_event_exchange(&channel, &topology.exchange)
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "alternate-exchange".into(),
+        wire::long_string(&topology.unpartitioned()),
+    );
+    channel
+        .exchange_declare(
+            topology.router().as_str().into(),
+            ExchangeKind::Custom("headers".into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .exchange_bind(
+            topology.router().as_str().into(),
+            topology.exchange.as_str().into(),
+            "user.created".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    topology.declare(&channel).await.unwrap();
+    let publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
+    publisher
+        .publish(&topology.exchange, &created("once", 1), Uuid::now_v7())
+        .await
+        .unwrap();
+    let home = topology.queue_of(wire::partition_of("once"));
+    assert_eq!(take(&channel, &topology, 1).await, one_on(&topology, home));
+
+    // Every event now passes the direct exchange alone: without it,
+    // nothing reaches the group (the old binding to the headers exchange,
+    // which would cost the broker a comparison per partition, is gone).
+    channel
+        .exchange_delete(topology.route().as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    publisher
+        .publish(&topology.exchange, &created("twice", 1), Uuid::now_v7())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(take(&channel, &topology, 0).await, one_on(&topology, u16::MAX));
+}
