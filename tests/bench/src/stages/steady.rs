@@ -53,8 +53,10 @@ fn ticks(pid: u32) -> Option<(u64, u64, u32)> {
 /// Clock ticks a second (`getconf CLK_TCK`; 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// The CPU of `pid`, its live children and its exited children, in ticks.
-fn tree_ticks(pid: u32) -> u64 {
+/// The CPU of `pid`, its live children and its exited children, in ticks,
+/// leaving out the children in `apart` (counted under their own names: the
+/// services are children of the load generator's process).
+fn tree_ticks(pid: u32, apart: &[u32]) -> u64 {
     let Some((own, exited, _)) = ticks(pid) else {
         return 0;
     };
@@ -63,6 +65,7 @@ fn tree_ticks(pid: u32) -> u64 {
         .flatten()
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| !apart.contains(child))
         .filter_map(ticks)
         .filter(|(_, _, ppid)| *ppid == pid)
         .map(|(cpu, _, _)| cpu)
@@ -115,9 +118,10 @@ struct Processes(Vec<(&'static str, u32)>);
 
 impl Processes {
     fn cpu(&self) -> BTreeMap<&'static str, u64> {
+        let pids: Vec<u32> = self.0.iter().map(|(_, pid)| *pid).collect();
         self.0
             .iter()
-            .map(|(name, pid)| (*name, tree_ticks(*pid)))
+            .map(|(name, pid)| (*name, tree_ticks(*pid, &pids)))
             .collect()
     }
 }
