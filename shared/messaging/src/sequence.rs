@@ -40,8 +40,9 @@
 //! `consumer_parked_events{queue, reason}`,
 //! `consumer_oldest_parked_seconds{queue}` and `consumer_stuck_gaps{queue}`.
 //!
-//! The tables (each consuming service's migrations create them; see
-//! `migrations/order-service/…_sequence_consumption`):
+//! The tables and the function (each consuming service's migrations create
+//! them; see `migrations/order-service/…_sequence_consumption`,
+//! `…_lock_positions_in_one_round_trip` and `…_leave_room_for_hot_updates`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
@@ -53,6 +54,13 @@
 //!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
 //!     parked_at TIMESTAMPTZ NOT NULL DEFAULT now(), released_at TIMESTAMPTZ,
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id, aggregate_version));
+//! -- Locks the aggregates (in key order), then reads their positions with a
+//! -- snapshot taken after the locks: one round trip.
+//! CREATE FUNCTION inbox_sequence_lock(consumer_name TEXT, types TEXT[], ids TEXT[])
+//!     RETURNS TABLE (aggregate_type TEXT, aggregate_id TEXT, last_version BIGINT,
+//!     dead_letter_event UUID, dead_letter_version BIGINT) LANGUAGE plpgsql VOLATILE …;
+//! -- Positions are updated in place batch after batch: room for HOT updates.
+//! ALTER TABLE inbox_sequence SET (fillfactor = 70);
 //! ```
 //!
 //! A consumer added to an existing projection seeds `inbox_sequence` with
@@ -268,29 +276,12 @@ pub(crate) async fn lock(
         return Ok(HashMap::new());
     }
     let (kinds, ids) = columns(&sorted);
-    prepared(
-        diesel::sql_query(
-            "SELECT pg_advisory_xact_lock(k) FROM ( \
-               SELECT DISTINCT hashtextextended($1 || '/' || a.t || '/' || a.i, 0) AS k \
-               FROM unnest($2::text[], $3::text[]) AS a(t, i) ORDER BY k) AS keys",
-        )
-        .bind::<Text, _>(consumer)
-        .bind::<Array<Text>, _>(&kinds)
-        .bind::<Array<Text>, _>(&ids),
-    )
-    .execute(conn)
-    .await?;
-    // One index lookup per aggregate, whatever the planner thinks of the
-    // table: a plain join is planned as a hash join over every position of
-    // the consumer while the table's statistics are stale (a new or fast
-    // growing table), which costs a scan of all of them per batch. The
-    // LIMIT keeps the lateral lookup from being flattened into that join.
+    // Locks and reads in one round trip: see the function in the
+    // `lock_positions_in_one_round_trip` migration.
     let rows: Vec<PositionRow> = prepared(
         diesel::sql_query(
-            "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.dead_letter_event, s.dead_letter_version \
-             FROM unnest($2::text[], $3::text[]) AS a(t, i) CROSS JOIN LATERAL ( \
-               SELECT * FROM inbox_sequence s \
-               WHERE s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i LIMIT 1) AS s",
+            "SELECT aggregate_type, aggregate_id, last_version, dead_letter_event, dead_letter_version \
+             FROM inbox_sequence_lock($1, $2::text[], $3::text[])",
         )
         .bind::<Text, _>(consumer)
         .bind::<Array<Text>, _>(&kinds)

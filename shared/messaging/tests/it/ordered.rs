@@ -291,3 +291,52 @@ async fn replicas_share_the_partitions_and_one_crashed_and_one_added_lose_and_re
     );
     drop(fourth);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_waiting_for_an_aggregates_lock_reads_the_position_its_holder_committed() {
+    use diesel::sql_types::BigInt;
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+
+    #[derive(diesel::QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        last_version: i64,
+    }
+    const LOCK: &str = "SELECT last_version FROM inbox_sequence_lock('c', ARRAY['user'], ARRAY['u1'])";
+
+    let h = harness().await;
+    let mut holder = AsyncPgConnection::establish(h.db.url()).await.unwrap();
+    let mut waiter = AsyncPgConnection::establish(h.db.url()).await.unwrap();
+    // A batch holds u1 and moves it to version 1, not yet committed.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let before: Vec<Row> = diesel::sql_query(LOCK).load(&mut holder).await.unwrap();
+    assert!(before.is_empty(), "no position yet");
+    holder
+        .batch_execute(
+            "INSERT INTO inbox_sequence (consumer, aggregate_type, aggregate_id, last_version) \
+             VALUES ('c', 'user', 'u1', 1)",
+        )
+        .await
+        .unwrap();
+
+    // The next batch over u1 waits for the lock, then must read version 1:
+    // a read with a snapshot from before the lock would see no position and
+    // apply version 1 a second time.
+    let next = tokio::spawn(async move {
+        waiter.batch_execute("BEGIN").await.unwrap();
+        let rows: Vec<Row> = diesel::sql_query(LOCK).load(&mut waiter).await.unwrap();
+        waiter.batch_execute("COMMIT").await.unwrap();
+        rows
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !next.is_finished(),
+        "the second batch waits for the aggregate's lock"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, vec![Row { last_version: 1 }]);
+}

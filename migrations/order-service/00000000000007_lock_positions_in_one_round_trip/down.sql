@@ -1,0 +1,1 @@
+DROP FUNCTION inbox_sequence_lock(TEXT, TEXT[], TEXT[]);
