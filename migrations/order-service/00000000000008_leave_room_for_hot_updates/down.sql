@@ -1,0 +1,2 @@
+ALTER TABLE inbox_sequence RESET (fillfactor);
+ALTER TABLE known_users RESET (fillfactor);
