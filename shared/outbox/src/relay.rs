@@ -625,10 +625,14 @@ async fn publish_batch(
     // confirms and the commit that marks the rows (they go out again).
     fail::fail_point!("relay-after-confirm", |_| std::process::abort());
     if !confirmed.is_empty() {
-        diesel::update(dsl::outbox.filter(dsl::seq.eq_any(&confirmed)))
-            .set(dsl::published_at.eq(diesel::dsl::now))
-            .execute(conn)
-            .await?;
+        // Raw and prepared: diesel's `eq_any` update is not cached, so it
+        // was parsed again for every batch.
+        shop_database::prepared(
+            diesel::sql_query("UPDATE outbox SET published_at = now() WHERE seq = ANY($1)")
+                .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&confirmed),
+        )
+        .execute(conn)
+        .await?;
     }
     outcome.published = confirmed.len();
     outcome.unroutable = unroutable;
