@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -22,10 +22,22 @@ use crate::report::{Report, Row};
 use crate::stats::Sample;
 
 /// When each user's projection row was committed, from a trigger's NOTIFY
-/// (the benchmark's own, on its own database).
-async fn watch_projection(bench: &Bench) -> anyhow::Result<Arc<Mutex<HashMap<String, Instant>>>> {
+/// (the benchmark's own, on its own database): the instant, and the wall
+/// clock (seconds since the epoch) to compare with the databases' own
+/// timestamps.
+type Seen = Arc<Mutex<HashMap<String, (Instant, f64)>>>;
+
+/// Seconds since the epoch, now.
+fn wall() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+async fn watch_projection(bench: &Bench) -> anyhow::Result<Seen> {
     let (client, mut connection) = tokio_postgres::connect(&bench.order_db, tokio_postgres::NoTls).await?;
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let recorder = seen.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -34,7 +46,7 @@ async fn watch_projection(bench: &Bench) -> anyhow::Result<Arc<Mutex<HashMap<Str
                 recorder
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(notification.payload().to_owned(), Instant::now());
+                    .insert(notification.payload().to_owned(), (Instant::now(), wall()));
             }
         }
     });
@@ -53,12 +65,15 @@ async fn watch_projection(bench: &Bench) -> anyhow::Result<Arc<Mutex<HashMap<Str
     Ok(seen)
 }
 
+/// Offers CreateUser at `rate` for `duration`; the latency of each call
+/// from its return to its projection row, and (user id, wall clock at the
+/// return) of each call.
 async fn measure(
     endpoint: &str,
-    seen: &Arc<Mutex<HashMap<String, Instant>>>,
+    seen: &Seen,
     rate: u32,
     duration: Duration,
-) -> anyhow::Result<Sample> {
+) -> anyhow::Result<(Sample, Vec<(String, f64)>)> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
         .connect()
         .await?;
@@ -76,7 +91,7 @@ async fn measure(
                 request_id: String::new(),
             };
             let user = client.create_user(request).await.ok()?.into_inner().user?;
-            Some((user.id, Instant::now()))
+            Some((user.id, Instant::now(), wall()))
         }));
     }
     let mut returned = Vec::new();
@@ -90,13 +105,15 @@ async fn measure(
         elapsed: started.elapsed(),
         ..Sample::default()
     };
-    for (id, at) in returned {
+    let mut returns = Vec::with_capacity(returned.len());
+    for (id, at, wall_at) in returned {
+        returns.push((id.clone(), wall_at));
         loop {
             let visible = seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&id)
-                .copied();
+                .map(|(visible, _)| *visible);
             if let Some(visible) = visible {
                 sample.latencies.push(visible.saturating_duration_since(at));
                 break;
@@ -108,7 +125,60 @@ async fn measure(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    Ok(sample)
+    Ok((sample, returns))
+}
+
+/// Where an event's time goes, as medians over `returns` (ms after the
+/// command's transaction began, from the rows' own timestamps: the outbox
+/// row's `created_at` is the command's `now()`, `published_at` the relay
+/// batch's, and the projection row's `updated_at` the consumer
+/// transaction's): the call returned, the relay's batch began, the
+/// consumer's transaction began, the projection row was seen committed.
+async fn hops(bench: &Bench, seen: &Seen, returns: &[(String, f64)]) -> anyhow::Result<[f64; 4]> {
+    let connect = async |url: &str| -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    };
+    let ids: Vec<String> = returns.iter().map(|(id, _)| id.clone()).collect();
+    let outbox: HashMap<String, (f64, f64)> = connect(&bench.user_db)
+        .await?
+        .query(
+            "SELECT aggregate_id, extract(epoch FROM created_at)::float8, extract(epoch FROM published_at)::float8 \
+             FROM outbox WHERE aggregate_id = ANY($1) AND published_at IS NOT NULL",
+            &[&ids],
+        )
+        .await?
+        .into_iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect();
+    let projected: HashMap<String, f64> = connect(&bench.order_db)
+        .await?
+        .query(
+            "SELECT user_id::text, extract(epoch FROM updated_at)::float8 FROM known_users \
+             WHERE user_id::text = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut columns: [Vec<f64>; 4] = Default::default();
+    for (id, returned) in returns {
+        let (Some((created, published)), Some(consumed), Some((_, visible))) =
+            (outbox.get(id), projected.get(id), seen.get(id))
+        else {
+            continue;
+        };
+        for (column, at) in columns.iter_mut().zip([returned, published, consumed, visible]) {
+            column.push((at - created) * 1000.0);
+        }
+    }
+    Ok(columns.map(|mut column| {
+        column.sort_by(f64::total_cmp);
+        column.get(column.len() / 2).copied().unwrap_or(f64::NAN)
+    }))
 }
 
 /// Publish with confirm, then wait for the delivery, `count` times.
@@ -164,7 +234,8 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     let endpoint = format!("http://{}", users.addr);
     let raw = raw_round_trip(bench, if options.smoke { 50 } else { 1000 }).await?;
     for rate in [1, 50] {
-        let sample = measure(&endpoint, &seen, rate, Duration::from_secs(options.latency_secs)).await?;
+        let (sample, returns) =
+            measure(&endpoint, &seen, rate, Duration::from_secs(options.latency_secs)).await?;
         report.add(Row {
             figure: format!("end-to-end latency at {rate} CreateUser/s (returned → projection row)"),
             value: format!(
@@ -193,6 +264,23 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
                 "raw_p99_ms": raw.quantile_ms(0.99),
             }),
         });
+        if rate == 50 {
+            let [returned, relay, consumer, visible] = hops(bench, &seen, &returns).await?;
+            report.add(Row {
+                figure: format!("end-to-end latency at {rate} CreateUser/s, where the time goes (medians, ms after the command's transaction began)"),
+                value: format!(
+                    "call returned {returned:.2} · relay batch began {relay:.2} · consumer transaction began {consumer:.2} · projection row seen {visible:.2}"
+                ),
+                raw: "—".to_owned(),
+                ratio: None,
+                numbers: json!({
+                    "returned_ms": returned,
+                    "relay_batch_began_ms": relay,
+                    "consumer_transaction_began_ms": consumer,
+                    "projection_seen_ms": visible,
+                }),
+            });
+        }
     }
     users.terminate().await?;
     orders.terminate().await?;
