@@ -116,15 +116,28 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Outbox rows not yet published. Tests that end the database's
+    /// sessions also end the pool's idle ones: a query that meets such a
+    /// corpse (which the pool then drops) is tried again.
     pub async fn unpublished(&self) -> i64 {
         use shop_outbox::schema::outbox::dsl;
-        let mut conn = self.pool.get().await.unwrap();
-        dsl::outbox
-            .filter(dsl::published_at.is_null())
-            .count()
-            .get_result(&mut conn)
-            .await
-            .unwrap()
+        let mut attempts = 0;
+        loop {
+            let mut conn = self.pool.get().await.unwrap();
+            match dsl::outbox
+                .filter(dsl::published_at.is_null())
+                .count()
+                .get_result(&mut conn)
+                .await
+            {
+                Ok(count) => return count,
+                Err(error) if attempts < 5 => {
+                    attempts += 1;
+                    tracing::debug!(%error, "counting unpublished rows again");
+                }
+                Err(error) => panic!("counting unpublished rows: {error}"),
+            }
+        }
     }
 
     pub async fn user_count(&self) -> i64 {
