@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)] // the report is the point
 
 mod env;
+mod marker;
 mod report;
 mod stages;
 mod stats;

@@ -77,6 +77,7 @@ pub(crate) fn consumer_on(bench: &Bench, pool: shop_database::Pool, prefetch: u1
 /// Returns the consumer's rate, events/s. The relay stage left the events in
 /// the queue.
 pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -> anyhow::Result<f64> {
+    let measuring = crate::marker::measuring("consumer");
     let started = Instant::now();
     let consumer = consumer(bench, options.prefetch);
     let running = Running::spawn(|shutdown| consumer.run(shutdown));
@@ -88,6 +89,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
         Duration::from_secs(600),
     )
     .await?;
+    drop(measuring);
     drop(running);
     let raw_elapsed = raw_consume(bench, &raw_queues(bench)[0], options.events, options.prefetch).await?;
     let rate = options.events as f64 / elapsed.as_secs_f64();

@@ -204,6 +204,10 @@ async fn drain(
     reset(bench).await?;
     fill(bench, &topology, count, sequenced).await?;
     let mut running = Vec::with_capacity(instances);
+    let measuring = crate::marker::measuring(&format!(
+        "ordered {} partitions={partitions} instances={instances}",
+        if sequenced { "sequenced" } else { "unsequenced" }
+    ));
     let started = Instant::now();
     for _ in 0..instances {
         let (_, pool) = bench.new_pools().await?;
@@ -223,6 +227,7 @@ async fn drain(
         Duration::from_secs(600),
     )
     .await?;
+    drop(measuring);
     drop(running);
     remove(bench, &topology).await?;
     Ok(count as f64 / elapsed.as_secs_f64())

@@ -129,9 +129,11 @@ async fn relay_once(bench: &Bench, options: &Options) -> anyhow::Result<Duration
         bench.amqp(),
         bench.relay_config()?,
     );
+    let measuring = crate::marker::measuring("relay");
     let started = Instant::now();
     let running = shop_testkit::Running::spawn(|shutdown| relay.run(shutdown));
     let elapsed = wait_until_published(bench, options.events, started).await?;
+    drop(measuring);
     drop(running);
     Ok(elapsed)
 }

@@ -258,7 +258,9 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
     let mut rate = options.steady_start;
     for _ in 0..MAX_STEPS {
         let before = processes.cpu();
+        let measuring = crate::marker::measuring(&format!("steady {rate:.0}/s"));
         let (succeeded, elapsed) = offer(&endpoint, rate, duration).await?;
+        drop(measuring);
         created += succeeded;
         let backlog = backlog(bench, created).await?;
         let after = processes.cpu();
