@@ -148,20 +148,35 @@ async fn fill(
     Ok(())
 }
 
-/// Deletes the queues and exchanges of `topology`.
+/// Deletes the queues and exchanges of `topology`, one channel each (a
+/// failed delete closes its channel). The broker may close the connection
+/// itself meanwhile (the queues' consumers going away); a closed one is
+/// replaced.
 async fn remove(bench: &Bench, topology: &ConsumerTopology) -> anyhow::Result<()> {
-    let connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
-    for queue in topology.queue_names() {
-        let channel = connection.create_channel().await?;
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-    }
-    for exchange in topology.exchange_names() {
-        let channel = connection.create_channel().await?;
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
+    let mut connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
+    let names = topology
+        .queue_names()
+        .into_iter()
+        .map(|name| (name, true))
+        .chain(topology.exchange_names().into_iter().map(|name| (name, false)));
+    for (name, queue) in names {
+        let channel = match connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(_) => {
+                connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
+                connection.create_channel().await?
+            }
+        };
+        let _ = if queue {
+            channel
+                .queue_delete(name.as_str().into(), Default::default())
+                .await
+                .map(|_| ())
+        } else {
+            channel
+                .exchange_delete(name.as_str().into(), Default::default())
+                .await
+        };
     }
     let _ = connection.close(200, "removed".into()).await;
     Ok(())
