@@ -80,13 +80,8 @@ fn one_on(topology: &ConsumerTopology, index: u16) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_event_reaches_its_aggregates_partition_queue_once_by_cc_by_header_or_on_partition_zero() {
-    shop_testkit::init_test_log();
-    let broker = TestBroker::new();
+    let (broker, _connection, channel) = connect().await;
     let topology = topology(&broker, 4);
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
     topology.declare(&channel).await.unwrap();
     let publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
 
@@ -111,26 +106,30 @@ async fn each_event_reaches_its_aggregates_partition_queue_once_by_cc_by_header_
 
     // A producer that sets only the `partition` header (an older relay):
     // the headers exchange behind the direct one routes it.
-    let mut headers = FieldTable::default();
-    headers.insert(wire::AGGREGATE_ID.into(), wire::long_string("old-relay"));
-    headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(7));
-    publisher
-        .publish_raw(
-            &topology.exchange,
-            "user.created",
-            b"",
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap();
+    publish_without_cc(&publisher, &topology, "old-relay", Some(7)).await;
     assert_eq!(
         take(&channel, &topology, 1).await,
         one_on(&topology, topology.queue_of(7))
     );
 
     // Neither: partition 0.
+    publish_without_cc(&publisher, &topology, "no-partition", None).await;
+    assert_eq!(take(&channel, &topology, 1).await, one_on(&topology, 0));
+}
+
+/// Publishes an event of `aggregate_id` without the `CC` header, with the
+/// `partition` header when given.
+async fn publish_without_cc(
+    publisher: &TestPublisher,
+    topology: &ConsumerTopology,
+    aggregate_id: &str,
+    partition: Option<i16>,
+) {
     let mut headers = FieldTable::default();
-    headers.insert(wire::AGGREGATE_ID.into(), wire::long_string("no-partition"));
+    headers.insert(wire::AGGREGATE_ID.into(), wire::long_string(aggregate_id));
+    if let Some(partition) = partition {
+        headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+    }
     publisher
         .publish_raw(
             &topology.exchange,
@@ -140,18 +139,23 @@ async fn each_event_reaches_its_aggregates_partition_queue_once_by_cc_by_header_
         )
         .await
         .unwrap();
-    assert_eq!(take(&channel, &topology, 1).await, one_on(&topology, 0));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_group_bound_the_old_way_is_rebound_to_the_direct_exchange_only() {
+/// A fresh namespace and a connection to the broker.
+async fn connect() -> (TestBroker, Connection, lapin::Channel) {
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
-    let topology = topology(&broker, 2);
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
+    (broker, connection, channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_bound_the_old_way_is_rebound_to_the_direct_exchange_only() {
+    let (broker, _connection, channel) = connect().await;
+    let topology = topology(&broker, 2);
     // The layout before the direct exchange: the producer's exchange bound
     // straight to the group's headers exchange.
     shop_messaging::topology::declare_event_exchange(&channel, &topology.exchange)
