@@ -7,7 +7,8 @@ diesel::table! {
         /// Insertion order; per aggregate also commit order, because the
         /// command locks the aggregate's row before inserting its event.
         seq -> BigInt,
-        /// UUIDv7, the AMQP `message_id`.
+        /// UUIDv7, the AMQP `message_id`. Not indexed: nothing looks a
+        /// row up by it (see the `drop_outbox_event_id_index` migrations).
         event_id -> Uuid,
         aggregate_type -> Text,
         aggregate_id -> Text,
