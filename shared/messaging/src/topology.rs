@@ -251,8 +251,9 @@ impl ConsumerTopology {
                 )
                 .await?;
             // Before the direct exchange, the producer's exchange fed the
-            // headers exchange; bound both ways, an event would arrive
-            // twice (harmless, the inbox drops the copy, but wasted).
+            // headers exchange; left bound, every event would still pay
+            // the headers exchange's comparisons (the broker delivers one
+            // copy per queue either way).
             channel
                 .exchange_unbind(
                     self.router().as_str().into(),
