@@ -4,8 +4,10 @@
 //! Every event with an aggregate id and a version (`aggregate_version`
 //! counts each aggregate's events 1, 2, 3, …) is sequenced in the
 //! consumer's transaction, against a row per aggregate that holds the last
-//! version applied (`inbox_sequence`; no row is position 0), the aggregate
-//! locked for the transaction by an advisory lock ([`lock`]):
+//! version applied (`inbox_sequence`; no row is position 0), read with the
+//! aggregate locked for the transaction by an advisory lock ([`lock`]), or
+//! taken from the positions the consumer committed last ([`Remembered`]:
+//! only for events that then apply, and checked as the position moves):
 //!
 //! - version `last + 1`: applied, and `last` moves on in the same
 //!   transaction as the handler's effect;
@@ -218,6 +220,138 @@ impl Position {
             Decision::Park(ParkReason::Gap)
         }
     }
+}
+
+/// The positions a consumer process committed last, remembered so that the
+/// next versions of an aggregate it keeps seeing are decided without reading
+/// (and without locking) its position: the read is most of what ordering
+/// costs a batch.
+///
+/// Only what [`Position::decide`] would apply is decided from memory. The
+/// transaction then moves each such position with a condition on the
+/// version remembered ([`advance`]); if another replica moved it meanwhile
+/// (the partition was handed over and back, an operator skipped a dead
+/// letter), nothing moves, the transaction rolls back and the batch is
+/// decided again from positions read under their locks. A duplicate, a
+/// parked event or a dead letter is always decided from a fresh read.
+///
+/// Keys are 64-bit hashes of the aggregate: a collision can only make a
+/// remembered version wrong, which the condition catches like any stale one.
+/// Two generations bound the memory: when the newer holds `capacity`
+/// aggregates it becomes the older and the older is dropped; a hit in the
+/// older moves to the newer. So between `capacity` and twice as many recent
+/// aggregates are remembered, 17 bytes each.
+#[derive(Debug)]
+pub(crate) struct Remembered {
+    newer: HashMap<u64, i64>,
+    older: HashMap<u64, i64>,
+    capacity: usize,
+}
+
+impl Remembered {
+    /// Remembers up to `capacity` aggregates per generation (0: none).
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            newer: HashMap::new(),
+            older: HashMap::new(),
+            capacity,
+        }
+    }
+
+    fn key(aggregate: &Aggregate) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        aggregate.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// The last version this process committed for `aggregate`, if
+    /// remembered.
+    pub(crate) fn get(&mut self, aggregate: &Aggregate) -> Option<i64> {
+        let key = Self::key(aggregate);
+        if let Some(version) = self.newer.get(&key) {
+            return Some(*version);
+        }
+        let version = self.older.remove(&key)?;
+        self.insert(key, version);
+        Some(version)
+    }
+
+    /// Remembers `aggregate`'s committed position; one held by a dead
+    /// letter is forgotten (it is always read).
+    pub(crate) fn set(&mut self, aggregate: &Aggregate, position: &Position) {
+        if position.dead_letter.is_some() || self.capacity == 0 {
+            self.forget(aggregate);
+        } else {
+            self.insert(Self::key(aggregate), position.last_version);
+        }
+    }
+
+    /// Forgets `aggregate`.
+    pub(crate) fn forget(&mut self, aggregate: &Aggregate) {
+        let key = Self::key(aggregate);
+        self.newer.remove(&key);
+        self.older.remove(&key);
+    }
+
+    fn insert(&mut self, key: u64, version: i64) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.newer.len() >= self.capacity && !self.newer.contains_key(&key) {
+            self.older = std::mem::take(&mut self.newer);
+            self.older.remove(&key);
+        }
+        self.newer.insert(key, version);
+    }
+
+    /// Forgets every aggregate.
+    pub(crate) fn clear(&mut self) {
+        self.newer = HashMap::new();
+        self.older = HashMap::new();
+    }
+
+    /// How many aggregates are remembered.
+    pub(crate) fn len(&self) -> usize {
+        self.newer.len() + self.older.len()
+    }
+}
+
+/// Splits a batch's sequenced events into the aggregates whose every event
+/// in the batch `remembered` decides as applied (with the position it
+/// decides from) and the aggregates to read.
+pub(crate) fn from_memory<'a>(
+    remembered: &mut Remembered,
+    events: impl IntoIterator<Item = (&'a Aggregate, i64)>,
+) -> (HashMap<Aggregate, Position>, Vec<&'a Aggregate>) {
+    // Each aggregate's remembered position, moved along its events; None
+    // once one of them is not the next version.
+    let mut walked: HashMap<&'a Aggregate, Option<(i64, i64)>> = HashMap::new();
+    for (aggregate, version) in events {
+        let walk = walked
+            .entry(aggregate)
+            .or_insert_with(|| remembered.get(aggregate).map(|last| (last, last)));
+        *walk = walk
+            .filter(|(_, last)| version == last + 1)
+            .map(|(from, _)| (from, version));
+    }
+    let mut known = HashMap::new();
+    let mut to_read = Vec::new();
+    for (aggregate, walk) in walked {
+        match walk {
+            Some((from, _)) => {
+                known.insert(
+                    aggregate.clone(),
+                    Position {
+                        last_version: from,
+                        dead_letter: None,
+                    },
+                );
+            }
+            None => to_read.push(aggregate),
+        }
+    }
+    (known, to_read)
 }
 
 #[derive(QueryableByName)]
@@ -442,47 +576,146 @@ pub(crate) async fn park(
 const RELEASED_COLUMNS: &str = "p.aggregate_type, p.aggregate_id, p.aggregate_version, p.event_id, \
      p.event_type, p.payload, p.properties";
 
-/// Moves each aggregate to its new last version (creating its row, clearing
-/// a dead letter it got past; never moving it back), forgets parked events
-/// at or below it, and returns the parked events that are next in line,
+/// An aggregate's position to move: from the last version the transaction
+/// decided on (`from`, 0 for none) to `to`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Move<'a> {
+    pub(crate) aggregate: &'a Aggregate,
+    pub(crate) from: i64,
+    pub(crate) to: i64,
+}
+
+/// What [`advance`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Advanced {
+    /// Positions that were where the moves expected them, and moved.
+    pub(crate) moved: usize,
+    /// Parked events next in line, marked released.
+    pub(crate) released: Vec<ParkedEvent>,
+}
+
+/// One row of [`advance`]: the count of moved positions, with one released
+/// event (or none) per row.
+#[derive(QueryableByName)]
+struct AdvanceRow {
+    #[diesel(sql_type = BigInt)]
+    moved: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    aggregate_type: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    aggregate_id: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    aggregate_version: Option<i64>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    event_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    event_type: Option<String>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Binary>)]
+    payload: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
+    properties: Option<serde_json::Value>,
+}
+
+/// Moves each aggregate from `from` to `to`, only where its position is
+/// still `from` (a position another transaction moved is left alone and not
+/// counted: the caller compares [`Advanced::moved`] with its moves and
+/// rolls back on a difference); creates the rows of aggregates at 0, clears
+/// a dead letter an aggregate got past, forgets parked events at or below
+/// the new position, and returns the parked events that are next in line,
 /// marked released: the caller sends them back after the commit. One
 /// statement.
+///
+/// The condition is what makes a position remembered by the consumer
+/// ([`Remembered`]) safe to decide by without reading it: moving from a
+/// version the row no longer holds moves nothing. An `UPDATE` that waits
+/// for another transaction's row lock checks the condition again against
+/// the row that transaction committed.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
     consumer: &str,
-    advanced: &[(&Aggregate, i64)],
-) -> QueryResult<Vec<ParkedEvent>> {
-    if advanced.is_empty() {
-        return Ok(Vec::new());
+    moves: &[Move<'_>],
+) -> QueryResult<Advanced> {
+    if moves.is_empty() {
+        return Ok(Advanced::default());
     }
-    let (aggregates, versions): (Vec<&Aggregate>, Vec<i64>) = advanced.iter().copied().unzip();
+    let aggregates: Vec<&Aggregate> = moves.iter().map(|m| m.aggregate).collect();
     let (kinds, ids) = columns(&aggregates);
-    prepared(diesel::sql_query(format!(
-        "WITH advanced AS ( \
+    let from: Vec<i64> = moves.iter().map(|m| m.from).collect();
+    let to: Vec<i64> = moves.iter().map(|m| m.to).collect();
+    let rows: Vec<AdvanceRow> = prepared(diesel::sql_query(format!(
+        "WITH moved AS ( \
+           UPDATE inbox_sequence s SET last_version = a.v, \
+             dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
+             dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
+             updated_at = now() \
+           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, f, v) \
+           WHERE a.f > 0 AND s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i \
+             AND s.last_version = a.f AND a.v > a.f \
+           RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
+         created AS ( \
            INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
-           SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) \
+           SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, f, v) \
+           WHERE a.f = 0 AND a.v > 0 \
            ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
              last_version = excluded.last_version, \
              dead_letter_event = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_event END, \
              dead_letter_version = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_version END, \
              updated_at = now() \
-           WHERE s.last_version < excluded.last_version \
+           WHERE s.last_version = 0 \
            RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
+         advanced AS (SELECT * FROM moved UNION ALL SELECT * FROM created), \
          applied AS ( \
            DELETE FROM inbox_parked p USING advanced a \
            WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
-             AND p.aggregate_version <= a.last_version) \
-         UPDATE inbox_parked p SET released_at = now() FROM advanced a \
-         WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
-           AND p.aggregate_version = a.last_version + 1 \
-         RETURNING {RELEASED_COLUMNS}"
+             AND p.aggregate_version <= a.last_version), \
+         released AS ( \
+           UPDATE inbox_parked p SET released_at = now() FROM advanced a \
+           WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
+             AND p.aggregate_version = a.last_version + 1 \
+           RETURNING {RELEASED_COLUMNS}) \
+         SELECT (SELECT count(*) FROM advanced) AS moved, r.* FROM (VALUES (1)) AS one (x) LEFT JOIN released r ON true"
     ))
     .bind::<Text, _>(consumer)
     .bind::<Array<Text>, _>(&kinds)
     .bind::<Array<Text>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&versions))
+    .bind::<Array<BigInt>, _>(&from)
+    .bind::<Array<BigInt>, _>(&to))
     .load(conn)
-    .await
+    .await?;
+    let mut advanced = Advanced {
+        moved: rows.as_slice().first().map_or(0, |row| row.moved as usize),
+        released: Vec::with_capacity(rows.len()),
+    };
+    for row in rows {
+        if let (
+            Some(aggregate_type),
+            Some(aggregate_id),
+            Some(aggregate_version),
+            Some(event_id),
+            Some(event_type),
+            Some(payload),
+            Some(properties),
+        ) = (
+            row.aggregate_type,
+            row.aggregate_id,
+            row.aggregate_version,
+            row.event_id,
+            row.event_type,
+            row.payload,
+            row.properties,
+        ) {
+            advanced.released.push(ParkedEvent {
+                aggregate_type,
+                aggregate_id,
+                aggregate_version,
+                event_id,
+                event_type,
+                payload,
+                properties,
+            });
+        }
+    }
+    Ok(advanced)
 }
 
 /// Records that the event at `aggregate`'s next version, `version`, went
@@ -539,8 +772,28 @@ pub async fn release(
             .await?
             .remove(aggregate)
             .unwrap_or_default();
-        let released = advance(conn, consumer, &[(aggregate, through)]).await?;
-        Ok((before, released))
+        if through <= before.last_version {
+            return Ok((before, Vec::new()));
+        }
+        let advanced = advance(
+            conn,
+            consumer,
+            &[Move {
+                aggregate,
+                from: before.last_version,
+                to: through,
+            }],
+        )
+        .await?;
+        if advanced.moved != 1 {
+            // A consumer deciding from a remembered position holds no
+            // advisory lock; it moved the position meanwhile.
+            return Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new(format!("the position of {aggregate} moved meanwhile; try again")),
+            ));
+        }
+        Ok((before, advanced.released))
     })
     .await
 }
@@ -793,6 +1046,72 @@ mod tests {
         assert_eq!(position.decide(3), Decision::Apply);
         assert_eq!(position.dead_letter, None);
         assert_eq!(position.decide(4), Decision::Apply);
+    }
+
+    fn aggregate(id: &str) -> Aggregate {
+        Aggregate {
+            kind: "user".into(),
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn remembered_positions_decide_only_runs_of_next_versions() {
+        let (a, b, c, d) = (aggregate("a"), aggregate("b"), aggregate("c"), aggregate("d"));
+        let mut remembered = Remembered::new(16);
+        for (aggregate, last) in [(&a, 2), (&b, 2), (&c, 2)] {
+            remembered.set(
+                aggregate,
+                &Position {
+                    last_version: last,
+                    dead_letter: None,
+                },
+            );
+        }
+        // a: 3, 4 follow 2; b: 4 skips 3 (parks); c: 2 is a repeat; d: not
+        // remembered.
+        let (known, mut to_read) =
+            from_memory(&mut remembered, [(&a, 3), (&b, 4), (&c, 2), (&d, 1), (&a, 4)]);
+        to_read.sort();
+        assert_eq!(known.len(), 1);
+        assert_eq!(known[&a].last_version, 2, "decided from the remembered version");
+        assert_eq!(to_read, vec![&b, &c, &d]);
+    }
+
+    #[test]
+    fn remembered_positions_are_bounded_and_a_dead_letter_is_never_remembered() {
+        let mut remembered = Remembered::new(2);
+        let at = |last_version| Position {
+            last_version,
+            dead_letter: None,
+        };
+        remembered.set(&aggregate("a"), &at(1));
+        remembered.set(&aggregate("b"), &at(1));
+        remembered.set(&aggregate("c"), &at(1));
+        assert_eq!(remembered.len(), 3, "a and b are the older generation");
+        assert_eq!(
+            remembered.get(&aggregate("a")),
+            Some(1),
+            "a hit moves to the newer"
+        );
+        remembered.set(&aggregate("d"), &at(1));
+        assert!(remembered.len() <= 4);
+        assert_eq!(
+            remembered.get(&aggregate("b")),
+            None,
+            "dropped with its generation"
+        );
+        remembered.set(
+            &aggregate("d"),
+            &Position {
+                last_version: 1,
+                dead_letter: Some((Uuid::nil(), 2)),
+            },
+        );
+        assert_eq!(remembered.get(&aggregate("d")), None);
+        let mut none = Remembered::new(0);
+        none.set(&aggregate("a"), &at(1));
+        assert_eq!(none.get(&aggregate("a")), None);
     }
 
     #[test]

@@ -42,10 +42,15 @@
 //!    the reason in its headers, and acknowledged.
 //! 3. The others are applied in batches (up to
 //!    [`ConsumerConfig::batch_size`] messages already delivered) in one
-//!    transaction that first locks the position of every aggregate in the
-//!    batch and decides each event ([`crate::sequence`]): the aggregate's
-//!    next version is applied, an older one is a duplicate, a later one is
-//!    parked until its turn. A sequenced event needs no inbox row: its
+//!    transaction that decides each event against its aggregate's position
+//!    ([`crate::sequence`]): the aggregate's next version is applied, an
+//!    older one is a duplicate, a later one is parked until its turn. The
+//!    positions are read with the aggregates locked, except where the
+//!    position this replica committed last decides every event of the
+//!    aggregate in the batch as the next version: then nothing is read,
+//!    and the position moves only if it is still where it was remembered
+//!    (if another replica moved it, the transaction rolls back and the batch
+//!    is decided again from positions read under their locks). A sequenced event needs no inbox row: its
 //!    aggregate's position is its idempotency record (a version at or below
 //!    it is a repeat). Events without an aggregate version are recorded in
 //!    the inbox in one statement, which is what tells their repeats. The
@@ -79,7 +84,9 @@
 //! `dead_lettered`), `consumer_dead_letters_total{queue, reason}`,
 //! `consumer_parked_events{queue, reason}`,
 //! `consumer_oldest_parked_seconds{queue}`, `consumer_stuck_gaps{queue}`,
-//! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}` and
+//! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}`,
+//! `consumer_remembered_positions{queue}`,
+//! `consumer_position_conflicts_total{queue}` and
 //! `consumer_connected{queue}`.
 //!
 //! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
@@ -167,6 +174,18 @@ pub struct ConsumerConfig {
         value_parser = shop_config::duration
     )]
     pub gap_timeout: Duration,
+    /// Aggregates whose last committed position each replica remembers, so
+    /// that their next versions are decided without reading the position
+    /// (checked when it moves; see [`crate::sequence::Remembered`]): between
+    /// N and 2N recent aggregates, 17 bytes each. 0 reads every position.
+    #[arg(
+        id = "consumer_remembered_positions",
+        long = "consumer-remembered-positions",
+        env = "CONSUMER_REMEMBERED_POSITIONS",
+        value_name = "N",
+        default_value_t = 16_384
+    )]
+    pub remembered_positions: usize,
     /// Record every application in `inbox_ledger` (event, aggregate,
     /// version, in order), for audits and reconciliation.
     #[arg(
@@ -328,7 +347,11 @@ impl From<diesel::result::Error> for HandlerError {
 pub trait Handler<E: Event>: Send + Sync + 'static {
     /// Applies `event`. `conn` is inside the transaction that also records
     /// the event in the inbox; it commits only if every handler of the batch
-    /// succeeds.
+    /// succeeds. What the handler writes through `conn` happens once; the
+    /// call itself may be repeated when the transaction does not commit (a
+    /// failing neighbour in the batch, a database fault, a position another
+    /// replica moved meanwhile), so an effect outside the database goes
+    /// through an outbox written with `conn`, not straight out.
     async fn handle(
         &self,
         conn: &mut AsyncPgConnection,

@@ -36,6 +36,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         connected,
         ..
     } = consumer;
+    let remembered = crate::sequence::Remembered::new(config.remembered_positions);
     let shared = Arc::new(Shared {
         config,
         topology,
@@ -44,6 +45,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         broker_timeout: amqp.timeout,
         member: Uuid::new_v4(),
         in_flight: std::sync::atomic::AtomicI64::new(0),
+        remembered: std::sync::Mutex::new(remembered),
     });
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
@@ -271,6 +273,9 @@ impl Partitions<'_> {
         }
         for partition in owned {
             if !self.running.contains_key(&partition) {
+                // Another replica may have moved this partition's positions
+                // since this one last consumed it.
+                shared.remembered().clear();
                 self.start(partition).await.map_err(Rebalance::Broker)?;
                 tracing::info!(queue, partition, members = members.len(), "consuming a partition");
             }

@@ -39,6 +39,18 @@ pub(super) struct Shared {
     /// Messages delivered to this replica's workers and not yet
     /// acknowledged.
     pub(super) in_flight: std::sync::atomic::AtomicI64,
+    /// The positions this replica committed last ([`sequence::Remembered`]).
+    pub(super) remembered: std::sync::Mutex<sequence::Remembered>,
+}
+
+impl Shared {
+    /// The remembered positions (still usable after a panic elsewhere: a
+    /// wrong entry is caught when its position moves).
+    pub(super) fn remembered(&self) -> std::sync::MutexGuard<'_, sequence::Remembered> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A delivery that passed the checks, with what the handler gets.
@@ -57,6 +69,10 @@ enum ApplyError {
     Unavailable(anyhow::Error),
     /// A handler, or the transaction itself, failed.
     Failed(HandlerError),
+    /// A position decided from memory had moved (another replica applied
+    /// the aggregate meanwhile): rolled back, to be decided again from
+    /// positions read under their locks.
+    Moved,
 }
 
 impl ApplyError {
@@ -116,6 +132,8 @@ struct Applied {
     parked: usize,
     /// Parked events next in line, to send back after the commit.
     released: Vec<ParkedEvent>,
+    /// The positions of the batch's aggregates, to remember once committed.
+    positions: HashMap<Aggregate, sequence::Position>,
 }
 
 impl Worker {
@@ -201,6 +219,8 @@ impl Worker {
                         return Ok(());
                     }
                 }
+                // Decided again from the positions read.
+                Err(ApplyError::Moved) => {}
                 Err(ApplyError::Failed(error)) => break error,
             }
         };
@@ -225,6 +245,7 @@ impl Worker {
                             return Ok(());
                         }
                     }
+                    Err(ApplyError::Moved) => {}
                     Err(ApplyError::Failed(error)) => {
                         // A transient failure while the database cannot take
                         // writes is the outage's, not the message's: it keeps
@@ -347,8 +368,42 @@ impl Worker {
     /// released.
     async fn apply(&self, incoming: &[Incoming]) -> Result<Vec<ParkedEvent>, ApplyError> {
         let started = std::time::Instant::now();
-        let done = self.apply_in_transaction(incoming).await?;
+        let done = match self.apply_in_transaction(incoming, true).await {
+            Err(ApplyError::Moved) => {
+                metrics::counter!("consumer_position_conflicts_total", "queue" => self.shared.config.queue.clone())
+                    .increment(1);
+                tracing::info!(
+                    queue = %self.shared.config.queue,
+                    "a remembered position had moved (another replica applied the aggregate); deciding the batch again from the positions"
+                );
+                {
+                    let mut remembered = self.shared.remembered();
+                    for (aggregate, _) in incoming.iter().filter_map(|item| item.meta.sequenced()) {
+                        remembered.forget(&aggregate);
+                    }
+                }
+                match self.apply_in_transaction(incoming, false).await {
+                    // Moved again, under locks: a replica deciding from
+                    // memory raced this one; held and tried again.
+                    Err(ApplyError::Moved) => {
+                        return Err(ApplyError::Unavailable(anyhow::anyhow!(
+                            "another replica moved the positions of this batch meanwhile"
+                        )));
+                    }
+                    other => other?,
+                }
+            }
+            other => other?,
+        };
         let queue = self.shared.config.queue.clone();
+        {
+            let mut remembered = self.shared.remembered();
+            for (aggregate, position) in &done.positions {
+                remembered.set(aggregate, position);
+            }
+            metrics::gauge!("consumer_remembered_positions", "queue" => queue.clone())
+                .set(remembered.len() as f64);
+        }
         metrics::histogram!("consumer_apply_seconds", "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("consumer_batch_size", "queue" => queue.clone()).record(incoming.len() as f64);
@@ -365,11 +420,17 @@ impl Worker {
         Ok(done.released)
     }
 
-    /// The transaction of [`Self::apply`]: lock the aggregates' positions,
-    /// decide each event (apply, duplicate, park), record the inbox, run the
-    /// handlers on what applies, park what is ahead, move the positions and
-    /// release what is next in line.
-    async fn apply_in_transaction(&self, incoming: &[Incoming]) -> Result<Applied, ApplyError> {
+    /// The transaction of [`Self::apply`]: lock and read the aggregates'
+    /// positions (those it can, with `from_memory`, taken from the
+    /// remembered ones instead), decide each event (apply, duplicate, park),
+    /// record the inbox, run the handlers on what applies, park what is
+    /// ahead, move the positions from where they were decided and release
+    /// what is next in line.
+    async fn apply_in_transaction(
+        &self,
+        incoming: &[Incoming],
+        from_memory: bool,
+    ) -> Result<Applied, ApplyError> {
         let transaction = match incoming.first() {
             Some(first) => tracing::info_span!(
                 parent: &first.span,
@@ -386,8 +447,13 @@ impl Worker {
         let ledger = self.shared.config.ledger;
         self.shared.pool.run(async |conn| conn.transaction(async |conn| {
             let sequenced: Vec<Option<(Aggregate, i64)>> = incoming.iter().map(|item| item.meta.sequenced()).collect();
-            let keys: Vec<&Aggregate> = sequenced.iter().flatten().map(|(aggregate, _)| aggregate).collect();
-            let mut positions = sequence::lock(conn, queue, &keys).await?;
+            let (known, to_read) = if from_memory {
+                sequence::from_memory(&mut self.shared.remembered(), sequenced.iter().flatten().map(|(aggregate, version)| (aggregate, *version)))
+            } else {
+                (HashMap::new(), sequenced.iter().flatten().map(|(aggregate, _)| aggregate).collect())
+            };
+            let mut positions = sequence::lock(conn, queue, &to_read).await?;
+            positions.extend(known);
             let before: HashMap<Aggregate, i64> =
                 positions.iter().map(|(aggregate, position)| (aggregate.clone(), position.last_version)).collect();
             let mut decisions = Vec::with_capacity(incoming.len());
@@ -473,15 +539,24 @@ impl Worker {
                     .map_err(ApplyError::from_handler)?;
             }
             sequence::park(conn, queue, &to_park).await?;
-            let moved: Vec<(&Aggregate, i64)> = positions
+            let moves: Vec<sequence::Move<'_>> = positions
                 .iter()
-                .filter(|(aggregate, position)| position.last_version > before.get(*aggregate).copied().unwrap_or(0))
-                .map(|(aggregate, position)| (aggregate, position.last_version))
+                .map(|(aggregate, position)| sequence::Move {
+                    aggregate,
+                    from: before.get(aggregate).copied().unwrap_or(0),
+                    to: position.last_version,
+                })
+                .filter(|change| change.to > change.from)
                 .collect();
-            done.released = sequence::advance(conn, queue, &moved).await?;
+            let advanced = sequence::advance(conn, queue, &moves).await?;
+            if advanced.moved != moves.len() {
+                return Err(ApplyError::Moved);
+            }
+            done.released = advanced.released;
             if !ledger_rows.is_empty() {
                 write_ledger(conn, queue, &ledger_rows).await?;
             }
+            done.positions = positions;
             Ok(done)
         }).await)
         .instrument(transaction)

@@ -293,6 +293,39 @@ async fn replicas_share_the_partitions_and_one_crashed_and_one_added_lose_and_re
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_position_another_replica_moved_is_read_again_not_trusted_from_memory() {
+    let mut h = harness().await;
+    h.start().await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    publish(&h, "a", 2, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1, 2])]).await;
+
+    // Another replica held the partition meanwhile (handed over and back)
+    // and applied version 3 without acknowledging it: the position says 3,
+    // the queue delivers 3 again, and this replica last committed 2.
+    {
+        let mut conn = h.pool.get().await.unwrap();
+        let moved = diesel::sql_query(
+            "UPDATE inbox_sequence SET last_version = 3 WHERE consumer = $1 AND aggregate_id = 'a'",
+        )
+        .bind::<diesel::sql_types::Text, _>(&h.queue)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(moved, 1);
+    }
+    publish(&h, "a", 3, Uuid::now_v7()).await;
+    publish(&h, "a", 4, Uuid::now_v7()).await;
+    publish(&h, "b", 1, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[1, 2, 4]), ("b", &[1])]).await;
+    let mut conn = h.pool.get().await.unwrap();
+    let position = sequence::position(&mut conn, &h.queue, &user("a")).await.unwrap();
+    assert_eq!(position.last_version, 4);
+    nothing_parked(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_batch_waiting_for_an_aggregates_lock_reads_the_position_its_holder_committed() {
     use diesel::sql_types::BigInt;
     use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
