@@ -7,7 +7,9 @@
 //! version applied (`inbox_sequence`; no row is position 0), read with the
 //! aggregate locked for the transaction by an advisory lock ([`lock`]), or
 //! taken from the positions the consumer committed last ([`Remembered`]:
-//! only for events that then apply, and checked as the position moves):
+//! only for events that then apply, and checked as the position moves; an
+//! aggregate first seen at version 1 is taken to be new, checked the same
+//! way):
 //!
 //! - version `last + 1`: applied, and `last` moves on in the same
 //!   transaction as the handler's effect;
@@ -319,7 +321,10 @@ impl Remembered {
 
 /// Splits a batch's sequenced events into the aggregates whose every event
 /// in the batch `remembered` decides as applied (with the position it
-/// decides from) and the aggregates to read.
+/// decides from) and the aggregates to read. An aggregate not remembered
+/// whose first event in the batch is version 1 is taken to be at 0 (an
+/// aggregate's first event is its creation); like a remembered position,
+/// that is checked as the position moves.
 pub(crate) fn from_memory<'a>(
     remembered: &mut Remembered,
     events: impl IntoIterator<Item = (&'a Aggregate, i64)>,
@@ -328,9 +333,13 @@ pub(crate) fn from_memory<'a>(
     // once one of them is not the next version.
     let mut walked: HashMap<&'a Aggregate, Option<(i64, i64)>> = HashMap::new();
     for (aggregate, version) in events {
-        let walk = walked
-            .entry(aggregate)
-            .or_insert_with(|| remembered.get(aggregate).map(|last| (last, last)));
+        // An aggregate first seen at version 1 is taken to be new: at 0.
+        let walk = walked.entry(aggregate).or_insert_with(|| {
+            remembered
+                .get(aggregate)
+                .or((version == 1).then_some(0))
+                .map(|last| (last, last))
+        });
         *walk = walk
             .filter(|(_, last)| version == last + 1)
             .map(|(from, _)| (from, version));
@@ -1068,14 +1077,29 @@ mod tests {
                 },
             );
         }
+        let (e, f) = (aggregate("e"), aggregate("f"));
         // a: 3, 4 follow 2; b: 4 skips 3 (parks); c: 2 is a repeat; d: not
-        // remembered.
-        let (known, mut to_read) =
-            from_memory(&mut remembered, [(&a, 3), (&b, 4), (&c, 2), (&d, 1), (&a, 4)]);
+        // remembered, at 2; e: not remembered, at 1 and 2 (new); f: not
+        // remembered, 1 twice.
+        let (known, mut to_read) = from_memory(
+            &mut remembered,
+            [
+                (&a, 3),
+                (&b, 4),
+                (&c, 2),
+                (&d, 2),
+                (&a, 4),
+                (&e, 1),
+                (&e, 2),
+                (&f, 1),
+                (&f, 1),
+            ],
+        );
         to_read.sort();
-        assert_eq!(known.len(), 1);
+        assert_eq!(known.len(), 2);
         assert_eq!(known[&a].last_version, 2, "decided from the remembered version");
-        assert_eq!(to_read, vec![&b, &c, &d]);
+        assert_eq!(known[&e].last_version, 0, "a first version is taken as new");
+        assert_eq!(to_read, vec![&b, &c, &d, &f]);
     }
 
     #[test]

@@ -326,6 +326,31 @@ async fn a_position_another_replica_moved_is_read_again_not_trusted_from_memory(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_version_1_of_an_aggregate_with_a_position_is_a_duplicate_though_this_replica_never_saw_it() {
+    let mut h = harness().await;
+    // Positions seeded from an existing projection (or written by a replica
+    // that came before): a is at 1, which this replica has never seen.
+    {
+        let mut conn = h.pool.get().await.unwrap();
+        diesel::sql_query(
+            "INSERT INTO inbox_sequence (consumer, aggregate_type, aggregate_id, last_version) \
+             VALUES ($1, 'user', 'a', 1)",
+        )
+        .bind::<diesel::sql_types::Text, _>(&h.queue)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    h.start().await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    publish(&h, "b", 1, Uuid::now_v7()).await;
+    publish(&h, "a", 2, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[2]), ("b", &[1])]).await;
+    nothing_parked(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_batch_waiting_for_an_aggregates_lock_reads_the_position_its_holder_committed() {
     use diesel::sql_types::BigInt;
     use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
