@@ -224,6 +224,34 @@ impl Position {
     }
 }
 
+/// Where a position's row is in its table (`ctid`: block and line), as
+/// the statement that last moved it returned it. Moving a row by its
+/// `ctid` skips the index lookup, a third of an update's cost; a row moved
+/// by anyone else since has another `ctid`, so the stale one matches no row
+/// and the move is refused like any stale position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowId {
+    block: u32,
+    line: u16,
+}
+
+impl RowId {
+    /// From PostgreSQL's text form, `(block,line)`.
+    fn parse(text: &str) -> Option<Self> {
+        let (block, line) = text.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+        Some(Self {
+            block: block.parse().ok()?,
+            line: line.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for RowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "({},{})", self.block, self.line)
+    }
+}
+
 /// The positions a consumer process committed last, remembered so that the
 /// next versions of an aggregate it keeps seeing are decided without reading
 /// (and without locking) its position: the read is most of what ordering
@@ -231,22 +259,23 @@ impl Position {
 ///
 /// Only what [`Position::decide`] would apply is decided from memory. The
 /// transaction then moves each such position with a condition on the
-/// version remembered ([`advance`]); if another replica moved it meanwhile
-/// (the partition was handed over and back, an operator skipped a dead
-/// letter), nothing moves, the transaction rolls back and the batch is
-/// decided again from positions read under their locks. A duplicate, a
-/// parked event or a dead letter is always decided from a fresh read.
+/// version remembered ([`advance`]), by the row's remembered [`RowId`] when
+/// it has one; if another replica moved it meanwhile (the partition was
+/// handed over and back, an operator skipped a dead letter), nothing moves,
+/// the transaction rolls back and the batch is decided again from positions
+/// read under their locks. A duplicate, a parked event or a dead letter is
+/// always decided from a fresh read.
 ///
 /// Keys are 64-bit hashes of the aggregate: a collision can only make a
 /// remembered version wrong, which the condition catches like any stale one.
 /// Two generations bound the memory: when the newer holds `capacity`
 /// aggregates it becomes the older and the older is dropped; a hit in the
 /// older moves to the newer. So between `capacity` and twice as many recent
-/// aggregates are remembered, 17 bytes each.
+/// aggregates are remembered, 25 bytes each.
 #[derive(Debug)]
 pub(crate) struct Remembered {
-    newer: HashMap<u64, i64>,
-    older: HashMap<u64, i64>,
+    newer: HashMap<u64, (i64, Option<RowId>)>,
+    older: HashMap<u64, (i64, Option<RowId>)>,
     capacity: usize,
 }
 
@@ -267,25 +296,25 @@ impl Remembered {
         hasher.finish()
     }
 
-    /// The last version this process committed for `aggregate`, if
-    /// remembered.
-    pub(crate) fn get(&mut self, aggregate: &Aggregate) -> Option<i64> {
+    /// The last version this process committed for `aggregate`, and where
+    /// its row is if known, if remembered.
+    pub(crate) fn get(&mut self, aggregate: &Aggregate) -> Option<(i64, Option<RowId>)> {
         let key = Self::key(aggregate);
-        if let Some(version) = self.newer.get(&key) {
-            return Some(*version);
+        if let Some(known) = self.newer.get(&key) {
+            return Some(*known);
         }
-        let version = self.older.remove(&key)?;
-        self.insert(key, version);
-        Some(version)
+        let known = self.older.remove(&key)?;
+        self.insert(key, known);
+        Some(known)
     }
 
-    /// Remembers `aggregate`'s committed position; one held by a dead
-    /// letter is forgotten (it is always read).
-    pub(crate) fn set(&mut self, aggregate: &Aggregate, position: &Position) {
+    /// Remembers `aggregate`'s committed position (and its row, if known);
+    /// one held by a dead letter is forgotten (it is always read).
+    pub(crate) fn set(&mut self, aggregate: &Aggregate, position: &Position, row: Option<RowId>) {
         if position.dead_letter.is_some() || self.capacity == 0 {
             self.forget(aggregate);
         } else {
-            self.insert(Self::key(aggregate), position.last_version);
+            self.insert(Self::key(aggregate), (position.last_version, row));
         }
     }
 
@@ -296,7 +325,7 @@ impl Remembered {
         self.older.remove(&key);
     }
 
-    fn insert(&mut self, key: u64, version: i64) {
+    fn insert(&mut self, key: u64, known: (i64, Option<RowId>)) {
         if self.capacity == 0 {
             return;
         }
@@ -304,7 +333,7 @@ impl Remembered {
             self.older = std::mem::take(&mut self.newer);
             self.older.remove(&key);
         }
-        self.newer.insert(key, version);
+        self.newer.insert(key, known);
     }
 
     /// Forgets every aggregate.
@@ -319,6 +348,10 @@ impl Remembered {
     }
 }
 
+/// The aggregates of a batch decided from memory: the position each is
+/// decided from, and where its row is, when known.
+pub(crate) type Recalled = HashMap<Aggregate, (Position, Option<RowId>)>;
+
 /// Splits a batch's sequenced events into the aggregates whose every event
 /// in the batch `remembered` decides as applied (with the position it
 /// decides from) and the aggregates to read. An aggregate not remembered
@@ -328,39 +361,45 @@ impl Remembered {
 pub(crate) fn from_memory<'a>(
     remembered: &mut Remembered,
     events: impl IntoIterator<Item = (&'a Aggregate, i64)>,
-) -> (HashMap<Aggregate, Position>, Vec<&'a Aggregate>) {
-    // Each aggregate's remembered position, moved along its events; None
-    // once one of them is not the next version.
-    let mut walked: HashMap<&'a Aggregate, Option<(i64, i64)>> = HashMap::new();
+) -> (Recalled, Vec<&'a Aggregate>) {
+    /// Where an aggregate was remembered (version and row), and the last
+    /// of its versions in the batch so far.
+    type Walk = (i64, Option<RowId>, i64);
+    // Each aggregate's walk along its events; None once one of them is not
+    // the next version.
+    let mut walked: HashMap<&'a Aggregate, Option<Walk>> = HashMap::new();
     for (aggregate, version) in events {
         // An aggregate first seen at version 1 is taken to be new: at 0.
         let walk = walked.entry(aggregate).or_insert_with(|| {
             remembered
                 .get(aggregate)
-                .or((version == 1).then_some(0))
-                .map(|last| (last, last))
+                .or((version == 1).then_some((0, None)))
+                .map(|(last, row)| (last, row, last))
         });
         *walk = walk
-            .filter(|(_, last)| version == last + 1)
-            .map(|(from, _)| (from, version));
+            .filter(|(_, _, last)| version == last + 1)
+            .map(|(from, row, _)| (from, row, version));
     }
-    let mut known = HashMap::new();
+    let mut recalled = HashMap::new();
     let mut to_read = Vec::new();
     for (aggregate, walk) in walked {
         match walk {
-            Some((from, _)) => {
-                known.insert(
+            Some((from, row, _)) => {
+                recalled.insert(
                     aggregate.clone(),
-                    Position {
-                        last_version: from,
-                        dead_letter: None,
-                    },
+                    (
+                        Position {
+                            last_version: from,
+                            dead_letter: None,
+                        },
+                        row,
+                    ),
                 );
             }
             None => to_read.push(aggregate),
         }
     }
-    (known, to_read)
+    (recalled, to_read)
 }
 
 #[derive(QueryableByName)]
@@ -586,33 +625,35 @@ const RELEASED_COLUMNS: &str = "p.aggregate_type, p.aggregate_id, p.aggregate_ve
      p.event_type, p.payload, p.properties";
 
 /// An aggregate's position to move: from the last version the transaction
-/// decided on (`from`, 0 for none) to `to`.
+/// decided on (`from`, 0 for none) to `to`, by its row if known.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Move<'a> {
     pub(crate) aggregate: &'a Aggregate,
     pub(crate) from: i64,
     pub(crate) to: i64,
+    pub(crate) row: Option<RowId>,
 }
 
 /// What [`advance`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Advanced {
-    /// Positions that were where the moves expected them, and moved.
-    pub(crate) moved: usize,
+    /// The positions that were where the moves expected them, and moved,
+    /// with where their rows are now.
+    pub(crate) moved: Vec<(Aggregate, Option<RowId>)>,
     /// Parked events next in line, marked released.
     pub(crate) released: Vec<ParkedEvent>,
 }
 
-/// One row of [`advance`]: the count of moved positions, with one released
-/// event (or none) per row.
+/// One row of [`advance`]: a moved position (with its row id) or a released
+/// event.
 #[derive(QueryableByName)]
 struct AdvanceRow {
-    #[diesel(sql_type = BigInt)]
-    moved: i64,
+    #[diesel(sql_type = Text)]
+    aggregate_type: String,
+    #[diesel(sql_type = Text)]
+    aggregate_id: String,
     #[diesel(sql_type = Nullable<Text>)]
-    aggregate_type: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    aggregate_id: Option<String>,
+    row_id: Option<String>,
     #[diesel(sql_type = Nullable<BigInt>)]
     aggregate_version: Option<i64>,
     #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
@@ -625,9 +666,16 @@ struct AdvanceRow {
     properties: Option<serde_json::Value>,
 }
 
+/// How a moved position's row is updated: the same in each of [`advance`]'s
+/// updates.
+const MOVE_SET: &str = "last_version = a.v, \
+     dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
+     dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
+     updated_at = now()";
+
 /// Moves each aggregate from `from` to `to`, only where its position is
 /// still `from` (a position another transaction moved is left alone and not
-/// counted: the caller compares [`Advanced::moved`] with its moves and
+/// returned: the caller compares [`Advanced::moved`] with its moves and
 /// rolls back on a difference); creates the rows of aggregates at 0, clears
 /// a dead letter an aggregate got past, forgets parked events at or below
 /// the new position, and returns the parked events that are next in line,
@@ -638,7 +686,8 @@ struct AdvanceRow {
 /// ([`Remembered`]) safe to decide by without reading it: moving from a
 /// version the row no longer holds moves nothing. An `UPDATE` that waits
 /// for another transaction's row lock checks the condition again against
-/// the row that transaction committed.
+/// the row that transaction committed. A move with a [`RowId`] finds its
+/// row by it, checking the key too; one without, by the key.
 pub(crate) async fn advance(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -651,28 +700,30 @@ pub(crate) async fn advance(
     let (kinds, ids) = columns(&aggregates);
     let from: Vec<i64> = moves.iter().map(|m| m.from).collect();
     let to: Vec<i64> = moves.iter().map(|m| m.to).collect();
-    let rows: Vec<AdvanceRow> = prepared(diesel::sql_query(format!(
-        "WITH moved AS ( \
-           UPDATE inbox_sequence s SET last_version = a.v, \
-             dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
-             dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
-             updated_at = now() \
-           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, f, v) \
-           WHERE a.f > 0 AND s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i \
-             AND s.last_version = a.f AND a.v > a.f \
-           RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
+    let rows: Vec<Option<String>> = moves.iter().map(|m| m.row.map(|row| row.to_string())).collect();
+    const MOVES: &str =
+        "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS a(t, i, f, v, r)";
+    const KEY: &str = "s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i";
+    let found: Vec<AdvanceRow> = prepared(diesel::sql_query(format!(
+        "WITH by_row AS ( \
+           UPDATE inbox_sequence s SET {MOVE_SET} FROM {MOVES} \
+           WHERE a.r IS NOT NULL AND a.f > 0 AND a.v > a.f AND s.ctid = a.r::tid AND {KEY} AND s.last_version = a.f \
+           RETURNING s.aggregate_type, s.aggregate_id, s.last_version, s.ctid::text AS row_id), \
+         by_key AS ( \
+           UPDATE inbox_sequence s SET {MOVE_SET} FROM {MOVES} \
+           WHERE a.r IS NULL AND a.f > 0 AND a.v > a.f AND {KEY} AND s.last_version = a.f \
+           RETURNING s.aggregate_type, s.aggregate_id, s.last_version, s.ctid::text AS row_id), \
          created AS ( \
            INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
-           SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, f, v) \
-           WHERE a.f = 0 AND a.v > 0 \
+           SELECT $1, a.t, a.i, a.v FROM {MOVES} WHERE a.f = 0 AND a.v > 0 \
            ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
              last_version = excluded.last_version, \
              dead_letter_event = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_event END, \
              dead_letter_version = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_version END, \
              updated_at = now() \
            WHERE s.last_version = 0 \
-           RETURNING s.aggregate_type, s.aggregate_id, s.last_version), \
-         advanced AS (SELECT * FROM moved UNION ALL SELECT * FROM created), \
+           RETURNING s.aggregate_type, s.aggregate_id, s.last_version, s.ctid::text AS row_id), \
+         advanced AS (SELECT * FROM by_row UNION ALL SELECT * FROM by_key UNION ALL SELECT * FROM created), \
          applied AS ( \
            DELETE FROM inbox_parked p USING advanced a \
            WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
@@ -682,46 +733,46 @@ pub(crate) async fn advance(
            WHERE p.consumer = $1 AND p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id \
              AND p.aggregate_version = a.last_version + 1 \
            RETURNING {RELEASED_COLUMNS}) \
-         SELECT (SELECT count(*) FROM advanced) AS moved, r.* FROM (VALUES (1)) AS one (x) LEFT JOIN released r ON true"
+         SELECT aggregate_type, aggregate_id, row_id, NULL::bigint AS aggregate_version, NULL::uuid AS event_id, \
+           NULL::text AS event_type, NULL::bytea AS payload, NULL::jsonb AS properties FROM advanced \
+         UNION ALL \
+         SELECT aggregate_type, aggregate_id, NULL, aggregate_version, event_id, event_type, payload, properties FROM released"
     ))
     .bind::<Text, _>(consumer)
     .bind::<Array<Text>, _>(&kinds)
     .bind::<Array<Text>, _>(&ids)
     .bind::<Array<BigInt>, _>(&from)
-    .bind::<Array<BigInt>, _>(&to))
+    .bind::<Array<BigInt>, _>(&to)
+    .bind::<Array<Nullable<Text>>, _>(&rows))
     .load(conn)
     .await?;
-    let mut advanced = Advanced {
-        moved: rows.as_slice().first().map_or(0, |row| row.moved as usize),
-        released: Vec::with_capacity(rows.len()),
-    };
-    for row in rows {
-        if let (
-            Some(aggregate_type),
-            Some(aggregate_id),
-            Some(aggregate_version),
-            Some(event_id),
-            Some(event_type),
-            Some(payload),
-            Some(properties),
-        ) = (
-            row.aggregate_type,
-            row.aggregate_id,
+    let mut advanced = Advanced::default();
+    for row in found {
+        match (
             row.aggregate_version,
             row.event_id,
             row.event_type,
             row.payload,
             row.properties,
         ) {
-            advanced.released.push(ParkedEvent {
-                aggregate_type,
-                aggregate_id,
-                aggregate_version,
-                event_id,
-                event_type,
-                payload,
-                properties,
-            });
+            (Some(aggregate_version), Some(event_id), Some(event_type), Some(payload), Some(properties)) => {
+                advanced.released.push(ParkedEvent {
+                    aggregate_type: row.aggregate_type,
+                    aggregate_id: row.aggregate_id,
+                    aggregate_version,
+                    event_id,
+                    event_type,
+                    payload,
+                    properties,
+                });
+            }
+            _ => advanced.moved.push((
+                Aggregate {
+                    kind: row.aggregate_type,
+                    id: row.aggregate_id,
+                },
+                row.row_id.as_deref().and_then(RowId::parse),
+            )),
         }
     }
     Ok(advanced)
@@ -791,10 +842,11 @@ pub async fn release(
                 aggregate,
                 from: before.last_version,
                 to: through,
+                row: None,
             }],
         )
         .await?;
-        if advanced.moved != 1 {
+        if advanced.moved.len() != 1 {
             // A consumer deciding from a remembered position holds no
             // advisory lock; it moved the position meanwhile.
             return Err(diesel::result::Error::DatabaseError(
@@ -1068,6 +1120,7 @@ mod tests {
     fn remembered_positions_decide_only_runs_of_next_versions() {
         let (a, b, c, d) = (aggregate("a"), aggregate("b"), aggregate("c"), aggregate("d"));
         let mut remembered = Remembered::new(16);
+        let row = RowId { block: 7, line: 3 };
         for (aggregate, last) in [(&a, 2), (&b, 2), (&c, 2)] {
             remembered.set(
                 aggregate,
@@ -1075,6 +1128,7 @@ mod tests {
                     last_version: last,
                     dead_letter: None,
                 },
+                Some(row),
             );
         }
         let (e, f) = (aggregate("e"), aggregate("f"));
@@ -1097,8 +1151,13 @@ mod tests {
         );
         to_read.sort();
         assert_eq!(known.len(), 2);
-        assert_eq!(known[&a].last_version, 2, "decided from the remembered version");
-        assert_eq!(known[&e].last_version, 0, "a first version is taken as new");
+        assert_eq!(known[&a].0.last_version, 2, "decided from the remembered version");
+        assert_eq!(known[&a].1, Some(row), "and moved by its row");
+        assert_eq!(
+            known[&e],
+            (Position::default(), None),
+            "a first version is taken as new"
+        );
         assert_eq!(to_read, vec![&b, &c, &d, &f]);
     }
 
@@ -1109,16 +1168,16 @@ mod tests {
             last_version,
             dead_letter: None,
         };
-        remembered.set(&aggregate("a"), &at(1));
-        remembered.set(&aggregate("b"), &at(1));
-        remembered.set(&aggregate("c"), &at(1));
+        remembered.set(&aggregate("a"), &at(1), None);
+        remembered.set(&aggregate("b"), &at(1), None);
+        remembered.set(&aggregate("c"), &at(1), None);
         assert_eq!(remembered.len(), 3, "a and b are the older generation");
         assert_eq!(
             remembered.get(&aggregate("a")),
-            Some(1),
+            Some((1, None)),
             "a hit moves to the newer"
         );
-        remembered.set(&aggregate("d"), &at(1));
+        remembered.set(&aggregate("d"), &at(1), None);
         assert!(remembered.len() <= 4);
         assert_eq!(
             remembered.get(&aggregate("b")),
@@ -1131,11 +1190,22 @@ mod tests {
                 last_version: 1,
                 dead_letter: Some((Uuid::nil(), 2)),
             },
+            None,
         );
         assert_eq!(remembered.get(&aggregate("d")), None);
         let mut none = Remembered::new(0);
-        none.set(&aggregate("a"), &at(1));
+        none.set(&aggregate("a"), &at(1), None);
         assert_eq!(none.get(&aggregate("a")), None);
+    }
+
+    #[test]
+    fn a_row_id_reads_back_as_postgresql_prints_it() {
+        let row = RowId::parse("(4294967295,65535)").unwrap();
+        assert_eq!(row.to_string(), "(4294967295,65535)");
+        assert_eq!(RowId::parse("(12,5)"), Some(RowId { block: 12, line: 5 }));
+        for bad in ["", "(1,2", "1,2)", "(1;2)", "(a,2)", "(1,70000)"] {
+            assert_eq!(RowId::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

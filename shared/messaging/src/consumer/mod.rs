@@ -49,14 +49,16 @@
 //!    position this replica committed last decides every event of the
 //!    aggregate in the batch as the next version: then nothing is read,
 //!    and the position moves only if it is still where it was remembered
-//!    (if another replica moved it, the transaction rolls back and the batch
-//!    is decided again from positions read under their locks). A sequenced event needs no inbox row: its
-//!    aggregate's position is its idempotency record (a version at or below
-//!    it is a repeat). Events without an aggregate version are recorded in
+//!    (if another replica moved it, the transaction rolls back before any
+//!    handler runs, and the batch is decided again from positions read
+//!    under their locks). The positions move before the handlers run, so
+//!    their rows stay locked until the commit. A sequenced event needs no
+//!    inbox row: its aggregate's position is its idempotency record (a
+//!    version at or below it is a repeat). Events without an aggregate version are recorded in
 //!    the inbox in one statement, which is what tells their repeats. The
 //!    events applied are handed to the handlers, each run of consecutive
 //!    events of one type in one [`Handler::handle_batch`] call, in delivery
-//!    order; the positions move in the same transaction. The messages are
+//!    order, in the transaction that moved the positions. The messages are
 //!    acknowledged (one `multiple` ack) only after the commit, and the
 //!    parked events whose turn came are sent back to their partition. A
 //!    batched handler's span belongs to the first message of its run; the
@@ -177,7 +179,7 @@ pub struct ConsumerConfig {
     /// Aggregates whose last committed position each replica remembers, so
     /// that their next versions are decided without reading the position
     /// (checked when it moves; see [`crate::sequence::Remembered`]): between
-    /// N and 2N recent aggregates, 17 bytes each. 0 reads every position.
+    /// N and 2N recent aggregates, 25 bytes each. 0 reads every position.
     #[arg(
         id = "consumer_remembered_positions",
         long = "consumer-remembered-positions",
@@ -349,9 +351,9 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
     /// the event in the inbox; it commits only if every handler of the batch
     /// succeeds. What the handler writes through `conn` happens once; the
     /// call itself may be repeated when the transaction does not commit (a
-    /// failing neighbour in the batch, a database fault, a position another
-    /// replica moved meanwhile), so an effect outside the database goes
-    /// through an outbox written with `conn`, not straight out.
+    /// failing neighbour in the batch, a database fault), so an effect
+    /// outside the database goes through an outbox written with `conn`, not
+    /// straight out.
     async fn handle(
         &self,
         conn: &mut AsyncPgConnection,

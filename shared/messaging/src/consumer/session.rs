@@ -271,14 +271,18 @@ impl Partitions<'_> {
                 handover.cancel();
             }
         }
-        for partition in owned {
-            if !self.running.contains_key(&partition) {
-                // Another replica may have moved this partition's positions
-                // since this one last consumed it.
-                shared.remembered().clear();
-                self.start(partition).await.map_err(Rebalance::Broker)?;
-                tracing::info!(queue, partition, members = members.len(), "consuming a partition");
-            }
+        let taken: Vec<u16> = owned
+            .into_iter()
+            .filter(|partition| !self.running.contains_key(partition))
+            .collect();
+        if !taken.is_empty() {
+            // Another replica may have moved these partitions' positions
+            // since this one last consumed them.
+            shared.remembered().clear();
+        }
+        for partition in taken {
+            self.start(partition).await.map_err(Rebalance::Broker)?;
+            tracing::info!(queue, partition, members = members.len(), "consuming a partition");
         }
         Ok(())
     }

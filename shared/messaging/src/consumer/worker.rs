@@ -132,8 +132,9 @@ struct Applied {
     parked: usize,
     /// Parked events next in line, to send back after the commit.
     released: Vec<ParkedEvent>,
-    /// The positions of the batch's aggregates, to remember once committed.
-    positions: HashMap<Aggregate, sequence::Position>,
+    /// The positions of the batch's aggregates, to remember once committed,
+    /// with where the rows of those it moved are.
+    positions: HashMap<Aggregate, (sequence::Position, Option<sequence::RowId>)>,
 }
 
 impl Worker {
@@ -398,8 +399,8 @@ impl Worker {
         let queue = self.shared.config.queue.clone();
         {
             let mut remembered = self.shared.remembered();
-            for (aggregate, position) in &done.positions {
-                remembered.set(aggregate, position);
+            for (aggregate, (position, row)) in &done.positions {
+                remembered.set(aggregate, position, *row);
             }
             metrics::gauge!("consumer_remembered_positions", "queue" => queue.clone())
                 .set(remembered.len() as f64);
@@ -423,9 +424,9 @@ impl Worker {
     /// The transaction of [`Self::apply`]: lock and read the aggregates'
     /// positions (those it can, with `from_memory`, taken from the
     /// remembered ones instead), decide each event (apply, duplicate, park),
-    /// record the inbox, run the handlers on what applies, park what is
-    /// ahead, move the positions from where they were decided and release
-    /// what is next in line.
+    /// record the inbox, park what is ahead, move the positions from where
+    /// they were decided (releasing what is next in line), then run the
+    /// handlers on what applies.
     async fn apply_in_transaction(
         &self,
         incoming: &[Incoming],
@@ -447,13 +448,20 @@ impl Worker {
         let ledger = self.shared.config.ledger;
         self.shared.pool.run(async |conn| conn.transaction(async |conn| {
             let sequenced: Vec<Option<(Aggregate, i64)>> = incoming.iter().map(|item| item.meta.sequenced()).collect();
-            let (known, to_read) = if from_memory {
-                sequence::from_memory(&mut self.shared.remembered(), sequenced.iter().flatten().map(|(aggregate, version)| (aggregate, *version)))
+            let (mut recalled, to_read) = if from_memory {
+                sequence::from_memory(
+                    &mut self.shared.remembered(),
+                    sequenced.iter().flatten().map(|(aggregate, version)| (aggregate, *version)),
+                )
             } else {
                 (HashMap::new(), sequenced.iter().flatten().map(|(aggregate, _)| aggregate).collect())
             };
             let mut positions = sequence::lock(conn, queue, &to_read).await?;
-            positions.extend(known);
+            let rows: HashMap<Aggregate, sequence::RowId> = recalled
+                .iter()
+                .filter_map(|(aggregate, (_, row))| Some((aggregate.clone(), (*row)?)))
+                .collect();
+            positions.extend(recalled.drain().map(|(aggregate, (position, _))| (aggregate, position)));
             let before: HashMap<Aggregate, i64> =
                 positions.iter().map(|(aggregate, position)| (aggregate.clone(), position.last_version)).collect();
             let mut decisions = Vec::with_capacity(incoming.len());
@@ -530,6 +538,26 @@ impl Worker {
                     _ => runs.push((item, vec![(event, item.meta.clone())])),
                 }
             }
+            sequence::park(conn, queue, &to_park).await?;
+            let moves: Vec<sequence::Move<'_>> = positions
+                .iter()
+                .map(|(aggregate, position)| sequence::Move {
+                    aggregate,
+                    from: before.get(aggregate).copied().unwrap_or(0),
+                    to: position.last_version,
+                    row: rows.get(aggregate).copied(),
+                })
+                .filter(|change| change.to > change.from)
+                .collect();
+            let advanced = sequence::advance(conn, queue, &moves).await?;
+            if advanced.moved.len() != moves.len() {
+                return Err(ApplyError::Moved);
+            }
+            done.released = advanced.released;
+            let mut moved: HashMap<Aggregate, Option<sequence::RowId>> = advanced.moved.into_iter().collect();
+            // The positions moved first: a batch decided from positions
+            // another replica has moved meanwhile rolls back before any
+            // handler sees it, and the rows stay locked until the commit.
             for (first, events) in runs {
                 first
                     .handler
@@ -538,25 +566,16 @@ impl Worker {
                     .await
                     .map_err(ApplyError::from_handler)?;
             }
-            sequence::park(conn, queue, &to_park).await?;
-            let moves: Vec<sequence::Move<'_>> = positions
-                .iter()
-                .map(|(aggregate, position)| sequence::Move {
-                    aggregate,
-                    from: before.get(aggregate).copied().unwrap_or(0),
-                    to: position.last_version,
-                })
-                .filter(|change| change.to > change.from)
-                .collect();
-            let advanced = sequence::advance(conn, queue, &moves).await?;
-            if advanced.moved != moves.len() {
-                return Err(ApplyError::Moved);
-            }
-            done.released = advanced.released;
             if !ledger_rows.is_empty() {
                 write_ledger(conn, queue, &ledger_rows).await?;
             }
-            done.positions = positions;
+            done.positions = positions
+                .into_iter()
+                .map(|(aggregate, position)| {
+                    let row = moved.remove(&aggregate).flatten();
+                    (aggregate, (position, row))
+                })
+                .collect();
             Ok(done)
         }).await)
         .instrument(transaction)

@@ -326,6 +326,44 @@ async fn a_position_another_replica_moved_is_read_again_not_trusted_from_memory(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn positions_rewritten_under_the_consumer_move_on_from_where_they_are() {
+    let mut h = harness().await;
+    h.start().await;
+    // a's position row first in the table, then b's, c's and d's.
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1])]).await;
+    for user in ["b", "c", "d"] {
+        publish(&h, user, 1, Uuid::now_v7()).await;
+    }
+    let at_1: &[i64] = &[1];
+    expect_seen(&h, &[("a", at_1), ("b", at_1), ("c", at_1), ("d", at_1)]).await;
+
+    // a's row is rewritten behind the others, then the table is compacted:
+    // where the consumer remembers a's row is now another aggregate's, at
+    // the same version.
+    {
+        let mut conn = h.pool.get().await.unwrap();
+        diesel::sql_query("UPDATE inbox_sequence SET updated_at = now() WHERE aggregate_id = 'a'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        diesel::sql_query("VACUUM FULL inbox_sequence")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    publish(&h, "a", 2, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1, 2]), ("b", at_1), ("c", at_1), ("d", at_1)]).await;
+    let mut conn = h.pool.get().await.unwrap();
+    for (user, version) in [("a", 2), ("b", 1), ("c", 1), ("d", 1)] {
+        let position = sequence::position(&mut conn, &h.queue, &self::user(user))
+            .await
+            .unwrap();
+        assert_eq!(position.last_version, version, "{user}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_version_1_of_an_aggregate_with_a_position_is_a_duplicate_though_this_replica_never_saw_it() {
     let mut h = harness().await;
     // Positions seeded from an existing projection (or written by a replica
