@@ -178,9 +178,8 @@ pub struct ConsumerConfig {
     pub gap_timeout: Duration,
     /// Aggregates whose last committed position each replica remembers, so
     /// that their next versions are decided without reading the position
-    /// (checked when it moves; see [`crate::sequence::Remembered`]): between
-    /// N and 2N recent aggregates, up to 1.6 MiB at the default. 0 reads every
-    /// position.
+    /// (checked when it moves): between N and 2N recent aggregates, up to
+    /// 1.6 MiB at the default. 0 reads every position.
     #[arg(
         id = "consumer_remembered_positions",
         long = "consumer-remembered-positions",
