@@ -448,7 +448,7 @@ impl Worker {
         let ledger = self.shared.config.ledger;
         self.shared.pool.run(async |conn| conn.transaction(async |conn| {
             let sequenced: Vec<Option<(Aggregate, i64)>> = incoming.iter().map(|item| item.meta.sequenced()).collect();
-            let (mut recalled, to_read) = if from_memory {
+            let (recalled, to_read) = if from_memory {
                 sequence::from_memory(
                     &mut self.shared.remembered(),
                     sequenced.iter().flatten().map(|(aggregate, version)| (aggregate, *version)),
@@ -457,11 +457,7 @@ impl Worker {
                 (HashMap::new(), sequenced.iter().flatten().map(|(aggregate, _)| aggregate).collect())
             };
             let mut positions = sequence::lock(conn, queue, &to_read).await?;
-            let rows: HashMap<Aggregate, sequence::RowId> = recalled
-                .iter()
-                .filter_map(|(aggregate, (_, row))| Some((aggregate.clone(), (*row)?)))
-                .collect();
-            positions.extend(recalled.drain().map(|(aggregate, (position, _))| (aggregate, position)));
+            positions.extend(recalled.iter().map(|(aggregate, (position, _))| (aggregate.clone(), *position)));
             let before: HashMap<Aggregate, i64> =
                 positions.iter().map(|(aggregate, position)| (aggregate.clone(), position.last_version)).collect();
             let mut decisions = Vec::with_capacity(incoming.len());
@@ -545,7 +541,7 @@ impl Worker {
                     aggregate,
                     from: before.get(aggregate).copied().unwrap_or(0),
                     to: position.last_version,
-                    row: rows.get(aggregate).copied(),
+                    row: recalled.get(aggregate).and_then(|(_, row)| *row),
                 })
                 .filter(|change| change.to > change.from)
                 .collect();
