@@ -83,6 +83,12 @@ pub(crate) struct Options {
     /// time drifts, alternating keeps both sides under the same drift).
     #[arg(long, global = true, default_value_t = 3)]
     pub(crate) rounds: usize,
+    /// Partition counts of the ordered drain.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "1,2,4")]
+    pub(crate) ordered_partitions: Vec<u16>,
+    /// Consumer instance counts of the ordered drain.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
+    pub(crate) ordered_instances: Vec<usize>,
     /// The PostgreSQL server (and maintenance database) the benchmark
     /// creates its two databases on.
     #[arg(

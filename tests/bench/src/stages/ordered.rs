@@ -249,8 +249,8 @@ async fn drain(
 }
 
 pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -> anyhow::Result<()> {
-    for instances in [1, 2] {
-        for partitions in [1_u16, 2, 4] {
+    for &instances in &options.ordered_instances {
+        for &partitions in &options.ordered_partitions {
             let mut rounds = Vec::new();
             for _ in 0..options.rounds.max(1) {
                 let unsequenced = drain(bench, options, partitions, instances, false).await?;
