@@ -245,6 +245,11 @@ pub struct ConsumerConfig {
     /// Waits between reconnection attempts.
     #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
+    /// How often the sweep sends back released events that were not applied
+    /// (and the next in line that no transaction released) and reports what
+    /// is parked.
+    #[arg(skip = Duration::from_secs(5))]
+    pub sweep_interval: Duration,
 }
 
 impl ConsumerConfig {

@@ -19,9 +19,6 @@ use super::Consumer;
 use super::worker::{Shared, Worker};
 use crate::{AmqpConfig, membership, sequence, within};
 
-/// How often the sweep sends back released events that were not applied
-/// and reports what is parked.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a released event may take to come back before the sweep sends
 /// it again.
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
@@ -170,7 +167,7 @@ async fn session(
     };
     let mut heartbeat = tokio::time::interval(shared.config.member_timeout / 5);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut sweep = tokio::time::interval(shared.config.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat_failures = 0_u32;
     // A worker ends on shutdown, on a hand-over or on an error of its own

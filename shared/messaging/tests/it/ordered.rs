@@ -293,6 +293,36 @@ async fn replicas_share_the_partitions_and_one_crashed_and_one_added_lose_and_re
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_version_that_fills_a_gap_releases_what_waits_behind_it_though_its_position_is_remembered() {
+    // No sweep after the first: only the transaction that applies version 2
+    // can release version 3.
+    let mut h = harness_with(|mut config, _| {
+        config.sweep_interval = Duration::from_secs(3600);
+        config
+    })
+    .await;
+    h.start().await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1])]).await;
+    publish(&h, "a", 3, Uuid::now_v7()).await;
+    wait_parked(&h, "a", &[3]).await;
+
+    // This replica committed a's position 1: version 2 is decided from
+    // memory, and moving the position must still release version 3.
+    publish(&h, "a", 2, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1, 2, 3])]).await;
+    nothing_parked(&h).await;
+
+    // b's version 2 arrives first and parks; version 1 is taken to be new
+    // (no position read), and creating the position must release version 2.
+    publish(&h, "b", 2, Uuid::now_v7()).await;
+    wait_parked(&h, "b", &[2]).await;
+    publish(&h, "b", 1, Uuid::now_v7()).await;
+    expect_seen(&h, &[("a", &[1, 2, 3]), ("b", &[1, 2])]).await;
+    nothing_parked(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_position_another_replica_moved_is_read_again_not_trusted_from_memory() {
     let mut h = harness().await;
     h.start().await;

@@ -1,0 +1,1 @@
+ALTER TABLE inbox_sequence DROP COLUMN parked_until;
