@@ -1,12 +1,13 @@
 //! Which replica of a consumer group consumes which partition queue.
 //!
 //! Every replica of a consumer writes a heartbeat to `consumer_members`
-//! (its own random member id, `seen_at = now()` of the database) every
+//! (its own member id, time-ordered, `seen_at = now()` of the database) every
 //! fifth of [`ConsumerConfig::member_timeout`](crate::consumer::ConsumerConfig::member_timeout),
 //! and reads the members seen within the timeout. Sorted by id, member `i`
 //! of `m` owns partition queues `i`, `i + m`, `i + 2m`, …: each replica
 //! computes the same split from the same rows, and only the database's clock
-//! is used.
+//! is used. Ids sort in the order replicas started ([`new_member`]), so a
+//! replica that joins takes only partitions the even split needs to move.
 //!
 //! A replica consumes only the partitions it owns. When the split changes
 //! (a replica joined, left, or stopped beating), the replica that loses a
@@ -98,6 +99,19 @@ pub async fn leave(conn: &mut AsyncPgConnection, consumer: &str, member: Uuid) -
     Ok(())
 }
 
+/// A new replica's member id: time-ordered (UUIDv7), so that members sort
+/// in the order they joined and one that joins sorts last. With `m` members
+/// before it, partitions `0..m` keep their owners, and with no more
+/// partitions than members nothing moves at all: no hand-over, and the
+/// positions each replica remembers stay useful. Random ids moved a
+/// partition to the newcomer whenever its id sorted first: in the ordered
+/// drain of the benchmark with one partition and two instances, a hand-over
+/// in half the rounds, after which every aggregate's position was read
+/// again.
+pub fn new_member() -> Uuid {
+    Uuid::now_v7()
+}
+
 /// The partitions (of `partitions`) that `member` owns among `members`
 /// (sorted): member `i` of `m` owns `i`, `i + m`, …
 pub fn owned(members: &[Uuid], member: Uuid, partitions: u16) -> Vec<u16> {
@@ -138,6 +152,42 @@ mod tests {
                 );
                 let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
                 assert!(max - min <= 1, "uneven split {sizes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_replica_that_joins_takes_no_partition_the_split_does_not_need_to_move() {
+        for before in 1..=6_usize {
+            let mut members: Vec<Uuid> = (0..before).map(|_| new_member()).collect();
+            members.sort();
+            let joined = new_member();
+            let mut after = members.clone();
+            after.push(joined);
+            after.sort();
+            for partitions in 1..=32_u16 {
+                for (index, member) in members.iter().enumerate() {
+                    let kept = owned(&after, *member, partitions);
+                    // Member i keeps partition i (if there is one): one of
+                    // the first `before` partitions never moves.
+                    if usize::from(partitions) > index {
+                        assert!(
+                            kept.contains(&(index as u16)),
+                            "{before} members + 1, {partitions} partitions: member {index} lost its first"
+                        );
+                    }
+                    if usize::from(partitions) <= before {
+                        assert_eq!(
+                            kept,
+                            owned(&members, *member, partitions),
+                            "{before} members + 1, {partitions} partitions: nothing had to move"
+                        );
+                    }
+                }
+                assert!(
+                    usize::from(partitions) > before || owned(&after, joined, partitions).is_empty(),
+                    "the replica that joined took a partition from {before} members over {partitions}"
+                );
             }
         }
     }

@@ -40,7 +40,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         pool,
         handlers,
         broker_timeout: amqp.timeout,
-        member: Uuid::new_v4(),
+        member: crate::membership::new_member(),
         in_flight: std::sync::atomic::AtomicI64::new(0),
         remembered: std::sync::Mutex::new(remembered),
     });
