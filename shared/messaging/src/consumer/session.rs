@@ -177,8 +177,16 @@ async fn session(
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
+            // The broker work of a heartbeat or a sweep waits up to the
+            // broker deadline on a dead connection: the connection's own
+            // events end it sooner.
             _ = heartbeat.tick() => {
-                match partitions.rebalance().await {
+                let rebalanced = tokio::select! {
+                    rebalanced = partitions.rebalance() => rebalanced,
+                    error = connection_error(events.as_mut()) => break Err(error),
+                    error = connection_error(publishing_events.as_mut()) => break Err(error.context("publishing connection")),
+                };
+                match rebalanced {
                     Ok(()) => beat_failures = 0,
                     Err(Rebalance::Broker(error)) => break Err(error),
                     Err(Rebalance::Database(error)) => {
@@ -190,8 +198,15 @@ async fn session(
                 }
             }
             _ = sweep.tick() => {
-                sweep_parked(shared, &sweeper).await;
-                if let Err(error) = report_depths(shared, &sweeper).await {
+                let sampled = tokio::select! {
+                    sampled = async {
+                        sweep_parked(shared, &sweeper).await;
+                        report_depths(shared, &sweeper).await
+                    } => sampled,
+                    error = connection_error(events.as_mut()) => break Err(error),
+                    error = connection_error(publishing_events.as_mut()) => break Err(error.context("publishing connection")),
+                };
+                if let Err(error) = sampled {
                     break Err(error.context("sampling the queues"));
                 }
             }
@@ -204,6 +219,11 @@ async fn session(
             error = connection_error(publishing_events.as_mut()) => break Err(error.context("publishing connection")),
         }
     };
+    if outcome.is_err() {
+        // Reported now, not after the clean-up below (up to the worker
+        // drain and the closes' deadlines on a dead connection).
+        connected.send_replace(false);
+    }
     stop.cancel();
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         while partitions.workers.join_next().await.is_some() {}
@@ -214,14 +234,25 @@ async fn session(
         // redelivered, and an open transaction rolls back with its connection.
         partitions.workers.abort_all();
     }
-    for connection in [&connection, &publishing] {
-        let _ = within(
-            deadline,
+    // A connection that failed may never answer its close: a short wait
+    // then, not the broker deadline, before reconnecting.
+    let closing = if outcome.is_err() {
+        deadline.min(Duration::from_secs(1))
+    } else {
+        deadline
+    };
+    let _ = futures::join!(
+        within(
+            closing,
             "closing the connection",
             connection.close(200, "consumer session ending".into()),
-        )
-        .await;
-    }
+        ),
+        within(
+            closing,
+            "closing the connection",
+            publishing.close(200, "consumer session ending".into()),
+        ),
+    );
     // What was delivered and not acknowledged goes back to the queues.
     shared.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
     outcome
