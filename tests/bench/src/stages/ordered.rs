@@ -148,37 +148,54 @@ async fn fill(
     Ok(())
 }
 
+/// Deadline of each broker operation of the stage's own set-up and
+/// clean-up: a connection the broker closed may leave a call waiting for
+/// ever.
+const BROKER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Deletes the queues and exchanges of `topology`, one channel each (a
 /// failed delete closes its channel). The broker may close the connection
-/// itself meanwhile (the queues' consumers going away); a closed one is
-/// replaced.
+/// itself meanwhile (the queues' consumers going away): a connection that
+/// fails or stalls is replaced, and each delete is tried twice.
 async fn remove(bench: &Bench, topology: &ConsumerTopology) -> anyhow::Result<()> {
-    let mut connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
     let names = topology
         .queue_names()
         .into_iter()
         .map(|name| (name, true))
         .chain(topology.exchange_names().into_iter().map(|name| (name, false)));
+    let mut connection: Option<Connection> = None;
     for (name, queue) in names {
-        let channel = match connection.create_channel().await {
-            Ok(channel) => channel,
-            Err(_) => {
-                connection = Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?;
-                connection.create_channel().await?
+        for _ in 0..2 {
+            let deleted = tokio::time::timeout(BROKER_DEADLINE, async {
+                let open = match connection.take() {
+                    Some(open) if open.status().connected() => open,
+                    _ => Connection::connect(&bench.amqp_url, ConnectionProperties::default()).await?,
+                };
+                let channel = open.create_channel().await;
+                connection = Some(open);
+                let channel = channel?;
+                if queue {
+                    channel
+                        .queue_delete(name.as_str().into(), Default::default())
+                        .await
+                        .map(|_| ())
+                } else {
+                    channel
+                        .exchange_delete(name.as_str().into(), Default::default())
+                        .await
+                }
+            })
+            .await;
+            match deleted {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => {}
+                Err(_) => connection = None,
             }
-        };
-        let _ = if queue {
-            channel
-                .queue_delete(name.as_str().into(), Default::default())
-                .await
-                .map(|_| ())
-        } else {
-            channel
-                .exchange_delete(name.as_str().into(), Default::default())
-                .await
-        };
+        }
     }
-    let _ = connection.close(200, "removed".into()).await;
+    if let Some(connection) = connection {
+        let _ = tokio::time::timeout(BROKER_DEADLINE, connection.close(200, "removed".into())).await;
+    }
     Ok(())
 }
 
@@ -234,7 +251,9 @@ async fn drain(
         ..consumer_config.topology()
     };
     reset(bench).await?;
-    fill(bench, &topology, count, sequenced).await?;
+    tokio::time::timeout(BROKER_DEADLINE * 12, fill(bench, &topology, count, sequenced))
+        .await
+        .map_err(|_| anyhow::anyhow!("filling the ordered drain's queues took over two minutes"))??;
     checkpoint(bench).await;
     let mut running = Vec::with_capacity(instances);
     let measuring = crate::marker::measuring(&format!(
