@@ -46,12 +46,14 @@
 //!
 //! The tables and the function (each consuming service's migrations create
 //! them; see `migrations/order-service/…_sequence_consumption`,
-//! `…_lock_positions_in_one_round_trip` and `…_leave_room_for_hot_updates`):
+//! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates` and
+//! `…_mark_positions_with_parked_events`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     last_version BIGINT NOT NULL DEFAULT 0, dead_letter_event UUID, dead_letter_version BIGINT,
 //!     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+//!     parked_until BIGINT, -- the highest version parked behind the position, if any
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id));
 //! CREATE TABLE inbox_parked (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
