@@ -764,6 +764,27 @@ pub(crate) async fn advance(
     Ok(advanced)
 }
 
+/// The moves as the array parameters of [`advance`]'s statements.
+struct MoveColumns<'a> {
+    kinds: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    from: Vec<i64>,
+    to: Vec<i64>,
+}
+
+impl<'a> MoveColumns<'a> {
+    fn of(moves: &[Move<'a>]) -> Self {
+        let aggregates: Vec<&Aggregate> = moves.iter().map(|m| m.aggregate).collect();
+        let (kinds, ids) = columns(&aggregates);
+        Self {
+            kinds,
+            ids,
+            from: moves.iter().map(|m| m.from).collect(),
+            to: moves.iter().map(|m| m.to).collect(),
+        }
+    }
+}
+
 /// A position a short statement moved: its index in the moves, or its key,
 /// and where its row is now.
 #[derive(QueryableByName)]
@@ -788,10 +809,7 @@ async fn move_by_row(
     consumer: &str,
     moves: &[Move<'_>],
 ) -> QueryResult<Vec<(usize, RowId)>> {
-    let aggregates: Vec<&Aggregate> = moves.iter().map(|m| m.aggregate).collect();
-    let (kinds, ids) = columns(&aggregates);
-    let from: Vec<i64> = moves.iter().map(|m| m.from).collect();
-    let to: Vec<i64> = moves.iter().map(|m| m.to).collect();
+    let MoveColumns { kinds, ids, from, to } = MoveColumns::of(moves);
     let rows: Vec<String> = moves
         .iter()
         .map(|m| m.row.map(|row| row.to_string()).unwrap_or_default())
@@ -827,9 +845,7 @@ async fn create(
     consumer: &str,
     moves: &[Move<'_>],
 ) -> QueryResult<Vec<(usize, RowId)>> {
-    let aggregates: Vec<&Aggregate> = moves.iter().map(|m| m.aggregate).collect();
-    let (kinds, ids) = columns(&aggregates);
-    let to: Vec<i64> = moves.iter().map(|m| m.to).collect();
+    let MoveColumns { kinds, ids, to, .. } = MoveColumns::of(moves);
     let moved: Vec<ShortMoved> = prepared(
         diesel::sql_query(
             "INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
@@ -871,10 +887,7 @@ async fn advance_all(
     if moves.is_empty() {
         return Ok(Advanced::default());
     }
-    let aggregates: Vec<&Aggregate> = moves.iter().map(|m| m.aggregate).collect();
-    let (kinds, ids) = columns(&aggregates);
-    let from: Vec<i64> = moves.iter().map(|m| m.from).collect();
-    let to: Vec<i64> = moves.iter().map(|m| m.to).collect();
+    let MoveColumns { kinds, ids, from, to } = MoveColumns::of(moves);
     let rows: Vec<Option<String>> = moves.iter().map(|m| m.row.map(|row| row.to_string())).collect();
     const MOVES: &str =
         "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS a(t, i, f, v, r)";
