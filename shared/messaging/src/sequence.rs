@@ -739,12 +739,20 @@ pub(crate) async fn advance(
     } else {
         return advance_all(conn, consumer, moves).await;
     };
+    let index: HashMap<(&str, &str), usize> = moves
+        .iter()
+        .enumerate()
+        .map(|(index, m)| ((m.aggregate.kind.as_str(), m.aggregate.id.as_str()), index))
+        .collect();
     let mut advanced = Advanced::default();
     let mut left = vec![true; moves.len()];
-    for (index, row) in moved {
-        if let (Some(slot), Some(m)) = (left.get_mut(index), moves.get(index)) {
-            *slot = false;
-            advanced.moved.push((m.aggregate.clone(), Some(row)));
+    for row in &moved {
+        let key = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        if let Some((&index, row_id)) = index.get(&key).zip(RowId::parse(&row.row_id)) {
+            left[index] = false;
+            advanced
+                .moved
+                .push((moves[index].aggregate.clone(), Some(row_id)));
         }
     }
     // What the short statement left: a position with something behind it,
@@ -785,16 +793,13 @@ impl<'a> MoveColumns<'a> {
     }
 }
 
-/// A position a short statement moved: its index in the moves, or its key,
-/// and where its row is now.
+/// A position a short statement moved, and where its row is now.
 #[derive(QueryableByName)]
 struct ShortMoved {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    n: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    aggregate_type: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    aggregate_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    aggregate_type: String,
+    #[diesel(sql_type = Text)]
+    aggregate_id: String,
     #[diesel(sql_type = Text)]
     row_id: String,
 }
@@ -802,25 +807,24 @@ struct ShortMoved {
 /// The common move, in one short statement: each position by its row, on
 /// condition of its key and of the version decided from, where nothing
 /// waits behind it (no dead letter, nothing parked: nothing to forget or
-/// release). Returns the index in `moves` of each position moved, with
-/// where its row is now.
+/// release).
 async fn move_by_row(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     moves: &[Move<'_>],
-) -> QueryResult<Vec<(usize, RowId)>> {
+) -> QueryResult<Vec<ShortMoved>> {
     let MoveColumns { kinds, ids, from, to } = MoveColumns::of(moves);
     let rows: Vec<String> = moves
         .iter()
         .map(|m| m.row.map(|row| row.to_string()).unwrap_or_default())
         .collect();
-    let moved: Vec<ShortMoved> = prepared(
+    prepared(
         diesel::sql_query(
             "UPDATE inbox_sequence s SET last_version = a.v, updated_at = now() \
-             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) WITH ORDINALITY AS a(t, i, f, v, r, n) \
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS a(t, i, f, v, r) \
              WHERE s.ctid = a.r::tid AND s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i \
                AND s.last_version = a.f AND a.v > a.f AND s.dead_letter_version IS NULL AND s.parked_until IS NULL \
-             RETURNING a.n, NULL::text AS aggregate_type, NULL::text AS aggregate_id, s.ctid::text AS row_id",
+             RETURNING s.aggregate_type, s.aggregate_id, s.ctid::text AS row_id",
         )
         .bind::<Text, _>(consumer)
         .bind::<Array<Text>, _>(&kinds)
@@ -830,30 +834,25 @@ async fn move_by_row(
         .bind::<Array<Text>, _>(&rows),
     )
     .load(conn)
-    .await?;
-    Ok(moved
-        .into_iter()
-        .filter_map(|m| Some((usize::try_from(m.n? - 1).ok()?, RowId::parse(&m.row_id)?)))
-        .collect())
+    .await
 }
 
 /// New aggregates, in one short statement: each position created, or
-/// moved where it is at 0 with nothing behind it. Returns the index in
-/// `moves` of each position moved, with where its row is.
+/// moved where it is at 0 with nothing behind it.
 async fn create(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     moves: &[Move<'_>],
-) -> QueryResult<Vec<(usize, RowId)>> {
+) -> QueryResult<Vec<ShortMoved>> {
     let MoveColumns { kinds, ids, to, .. } = MoveColumns::of(moves);
-    let moved: Vec<ShortMoved> = prepared(
+    prepared(
         diesel::sql_query(
             "INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
              SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) WHERE a.v > 0 \
              ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE \
              SET last_version = excluded.last_version, updated_at = now() \
              WHERE s.last_version = 0 AND s.dead_letter_version IS NULL AND s.parked_until IS NULL \
-             RETURNING NULL::bigint AS n, s.aggregate_type, s.aggregate_id, s.ctid::text AS row_id",
+             RETURNING s.aggregate_type, s.aggregate_id, s.ctid::text AS row_id",
         )
         .bind::<Text, _>(consumer)
         .bind::<Array<Text>, _>(&kinds)
@@ -861,20 +860,7 @@ async fn create(
         .bind::<Array<BigInt>, _>(&to),
     )
     .load(conn)
-    .await?;
-    let index: HashMap<(&str, &str), usize> = kinds
-        .iter()
-        .zip(&ids)
-        .enumerate()
-        .map(|(index, (kind, id))| ((*kind, *id), index))
-        .collect();
-    Ok(moved
-        .iter()
-        .filter_map(|m| {
-            let key = (m.aggregate_type.as_deref()?, m.aggregate_id.as_deref()?);
-            Some((*index.get(&key)?, RowId::parse(&m.row_id)?))
-        })
-        .collect())
+    .await
 }
 
 /// [`advance`] in full: by row, by key and created, forgetting and
