@@ -797,8 +797,11 @@ async fn watch_depth(pool: Pool, exchange: String, shutdown: CancellationToken) 
             })
             .await;
         if let Ok(depth) = depth {
-            pending.set(depth.pending as f64);
+            // The age first: a scrape between the two sets sees a depth
+            // with the age of its own sample, never a fresh depth beside
+            // the age of an empty outbox.
             oldest.set(depth.oldest_seconds);
+            pending.set(depth.pending as f64);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
