@@ -456,7 +456,10 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
         let pending = prometheus
             .query("max(outbox_pending_events{job=\"user-service\"})")
             .await;
-        (pending.first().map(|sample| sample["value"][1] == "0") == Some(true)).then_some(())
+        pending
+            .first()
+            .is_some_and(|sample| sample["value"][1] == "0")
+            .then_some(())
     })
     .await;
 

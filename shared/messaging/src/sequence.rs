@@ -730,9 +730,10 @@ pub(crate) async fn advance(
     consumer: &str,
     moves: &[Move<'_>],
 ) -> QueryResult<Advanced> {
-    let moved = if moves.is_empty() {
+    if moves.is_empty() {
         return Ok(Advanced::default());
-    } else if moves.iter().all(|m| m.row.is_some() && m.from > 0) {
+    }
+    let moved = if moves.iter().all(|m| m.row.is_some() && m.from > 0) {
         move_by_row(conn, consumer, moves).await?
     } else if moves.iter().all(|m| m.from == 0) {
         create(conn, consumer, moves).await?
@@ -764,11 +765,9 @@ pub(crate) async fn advance(
         .filter(|(_, left)| **left)
         .map(|(m, _)| Move { row: None, ..*m })
         .collect();
-    if !rest.is_empty() {
-        let more = advance_all(conn, consumer, &rest).await?;
-        advanced.moved.extend(more.moved);
-        advanced.released = more.released;
-    }
+    let more = advance_all(conn, consumer, &rest).await?;
+    advanced.moved.extend(more.moved);
+    advanced.released = more.released;
     Ok(advanced)
 }
 
