@@ -30,6 +30,7 @@ use harness::{Chaos, Fault, Options};
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "restarts the broker with rabbitmqctl: needs the broker of TEST_AMQP_URL to be local; run: cargo test -p system-tests --test chaos under_faults -- --ignored"]
 async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_match() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let options = Options::from_env(Options {
@@ -80,6 +81,7 @@ async fn two_instances_of_each_service_keep_every_projection_right_and_per_user_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs rabbitmq-server on the PATH (.ci/install-tools); run: cargo test -p system-tests --test chaos cluster -- --ignored"]
 async fn on_a_three_node_cluster_losing_any_node_loses_duplicates_and_reorders_nothing() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let options = Options::from_env_with_prefix(

@@ -51,6 +51,7 @@ async fn order_accepted(system: &System, user: &user_pb::User) -> bool {
 /// the consumer stays connected, and once the alarm clears every event
 /// arrives, with no dead letter.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs rabbitmq-server on the PATH (.ci/install-tools); run: cargo test -p system-tests --test system alarms -- --ignored"]
 async fn a_broker_memory_alarm_pauses_publishing_and_everything_flows_once_it_clears() {
     let node = RabbitCluster::start_with(ClusterOptions {
         nodes: 1,

@@ -26,6 +26,7 @@ const QUEUE: &str = "orders";
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs rabbitmq-server on the PATH (.ci/install-tools); run: cargo test -p shop-testkit --test cluster -- --ignored"]
 async fn a_quorum_queue_keeps_every_message_when_its_leader_stops_and_takes_the_node_back()
 -> anyhow::Result<()> {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -135,6 +136,7 @@ async fn a_quorum_queue_keeps_every_message_when_its_leader_stops_and_takes_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs rabbitmq-server on the PATH (.ci/install-tools); run: cargo test -p shop-testkit --test cluster -- --ignored"]
 async fn a_node_cut_off_or_killed_loses_no_message_and_comes_back_as_a_replica() -> anyhow::Result<()> {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     init_test_log();

@@ -48,6 +48,7 @@ struct Backends {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a PostgreSQL with ssl = on and its certificate on this disk (.ci/install-tools); run: cargo test -p user-service --test it database_tls -- --ignored"]
 async fn with_sslmode_require_every_connection_of_the_service_is_tls() {
     let certificate = server_certificate().await;
     let app = spawn_app_with(|settings| {
@@ -96,6 +97,7 @@ async fn with_sslmode_require_every_connection_of_the_service_is_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a PostgreSQL with ssl = on and its certificate on this disk (.ci/install-tools); run: cargo test -p user-service --test it database_tls -- --ignored"]
 async fn with_sslmode_require_an_untrusted_server_certificate_is_refused() {
     server_certificate().await;
     let db = test_database().await;
