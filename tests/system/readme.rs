@@ -100,3 +100,219 @@ fn the_readme_lists_every_setting_the_services_read_with_its_default() {
         }
     }
 }
+
+/// The README's metric table: metric name → the label names it states.
+fn readme_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("<!-- metrics:")
+        .expect("the metric table's opening marker");
+    let end = readme
+        .find("<!-- end of metrics -->")
+        .expect("its closing marker");
+    let mut metrics = BTreeMap::new();
+    for line in readme[start..end].lines().filter(|line| line.starts_with("| `")) {
+        let first = line.trim_matches('|').split(" | ").next().unwrap_or_default();
+        for series in first.split('`').skip(1).step_by(2) {
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let labels = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|label| !label.is_empty())
+                .map(str::to_owned)
+                .collect();
+            metrics.insert(name.to_owned(), labels);
+        }
+    }
+    assert!(!metrics.is_empty(), "no metric rows between the markers");
+    metrics
+}
+
+/// A Prometheus text exposition: metric name (histogram series under their
+/// base name) → the label names of its samples (`le` left out).
+fn exported(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut kinds = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (words.next(), words.next()) {
+                kinds.insert(name.to_owned(), kind.to_owned());
+            }
+        }
+    }
+    let mut metrics: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let mut name = &line[..end];
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && matches!(kinds.get(base).map(String::as_str), Some("histogram" | "summary"))
+            {
+                name = base;
+            }
+        }
+        let labels = metrics.entry(name.to_owned()).or_default();
+        if let Some(open) = line.find('{') {
+            // key="value",… — values of these services hold no quotes.
+            let close = line.rfind('}').unwrap_or(line.len());
+            for pair in line[open + 1..close].split("\",") {
+                if let Some((key, _)) = pair.split_once("=\"")
+                    && key != "le"
+                {
+                    labels.insert(key.trim_start_matches(',').to_owned());
+                }
+            }
+        }
+    }
+    metrics
+}
+
+#[test]
+fn exported_reads_names_labels_and_histograms_under_their_base_name() {
+    let text = "# TYPE a counter\na{x=\"1\",y=\"2\"} 3\n# TYPE h histogram\nh_bucket{q=\"z\",le=\"0.1\"} 1\nh_sum{q=\"z\"} 1\nh_count{q=\"z\"} 1\n# TYPE plain gauge\nplain 0\n";
+    let metrics = exported(text);
+    assert_eq!(
+        metrics.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["a", "h", "plain"]
+    );
+    assert_eq!(metrics["a"], BTreeSet::from(["x".to_owned(), "y".to_owned()]));
+    assert_eq!(metrics["h"], BTreeSet::from(["q".to_owned()]));
+    assert!(metrics["plain"].is_empty());
+}
+
+/// Both services run as processes (each has its own metrics recorder), with
+/// traffic that makes every kind of series appear: a command on each
+/// service, events published and applied, a dead letter. Counters of rare
+/// events are exported at zero from the start, and the consumer samples
+/// its queues and parked events on its sweep.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
+    use shop_contracts::Event as _;
+    use shop_testkit::{ServiceProcess, TestBroker, TestDatabase, TestPublisher, http_get};
+    use std::path::Path;
+    use std::time::Duration;
+
+    shop_testkit::init_test_log();
+    let broker = TestBroker::new();
+    let user_db = TestDatabase::create(
+        user_service::app::MIGRATIONS,
+        Path::new(user_service::app::MIGRATIONS_DIR),
+    )
+    .await
+    .unwrap();
+    let order_db = TestDatabase::create(
+        order_service::app::MIGRATIONS,
+        Path::new(order_service::app::MIGRATIONS_DIR),
+    )
+    .await
+    .unwrap();
+    let user_exchange = broker.exchange("user.events");
+    let queue = broker.queue("order-service.user-events");
+    broker.track_topology(
+        &shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), queue.clone()).topology(),
+    );
+    let amqp = shop_testkit::amqp_url();
+    let node = env!("CARGO_BIN_EXE_shop-node");
+    let mut orders = ServiceProcess::start_with_args(
+        node,
+        &["order"],
+        &[
+            ("DATABASE_URL", order_db.url().to_owned()),
+            ("AMQP_URL", amqp.clone()),
+            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
+            ("ORDER_EVENTS_EXCHANGE", broker.exchange("order.events")),
+            ("USER_EVENTS_QUEUE", queue.clone()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut users = ServiceProcess::start_with_args(
+        node,
+        &["user"],
+        &[
+            ("DATABASE_URL", user_db.url().to_owned()),
+            ("AMQP_URL", amqp),
+            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
+        ],
+    )
+    .await
+    .unwrap();
+    shop_testkit::eventually(
+        "the order service's consumer to serve",
+        Duration::from_secs(30),
+        || async {
+            shop_host::healthcheck::check_at(orders.addr, order_service::app::CONSUMER_HEALTH)
+                .await
+                .ok()
+        },
+    )
+    .await;
+
+    // A user, applied by the order service, then an order for them.
+    let user_client =
+        shop_client::UserClient::connect(shop_client::ClientConfig::new(format!("http://{}", users.addr)))
+            .unwrap();
+    let order_client =
+        shop_client::OrderClient::connect(shop_client::ClientConfig::new(format!("http://{}", orders.addr)))
+            .unwrap();
+    let user = user_client
+        .create_user("metered@example.com", "Metered")
+        .await
+        .unwrap();
+    shop_testkit::eventually("the order accepted", Duration::from_secs(30), || async {
+        order_client.create_order(&user.id, &[("sku-1", 1)]).await.ok()
+    })
+    .await;
+    // A dead letter: a body that does not decode.
+    TestPublisher::connect(&user_exchange)
+        .await
+        .unwrap()
+        .publish_raw(
+            &user_exchange,
+            shop_contracts::user::UserCreated::ROUTING_KEY,
+            b"\xff",
+            lapin::BasicProperties::default()
+                .with_type(shop_contracts::user::UserCreated::TYPE_NAME.into())
+                .with_message_id(uuid::Uuid::now_v7().to_string().as_str().into()),
+        )
+        .await
+        .unwrap();
+
+    let table = readme_metrics();
+    let scrape = |process: &ServiceProcess| {
+        let admin = process.admin_addr.expect("the admin address");
+        async move {
+            let (status, body) = http_get(admin, "/metrics").await.ok()?;
+            (status == 200).then(|| exported(&body))
+        }
+    };
+    // Every documented series appears once its event has happened (the
+    // sweep samples the queues every few seconds); then both sides must
+    // agree exactly.
+    let both = shop_testkit::eventually(
+        "every metric of the README's table scraped",
+        Duration::from_secs(60),
+        || async {
+            let mut both = scrape(&users).await?;
+            for (name, labels) in scrape(&orders).await? {
+                both.entry(name).or_default().extend(labels);
+            }
+            table.keys().all(|name| both.contains_key(name)).then_some(both)
+        },
+    )
+    .await;
+    let undocumented: Vec<&String> = both.keys().filter(|name| !table.contains_key(*name)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in the README's metric table: {undocumented:?}"
+    );
+    for (name, labels) in &table {
+        assert_eq!(&both[name], labels, "the labels of {name}");
+    }
+
+    users.terminate().await.unwrap();
+    orders.terminate().await.unwrap();
+}

@@ -93,6 +93,10 @@ pub async fn sweep_forever(
     interval: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Exported from the start at zero, before anything is past its window.
+    for retention in &retentions {
+        metrics::counter!("retention_deleted_total", "table" => retention.table).increment(0);
+    }
     loop {
         for retention in &retentions {
             if shutdown.is_cancelled() {

@@ -95,6 +95,9 @@ impl InFlightLimitLayer {
     /// At most `max_in_flight` calls handled at once, each request at most
     /// `max_message_bytes` (one message), each call done within `timeout`.
     pub fn new(max_in_flight: usize, max_message_bytes: usize, timeout: Duration) -> Self {
+        // Exported from the start at zero: the first shed call is then seen
+        // by `increase()`.
+        metrics::counter!("grpc_server_shed_total").increment(0);
         Self {
             gate: Arc::new(Gate {
                 permits: Arc::new(Semaphore::new(max_in_flight.max(1))),

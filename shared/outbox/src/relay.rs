@@ -373,6 +373,13 @@ impl Relay {
             shutdown.clone(),
         ));
         tracing::info!(exchange = %self.config.exchange, lanes = self.config.lanes, "outbox relay started");
+        // Counters of events that may never happen, exported from the start
+        // at zero: their first increase is then seen by `increase()` and
+        // `rate()`, and a scrape lists every series the README documents.
+        for counter in ["outbox_batch_failures_total", "outbox_events_unroutable_total"] {
+            metrics::counter!(counter, "exchange" => self.config.exchange.clone()).increment(0);
+        }
+        metrics::counter!("task_restarts_total", "task" => "outbox relay lane").increment(0);
         let lanes = usize::from(self.config.lanes).clamp(1, PARTITIONS as usize);
         let lane = |index| Relay {
             pool: self.pool.clone(),

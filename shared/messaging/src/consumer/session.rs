@@ -46,6 +46,11 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
     });
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
+    // Counters of events that may never happen, exported from the start at
+    // zero (their first increase is then seen by `increase()`).
+    metrics::counter!("consumer_position_conflicts_total", "queue" => shared.config.queue.clone())
+        .increment(0);
+    metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(0);
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
     let mut states = connected.subscribe();
     let reporter = tokio::spawn(async move {
