@@ -90,6 +90,21 @@ def service_of_image(image):
     return name if name in SERVICES else None
 
 
+def workspace_version():
+    """The workspace version (Cargo.toml's [workspace.package] version): the
+    tag of every image of this repository (`v<version>` in git)."""
+    import tomllib
+
+    cargo = tomllib.loads((Path(__file__).resolve().parent.parent / "Cargo.toml").read_text(encoding="utf-8"))
+    return cargo["workspace"]["package"]["version"]
+
+
+def image_tag(image):
+    """The tag of an image reference (None without one)."""
+    name = str(image or "").split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else None
+
+
 def expansions(value):
     """The `$(NAME)` references Kubernetes expands in an env value."""
     return re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(value or ""))
