@@ -316,3 +316,39 @@ async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
     users.terminate().await.unwrap();
     orders.terminate().await.unwrap();
 }
+
+#[test]
+fn every_setting_has_the_flag_the_readme_says() {
+    // Its text with the line breaks of its paragraphs undone.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut exceptions = BTreeSet::new();
+    for command in [
+        shop_host::cli::command::<UserService>(),
+        shop_host::cli::command::<OrderService>(),
+    ] {
+        for arg in command.get_arguments() {
+            let (Some(variable), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                continue;
+            };
+            let variable = variable.to_string_lossy();
+            if long != variable.to_lowercase().replace('_', "-") {
+                exceptions.insert(format!("`{variable}`, whose flag is `--{long}`"));
+            }
+        }
+    }
+    for exception in &exceptions {
+        assert!(
+            readme.contains(exception.as_str()),
+            "the README's configuration section must say {exception}"
+        );
+    }
+    assert_eq!(
+        readme.matches(", whose flag is `--").count(),
+        exceptions.len(),
+        "the README names flags that do not differ: {exceptions:?}"
+    );
+}
