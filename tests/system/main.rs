@@ -9,5 +9,6 @@ mod flow;
 mod golden;
 mod model;
 mod monitoring;
+mod processes;
 mod readme;
 mod system;

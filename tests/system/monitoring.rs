@@ -21,10 +21,11 @@ use serde_json::Value;
 use shop_contracts::Event as _;
 use shop_contracts::user::user_service_client::UserServiceClient;
 use shop_contracts::user::{self as pb, UserCreated};
-use shop_testkit::{ServiceProcess, TcpProxy, TestBroker, TestDatabase, TestPublisher, http_get};
+use shop_testkit::{TcpProxy, TestPublisher, http_get};
 
-/// Series that exist only after an incident: a restarted task, a shed
-/// call, an event no queue takes, a failed relay batch.
+/// Series that move only during an incident: a restarted task, a shed
+/// call, an event no queue takes, a failed relay batch (exported at zero
+/// until then).
 const INCIDENT_ONLY: [&str; 4] = [
     "task_restarts_total",
     "grpc_server_shed_total",
@@ -209,70 +210,18 @@ fn uses_incident_only_series(expr: &str) -> bool {
 #[ignore = "needs prometheus on the PATH (.ci/install-tools); run: cargo test -p system-tests --test system monitoring -- --ignored"]
 async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the_outbox_alert_fires_and_resolves()
  {
-    shop_testkit::init_test_log();
-    let broker = TestBroker::new();
-    let user_db = TestDatabase::create(
-        user_service::app::MIGRATIONS,
-        Path::new(user_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
-    let order_db = TestDatabase::create(
-        order_service::app::MIGRATIONS,
-        Path::new(order_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
-    let user_exchange = broker.exchange("user.events");
-    let order_exchange = broker.exchange("order.events");
-    let queue = broker.queue("order-service.user-events");
-    broker.track_topology(
-        &shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), queue.clone()).topology(),
-    );
     // The user service reaches the broker through a proxy the test can shut.
     let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    let amqp = shop_testkit::amqp_url();
-    let node = env!("CARGO_BIN_EXE_shop-node");
-    let mut users = ServiceProcess::start_with_args(
-        node,
-        &["user"],
+    let mut services = crate::processes::start(
+        proxy.url_for(&shop_testkit::amqp_url()),
         &[
-            ("DATABASE_URL", user_db.url().to_owned()),
-            ("AMQP_URL", proxy.url_for(&amqp)),
-            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
-            ("GRPC_ADDR", "127.0.0.1:0".to_owned()),
-            ("ADMIN_ADDR", "127.0.0.1:0".to_owned()),
-        ],
-    )
-    .await
-    .unwrap();
-    let mut orders = ServiceProcess::start_with_args(
-        node,
-        &["order"],
-        &[
-            ("DATABASE_URL", order_db.url().to_owned()),
-            ("AMQP_URL", amqp.clone()),
-            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
-            ("ORDER_EVENTS_EXCHANGE", order_exchange.clone()),
-            ("USER_EVENTS_QUEUE", queue.clone()),
             ("CONSUMER_RETRY_DELAYS", "100ms".to_owned()),
             ("CONSUMER_MAX_ATTEMPTS", "1".to_owned()),
-            ("GRPC_ADDR", "127.0.0.1:0".to_owned()),
-            ("ADMIN_ADDR", "127.0.0.1:0".to_owned()),
         ],
     )
-    .await
-    .unwrap();
-    shop_testkit::eventually(
-        "the order service's consumer to serve",
-        Duration::from_secs(30),
-        || async {
-            shop_host::healthcheck::check_at(orders.addr, order_service::app::CONSUMER_HEALTH)
-                .await
-                .ok()
-        },
-    )
     .await;
+    let (users, orders) = (&services.users, &services.orders);
+    let user_exchange = services.user_exchange.clone();
     let prometheus = Prometheus::start(&[
         (
             "user-service",
@@ -464,6 +413,5 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
     })
     .await;
 
-    users.terminate().await.unwrap();
-    orders.terminate().await.unwrap();
+    services.terminate().await;
 }

@@ -191,65 +191,12 @@ fn exported_reads_names_labels_and_histograms_under_their_base_name() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
     use shop_contracts::Event as _;
-    use shop_testkit::{ServiceProcess, TestBroker, TestDatabase, TestPublisher, http_get};
-    use std::path::Path;
+    use shop_testkit::{ServiceProcess, TestPublisher, http_get};
     use std::time::Duration;
 
-    shop_testkit::init_test_log();
-    let broker = TestBroker::new();
-    let user_db = TestDatabase::create(
-        user_service::app::MIGRATIONS,
-        Path::new(user_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
-    let order_db = TestDatabase::create(
-        order_service::app::MIGRATIONS,
-        Path::new(order_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
-    let user_exchange = broker.exchange("user.events");
-    let queue = broker.queue("order-service.user-events");
-    broker.track_topology(
-        &shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), queue.clone()).topology(),
-    );
-    let amqp = shop_testkit::amqp_url();
-    let node = env!("CARGO_BIN_EXE_shop-node");
-    let mut orders = ServiceProcess::start_with_args(
-        node,
-        &["order"],
-        &[
-            ("DATABASE_URL", order_db.url().to_owned()),
-            ("AMQP_URL", amqp.clone()),
-            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
-            ("ORDER_EVENTS_EXCHANGE", broker.exchange("order.events")),
-            ("USER_EVENTS_QUEUE", queue.clone()),
-        ],
-    )
-    .await
-    .unwrap();
-    let mut users = ServiceProcess::start_with_args(
-        node,
-        &["user"],
-        &[
-            ("DATABASE_URL", user_db.url().to_owned()),
-            ("AMQP_URL", amqp),
-            ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
-        ],
-    )
-    .await
-    .unwrap();
-    shop_testkit::eventually(
-        "the order service's consumer to serve",
-        Duration::from_secs(30),
-        || async {
-            shop_host::healthcheck::check_at(orders.addr, order_service::app::CONSUMER_HEALTH)
-                .await
-                .ok()
-        },
-    )
-    .await;
+    let mut services = crate::processes::start(shop_testkit::amqp_url(), &[]).await;
+    let (users, orders) = (&services.users, &services.orders);
+    let user_exchange = services.user_exchange.clone();
 
     // A user, applied by the order service, then an order for them.
     let user_client =
@@ -296,8 +243,8 @@ async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
         "every metric of the README's table scraped",
         Duration::from_secs(60),
         || async {
-            let mut both = scrape(&users).await?;
-            for (name, labels) in scrape(&orders).await? {
+            let mut both = scrape(users).await?;
+            for (name, labels) in scrape(orders).await? {
                 both.entry(name).or_default().extend(labels);
             }
             table.keys().all(|name| both.contains_key(name)).then_some(both)
@@ -312,9 +259,7 @@ async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
     for (name, labels) in &table {
         assert_eq!(&both[name], labels, "the labels of {name}");
     }
-
-    users.terminate().await.unwrap();
-    orders.terminate().await.unwrap();
+    services.terminate().await;
 }
 
 #[test]

@@ -44,6 +44,21 @@ async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
+/// A fresh, migrated database for each service: the user service's, the
+/// order service's.
+pub async fn databases() -> (TestDatabase, TestDatabase) {
+    let users = TestDatabase::create(
+        user_service::app::MIGRATIONS,
+        Path::new(user_service::app::MIGRATIONS_DIR),
+    );
+    let orders = TestDatabase::create(
+        order_service::app::MIGRATIONS,
+        Path::new(order_service::app::MIGRATIONS_DIR),
+    );
+    let (users, orders) = futures::join!(users, orders);
+    (users.unwrap(), orders.unwrap())
+}
+
 /// Both services; `user_relay` says whether the user service publishes its
 /// outbox (off: the test runs the relay itself when it wants the events to
 /// flow).
@@ -56,18 +71,7 @@ pub async fn start(user_relay: bool) -> System {
 pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
-    let user_db = TestDatabase::create(
-        user_service::app::MIGRATIONS,
-        Path::new(user_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
-    let order_db = TestDatabase::create(
-        order_service::app::MIGRATIONS,
-        Path::new(order_service::app::MIGRATIONS_DIR),
-    )
-    .await
-    .unwrap();
+    let (user_db, order_db) = databases().await;
     let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
 
     let mut user_settings = user_service::Config::defaults();
