@@ -55,7 +55,7 @@ pub async fn databases() -> (TestDatabase, TestDatabase) {
         order_service::app::MIGRATIONS,
         Path::new(order_service::app::MIGRATIONS_DIR),
     );
-    let (users, orders) = futures::join!(users, orders);
+    let (users, orders) = tokio::join!(users, orders);
     (users.unwrap(), orders.unwrap())
 }
 
