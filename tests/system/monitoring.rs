@@ -222,7 +222,7 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
     )
     .await
     .unwrap();
-    let user_exchange = broker.exchange("user.events");
+    let user_exchange = broker.event_exchange(&broker.config(), "user.events").await;
     let order_exchange = broker.exchange("order.events");
     let queue = broker.queue("order-service.user-events");
     broker.track_topology(

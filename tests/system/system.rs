@@ -79,7 +79,9 @@ pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     user_settings.host.relay_enabled = user_relay;
     user_settings.host.relay.poll_interval = Duration::from_millis(200);
     user_settings.host.shutdown_grace = Duration::from_secs(5);
-    user_settings.service.events_exchange = broker.exchange("user.events");
+    // Declared now: the order service's consumer only looks its producer's
+    // exchange up, and the user service's relay may be off.
+    user_settings.service.events_exchange = broker.event_exchange(&amqp, "user.events").await;
     let mut order_settings = order_service::Config::defaults();
     order_settings.host.database = order_db.config();
     order_settings.host.amqp = amqp;
