@@ -58,6 +58,18 @@ pub struct AmqpConfig {
         value_parser = amqp_urls
     )]
     pub url: SecretString,
+    /// `AMQP_URL` read from this file instead (its content, the trailing
+    /// line break dropped, checked as `AMQP_URL` is); setting both is an
+    /// error.
+    #[arg(
+        id = "amqp_url_file",
+        long = "amqp-url-file",
+        env = "AMQP_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "amqp_url",
+        value_parser = amqp_urls_file
+    )]
+    pub url_from_file: Option<SecretString>,
     /// PEM certificates trusted, beside the Mozilla roots, to sign the
     /// broker's certificate on an `amqps://` URL.
     #[arg(
@@ -111,6 +123,11 @@ fn amqp_urls(value: &str) -> Result<SecretString, String> {
         ));
     }
     Ok(urls)
+}
+
+/// `AMQP_URL_FILE`: the file's content, checked as `AMQP_URL` is.
+fn amqp_urls_file(path: &str) -> Result<SecretString, String> {
+    amqp_urls(&shop_config::read_secret_file(path)?)
 }
 
 /// One broker of `AMQP_URL`.
@@ -200,6 +217,14 @@ impl AmqpConfig {
         let mut config: Self = shop_config::defaults();
         config.url = SecretString::from(url.into());
         config
+    }
+
+    /// Puts `AMQP_URL_FILE`'s content in place of `AMQP_URL`'s value;
+    /// called once the settings are parsed.
+    pub fn read_files(&mut self) {
+        if let Some(url) = self.url_from_file.take() {
+            self.url = url;
+        }
     }
 
     /// The user this process connects as (the user of `AMQP_URL`, `guest`

@@ -29,6 +29,12 @@
 
 use std::collections::BTreeMap;
 
+/// What the dead-letter commands may do in the consumer's database (the
+/// text of `shared/messaging/src/dlq_grants.sql`), granted by the
+/// consumer's migrator to the role `DLQ_DATABASE_ROLE` names
+/// ([`shop_database::Grant`]).
+pub const DATABASE_GRANTS: &str = include_str!("dlq_grants.sql");
+
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,

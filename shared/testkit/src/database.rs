@@ -76,6 +76,46 @@ impl TestDatabase {
         })
     }
 
+    /// A new, empty database owned by `owner` (a role of [`TestRoles`]), for
+    /// a service that migrates it itself as its owner.
+    pub async fn empty_owned_by(owner: &str) -> anyhow::Result<Self> {
+        let name = format!("test_{}", crate::short_id());
+        let client = admin_client().await?;
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {} OWNER {}",
+                quote_identifier(&name),
+                quote_identifier(owner)
+            ))
+            .await
+            .context("failed to create the test database")?;
+        Ok(Self {
+            url: with_database(&admin_url(), &name),
+            admin_url: admin_url(),
+            name,
+        })
+    }
+
+    /// A database name no database has (nothing is created), dropped at the
+    /// end of the test in case something created it after all.
+    pub fn missing() -> Self {
+        let name = format!("test_{}", crate::short_id());
+        Self {
+            url: with_database(&admin_url(), &name),
+            admin_url: admin_url(),
+            name,
+        }
+    }
+
+    /// Whether the database exists (for tests of who may create one).
+    pub async fn exists(&self) -> anyhow::Result<bool> {
+        let client = admin_client().await?;
+        Ok(client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&self.name])
+            .await?
+            .is_some())
+    }
+
     /// Turns the database read-only, or writable again, as a failover onto a
     /// standby (or an operator's `default_transaction_read_only`) would: the
     /// setting applies to new sessions, so every session of the database
@@ -163,6 +203,108 @@ impl Drop for TestDatabase {
         .join();
         if !matches!(dropped, Ok(Some(()))) {
             eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// Login roles of one test, with passwords of their own. Roles are
+/// cluster-wide in PostgreSQL, so each is named after the test's id
+/// (`t<id>_<base>`); all are dropped when this value is dropped (drop the
+/// test's databases first: declare this before them). The test identity
+/// is made a member of each, so it can create databases they own and drop
+/// them again without being a superuser.
+#[derive(Debug)]
+pub struct TestRoles {
+    prefix: String,
+    roles: Vec<(String, String)>,
+    admin_url: String,
+}
+
+impl TestRoles {
+    /// Creates a login role per `(base, attributes)`, e.g. `("migrator",
+    /// "CREATEDB")`, `("runtime", "")`.
+    pub async fn create(roles: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut created = Self {
+            prefix: format!("t{}", crate::short_id()),
+            roles: Vec::new(),
+            admin_url: admin_url(),
+        };
+        let client = admin_client().await?;
+        for (base, attributes) in roles {
+            let name = format!("{}_{base}", created.prefix);
+            let password = crate::short_id();
+            client
+                .batch_execute(&format!(
+                    "CREATE ROLE {} LOGIN {attributes} PASSWORD '{password}'; GRANT {} TO CURRENT_USER",
+                    quote_identifier(&name),
+                    quote_identifier(&name)
+                ))
+                .await
+                .with_context(|| format!("failed to create role {name}"))?;
+            created.roles.push((name, password));
+        }
+        Ok(created)
+    }
+
+    /// The role made for `base`.
+    ///
+    /// # Panics
+    ///
+    /// When no role was made for `base`.
+    pub fn name(&self, base: &str) -> String {
+        format!("{}_{base}", self.prefix)
+    }
+
+    /// A URL to `database` as the role made for `base`, on the test server.
+    ///
+    /// # Panics
+    ///
+    /// When no role was made for `base`.
+    pub fn url(&self, base: &str, database: &TestDatabase) -> String {
+        let name = self.name(base);
+        #[allow(clippy::expect_used)]
+        let (_, password) = self
+            .roles
+            .iter()
+            .find(|(role, _)| *role == name)
+            .expect("a role made for the test");
+        let mut url = url::Url::parse(&database.url).ok();
+        if let Some(url) = url.as_mut() {
+            let _ = url.set_username(&name);
+            let _ = url.set_password(Some(password));
+        }
+        url.map_or_else(|| database.url.clone(), |url| url.to_string())
+    }
+}
+
+impl Drop for TestRoles {
+    fn drop(&mut self) {
+        let roles: Vec<String> = self.roles.iter().map(|(name, _)| name.clone()).collect();
+        let admin_url = self.admin_url.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
+                tokio::spawn(connection);
+                let mut all = true;
+                for role in roles {
+                    // What the role still owns or was granted in the admin's
+                    // own database goes first; its test databases are gone.
+                    let statement = format!(
+                        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}",
+                        role = quote_identifier(&role)
+                    );
+                    all &= client.batch_execute(&statement).await.is_ok();
+                }
+                all.then_some(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("warning: could not drop every test role of {}", self.prefix);
         }
     }
 }

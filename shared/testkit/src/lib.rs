@@ -2,7 +2,8 @@
 //!
 //! - [`TestDatabase`]: a fresh database per test, copied from a migrated
 //!   template (one template per migration set, rebuilt when the migration
-//!   files change), dropped when the test ends.
+//!   files change), dropped when the test ends; [`TestRoles`]: login roles
+//!   of one test (a migrator, a runtime role), dropped with it.
 //! - [`TestBroker`]: a name prefix per test for exchanges and queues, and the
 //!   deletion of what the test declared when it ends; [`ProbeQueue`] reads
 //!   what was published to an exchange.
@@ -38,7 +39,7 @@ mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
 pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
-pub use database::TestDatabase;
+pub use database::{TestDatabase, TestRoles};
 pub use process::{ServiceProcess, http_get};
 pub use proxy::TcpProxy;
 pub use publisher::TestPublisher;
