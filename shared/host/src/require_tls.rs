@@ -64,7 +64,8 @@ mod tests {
     #[test]
     fn every_plaintext_connection_is_refused_naming_its_setting_only() {
         assert_eq!(check(&secure()), Ok(()));
-        let cases: [(&str, fn(&mut HostConfig)); 6] = [
+        type Weaken = fn(&mut HostConfig);
+        let cases: [(&str, Weaken); 6] = [
             ("DATABASE_URL", |c| {
                 c.database.url = "postgres://app:s3cret@db/users?sslmode=prefer".into();
             }),

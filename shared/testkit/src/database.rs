@@ -16,10 +16,15 @@ pub struct TestDatabase {
     admin_url: String,
 }
 
+/// `TEST_DATABASE_URL`, or the documented test identity on the local
+/// server: `shop_test`, which may create databases and roles (compose makes
+/// it; `.ci/run` makes it on a native server).
 pub(crate) fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
 }
+
+/// The test identity's default URL.
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://shop_test:shop_test@localhost:5432/postgres";
 
 /// `url` with its database replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
@@ -310,9 +315,14 @@ impl Drop for TestRoles {
 }
 
 /// The name of the migrated template for `migrations_dir`, creating it if
-/// needed (under an advisory lock, so parallel tests build it once).
+/// needed (under an advisory lock, so parallel tests build it once). Only
+/// its owner may copy a database that is not a superuser's, so the name
+/// carries the test identity too.
 async fn ensure_template(migrations: EmbeddedMigrations, migrations_dir: &Path) -> anyhow::Result<String> {
-    let template = format!("tpl_{}", digest(migrations_dir)?);
+    let owner = url::Url::parse(&admin_url())
+        .map(|url| url.username().to_owned())
+        .unwrap_or_default();
+    let template = format!("tpl_{}", digest_with(migrations_dir, &owner)?);
     let client = admin_client().await?;
     if template_exists(&client, &template).await? {
         return Ok(template);
@@ -356,9 +366,9 @@ async fn template_exists(client: &tokio_postgres::Client, template: &str) -> any
         .is_some())
 }
 
-/// FNV-1a over the names and contents of every file below `dir`, as 16 hex
-/// digits.
-fn digest(dir: &Path) -> anyhow::Result<String> {
+/// FNV-1a over `salt`, then the names and contents of every file below
+/// `dir`, as 16 hex digits.
+fn digest_with(dir: &Path, salt: &str) -> anyhow::Result<String> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -373,6 +383,10 @@ fn digest(dir: &Path) -> anyhow::Result<String> {
     }
     files.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in salt.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
     for file in files {
         let name = file
             .strip_prefix(dir)
