@@ -191,25 +191,34 @@ impl Drop for TestDatabase {
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_identifier(&self.name)
         );
-        let admin_url = self.admin_url.clone();
-        // Drop runs inside the test's runtime; a thread of its own can block
-        // on a small runtime without upsetting it.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.batch_execute(&statement).await.ok()
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
+        if !run_from_drop(&self.admin_url, vec![statement]) {
             eprintln!("warning: could not drop test database {}", self.name);
         }
     }
+}
+
+/// Runs `statements` as the test identity from a `Drop`, each on its own;
+/// whether all of them succeeded. Drop runs inside the test's runtime; a
+/// thread of its own can block on a small runtime without upsetting it.
+fn run_from_drop(admin_url: &str, statements: Vec<String>) -> bool {
+    let admin_url = admin_url.to_owned();
+    let done = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
+            tokio::spawn(connection);
+            let mut all = true;
+            for statement in statements {
+                all &= client.batch_execute(&statement).await.is_ok();
+            }
+            all.then_some(())
+        })
+    })
+    .join();
+    matches!(done, Ok(Some(())))
 }
 
 /// Login roles of one test, with passwords of their own. Roles are
@@ -284,31 +293,19 @@ impl TestRoles {
 
 impl Drop for TestRoles {
     fn drop(&mut self) {
-        let roles: Vec<String> = self.roles.iter().map(|(name, _)| name.clone()).collect();
-        let admin_url = self.admin_url.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
-                tokio::spawn(connection);
-                let mut all = true;
-                for role in roles {
-                    // What the role still owns or was granted in the admin's
-                    // own database goes first; its test databases are gone.
-                    let statement = format!(
-                        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}",
-                        role = quote_identifier(&role)
-                    );
-                    all &= client.batch_execute(&statement).await.is_ok();
-                }
-                all.then_some(())
+        // What a role still owns or was granted in the admin's own
+        // database goes first; its test databases are gone.
+        let statements = self
+            .roles
+            .iter()
+            .map(|(role, _)| {
+                format!(
+                    "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}",
+                    role = quote_identifier(role)
+                )
             })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
+            .collect();
+        if !run_from_drop(&self.admin_url, statements) {
             eprintln!("warning: could not drop every test role of {}", self.prefix);
         }
     }

@@ -580,22 +580,17 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
     };
     let broken = Uuid::now_v7();
     let replayed = Uuid::now_v7();
-    send(
-        Uuid::now_v7(),
-        UserCreated::TYPE_NAME,
-        "flaky",
-        1,
-        created("flaky").encode_to_vec(),
-    )
-    .await;
-    send(
-        broken,
-        UserCreated::TYPE_NAME,
-        "broken",
-        1,
-        created("broken").encode_to_vec(),
-    )
-    .await;
+    let send_created = |event_id: Uuid, user: &str| {
+        send(
+            event_id,
+            UserCreated::TYPE_NAME,
+            user,
+            1,
+            created(user).encode_to_vec(),
+        )
+    };
+    send_created(Uuid::now_v7(), "flaky").await;
+    send_created(broken, "broken").await;
     send(
         Uuid::now_v7(),
         UserUpdated::TYPE_NAME,
@@ -604,22 +599,8 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
         updated("broken", 2).encode_to_vec(),
     )
     .await;
-    send(
-        replayed,
-        UserCreated::TYPE_NAME,
-        "replayed",
-        1,
-        created("replayed").encode_to_vec(),
-    )
-    .await;
-    send(
-        Uuid::now_v7(),
-        UserCreated::TYPE_NAME,
-        "purged",
-        1,
-        created("purged").encode_to_vec(),
-    )
-    .await;
+    send_created(replayed, "replayed").await;
+    send_created(Uuid::now_v7(), "purged").await;
 
     // A retry goes through the group's own exchange to its delay queue and
     // back.
