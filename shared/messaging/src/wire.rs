@@ -108,10 +108,11 @@ impl EventHeaders<'_> {
 /// connection publishing it is refused (`PRECONDITION_FAILED`) and the
 /// channel closed. So the relay stamps every event with its own user, and
 /// whoever publishes a copy of a delivery (a retry, a dead letter, a replay,
-/// a message moved off a retired queue) stamps the copy with its own: the
-/// `user_id` of a message says who put it where it is. It proves nothing
-/// about the event's producer to a consumer, which relies on the event's
-/// signature for that.
+/// a message moved off a retired queue) stamps the copy with its own; a
+/// released parked event, rebuilt from what was parked, goes without one.
+/// The `user_id` of a message says who put it where it is; a consumer does
+/// not take it as proof of the event's producer (the event's signature is
+/// that).
 pub fn sent_by(properties: BasicProperties, user: &str) -> BasicProperties {
     properties.with_user_id(user.into())
 }
