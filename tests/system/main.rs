@@ -5,6 +5,7 @@
 
 mod alarms;
 mod brokers;
+mod database_roles;
 mod flow;
 mod golden;
 mod model;

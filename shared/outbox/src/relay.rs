@@ -235,6 +235,9 @@ struct HeldPartition {
 struct Publisher {
     connection: Connection,
     channel: Channel,
+    /// The connection's broker user, the `user_id` of every event (the
+    /// broker refuses any other).
+    user: String,
 }
 
 /// Publishes a service's outbox; see the crate docs.
@@ -556,7 +559,11 @@ impl Relay {
         .await
         .map_err(timed_out)??;
         tracing::info!(exchange = %self.config.exchange, "outbox relay connected to the broker");
-        Ok(Publisher { connection, channel })
+        Ok(Publisher {
+            connection,
+            channel,
+            user: self.amqp.user(),
+        })
     }
 
     async fn drop_publisher(&mut self) {
@@ -723,7 +730,7 @@ async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[P
                     row.routing_key.as_str().into(),
                     options,
                     &row.payload,
-                    headers.properties(),
+                    shop_messaging::wire::sent_by(headers.properties(), &publisher.user),
                 )
                 .await;
             match sent {
