@@ -37,6 +37,7 @@
 
 pub mod admin;
 mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod grpc;

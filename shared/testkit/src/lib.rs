@@ -13,6 +13,8 @@
 //!   with SIGTERM or killed.
 //! - [`Running`]: a service running in the test process, stopped with the
 //!   test.
+//! - [`auth`]: a real key pair per test and tokens signed with it, so
+//!   services run with authentication on ([`TestKeys`]).
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //! - [`command_line`]: what a service binary does before it runs (help,
 //!   version, printed configuration, bad settings).
@@ -27,6 +29,7 @@
 //! the services' logs.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod broker;
 pub mod cluster;
 pub mod command_line;
@@ -36,6 +39,7 @@ mod proxy;
 mod publisher;
 mod running;
 
+pub use auth::{AuthChannel, Bearer, TestKeys};
 pub use broker::{ProbeQueue, TestBroker};
 pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
 pub use database::TestDatabase;
