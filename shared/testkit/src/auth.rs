@@ -27,6 +27,9 @@ pub struct TestKeys {
     signing: Vec<SigningKey>,
 }
 
+/// The prefix of the directories of [`TestKeys::shared`].
+const SHARED_PREFIX: &str = "shop-test-keys-shared-";
+
 impl Default for TestKeys {
     fn default() -> Self {
         Self::new()
@@ -49,6 +52,30 @@ impl TestKeys {
         let this = Self { dir, keys, signing };
         this.publish(&[0]);
         this
+    }
+
+    /// One key pair for the whole test process, for the tests that are not
+    /// about keys: their services are configured with it (and keep it, so
+    /// it is never rotated). Its directory is left when the process ends;
+    /// those of processes that no longer run are removed here.
+    ///
+    /// # Panics
+    ///
+    /// As [`TestKeys::new`].
+    #[allow(clippy::expect_used)]
+    pub fn shared() -> &'static Self {
+        static SHARED: std::sync::OnceLock<TestKeys> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            remove_stale_shared_dirs();
+            let dir = std::env::temp_dir().join(format!("{SHARED_PREFIX}{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("a directory for the test's keys");
+            let keys = dir.join("jwt-keys.json");
+            let signing = vec![SigningKey::generate().expect("an Ed25519 key")];
+            let this = Self { dir, keys, signing };
+            this.publish(&[0]);
+            this
+        })
     }
 
     /// The key set file (`GRPC_JWT_KEYS`).
@@ -147,6 +174,22 @@ impl TestKeys {
     #[allow(clippy::expect_used)]
     pub fn stranger() -> SigningKey {
         SigningKey::generate().expect("an Ed25519 key")
+    }
+}
+
+/// Removes the shared key directories of test processes that have ended.
+fn remove_stale_shared_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.strip_prefix(SHARED_PREFIX)) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -1,6 +1,15 @@
 //! Bearer tokens: the keys of `GRPC_JWT_KEYS` ([`KeySet`]), read again when
 //! the file changes, and the verification of a token into a
 //! [`Principal`] ([`TokenVerifier`]).
+//!
+//! A client sends the same token with every call until it expires, and a
+//! signature check costs tens of microseconds, so a token that verified is
+//! remembered ([`VERIFIED_CACHE_ENTRIES`] at most, by its SHA-256 digest)
+//! until its `exp` (plus the leeway): the next calls with it cost a digest
+//! and a lookup. The memory is bounded (the cache is emptied when full) and
+//! emptied whenever the key set changes, so a key removed from the file
+//! refuses its tokens from the moment the new file is read. Refusals are
+//! not remembered: they cost their check each time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +36,13 @@ pub const SERVICE_SUBJECT_PREFIX: &str = "service:";
 
 /// Longest service name in a subject.
 const MAX_SERVICE_NAME: usize = 128;
+
+/// Most verified tokens remembered at once (see the module docs).
+pub const VERIFIED_CACHE_ENTRIES: usize = 4096;
+
+/// A verified token: who it names and until when (seconds since the epoch,
+/// leeway included).
+type Verified = (Principal, u64);
 
 /// One verification key.
 struct Key {
@@ -185,6 +201,7 @@ fn key_of(jwk: &Jwk) -> anyhow::Result<Key> {
 #[derive(Debug, serde::Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     scope: String,
 }
@@ -195,6 +212,7 @@ struct Claims {
 pub struct TokenVerifier {
     path: PathBuf,
     keys: RwLock<(Arc<KeySet>, Option<FileStamp>)>,
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
     issuer: String,
     audience: String,
     leeway: Duration,
@@ -227,6 +245,7 @@ impl TokenVerifier {
         Ok(Self {
             path,
             keys: RwLock::new((Arc::new(keys), stamp)),
+            verified: std::sync::Mutex::new(HashMap::new()),
             issuer,
             audience,
             leeway,
@@ -288,13 +307,45 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Reason::MalformedToken);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Reason::MalformedToken)?;
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .map_err(|_| Reason::MalformedToken)?;
+        let now = jsonwebtoken::get_current_timestamp();
+        // The keys' read lock is held until the result is remembered, so a
+        // reload cannot slip between the check and the remembering.
         let keys = self
             .keys
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .clone();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            let verified = self
+                .verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((principal, until)) = verified.get(&digest) {
+                if now <= *until {
+                    return Ok(principal.clone());
+                }
+                return Err(Reason::Expired);
+            }
+        }
+        let (principal, exp) = self.check(&keys.0, token)?;
+        let until = exp.saturating_add(self.leeway.as_secs());
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.len() >= VERIFIED_CACHE_ENTRIES {
+            verified.clear();
+        }
+        verified.insert(digest, (principal.clone(), until));
+        Ok(principal)
+    }
+
+    /// Checks `token` against `keys`: its principal and `exp`.
+    fn check(&self, keys: &KeySet, token: &str) -> Result<(Principal, u64), Reason> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Reason::MalformedToken)?;
         let key = keys.find(header.kid.as_deref()).ok_or(Reason::UnknownKey)?;
         if !key.algorithms.contains(&header.alg) {
             return Err(Reason::BadSignature);
@@ -322,10 +373,8 @@ impl TokenVerifier {
                 _ => Reason::MalformedToken,
             })?;
         let identity = identity(&data.claims.sub).ok_or(Reason::InvalidClaims)?;
-        Ok(Principal::new(
-            identity,
-            Permissions::from_scope(&data.claims.scope),
-        ))
+        let principal = Principal::new(identity, Permissions::from_scope(&data.claims.scope));
+        Ok((principal, data.claims.exp))
     }
 }
 
