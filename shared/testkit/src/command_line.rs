@@ -133,4 +133,65 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
     let half_tls = run(binary, &[], &[("GRPC_TLS_CERT", "/tmp/cert.pem")]);
     assert_eq!(half_tls.status.code(), Some(2), "{half_tls:?}");
     assert!(text(&half_tls.stderr).contains("GRPC_TLS_KEY"), "{half_tls:?}");
+    assert_refuses_to_serve_without_authentication(binary);
+}
+
+/// Asserts that `binary` refuses to serve, exit 2 and one line naming the
+/// setting, when nothing says who may call it (`GRPC_AUTH` unset), when
+/// `GRPC_AUTH` is not a mechanism, and when a mechanism lacks what it needs;
+/// and that the probe and the relay, which serve no calls, need none of it.
+///
+/// # Panics
+///
+/// When any of that does not hold.
+pub fn assert_refuses_to_serve_without_authentication(binary: &str) {
+    for (envs, named) in [
+        (&[][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "")][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "basic")][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "jwt")][..], "GRPC_JWT_KEYS"),
+        (&[("GRPC_AUTH", "mtls")][..], "GRPC_TLS_CLIENT_CA"),
+        (
+            &[("GRPC_AUTH", "mtls"), ("GRPC_TLS_CLIENT_CA", "/tmp/ca.pem")][..],
+            "GRPC_TLS_CERT",
+        ),
+        (
+            &[("GRPC_AUTH", "none"), ("GRPC_JWT_KEYS", "/tmp/keys.json")][..],
+            "GRPC_JWT_KEYS",
+        ),
+        (
+            &[
+                ("GRPC_AUTH", "jwt"),
+                ("GRPC_JWT_KEYS", "/tmp/keys.json"),
+                ("GRPC_JWT_LEEWAY", "10m"),
+            ][..],
+            "GRPC_JWT_LEEWAY",
+        ),
+        (
+            &[
+                ("GRPC_AUTH", "mtls"),
+                ("GRPC_TLS_CLIENT_PERMISSIONS", "ops=users:admin"),
+            ][..],
+            "GRPC_TLS_CLIENT_PERMISSIONS",
+        ),
+    ] {
+        for args in [&[][..], &["serve"][..]] {
+            let refused = run(binary, args, envs);
+            let stderr = text(&refused.stderr);
+            assert_eq!(refused.status.code(), Some(2), "{envs:?} {args:?}: {refused:?}");
+            assert_eq!(
+                stderr.trim_end().lines().count(),
+                1,
+                "{envs:?}: not one line:\n{stderr}"
+            );
+            assert!(
+                stderr.contains(named),
+                "{envs:?}: the line does not name {named}: {stderr}"
+            );
+        }
+    }
+    // No GRPC_AUTH: the probe runs (and fails to reach a server: exit 1,
+    // not a refused setting).
+    let probe = run(binary, &["healthcheck"], &[("GRPC_ADDR", "127.0.0.1:1")]);
+    assert_eq!(probe.status.code(), Some(1), "{probe:?}");
 }

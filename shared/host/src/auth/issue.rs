@@ -334,3 +334,54 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod rotation {
+    #![allow(clippy::unwrap_used)]
+
+    use super::super::Reason;
+    use super::super::jwt::TokenVerifier;
+    use super::*;
+
+    #[test]
+    fn a_key_removed_from_the_file_refuses_its_tokens_once_the_file_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("shop-auth-r-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.json");
+        let old = SigningKey::generate().unwrap();
+        let new = SigningKey::generate().unwrap();
+        write_public(&path, jwks([old.public_jwk()]).unwrap().as_bytes()).unwrap();
+        let verifier = TokenVerifier::new(
+            path.clone(),
+            "shop".into(),
+            "shop".into(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let request = TokenRequest::new("service:ops", Permissions::all());
+        let old_token = old.issue(&request).unwrap();
+        let new_token = new.issue(&request).unwrap();
+        assert!(verifier.verify(old_token.expose_secret()).is_ok());
+
+        write_public(
+            &path,
+            jwks([old.public_jwk(), new.public_jwk()]).unwrap().as_bytes(),
+        )
+        .unwrap();
+        assert!(verifier.reload_if_changed());
+        let both = (
+            verifier.verify(old_token.expose_secret()),
+            verifier.verify(new_token.expose_secret()),
+        );
+        write_public(&path, jwks([new.public_jwk()]).unwrap().as_bytes()).unwrap();
+        assert!(verifier.reload_if_changed());
+
+        assert!(both.0.is_ok() && both.1.is_ok(), "{both:?}");
+        assert_eq!(
+            verifier.verify(old_token.expose_secret()).unwrap_err(),
+            Reason::UnknownKey
+        );
+        assert!(verifier.verify(new_token.expose_secret()).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

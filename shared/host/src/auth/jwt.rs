@@ -268,10 +268,17 @@ impl TokenVerifier {
         match KeySet::read(&self.path) {
             Ok(keys) => {
                 tracing::info!(path = %self.path.display(), keys = keys.len(), "GRPC_JWT_KEYS read again");
-                *self
+                let mut in_force = self
                     .keys
                     .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = (Arc::new(keys), now);
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *in_force = (Arc::new(keys), now);
+                // Under the keys' lock: no token verified with the keys read
+                // before is remembered after this.
+                self.verified
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
                 true
             }
             Err(error) => {
