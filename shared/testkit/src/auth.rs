@@ -45,7 +45,13 @@ impl TestKeys {
     /// machine).
     #[allow(clippy::expect_used)]
     pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("shop-test-keys-{}", crate::short_id()));
+        Self::in_dir(std::env::temp_dir().join(format!("shop-test-keys-{}", crate::short_id())))
+    }
+
+    /// A new key pair, its key set written in `dir` (made anew).
+    #[allow(clippy::expect_used)]
+    fn in_dir(dir: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a directory for the test's keys");
         let keys = dir.join("jwt-keys.json");
         let signing = vec![SigningKey::generate().expect("an Ed25519 key")];
@@ -67,14 +73,7 @@ impl TestKeys {
         static SHARED: std::sync::OnceLock<TestKeys> = std::sync::OnceLock::new();
         SHARED.get_or_init(|| {
             remove_stale_shared_dirs();
-            let dir = std::env::temp_dir().join(format!("{SHARED_PREFIX}{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("a directory for the test's keys");
-            let keys = dir.join("jwt-keys.json");
-            let signing = vec![SigningKey::generate().expect("an Ed25519 key")];
-            let this = Self { dir, keys, signing };
-            this.publish(&[0]);
-            this
+            Self::in_dir(std::env::temp_dir().join(format!("{SHARED_PREFIX}{}", std::process::id())))
         })
     }
 

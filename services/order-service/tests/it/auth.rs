@@ -102,7 +102,7 @@ async fn a_user_places_reads_lists_and_cancels_only_its_own_orders() {
         .unwrap();
     assert_eq!(graces_now, graces_order, "grace's order is as it was");
     assert_eq!(read_own.unwrap().into_inner().order.unwrap(), own);
-    assert_eq!(listed_own, [own.clone()]);
+    assert_eq!(listed_own, std::slice::from_ref(&own));
     assert_eq!(
         cancelled_own.unwrap().into_inner().order.unwrap().status,
         pb::OrderStatus::Cancelled as i32

@@ -289,16 +289,16 @@ async fn a_key_file_that_stops_parsing_keeps_the_keys_in_force() {
     assert!(after.is_ok(), "{after:?}");
 }
 
-/// 1,000 calls without credentials, each with a 1 MiB body, on connections
-/// that send them all at once: refused from their headers, they leave the
-/// server's resident memory where it was (the in-flight limit would buffer
-/// each body in full if it ran first).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_thousand_unauthenticated_calls_with_one_mib_bodies_leave_the_memory_bounded() {
+/// The binary as its own process (its own metrics and memory), relay off,
+/// with `envs` besides its database, broker names and `auth`'s variables.
+/// The database and broker names live as long as the returned guards.
+async fn binary(
+    auth: Vec<(&'static str, String)>,
+    envs: &[(&'static str, &str)],
+) -> (ServiceProcess, shop_testkit::TestDatabase, TestBroker) {
     let db = test_database().await;
     let broker = TestBroker::new();
-    let keys = TestKeys::new();
-    let mut service = ServiceProcess::start(
+    let service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_user-service"),
         &[
             ("DATABASE_URL", db.url().to_owned()),
@@ -307,11 +307,23 @@ async fn a_thousand_unauthenticated_calls_with_one_mib_bodies_leave_the_memory_b
             ("RELAY_ENABLED", "false".to_owned()),
         ]
         .into_iter()
-        .chain(keys.env())
+        .chain(auth)
+        .chain(envs.iter().map(|(key, value)| (*key, (*value).to_owned())))
         .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
+    (service, db, broker)
+}
+
+/// 1,000 calls without credentials, each with a 1 MiB body, on connections
+/// that send them all at once: refused from their headers, they leave the
+/// server's resident memory where it was (the in-flight limit would buffer
+/// each body in full if it ran first).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_unauthenticated_calls_with_one_mib_bodies_leave_the_memory_bounded() {
+    let keys = TestKeys::new();
+    let (mut service, _db, _broker) = binary(keys.env(), &[]).await;
     let before = service.resident_bytes().unwrap();
     // A message of 1 MiB with its 5-byte gRPC header: the largest request
     // the server accepts.
@@ -426,27 +438,12 @@ async fn flood(
 /// the caller sends; the tokens never reach the logs.
 #[tokio::test(flavor = "multi_thread")]
 async fn refusals_are_counted_by_method_and_reason_and_made_up_paths_add_no_series() {
-    let db = test_database().await;
-    let broker = TestBroker::new();
     let keys = TestKeys::new();
-    let mut service = ServiceProcess::start(
-        env!("CARGO_BIN_EXE_user-service"),
-        &[
-            ("DATABASE_URL", db.url().to_owned()),
-            ("AMQP_URL", broker.config().url.expose_secret().to_owned()),
-            ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
-            ("RELAY_ENABLED", "false".to_owned()),
-            (
-                "RUST_LOG",
-                "debug,lapin=off,h2=off,hyper=off,tower=off".to_owned(),
-            ),
-        ]
-        .into_iter()
-        .chain(keys.env())
-        .collect::<Vec<_>>(),
+    let (mut service, _db, _broker) = binary(
+        keys.env(),
+        &[("RUST_LOG", "debug,lapin=off,h2=off,hyper=off,tower=off")],
     )
-    .await
-    .unwrap();
+    .await;
     let admin = service.admin_addr.unwrap();
     let connection = channel(service.addr).await;
     let anonymous =
@@ -523,20 +520,7 @@ async fn refusals_are_counted_by_method_and_reason_and_made_up_paths_add_no_seri
 async fn with_grpc_auth_none_every_caller_is_served_and_the_server_says_so() {
     // GRPC_AUTH=none on purpose: what this proves is that an explicit
     // `none` serves callers without credentials, and is announced.
-    let db = test_database().await;
-    let broker = TestBroker::new();
-    let mut service = ServiceProcess::start(
-        env!("CARGO_BIN_EXE_user-service"),
-        &[
-            ("DATABASE_URL", db.url().to_owned()),
-            ("AMQP_URL", broker.config().url.expose_secret().to_owned()),
-            ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
-            ("RELAY_ENABLED", "false".to_owned()),
-            ("GRPC_AUTH", "none".to_owned()),
-        ],
-    )
-    .await
-    .unwrap();
+    let (mut service, _db, _broker) = binary(vec![("GRPC_AUTH", "none".to_owned())], &[]).await;
     let admin = service.admin_addr.unwrap();
     let mut anonymous = UserServiceClient::new(channel(service.addr).await);
 
