@@ -199,6 +199,9 @@ pub struct Chaos {
     _broker: TestBroker,
     pub user_db: TestDatabase,
     pub order_db: TestDatabase,
+    /// The event signing key's files: the user services sign with it, the
+    /// order services trust it (signing on, as in production).
+    _keys: shop_testkit::keys::KeyFiles,
 }
 
 impl Chaos {
@@ -341,8 +344,9 @@ impl Chaos {
             .map(|d| format!("{}ms", d.as_millis()))
             .collect::<Vec<_>>()
             .join(",");
+        let keys = shop_testkit::keys::KeyFiles::write().unwrap();
         let common = |db: &TestDatabase| {
-            vec![
+            let mut envs = vec![
                 ("DATABASE_URL", pg_proxy.url_for(db.url())),
                 ("AMQP_URL", amqp_url.clone()),
                 ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
@@ -358,7 +362,9 @@ impl Chaos {
                 ("SHUTDOWN_GRACE", "3s".to_owned()),
                 // The "… service started" line is how the test learns it is up.
                 ("RUST_LOG", "warn,shop_host=info".to_owned()),
-            ]
+            ];
+            envs.extend(keys.envs());
+            envs
         };
         let nodes = |service: &'static str, db: &TestDatabase| -> Vec<Node> {
             (0..options.instances.max(1))
@@ -402,6 +408,7 @@ impl Chaos {
             _broker: broker,
             user_db,
             order_db,
+            _keys: keys,
         }
     }
 

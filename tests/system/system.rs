@@ -80,6 +80,8 @@ pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     user_settings.host.relay.poll_interval = Duration::from_millis(200);
     user_settings.host.shutdown_grace = Duration::from_secs(5);
     user_settings.service.events_exchange = broker.exchange("user.events");
+    let signing = shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
+    user_settings.host.relay.signing = signing.clone();
     let mut order_settings = order_service::Config::defaults();
     order_settings.host.database = order_db.config();
     order_settings.host.amqp = amqp;
@@ -91,6 +93,8 @@ pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
     order_settings.service.user_events_exchange = user_settings.service.events_exchange.clone();
     order_settings.service.user_events_queue = broker.queue("order-service.user-events");
     order_settings.service.consumer.retry_delays = vec![Duration::from_millis(200)];
+    order_settings.host.relay.signing = signing;
+    order_settings.service.user_events_keys = Some(shop_testkit::keys::trusted_keys());
     broker.track_topology(&order_settings.service.consumer().topology());
 
     let user_app = user_service::Application::build(user_settings.clone())
@@ -139,7 +143,7 @@ impl System {
     /// The user service's outbox relay, run by the test.
     pub fn user_relay(&self) -> Running {
         let pool = shop_database::pool(&self.user_settings.host.database).unwrap();
-        let relay = shop_host::relay(&self.user_settings, pool);
+        let relay = shop_host::relay(&self.user_settings, pool).unwrap();
         Running::spawn(|shutdown| relay.run(shutdown))
     }
 }

@@ -124,6 +124,15 @@ where
             _ => Action::Serve,
         }
     };
+    // Settings that serving needs (a signing key, trusted keys) are checked
+    // now, for the same one-line refusal; printing the configuration and
+    // the health check do without them.
+    let ready = match action {
+        Action::Serve => config.validate_for_serving(),
+        Action::Relay => config.host.signing_key().map(drop),
+        Action::Healthcheck { .. } | Action::PrintConfig => Ok(()),
+    };
+    ready.map_err(|error| (format!("{}: {error}\n", S::NAME), 2))?;
     Ok((action, config, matches))
 }
 

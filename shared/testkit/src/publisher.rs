@@ -29,8 +29,64 @@ impl TestPublisher {
     }
 
     /// Publishes `event` to `exchange` with `event_id`, with the properties
-    /// and headers the relay sets.
+    /// and headers the relay sets, signed with the tests' producer key
+    /// ([`crate::keys::signing_key`]).
     pub async fn publish<E: Event>(&self, exchange: &str, event: &E, event_id: Uuid) -> anyhow::Result<()> {
+        self.publish_signed_by(crate::keys::signing_key(), exchange, event, event_id)
+            .await
+    }
+
+    /// [`Self::publish`] signed with `key`.
+    pub async fn publish_signed_by<E: Event>(
+        &self,
+        key: &shop_messaging::signing::SigningKey,
+        exchange: &str,
+        event: &E,
+        event_id: Uuid,
+    ) -> anyhow::Result<()> {
+        let body = event.encode_to_vec();
+        let properties = Self::properties(event, event_id);
+        let properties = key
+            .sign_properties(properties, &body)
+            .map_err(anyhow::Error::msg)?;
+        self.publish_raw(exchange, E::ROUTING_KEY, &body, properties)
+            .await
+    }
+
+    /// [`Self::publish`] without a signature, as a stranger would.
+    pub async fn publish_unsigned<E: Event>(
+        &self,
+        exchange: &str,
+        event: &E,
+        event_id: Uuid,
+    ) -> anyhow::Result<()> {
+        self.publish_raw(
+            exchange,
+            E::ROUTING_KEY,
+            &event.encode_to_vec(),
+            Self::properties(event, event_id),
+        )
+        .await
+    }
+
+    /// Any bytes with any properties, signed as they are with the tests'
+    /// producer key: for messages that pass the signature check and then
+    /// fail the others. Fails when a signed field is missing.
+    pub async fn publish_raw_signed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        let properties = crate::keys::signing_key()
+            .sign_properties(properties, body)
+            .map_err(anyhow::Error::msg)?;
+        self.publish_raw(exchange, routing_key, body, properties).await
+    }
+
+    /// The properties and headers the relay sets for `event` (unsigned).
+    pub fn properties<E: Event>(event: &E, event_id: Uuid) -> BasicProperties {
         let id = event_id.to_string();
         let trace = Default::default();
         let headers = EventHeaders {
@@ -44,13 +100,7 @@ impl TestPublisher {
             partition: shop_messaging::wire::partition_of(event.aggregate_id()),
             trace: &trace,
         };
-        self.publish_raw(
-            exchange,
-            E::ROUTING_KEY,
-            &event.encode_to_vec(),
-            headers.properties(),
-        )
-        .await
+        headers.properties()
     }
 
     /// Publishes any bytes with any properties, waiting for the confirm.

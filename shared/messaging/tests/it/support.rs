@@ -194,6 +194,7 @@ pub fn config(broker: &TestBroker) -> ConsumerConfig {
     config.max_attempts = 3;
     config.prefetch = 100;
     config.batch_size = 50;
+    config.trusted_keys = shop_testkit::keys::trusted_keys();
     config
 }
 
@@ -277,6 +278,16 @@ impl Harness {
     pub async fn publish<E: Event>(&self, event: &E, event_id: Uuid) {
         self.publisher
             .publish(&self.exchange, event, event_id)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes any bytes with any properties to the exchange, signed as
+    /// they are by the producer key the consumer trusts (so they meet the
+    /// checks behind the signature's).
+    pub async fn publish_raw_signed(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.publisher
+            .publish_raw_signed(&self.exchange, routing_key, body, properties)
             .await
             .unwrap();
     }
@@ -444,4 +455,22 @@ pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeM
         seen.entry(user.clone()).or_default().push(*version);
     }
     seen
+}
+
+/// Properties that can be signed (every signed field present) for a
+/// message of type `kind` with id `id` about user `user` at `version`.
+pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("aggregate_type".into(), shop_messaging::wire::long_string("user"));
+    headers.insert("aggregate_id".into(), shop_messaging::wire::long_string(user));
+    headers.insert(
+        "aggregate_version".into(),
+        lapin::types::AMQPValue::LongLongInt(version),
+    );
+    BasicProperties::default()
+        .with_content_type(shop_messaging::wire::CONTENT_TYPE.into())
+        .with_type(kind.into())
+        .with_message_id(id.into())
+        .with_app_id("test".into())
+        .with_headers(headers)
 }

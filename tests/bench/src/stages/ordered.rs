@@ -36,6 +36,7 @@ fn config(bench: &Bench, queue: &str, partitions: u16, prefetch: u16) -> Consume
     let mut config = ConsumerConfig::new(bench.user_exchange.clone(), queue.to_owned());
     config.partitions = partitions;
     config.prefetch = prefetch;
+    config.trusted_keys = bench.trusted_keys();
     config
 }
 
