@@ -663,8 +663,10 @@ pub struct ParkLimits {
 
 /// Which of `events` (about to be parked, in order) fit within `limits`,
 /// counting what is parked already. The counts stop at the limits, so a
-/// full table is not counted to the end. Concurrent replicas may each admit
-/// a batch at the limit: the overshoot is at most a batch per replica.
+/// full table is not counted to the end. Transactions that park take a
+/// lock of the consumer's for it (until they commit) before they count, so
+/// workers and replicas parking at once never pass a limit together; the
+/// common batch parks nothing and never takes it.
 pub(crate) async fn admit(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -680,6 +682,12 @@ pub(crate) async fn admit(
         #[diesel(sql_type = BigInt)]
         parked: i64,
     }
+    prepared(
+        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/parking', 1))")
+            .bind::<Text, _>(consumer),
+    )
+    .execute(conn)
+    .await?;
     let kinds: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
     let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
     // The total first (as kind '', id ''), then each aggregate's.

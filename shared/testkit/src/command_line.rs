@@ -133,4 +133,43 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
     let half_tls = run(binary, &[], &[("GRPC_TLS_CERT", "/tmp/cert.pem")]);
     assert_eq!(half_tls.status.code(), Some(2), "{half_tls:?}");
     assert!(text(&half_tls.stderr).contains("GRPC_TLS_KEY"), "{half_tls:?}");
+
+    // Every relay signs: serving (which runs the relay) and `relay` refuse
+    // to start without the producer's key, in one line naming the setting.
+    for args in [&[][..], &["relay"]] {
+        assert_refused(binary, args, &[], "EVENT_SIGNING_KEY_FILE");
+    }
+    // A key file that holds no key: refused, its contents never echoed.
+    let dir = std::env::temp_dir().join(format!("shop-bad-key-{}", crate::short_id()));
+    #[allow(clippy::expect_used)]
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let bad = dir.join("bad.key");
+    #[allow(clippy::expect_used)]
+    std::fs::write(&bad, "secret-material-that-is-no-key").expect("a temporary file");
+    let refused = assert_refused(
+        binary,
+        &[],
+        &[("EVENT_SIGNING_KEY_FILE", &bad.to_string_lossy())],
+        "EVENT_SIGNING_KEY_FILE",
+    );
+    assert!(!refused.contains("secret-material"), "{refused}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Asserts that `binary` with `args` and `envs` stops before it starts,
+/// exit 2, with one line naming `variable`; returns the line.
+///
+/// # Panics
+///
+/// When it does not.
+pub fn assert_refused(binary: &str, args: &[&str], envs: &[(&str, &str)], variable: &str) -> String {
+    let refused = run(binary, args, envs);
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{args:?} {envs:?}: {refused:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line:\n{stderr}");
+    assert!(
+        stderr.contains(variable),
+        "the line does not name {variable}: {stderr}"
+    );
+    stderr
 }

@@ -53,6 +53,37 @@ impl TestPublisher {
             .await
     }
 
+    /// [`Self::publish`] of many events at once: all sent, then every
+    /// confirm awaited (for tests that need thousands).
+    pub async fn publish_all<E: Event>(&self, exchange: &str, events: &[(E, Uuid)]) -> anyhow::Result<()> {
+        let key = crate::keys::signing_key();
+        let mut confirms = Vec::with_capacity(events.len());
+        for (event, event_id) in events {
+            let body = event.encode_to_vec();
+            let properties = key
+                .sign_properties(Self::properties(event, *event_id), &body)
+                .map_err(anyhow::Error::msg)?;
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        E::ROUTING_KEY.into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            anyhow::ensure!(
+                confirm.await?.is_ack(),
+                "the broker did not confirm a test message"
+            );
+        }
+        Ok(())
+    }
+
     /// [`Self::publish`] without a signature, as a stranger would.
     pub async fn publish_unsigned<E: Event>(
         &self,

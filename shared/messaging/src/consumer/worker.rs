@@ -204,27 +204,21 @@ impl Worker {
 
     async fn process(&self, batch: Vec<Delivery>, stop: &CancellationToken) -> anyhow::Result<()> {
         let mut ready = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
         for delivery in batch {
             match self.check(delivery) {
                 Ok(incoming) => ready.push(incoming),
-                Err((delivery, refusal)) => {
-                    let sealed = self.shared.seal.verify(&delivery.properties);
-                    let attempt = if sealed { attempt_of(&delivery) } else { 1 };
-                    let span = process_span(&self.shared.config.queue, &delivery);
-                    if let Some(cause) = refusal.cause {
-                        metrics::counter!("consumer_unauthenticated_events_total", "queue" => self.shared.config.queue.clone(), "cause" => cause)
-                            .increment(1);
-                    }
-                    let copy = Copy {
-                        sealed,
-                        authenticated: refusal.authenticated,
-                    };
-                    self.dead_letter(&delivery, refusal.reason, &refusal.error, attempt, &span, copy)
-                        .await?;
-                    self.ack(&delivery, false).await?;
-                }
+                Err(refusal) => refused.push(refusal),
             }
         }
+        // A flood of refused messages (a stranger's) goes to the dead-letter
+        // queue at the broker's pace, not one confirm after another.
+        futures::future::try_join_all(
+            refused
+                .iter()
+                .map(|(delivery, refusal)| self.refuse(delivery, refusal)),
+        )
+        .await?;
         if ready.is_empty() {
             return Ok(());
         }
@@ -240,11 +234,13 @@ impl Worker {
                     // the commit and the acknowledgement (the batch comes
                     // back, and the sequence and the inbox absorb it).
                     fail::fail_point!("consumer-after-commit", |_| std::process::abort());
-                    for index in refused {
-                        if let Some(incoming) = ready.get(index) {
-                            self.refuse_to_park(incoming).await?;
-                        }
-                    }
+                    futures::future::try_join_all(
+                        refused
+                            .iter()
+                            .filter_map(|index| ready.get(*index))
+                            .map(|incoming| self.refuse_to_park(incoming)),
+                    )
+                    .await?;
                     if let Some(last) = ready.last() {
                         // Everything up to the last tag on this channel is in
                         // this batch or was acknowledged before.
@@ -715,6 +711,24 @@ impl Worker {
             incoming.copy(),
         )
         .await
+    }
+
+    /// Dead-letters and acknowledges a delivery the checks refused.
+    async fn refuse(&self, delivery: &Delivery, refusal: &Refusal) -> anyhow::Result<()> {
+        let sealed = self.shared.seal.verify(&delivery.properties);
+        let attempt = if sealed { attempt_of(delivery) } else { 1 };
+        let span = process_span(&self.shared.config.queue, delivery);
+        if let Some(cause) = refusal.cause {
+            metrics::counter!("consumer_unauthenticated_events_total", "queue" => self.shared.config.queue.clone(), "cause" => cause)
+                .increment(1);
+        }
+        let copy = Copy {
+            sealed,
+            authenticated: refusal.authenticated,
+        };
+        self.dead_letter(delivery, refusal.reason, &refusal.error, attempt, &span, copy)
+            .await?;
+        self.ack(delivery, false).await
     }
 
     /// Dead-letters an event that was to park while the consumer holds as
