@@ -10,3 +10,4 @@ mod properties;
 mod retention;
 mod rpc;
 mod server;
+mod trust;
