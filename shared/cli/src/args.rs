@@ -38,6 +38,7 @@ Examples:
   shop dlq replay --reason max-attempts
   shop dlq skip <message id>   # give up on one dead letter; what waited behind it goes on
   shop up                      # both services, against the local PostgreSQL and RabbitMQ
+  shop event-keys new --id user-service-2026-12 --private user.key --public user-events.keys
 
 Exit codes: 0 ok, 2 usage or invalid request, 3 not found, 4 conflict
 (already exists, version mismatch, failed precondition), 5 unavailable, 1 other.";
@@ -131,6 +132,18 @@ pub enum Command {
     /// Ctrl-C. Each service reads its own variables (see `user-service
     /// --help`), except where the flags below give it its own.
     Up(crate::up::UpArgs),
+    /// Event signing keys: every event is signed by its producer, and
+    /// consumers apply only what a key they trust signed.
+    #[command(subcommand)]
+    EventKeys(EventKeysCommand),
+}
+
+/// Event signing key commands.
+#[derive(Debug, Subcommand)]
+pub enum EventKeysCommand {
+    /// Make a producer's signing key (kept if its file exists) and add its
+    /// public line to the consumers' keys file; prints that line.
+    New(crate::keys::NewKey),
 }
 
 /// Paging of a listing.

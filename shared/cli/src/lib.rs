@@ -9,6 +9,7 @@
 
 mod args;
 mod dlq;
+pub mod keys;
 mod output;
 mod records;
 pub mod up;
@@ -39,6 +40,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             .await
             .map_err(Failure::Other),
         Command::Up(args) => up::run(args).await.map_err(Failure::Other),
+        Command::EventKeys(args::EventKeysCommand::New(args)) => match keys::ensure(&args) {
+            Ok(ensured) => {
+                output.value(
+                    serde_json::json!({"id": args.id, "public": ensured.line, "made": ensured.made}),
+                    &ensured.line,
+                );
+                Ok(())
+            }
+            Err(error) => Err(Failure::Other(error)),
+        },
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

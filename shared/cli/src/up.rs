@@ -2,6 +2,7 @@
 //! PostgreSQL and RabbitMQ, until Ctrl-C.
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use shop_host::shutdown::{self, TaskGroup};
 use shop_host::{CancellationToken, Service};
@@ -33,6 +34,64 @@ pub struct UpArgs {
     /// The order service's admin address (default `0.0.0.0:9102`).
     #[arg(long, env = "ORDER_ADMIN_ADDR")]
     pub order_admin_addr: Option<String>,
+    /// Where `shop up` keeps what it makes at its first start: each
+    /// service's event signing key (`event-keys/<service>/event-signing.key`)
+    /// and the public keys the order service trusts
+    /// (`event-keys/public/user-events.keys`). Default
+    /// `$XDG_STATE_HOME/shop`, else `~/.local/state/shop`: outside any
+    /// checkout, so no key is ever committed.
+    #[arg(long, env = "SHOP_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The event signing keys of `shop up`, made at its first start under
+/// `state`: each service signs with its own, the order service trusts the
+/// user service's.
+#[derive(Debug, Clone)]
+struct LocalKeys {
+    user: crate::keys::NewKey,
+    order: crate::keys::NewKey,
+}
+
+impl LocalKeys {
+    fn ensure(state: &Path) -> anyhow::Result<Self> {
+        let keys = state.join("event-keys");
+        let key = |service: &str, public: &str| crate::keys::NewKey {
+            id: format!("{service}-local"),
+            private: keys.join(service).join("event-signing.key"),
+            public: keys.join("public").join(public),
+            owner: None,
+        };
+        let local = Self {
+            user: key("user-service", "user-events.keys"),
+            order: key("order-service", "order-events.keys"),
+        };
+        for key in [&local.user, &local.order] {
+            crate::keys::ensure(key)?;
+        }
+        Ok(local)
+    }
+
+    fn flags(key: &crate::keys::NewKey) -> [OsString; 2] {
+        [
+            OsString::from(format!("--event-signing-key-file={}", key.private.display())),
+            OsString::from(format!("--event-signing-key-id={}", key.id)),
+        ]
+    }
+}
+
+/// `--state-dir`, else `$XDG_STATE_HOME/shop`, else `~/.local/state/shop`.
+fn state_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(state).join("shop"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("no HOME or XDG_STATE_HOME: give --state-dir (SHOP_STATE_DIR)"))?;
+    Ok(PathBuf::from(home).join(".local/state/shop"))
 }
 
 /// Runs both services (or only `args.service`); each creates and migrates
@@ -42,23 +101,30 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(service) = &args.service {
         return serve(service).await;
     }
-    let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(flags::<
-        user_service::UserService,
-    >(
-        args.user_database_url,
-        args.user_grpc_addr,
-        args.user_admin_addr,
-    ))?;
-    let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(flags::<
-        order_service::OrderService,
-    >(
+    let keys = LocalKeys::ensure(&state_dir(args.state_dir)?)?;
+    let mut user_flags =
+        flags::<user_service::UserService>(args.user_database_url, args.user_grpc_addr, args.user_admin_addr);
+    user_flags.extend(LocalKeys::flags(&keys.user));
+    let mut order_flags = flags::<order_service::OrderService>(
         args.order_database_url,
         args.order_grpc_addr,
         args.order_admin_addr,
-    ))?;
+    );
+    order_flags.extend(LocalKeys::flags(&keys.order));
+    order_flags.push(OsString::from(format!(
+        "--user-events-keys-file={}",
+        keys.user.public.display()
+    )));
+    let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(user_flags)?;
+    let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(order_flags)?;
     let mut telemetry = users.host.telemetry.clone();
     telemetry.service_name = "shop".to_owned();
     let telemetry = shop_telemetry::init(&telemetry)?;
+    tracing::info!(
+        user_service = %keys.user.private.display(),
+        order_service = %keys.order.private.display(),
+        "event signing keys (made at the first start)"
+    );
     let outcome = run_both(users, orders).await;
     if let Err(error) = &outcome {
         tracing::error!(error = format!("{error:#}"), "shop up failed");

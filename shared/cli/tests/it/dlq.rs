@@ -39,13 +39,15 @@ async fn dlq_commands_list_show_replay_and_purge() {
     TestPublisher::connect(exchange)
         .await
         .unwrap()
-        .publish_raw(
+        .publish_raw_signed(
             exchange,
             UserCreated::ROUTING_KEY,
             b"\xff\xfe",
             BasicProperties::default()
                 .with_type(UserCreated::TYPE_NAME.into())
-                .with_message_id(id.as_str().into()),
+                .with_message_id(id.as_str().into())
+                .with_app_id("test".into())
+                .with_headers(aggregate_headers("garbled", 1)),
         )
         .await
         .unwrap();
@@ -84,7 +86,20 @@ async fn dlq_commands_list_show_replay_and_purge() {
     assert!(purged.starts_with("purged 1"), "{purged}");
 }
 
-/// Publishes `event` as the relay would, with a body that decodes or not.
+/// The aggregate headers of `user` at `version` (what a signature covers).
+fn aggregate_headers(user: &str, version: i64) -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("aggregate_type".into(), shop_messaging::wire::long_string("user"));
+    headers.insert("aggregate_id".into(), shop_messaging::wire::long_string(user));
+    headers.insert(
+        "aggregate_version".into(),
+        lapin::types::AMQPValue::LongLongInt(version),
+    );
+    headers
+}
+
+/// Publishes `event` as the relay would (signed), with a body that decodes
+/// or not.
 async fn publish_user_event(
     system: &System,
     publisher: &TestPublisher,
@@ -113,7 +128,7 @@ async fn publish_user_event(
         b"\xff\xfe".to_vec()
     };
     publisher
-        .publish_raw(
+        .publish_raw_signed(
             exchange,
             shop_contracts::user::UserUpdated::ROUTING_KEY,
             &body,

@@ -8,3 +8,4 @@ mod system;
 
 mod dlq;
 mod session;
+mod up;
