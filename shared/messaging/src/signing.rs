@@ -436,6 +436,15 @@ pub enum Unauthenticated {
 }
 
 impl Unauthenticated {
+    /// Every [`Unauthenticated::cause`].
+    pub const CAUSES: [&'static str; 5] = [
+        "unsigned",
+        "malformed",
+        "unknown-key",
+        "incomplete",
+        "bad-signature",
+    ];
+
     /// The metric label: `unsigned`, `malformed`, `unknown-key`,
     /// `incomplete`, `bad-signature`.
     pub fn cause(&self) -> &'static str {
@@ -744,6 +753,19 @@ mod tests {
             trusted.verify(&forged, &body),
             Err(Unauthenticated::BadSignature(_))
         ));
+    }
+
+    #[test]
+    fn every_cause_is_listed_for_the_metric() {
+        for refused in [
+            Unauthenticated::Unsigned,
+            Unauthenticated::Malformed,
+            Unauthenticated::UnknownKey(String::new()),
+            Unauthenticated::Incomplete("type"),
+            Unauthenticated::BadSignature(String::new()),
+        ] {
+            assert!(Unauthenticated::CAUSES.contains(&refused.cause()), "{refused:?}");
+        }
     }
 
     #[test]

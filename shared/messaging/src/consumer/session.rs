@@ -53,6 +53,16 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
+    // Registered at 0, so that an alert's increase() sees the first one.
+    for cause in crate::signing::Unauthenticated::CAUSES {
+        metrics::counter!("consumer_unauthenticated_events_total", "queue" => shared.config.queue.clone(), "cause" => cause)
+            .increment(0);
+    }
+    for reason in crate::wire::DeadLetterReason::ALL {
+        metrics::counter!("consumer_dead_letters_total", "queue" => shared.config.queue.clone(), "reason" => reason.as_str())
+            .increment(0);
+    }
+    metrics::counter!("consumer_unsigned_events_total", "queue" => shared.config.queue.clone()).increment(0);
     let mut states = connected.subscribe();
     let reporter = tokio::spawn(async move {
         loop {
