@@ -283,8 +283,8 @@ pub enum DlqCommand {
     /// filter given); applied, each releases the events parked behind it,
     /// in order.
     Replay {
-        /// Only this reason: missing-message-id, unknown-type, undecodable,
-        /// rejected, max-attempts.
+        /// Only this reason: too-large, unauthenticated, missing-message-id,
+        /// unknown-type, undecodable, rejected, max-attempts, park-limit.
         #[arg(long)]
         reason: Option<String>,
         /// Only this type, e.g. shop.user.v1.UserCreated.

@@ -34,12 +34,28 @@
 //!
 //! # What happens to a message
 //!
+//! 0. Before anything reads it ([`inspect_delivery`]): a body over
+//!    [`ConsumerConfig::max_message_bytes`] is `too-large`; then the
+//!    producer's signature is checked against
+//!    [`ConsumerConfig::trusted_keys`] ([`crate::signing`]): unsigned (unless
+//!    [`ConsumerConfig::accept_unsigned_until`] is still ahead), a key not
+//!    trusted or a mismatch is `unauthenticated`. Neither is decoded,
+//!    sequenced, retried or allowed to hold its aggregate's later events;
+//!    both go to `<queue>.dlq` at once, counted
+//!    (`consumer_unauthenticated_events_total{queue, cause}`). The
+//!    bookkeeping headers (`attempt`, `original_*`, …) count only on a copy
+//!    carrying this group's seal ([`crate::seal`]); on any other they are
+//!    ignored and dropped from the copies made of it.
 //! 1. The body is decoded by its AMQP `type` into the subscribed event type:
 //!    the group's exchange is bound to exactly the subscribed routing keys,
-//!    both names coming from [`shop_contracts::Event`].
+//!    both names coming from [`shop_contracts::Event`]. The aggregate the
+//!    body names ([`shop_contracts::Event::identity`]) must be the one the
+//!    headers name, which the sequencing goes by; otherwise it is
+//!    `rejected`.
 //! 2. A message that can never succeed (no or malformed `message_id`, unknown
-//!    `type`, undecodable body) is re-published to `<queue>.dlq` at once with
-//!    the reason in its headers, and acknowledged.
+//!    `type`, undecodable body, a body that disagrees with its headers) is
+//!    re-published to `<queue>.dlq` at once with the reason in its headers,
+//!    and acknowledged.
 //! 3. The others are applied in batches (up to
 //!    [`ConsumerConfig::batch_size`] messages already delivered) in one
 //!    transaction that decides each event against its aggregate's position
@@ -88,12 +104,20 @@
 //! `consumer_oldest_parked_seconds{queue}`, `consumer_stuck_gaps{queue}`,
 //! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}`,
 //! `consumer_remembered_positions{queue}`,
-//! `consumer_position_conflicts_total{queue}` and
+//! `consumer_position_conflicts_total{queue}`,
+//! `consumer_unauthenticated_events_total{queue, cause}`,
+//! `consumer_unsigned_events_total{queue}` and
 //! `consumer_connected{queue}`.
+//!
+//! An event that would park while the group already holds
+//! [`ConsumerConfig::max_parked_per_aggregate`] parked events of its
+//! aggregate, or [`ConsumerConfig::max_parked`] in all, is dead-lettered as
+//! `park-limit` instead ([`crate::sequence::ParkLimits`]).
 //!
 //! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
 //! `dead_letter_attempts`, `original_exchange`, `original_routing_key`,
-//! `original_queue` and `dead_lettered_at`; [`crate::dlq`] lists, shows,
+//! `original_queue` and `dead_lettered_at`, sealed, beside the event's own
+//! (its signature included, unchanged); [`crate::dlq`] lists, shows,
 //! replays and skips them.
 //!
 //! After the broker drops the connection (or restarts), the consumer
