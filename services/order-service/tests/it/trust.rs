@@ -67,16 +67,24 @@ async fn a_strangers_unsigned_user_deleted_changes_nothing_is_dead_lettered_and_
             "consumer_unauthenticated_events_total",
             &[("queue", queue.as_str()), ("cause", "unsigned")],
         );
-        (counted == Some(2.0)).then_some(metrics)
+        // Counted once refused, then as a dead letter once the broker
+        // confirmed the copy.
+        let dead_lettered = metric(
+            &metrics,
+            "consumer_dead_letters_total",
+            &[("queue", queue.as_str()), ("reason", "unauthenticated")],
+        );
+        (counted == Some(2.0) && dead_lettered == Some(2.0)).then_some(metrics)
     })
     .await;
     assert_eq!(
         metric(
             &metrics,
-            "consumer_dead_letters_total",
-            &[("queue", queue.as_str()), ("reason", "unauthenticated")]
+            "consumer_unauthenticated_events_total",
+            &[("queue", queue.as_str()), ("cause", "bad-signature")]
         ),
-        Some(2.0)
+        Some(0.0),
+        "registered at 0, nothing else counted"
     );
     let dlq = shop_messaging::dlq::DeadLetters::connect(&app.settings.host.amqp, &queue)
         .await
