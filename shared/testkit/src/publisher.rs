@@ -4,7 +4,7 @@
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use shop_contracts::Event;
-use shop_messaging::wire::EventHeaders;
+use shop_messaging::wire::{self, EventHeaders};
 use uuid::Uuid;
 
 /// A confirm-mode channel for publishing test messages.
@@ -114,6 +114,25 @@ impl TestPublisher {
             .sign_properties(properties, body)
             .map_err(anyhow::Error::msg)?;
         self.publish_raw(exchange, routing_key, body, properties).await
+    }
+
+    /// Properties with every field a signature covers, for a message of
+    /// type `kind` with id `id` about user `user` at `version` (whatever its
+    /// body): to sign a message that then fails the consumer's other checks.
+    pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(wire::AGGREGATE_TYPE.into(), wire::long_string("user"));
+        headers.insert(wire::AGGREGATE_ID.into(), wire::long_string(user));
+        headers.insert(
+            wire::AGGREGATE_VERSION.into(),
+            lapin::types::AMQPValue::LongLongInt(version),
+        );
+        BasicProperties::default()
+            .with_content_type(wire::CONTENT_TYPE.into())
+            .with_type(kind.into())
+            .with_message_id(id.into())
+            .with_app_id("test".into())
+            .with_headers(headers)
     }
 
     /// The properties and headers the relay sets for `event` (unsigned).

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use assert_cmd::Command;
-use lapin::BasicProperties;
 use shop_contracts::Event as _;
 use shop_contracts::user::UserCreated;
 use shop_testkit::TestPublisher;
@@ -43,11 +42,7 @@ async fn dlq_commands_list_show_replay_and_purge() {
             exchange,
             UserCreated::ROUTING_KEY,
             b"\xff\xfe",
-            BasicProperties::default()
-                .with_type(UserCreated::TYPE_NAME.into())
-                .with_message_id(id.as_str().into())
-                .with_app_id("test".into())
-                .with_headers(aggregate_headers("garbled", 1)),
+            TestPublisher::signable(UserCreated::TYPE_NAME, &id, "garbled", 1),
         )
         .await
         .unwrap();
@@ -84,18 +79,6 @@ async fn dlq_commands_list_show_replay_and_purge() {
     let (ok, purged, _) = dlq(&system, &["purge", "--yes"]);
     assert!(ok);
     assert!(purged.starts_with("purged 1"), "{purged}");
-}
-
-/// The aggregate headers of `user` at `version` (what a signature covers).
-fn aggregate_headers(user: &str, version: i64) -> lapin::types::FieldTable {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert("aggregate_type".into(), shop_messaging::wire::long_string("user"));
-    headers.insert("aggregate_id".into(), shop_messaging::wire::long_string(user));
-    headers.insert(
-        "aggregate_version".into(),
-        lapin::types::AMQPValue::LongLongInt(version),
-    );
-    headers
 }
 
 /// Publishes `event` as the relay would (signed), with a body that decodes

@@ -457,20 +457,7 @@ pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeM
     seen
 }
 
-/// Properties that can be signed (every signed field present) for a
-/// message of type `kind` with id `id` about user `user` at `version`.
+/// See [`TestPublisher::signable`].
 pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert("aggregate_type".into(), shop_messaging::wire::long_string("user"));
-    headers.insert("aggregate_id".into(), shop_messaging::wire::long_string(user));
-    headers.insert(
-        "aggregate_version".into(),
-        lapin::types::AMQPValue::LongLongInt(version),
-    );
-    BasicProperties::default()
-        .with_content_type(shop_messaging::wire::CONTENT_TYPE.into())
-        .with_type(kind.into())
-        .with_message_id(id.into())
-        .with_app_id("test".into())
-        .with_headers(headers)
+    TestPublisher::signable(kind, id, user, version)
 }
