@@ -17,7 +17,7 @@ pub use tonic;
 
 mod event;
 
-pub use event::{Event, EventType, all_event_types, describe_event};
+pub use event::{Event, EventIdentity, EventType, all_event_types, describe_event, identify_event};
 
 /// Generated code, laid out by protobuf package.
 pub mod shop {
