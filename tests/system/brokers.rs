@@ -78,6 +78,9 @@ async fn replicas_of_one_consumer_group_on_two_brokers_strand_the_partitions_eac
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mut settings = order_service::Config::defaults();
     settings.host.grpc.auth = shop_testkit::TestKeys::shared().auth_config();
+    settings.host.relay.signing =
+        shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
+    settings.service.user_events_keys = Some(shop_testkit::keys::trusted_keys());
     settings.host.database = orders_db.config();
     settings.host.amqp = broker.config();
     settings.host.grpc.addr = any_port;

@@ -470,20 +470,29 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
             )
             .await
             .unwrap();
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                retired.as_str().into(),
-                BasicPublishOptions::default(),
-                &created("migrated").encode_to_vec(),
+        let body = created("migrated").encode_to_vec();
+        // Signed by the producer, as the relay sent it before the layout
+        // was retired.
+        let properties = shop_testkit::keys::signing_key()
+            .sign_properties(
                 event_properties(
                     Uuid::now_v7(),
                     UserCreated::TYPE_NAME,
                     "migrated",
                     1,
                     "user-service",
-                )
-                .with_user_id("shop-test-operator".into()),
+                ),
+                &body,
+            )
+            .unwrap()
+            .with_user_id("shop-test-operator".into());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                retired.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
             )
             .await
             .unwrap()
@@ -533,6 +542,7 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
             .insert((poisoned.0.to_owned(), poisoned.1));
     }
     let mut config = ConsumerConfig::new("user.events", GROUP);
+    config.trusted_keys = shop_testkit::keys::trusted_keys();
     config.retry_delays = vec![Duration::from_millis(200)];
     config.max_attempts = 3;
     let consumer = Consumer::new(config, pool.clone(), broker.amqp("order-service"))
@@ -573,7 +583,7 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
         let publisher = &publisher;
         async move {
             publisher
-                .publish_raw("user.events", routing_key, &body, properties)
+                .publish_raw_signed("user.events", routing_key, &body, properties)
                 .await
                 .unwrap();
         }
