@@ -109,6 +109,19 @@ pub struct RelayConfig {
         value_parser = clap::value_parser!(u16).range(1..=32)
     )]
     pub lanes: u16,
+    /// Also write the CloudEvents binary-mode headers (`ce-specversion`,
+    /// `ce-id`, `ce-source`, `ce-type`, `ce-time`, `ce-subject`) on every
+    /// event, mirroring its properties, for consumers that route and
+    /// deduplicate by them ([`shop_messaging::wire::CLOUDEVENTS`]).
+    #[arg(
+        id = "relay_cloudevents",
+        long = "relay-cloudevents",
+        env = "RELAY_CLOUDEVENTS",
+        value_name = "BOOL",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub cloudevents: bool,
 }
 
 impl RelayConfig {
@@ -717,13 +730,17 @@ async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[P
                 partition: row.partition_key,
                 trace: &trace,
             };
+            let mut properties = headers.properties();
+            if config.cloudevents {
+                properties = headers.with_cloudevents(properties, row.created_at);
+            }
             let sent = channel
                 .basic_publish(
                     config.exchange.as_str().into(),
                     row.routing_key.as_str().into(),
                     options,
                     &row.payload,
-                    headers.properties(),
+                    properties,
                 )
                 .await;
             match sent {
