@@ -5,6 +5,8 @@
 
 mod alarms;
 mod brokers;
+mod contract;
+mod envelopes;
 mod flow;
 mod golden;
 mod model;
