@@ -12,5 +12,6 @@ mod golden;
 mod model;
 mod monitoring;
 mod processes;
+mod python;
 mod readme;
 mod system;
