@@ -6,6 +6,7 @@ mod atomicity;
 mod binary;
 mod broker_tls;
 mod callers;
+mod consumers;
 mod database_tls;
 mod faults;
 mod helpers;
