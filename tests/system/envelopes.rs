@@ -371,7 +371,7 @@ async fn the_relay_sends_the_header_names_and_types_of_the_bundle() {
             problems.join("\n")
         );
         assert_eq!(seen.len(), 3, "one of each user event: {seen:?}");
-        println!(
+        eprintln!(
             "RELAY_CLOUDEVENTS={cloudevents}: {}",
             serde_json::to_string(&seen).unwrap()
         );

@@ -10,6 +10,7 @@
 //! `.ci/install-tools` makes: `target/contract-venv`, or the interpreter in
 //! `SHOP_CONTRACT_PYTHON`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -120,7 +121,9 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
     .expect("the Python consumer finishes");
     system.terminate().await;
     let output = output.join("\n");
-    println!("{output}");
+    // Straight to the terminal, past the test harness's capture: CI's log
+    // shows every event the consumer checked.
+    writeln!(std::io::stderr(), "{output}").unwrap();
     assert!(
         status.success(),
         "the Python consumer found violations:\n{output}"
