@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
 use shop_messaging::AmqpConfig;
-use shop_testkit::{RabbitCluster, ServiceProcess, TcpProxy, TestBroker, TestDatabase};
+use shop_testkit::{ClusterOptions, RabbitCluster, ServiceProcess, TcpProxy, TestBroker, TestDatabase};
 use tokio::time::Instant;
 
 use crate::cluster::Outage;
@@ -161,6 +161,63 @@ fn free_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// The operator identity of a cluster run (taps, dead letters), beside the
+/// shipped ones the services use.
+const OPERATOR: &str = "shop-chaos-operator";
+
+/// The passwords of a cluster run's broker users.
+struct Identities {
+    passwords: Vec<(String, String)>,
+}
+
+impl Identities {
+    fn new() -> Self {
+        let passwords = ["user-service", "order-service", "shop-dlq", OPERATOR]
+            .iter()
+            .map(|user| ((*user).to_owned(), uuid::Uuid::new_v4().simple().to_string()))
+            .collect();
+        Self { passwords }
+    }
+
+    fn password(&self, user: &str) -> &str {
+        self.passwords
+            .iter()
+            .find(|(name, _)| name == user)
+            .map(|(_, password)| password.as_str())
+            .unwrap_or_default()
+    }
+
+    /// The shipped definitions with these passwords.
+    fn definitions(&self) -> String {
+        let pairs: Vec<(&str, &str)> = self
+            .passwords
+            .iter()
+            .map(|(user, password)| (user.as_str(), password.as_str()))
+            .collect();
+        shop_testkit::cluster::shipped_definitions(&pairs).unwrap()
+    }
+
+    /// The run's operator: every permission on `/`, no tag.
+    async fn add_operator(&self, cluster: &RabbitCluster) {
+        cluster
+            .rabbitmqctl(1, &["add_user", OPERATOR, self.password(OPERATOR)])
+            .await
+            .unwrap();
+        cluster
+            .rabbitmqctl(1, &["set_permissions", "-p", "/", OPERATOR, ".*", ".*", ".*"])
+            .await
+            .unwrap();
+    }
+
+    /// Every node's URL as `user`, separated by commas.
+    fn urls(&self, cluster: &RabbitCluster, user: &str) -> String {
+        (1..=cluster.len())
+            .map(|i| cluster.amqp_url_as(i, user, self.password(user)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// Everything a run owns.
 pub struct Chaos {
     pub options: Options,
@@ -208,6 +265,7 @@ impl Chaos {
         let mut chaos = Self::start(options).await;
         if chaos.cluster.is_some() {
             chaos.check_quorum_membership("before the load").await;
+            chaos.check_identities().await;
         }
         let load = Load::start(&chaos);
         let started = Instant::now();
@@ -286,8 +344,19 @@ impl Chaos {
         .await
         .unwrap();
         let broker = TestBroker::new();
+        // A cluster of the run's own loads the shipped broker definitions:
+        // each service connects as its own least-privileged user, and the
+        // run itself (taps, dead letters) as an operator of its own.
+        let identities = Identities::new();
         let cluster = if options.cluster {
-            Some(RabbitCluster::start().await.unwrap())
+            let cluster = RabbitCluster::start_with(ClusterOptions {
+                definitions: Some(identities.definitions()),
+                ..ClusterOptions::default()
+            })
+            .await
+            .unwrap();
+            identities.add_operator(&cluster).await;
+            Some(cluster)
         } else {
             None
         };
@@ -297,7 +366,7 @@ impl Chaos {
             Some(TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap())
         };
         let amqp = match &cluster {
-            Some(cluster) => AmqpConfig::new(cluster.amqp_urls().join(",")),
+            Some(cluster) => AmqpConfig::new(identities.urls(cluster, OPERATOR)),
             None => broker.config(),
         };
         let pg_addr = tokio::net::lookup_host(("127.0.0.1", 5432))
@@ -306,9 +375,22 @@ impl Chaos {
             .next()
             .unwrap();
         let pg_proxy = TcpProxy::start(pg_addr).await.unwrap();
-        let user_exchange = broker.exchange("user.events");
-        let order_exchange = broker.exchange("order.events");
-        let consumer_queue = broker.queue("order-service.user-events");
+        // On the machine's broker, the run's own names; on its own cluster,
+        // the deployed names the definitions grant (never registered for
+        // deletion: the machine's broker is not theirs).
+        let (user_exchange, order_exchange, consumer_queue) = if options.cluster {
+            (
+                "user.events".to_owned(),
+                "order.events".to_owned(),
+                "order-service.user-events".to_owned(),
+            )
+        } else {
+            (
+                broker.exchange("user.events"),
+                broker.exchange("order.events"),
+                broker.queue("order-service.user-events"),
+            )
+        };
         let consumer = {
             let mut config =
                 shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), consumer_queue.clone());
@@ -327,13 +409,16 @@ impl Chaos {
         let partition_queues = (0..topology.partition_count())
             .map(|index| topology.partition_queue(index))
             .collect();
-        broker.track_topology(&topology);
+        if !options.cluster {
+            broker.track_topology(&topology);
+        }
         let taps = Taps::declare(&broker, &amqp, &user_exchange, &order_exchange).await;
         // The services reach the machine's broker through the proxy, and a
-        // cluster through the list of its nodes.
-        let amqp_url = match &amqp_proxy {
-            Some(proxy) => proxy.url_for(amqp.url.expose_secret()),
-            None => amqp.url.expose_secret().to_owned(),
+        // cluster through the list of its nodes, each as its own user.
+        let amqp_url = |service: &str| match (&amqp_proxy, &cluster) {
+            (Some(proxy), _) => proxy.url_for(amqp.url.expose_secret()),
+            (None, Some(cluster)) => identities.urls(cluster, service),
+            (None, None) => amqp.url.expose_secret().to_owned(),
         };
         let delays = consumer
             .retry_delays
@@ -341,10 +426,10 @@ impl Chaos {
             .map(|d| format!("{}ms", d.as_millis()))
             .collect::<Vec<_>>()
             .join(",");
-        let common = |db: &TestDatabase| {
+        let common = |db: &TestDatabase, service: &str| {
             vec![
                 ("DATABASE_URL", pg_proxy.url_for(db.url())),
-                ("AMQP_URL", amqp_url.clone()),
+                ("AMQP_URL", amqp_url(service)),
                 ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
                 ("ORDER_EVENTS_EXCHANGE", order_exchange.clone()),
                 ("USER_EVENTS_QUEUE", consumer_queue.clone()),
@@ -365,7 +450,7 @@ impl Chaos {
                 .map(|_| Node {
                     service,
                     grpc: free_port(),
-                    envs: common(db),
+                    envs: common(db, &format!("{service}-service")),
                     process: None,
                 })
                 .collect()
@@ -402,6 +487,42 @@ impl Chaos {
             _broker: broker,
             user_db,
             order_db,
+        }
+    }
+
+    /// On a cluster of the run's own: the services are connected as their
+    /// own users of the shipped definitions, and nobody as guest.
+    async fn check_identities(&mut self) {
+        let Some(cluster) = &self.cluster else { return };
+        let mut users = std::collections::BTreeSet::new();
+        for node in 1..=cluster.len() {
+            let listed = cluster
+                .rabbitmqctl(node, &["list_connections", "-q", "--no-table-headers", "user"])
+                .await
+                .unwrap_or_default();
+            users.extend(
+                listed
+                    .lines()
+                    .map(|line| line.trim().to_owned())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        let expected: std::collections::BTreeSet<String> = ["user-service", "order-service"]
+            .iter()
+            .map(|user| (*user).to_owned())
+            .collect();
+        if users
+            .iter()
+            .all(|user| expected.contains(user) || user == OPERATOR)
+            && expected.is_subset(&users)
+        {
+            self.evidence.push(format!(
+                "broker connections as {users:?}: each service as its own user"
+            ));
+        } else {
+            self.fault_problems.push(format!(
+                "the services are not connected as their own users: {users:?}"
+            ));
         }
     }
 
@@ -557,7 +678,7 @@ impl Chaos {
     async fn kill_database_backends(&self) -> usize {
         let (client, connection) = tokio_postgres::connect(
             &std::env::var("TEST_DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned()),
+                .unwrap_or_else(|_| shop_testkit::DEFAULT_TEST_DATABASE_URL.to_owned()),
             tokio_postgres::NoTls,
         )
         .await

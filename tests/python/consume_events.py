@@ -299,6 +299,7 @@ def consume(bundle: Bundle, checker: Checker, args):
         properties = {
             "content_type": props.content_type, "type": props.type, "message_id": props.message_id,
             "app_id": props.app_id, "timestamp": props.timestamp, "delivery_mode": props.delivery_mode,
+            "user_id": props.user_id,
         }
         what = f"delivery {method.delivery_tag} ({props.type})"
         summary = checker.check_event(what, props.type, properties, headers, letters, body,

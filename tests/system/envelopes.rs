@@ -136,7 +136,8 @@ pub fn envelope(type_name: &str, body: &[u8]) -> Value {
         partition: wire::partition_of(&aggregate_id),
         trace: &trace,
     };
-    let properties = headers.properties();
+    // The shipped broker definitions name each service's user after it.
+    let properties = wire::sent_by(headers.properties(), headers.app_id);
     let table = properties.headers().clone().unwrap_or_default();
     json!({
         "about": "A golden envelope of the shop event contract: one message as the producer publishes it. \

@@ -6,6 +6,7 @@
 mod alarms;
 mod brokers;
 mod contract;
+mod database_roles;
 mod envelopes;
 mod flow;
 mod golden;

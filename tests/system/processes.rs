@@ -24,7 +24,9 @@ pub async fn start(user_amqp: String, order_env: &[(&str, String)]) -> Processes
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
     let (user_db, order_db) = crate::system::databases().await;
-    let user_exchange = broker.exchange("user.events");
+    // Declared as deployments do: the consumer only looks its producer's
+    // exchange up.
+    let user_exchange = broker.event_exchange(&broker.config(), "user.events").await;
     let queue = broker.queue("order-service.user-events");
     broker.track_topology(
         &shop_messaging::consumer::ConsumerConfig::new(user_exchange.clone(), queue.clone()).topology(),

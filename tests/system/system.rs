@@ -69,33 +69,95 @@ pub async fn start(user_relay: bool) -> System {
 /// [`start`] against the broker at `amqp_url` (a private node of the test's
 /// own), or the shared one.
 pub async fn start_on(amqp_url: Option<String>, user_relay: bool) -> System {
+    start_with(Options {
+        amqp: amqp_url.map(shop_messaging::AmqpConfig::new),
+        user_relay,
+        ..Options::default()
+    })
+    .await
+}
+
+/// How [`start_with`] runs the services; the defaults are [`start`]'s.
+#[derive(Default)]
+pub struct Options {
+    /// The broker of both services (else the shared one, as the test
+    /// identity).
+    pub amqp: Option<shop_messaging::AmqpConfig>,
+    /// The broker settings of the order service, when it connects as
+    /// another user than the user service.
+    pub order_amqp: Option<shop_messaging::AmqpConfig>,
+    /// Whether the user service runs its relay.
+    pub user_relay: bool,
+    /// The services' databases, migrated by the services themselves (as
+    /// `DATABASE_MIGRATION_URL` says), with their settings: else databases
+    /// copied from the migrated templates, reached as the test identity.
+    pub databases: Option<[(TestDatabase, shop_database::DatabaseConfig); 2]>,
+    /// The names of the event exchanges and the consumer group as
+    /// deployed (`user.events`, …), for a broker of the test's own:
+    /// otherwise this test's prefixed names.
+    pub deployed_names: bool,
+    /// The role the order service grants the dead-letter commands.
+    pub dlq_database_role: Option<String>,
+}
+
+/// Both services as `options` say.
+pub async fn start_with(options: Options) -> System {
     shop_testkit::init_test_log();
     let broker = TestBroker::new();
-    let (user_db, order_db) = databases().await;
+    let [(user_db, user_database), (order_db, order_database)] = match options.databases {
+        Some(databases) => databases,
+        None => {
+            let (user_db, order_db) = databases().await;
+            let (user, order) = (user_db.config(), order_db.config());
+            [(user_db, user), (order_db, order)]
+        }
+    };
     let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let amqp = options.amqp.unwrap_or_else(|| broker.config());
+    let order_amqp = options.order_amqp.unwrap_or_else(|| amqp.clone());
+    let named = |base: &str| {
+        if options.deployed_names {
+            base.to_owned()
+        } else {
+            broker.exchange(base)
+        }
+    };
 
     let mut user_settings = user_service::Config::defaults();
-    user_settings.host.database = user_db.config();
-    let amqp = amqp_url.map_or_else(|| broker.config(), shop_messaging::AmqpConfig::new);
+    user_settings.host.database = user_database;
     user_settings.host.amqp = amqp.clone();
     user_settings.host.grpc.addr = any_port;
     user_settings.host.admin_addr = any_port;
-    user_settings.host.relay_enabled = user_relay;
+    user_settings.host.relay_enabled = options.user_relay;
     user_settings.host.relay.poll_interval = Duration::from_millis(200);
     user_settings.host.shutdown_grace = Duration::from_secs(5);
-    user_settings.service.events_exchange = broker.exchange("user.events");
+    // Declared now: the order service's consumer only looks its producer's
+    // exchange up, and the user service's relay may be off. (A broker of
+    // the test's own with the deployed names has it from its definitions.)
+    user_settings.service.events_exchange = if options.deployed_names {
+        "user.events".to_owned()
+    } else {
+        broker.event_exchange(&amqp, "user.events").await
+    };
     let mut order_settings = order_service::Config::defaults();
-    order_settings.host.database = order_db.config();
-    order_settings.host.amqp = amqp;
+    order_settings.host.database = order_database;
+    order_settings.host.amqp = order_amqp;
     order_settings.host.grpc.addr = any_port;
     order_settings.host.admin_addr = any_port;
     order_settings.host.relay.poll_interval = Duration::from_millis(200);
     order_settings.host.shutdown_grace = Duration::from_secs(5);
-    order_settings.service.events_exchange = broker.exchange("order.events");
+    order_settings.service.events_exchange = named("order.events");
     order_settings.service.user_events_exchange = user_settings.service.events_exchange.clone();
-    order_settings.service.user_events_queue = broker.queue("order-service.user-events");
+    order_settings.service.user_events_queue = if options.deployed_names {
+        "order-service.user-events".to_owned()
+    } else {
+        broker.queue("order-service.user-events")
+    };
     order_settings.service.consumer.retry_delays = vec![Duration::from_millis(200)];
-    broker.track_topology(&order_settings.service.consumer().topology());
+    order_settings.service.consumer.dlq_database_role = options.dlq_database_role;
+    if !options.deployed_names {
+        broker.track_topology(&order_settings.service.consumer().topology());
+    }
 
     let user_app = user_service::Application::build(user_settings.clone())
         .await
@@ -138,6 +200,11 @@ impl System {
     /// The order service's database, for reading its projection.
     pub fn order_db_url(&self) -> &str {
         self._order_db.url()
+    }
+
+    /// The user service's database, as the test identity.
+    pub fn user_db_url(&self) -> &str {
+        self._user_db.url()
     }
 
     /// The user service's outbox relay, run by the test.

@@ -132,6 +132,10 @@ impl shop_host::Service for OrderService {
         host.add_grpc_service(grpc);
         Ok(())
     }
+
+    fn database_grants(config: &OrderConfig) -> Vec<shop_database::Grant> {
+        config.consumer.database_grants()
+    }
 }
 
 /// The consumer of `user.events` that keeps the users projection.

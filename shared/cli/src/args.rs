@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use shop_config::{ExposeSecret as _, SecretString};
 
 /// The shop's command line: users, orders and dead letters over gRPC and
 /// AMQP, and the whole system run locally.
@@ -71,15 +72,27 @@ pub struct Connection {
     )]
     pub timeout: Duration,
     /// RabbitMQ, for the dead-letter commands (a cluster: its nodes' URLs,
-    /// separated by commas, tried in turn).
+    /// separated by commas, tried in turn), as their own broker user
+    /// (`shop-dlq` in the shipped definitions).
     #[arg(
         long,
         global = true,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@localhost:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = shop_config::secret
     )]
-    pub amqp_url: String,
+    pub amqp_url: SecretString,
+    /// `--amqp-url` read from this file instead; setting both is an error.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "amqp_url",
+        value_parser = shop_config::secret_file
+    )]
+    pub amqp_url_file: Option<SecretString>,
     /// PEM certificates that sign the broker's certificate, for an
     /// `amqps://` URL whose CA is not a public one.
     #[arg(long, global = true, env = "AMQP_CA_FILE")]
@@ -93,23 +106,50 @@ pub struct Connection {
     )]
     pub queue: String,
     /// That consumer's database, where the events parked behind dead
-    /// letters and gaps wait (the dlq commands). Unset: `DATABASE_URL` if
-    /// set (as in the order service's container), else the local `orders`.
-    #[arg(long, global = true, env = "CONSUMER_DATABASE_URL", hide_env_values = true)]
-    pub consumer_database_url: Option<String>,
+    /// letters and gaps wait (the dlq commands), as their own role (the one
+    /// the order service's `DLQ_DATABASE_ROLE` names). Unset:
+    /// `DATABASE_URL` if set, else the local `orders`.
+    #[arg(
+        long,
+        global = true,
+        env = "CONSUMER_DATABASE_URL",
+        hide_env_values = true,
+        value_parser = shop_config::secret
+    )]
+    pub consumer_database_url: Option<SecretString>,
+    /// `--consumer-database-url` read from this file instead; setting both
+    /// is an error.
+    #[arg(
+        long,
+        global = true,
+        env = "CONSUMER_DATABASE_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "consumer_database_url",
+        value_parser = shop_config::secret_file
+    )]
+    pub consumer_database_url_file: Option<SecretString>,
 }
 
 impl Connection {
-    /// The consumer's database: `--consumer-database-url`, else
-    /// `DATABASE_URL`, else the local `orders`.
-    pub fn consumer_database(&self) -> String {
-        self.consumer_database_url
+    /// The broker settings of the dead-letter commands.
+    pub fn amqp(&self) -> shop_messaging::AmqpConfig {
+        let url = self.amqp_url_file.as_ref().unwrap_or(&self.amqp_url);
+        let mut amqp = shop_messaging::AmqpConfig::new(url.expose_secret());
+        amqp.ca_file.clone_from(&self.amqp_ca_file);
+        amqp
+    }
+
+    /// The consumer's database: `--consumer-database-url` (or its file),
+    /// else `DATABASE_URL`, else the local `orders`.
+    pub fn consumer_database(&self) -> SecretString {
+        self.consumer_database_url_file
             .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .or_else(|| self.consumer_database_url.clone())
+            .or_else(|| std::env::var("DATABASE_URL").ok().map(SecretString::from))
             .unwrap_or_else(|| {
-                <order_service::app::OrderService as shop_host::Service>::DEFAULTS
-                    .database_url
-                    .to_owned()
+                SecretString::from(
+                    <order_service::app::OrderService as shop_host::Service>::DEFAULTS.database_url,
+                )
             })
     }
 }

@@ -5,7 +5,6 @@
 use diesel_async::AsyncPgConnection;
 use serde_json::json;
 use shop_database::DatabaseConfig;
-use shop_messaging::AmqpConfig;
 use shop_messaging::dlq::{DeadLetter, DeadLetters, Selection, Summary};
 use shop_messaging::sequence::{self, Aggregate, Held};
 
@@ -14,10 +13,9 @@ use crate::output::Output;
 
 /// Runs a dead-letter command and prints its outcome.
 pub(crate) async fn run(connection: &Connection, command: DlqCommand, output: &Output) -> anyhow::Result<()> {
-    let mut amqp = AmqpConfig::new(connection.amqp_url.clone());
-    amqp.ca_file.clone_from(&connection.amqp_ca_file);
-    let dead_letters = DeadLetters::connect(&amqp, &connection.queue).await?;
-    let database = DatabaseConfig::new(connection.consumer_database());
+    let dead_letters = DeadLetters::connect(&connection.amqp(), &connection.queue).await?;
+    let mut database = DatabaseConfig::new("");
+    database.url = connection.consumer_database();
     let outcome = execute(&dead_letters, &database, &connection.queue, command, output).await;
     dead_letters.close().await;
     outcome

@@ -25,7 +25,15 @@
 //! - Sizes and counts are plain whole numbers with a range.
 //! - Secrets ([`SecretString`]) never print: their arguments are marked
 //!   `hide_env_values`, and [`describe`] shows URLs with the password
-//!   replaced ([`redact_url`]).
+//!   replaced, in the user part and in the query string alike
+//!   ([`redact_url`]).
+//! - A secret can also be read from a file: `DATABASE_URL_FILE=/run/secrets/x`
+//!   instead of `DATABASE_URL=…`, so that neither compose nor Kubernetes
+//!   has to put it in a plain environment variable ([`secret_file`]). The
+//!   file wins over the variable's default; giving both the variable and its
+//!   `_FILE` is an error that names both ([`one_line_error`]), as neither
+//!   can be said to be meant. The file is read once, at start-up: a rotated
+//!   secret takes effect at the next start.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -72,8 +80,30 @@ pub fn secret(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(value.trim().to_owned()))
 }
 
-/// A URL with its password replaced by `***`, for logs and
-/// `--print-config`; a value that does not parse as a URL is hidden whole.
+/// Reads a secret from the file at `path` (a `*_FILE` setting): its content
+/// without the trailing line break, refused when empty. The error names the
+/// path, never the content.
+pub fn secret_file(path: &str) -> Result<SecretString, String> {
+    read_secret_file(path).and_then(|text| secret(&text))
+}
+
+/// The text of the secret file at `path`, for a setting whose parser checks
+/// more than [`secret`] does: parse it with that parser.
+pub fn read_secret_file(path: &str) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path.trim()).map_err(|error| format!("cannot read {path}: {error}"))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// Query parameters whose values are secrets wherever they appear in a URL
+/// (libpq's `password` and `sslpassword`, and the usual names of tokens and
+/// keys); compared case-insensitively, as substrings.
+const SECRET_PARAMETERS: [&str; 6] = ["password", "passwd", "pwd", "secret", "token", "credential"];
+
+/// A URL with its password replaced by `***`, in the user part and in every
+/// query parameter that holds one (`?password=`, `?sslpassword=`, …), for
+/// logs and `--print-config`; a value that does not parse as a URL (a
+/// `key=value` connection string, say) is hidden whole.
 /// A comma-separated list of URLs (`AMQP_URL` naming several brokers) is
 /// redacted entry by entry: parsed whole, every password after the first
 /// would be read as part of the first URL's path and shown.
@@ -87,6 +117,22 @@ fn redact_one_url(value: &str) -> String {
             if parsed.password().is_some() {
                 // Only fails for URLs that cannot have a password at all.
                 let _ = parsed.set_password(Some("***"));
+            }
+            if parsed.query().is_some() {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(key, value)| {
+                        let lower = key.to_ascii_lowercase();
+                        let hidden = SECRET_PARAMETERS.iter().any(|secret| lower.contains(secret));
+                        let value = if hidden {
+                            "***".to_owned()
+                        } else {
+                            value.into_owned()
+                        };
+                        (key.into_owned(), value)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
             }
             parsed.to_string()
         }
@@ -149,8 +195,28 @@ pub struct Setting {
 }
 
 /// Every setting of `command` (arguments with an environment variable) as
-/// parsed into `matches`, in declaration order.
+/// parsed into `matches`, in declaration order. A secret read from its
+/// `*_FILE` shows as `(read from X_FILE)`, with the file's source.
 pub fn describe(command: &Command, matches: &ArgMatches) -> Vec<Setting> {
+    let mut settings = describe_each(command, matches);
+    let from_files: Vec<(String, Option<Source>)> = settings
+        .iter()
+        .filter(|setting| setting.source.is_some())
+        .filter_map(|setting| {
+            let base = setting.variable.strip_suffix("_FILE")?;
+            Some((base.to_owned(), setting.source))
+        })
+        .collect();
+    for (base, source) in from_files {
+        if let Some(setting) = settings.iter_mut().find(|setting| setting.variable == base) {
+            setting.value = format!("(read from {base}_FILE)");
+            setting.source = source;
+        }
+    }
+    settings
+}
+
+fn describe_each(command: &Command, matches: &ArgMatches) -> Vec<Setting> {
     command
         .get_arguments()
         .filter_map(|arg| {
@@ -207,6 +273,11 @@ pub fn one_line_error(command: &Command, error: &clap::Error) -> String {
     };
     let name = named(command, &flag);
     match error.kind() {
+        ErrorKind::ArgumentConflict => {
+            let other = context(ContextKind::PriorArg)
+                .map_or_else(|| "another setting".to_owned(), |prior| named(command, &prior));
+            format!("{name} and {other} are both set: set only one of them")
+        }
         ErrorKind::MissingRequiredArgument => {
             format!("{name} must be set as well: another setting that needs it is set")
         }
@@ -402,6 +473,93 @@ mod tests {
             "postgres://localhost/users"
         );
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_in_the_query_string_too() {
+        assert_eq!(
+            redact_url("postgres://app@db/users?sslmode=require&password=s3cret&sslpassword=k3y"),
+            "postgres://app@db/users?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("amqps://u:p@mq/%2f?auth_token=abc&heartbeat=5"),
+            "amqps://u:***@mq/%2f?auth_token=***&heartbeat=5"
+        );
+        assert_eq!(redact_url("host=db user=app password=s3cret"), "***");
+    }
+
+    #[test]
+    fn a_secret_file_is_read_without_its_line_break_and_never_echoed() {
+        let dir = std::env::temp_dir().join(format!("shop-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("url");
+        std::fs::write(&path, "amqp://u:s3cret@mq/%2f\n").unwrap();
+        let read = secret_file(path.to_str().unwrap()).unwrap();
+        assert_eq!(read.expose_secret(), "amqp://u:s3cret@mq/%2f");
+        std::fs::write(&path, "\n").unwrap();
+        let empty = secret_file(path.to_str().unwrap()).unwrap_err();
+        assert_eq!(empty, "must not be empty");
+        let missing = secret_file("/nonexistent/shop-secret").unwrap_err();
+        assert!(
+            missing.starts_with("cannot read /nonexistent/shop-secret"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[derive(Debug, Clone, clap::Args)]
+    struct WithFile {
+        /// A secret.
+        #[arg(long = "example-url", env = "EXAMPLE_URL", hide_env_values = true,
+              default_value = "amqp://guest:guest@localhost:5672/%2f", value_parser = secret)]
+        url: SecretString,
+        /// The same secret, from a file.
+        #[arg(long = "example-url-file", env = "EXAMPLE_URL_FILE", value_name = "PATH",
+              conflicts_with = "url", value_parser = secret_file)]
+        url_from_file: Option<SecretString>,
+    }
+
+    #[test]
+    fn a_secret_and_its_file_both_set_is_one_line_naming_both() {
+        let dir = std::env::temp_dir().join(format!("shop-config-both-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("url");
+        std::fs::write(&path, "amqp://u:s3cret@mq/%2f").unwrap();
+        let command = WithFile::augment_args(Command::new("example"));
+        let error = command
+            .clone()
+            .try_get_matches_from([
+                "example",
+                "--example-url",
+                "amqp://x:s3cret@h/",
+                "--example-url-file",
+                path.to_str().unwrap(),
+            ])
+            .unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let line = one_line_error(&command, &error);
+        assert!(line.contains("EXAMPLE_URL_FILE (--example-url-file)"), "{line}");
+        assert!(line.contains("EXAMPLE_URL (--example-url)"), "{line}");
+        assert!(!line.contains("s3cret") && !line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn describe_shows_a_secret_read_from_its_file_as_such() {
+        let dir = std::env::temp_dir().join(format!("shop-config-describe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("url");
+        std::fs::write(&path, "amqp://u:s3cret@mq/%2f").unwrap();
+        let command = WithFile::augment_args(Command::new("example"));
+        let matches = command
+            .clone()
+            .try_get_matches_from(["example", "--example-url-file", path.to_str().unwrap()])
+            .unwrap();
+        let settings = describe(&command, &matches);
+        let url = settings.iter().find(|s| s.variable == "EXAMPLE_URL").unwrap();
+        assert_eq!(url.value, "(read from EXAMPLE_URL_FILE)");
+        assert_eq!(url.source, Some(Source::Flag));
+        assert!(settings.iter().all(|s| !s.value.contains("s3cret")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

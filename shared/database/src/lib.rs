@@ -18,8 +18,9 @@ pub mod retention;
 
 pub use fault::{Fault, is_outage, is_unique_violation};
 pub use pool::{
-    DatabaseConfig, Pool, PoolError, PooledConnection, RunError, Timeout, connect, ensure_database_exists,
-    establish, migrate, pool, probe, quote_identifier,
+    DatabaseConfig, Grant, Pool, PoolError, PooledConnection, RUNTIME_GRANTS, RunError, Timeout, connect,
+    connect_granting, ensure_database_exists, establish, migrate, migrate_and_grant, pool, probe,
+    quote_identifier,
 };
 pub use prepared::{Prepared, prepared};
 

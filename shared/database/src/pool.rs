@@ -7,6 +7,20 @@
 //! migrate once), and returns a deadpool pool of diesel-async connections. No
 //! libpq is involved at build or run time: the driver is tokio-postgres.
 //!
+//! # Two roles: the migrator and the runtime
+//!
+//! With `DATABASE_MIGRATION_URL` set, the service migrates as that URL's
+//! user (the migrator, which owns the schema), grants the user of
+//! `DATABASE_URL` (the runtime role) only row access (`runtime_grants.sql`,
+//! [`RUNTIME_GRANTS`], with default privileges so the tables of later
+//! migrations are reachable too), and serves as the runtime role, which
+//! can then neither change the schema nor create databases. In that setup
+//! the service creates no database: the operator creates it, owned by the
+//! migrator, and a missing one is an error that says so. Unset, the service migrates and
+//! serves as `DATABASE_URL`'s user, as one role does everything in
+//! development. Other roles can be granted what they need at the same
+//! moment, by the owner ([`Grant`]; the dead-letter commands' role is one).
+//!
 //! # TLS
 //!
 //! With `sslmode=require` in the URL, every connection (the pool's, the
@@ -215,6 +229,42 @@ pub struct DatabaseConfig {
         value_parser = shop_config::duration
     )]
     pub tcp_timeout: Duration,
+    /// `DATABASE_URL` read from this file instead (the file's content, its
+    /// trailing line break dropped); setting both is an error.
+    #[arg(
+        id = "database_url_file",
+        long = "database-url-file",
+        env = "DATABASE_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "database_url",
+        value_parser = shop_config::secret_file
+    )]
+    pub url_from_file: Option<SecretString>,
+    /// PostgreSQL URL of the migrator: the role that owns the database and
+    /// its schema, runs the migrations and grants `DATABASE_URL`'s role only
+    /// row access. With it set the service creates no database (a missing
+    /// one is an error). Unset: `DATABASE_URL` migrates and serves, as in
+    /// development.
+    #[arg(
+        id = "database_migration_url",
+        long = "database-migration-url",
+        env = "DATABASE_MIGRATION_URL",
+        value_name = "URL",
+        hide_env_values = true,
+        value_parser = shop_config::secret
+    )]
+    pub migration_url: Option<SecretString>,
+    /// `DATABASE_MIGRATION_URL` read from this file instead; setting both
+    /// is an error.
+    #[arg(
+        id = "database_migration_url_file",
+        long = "database-migration-url-file",
+        env = "DATABASE_MIGRATION_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "database_migration_url",
+        value_parser = shop_config::secret_file
+    )]
+    pub migration_url_from_file: Option<SecretString>,
     /// PEM certificates trusted, beside the Mozilla roots, to sign the
     /// server's certificate when the URL says `sslmode=require` (as libpq's
     /// `verify-full`).
@@ -233,6 +283,66 @@ impl DatabaseConfig {
         let mut config: Self = shop_config::defaults();
         config.url = SecretString::from(url.into());
         config
+    }
+
+    /// Puts the secrets read from `*_FILE` settings in place of their
+    /// variables' values; called once the settings are parsed.
+    pub fn read_files(&mut self) {
+        if let Some(url) = self.url_from_file.take() {
+            self.url = url;
+        }
+        if let Some(url) = self.migration_url_from_file.take() {
+            self.migration_url = Some(url);
+        }
+    }
+
+    /// The checks that span this struct's settings: the migrator and the
+    /// runtime role reach the same database, and the runtime role is named.
+    /// One line naming the variables, never their values.
+    pub fn validate(&self) -> Result<(), String> {
+        let Some(migration_url) = &self.migration_url else {
+            return Ok(());
+        };
+        let parse = |url: &SecretString| url.expose_secret().parse::<tokio_postgres::Config>().ok();
+        let (Some(runtime), Some(migrator)) = (parse(&self.url), parse(migration_url)) else {
+            return Err("DATABASE_URL or DATABASE_MIGRATION_URL is not a PostgreSQL URL".to_owned());
+        };
+        if runtime.get_user().is_none() {
+            return Err(
+                "DATABASE_URL must name its user when DATABASE_MIGRATION_URL is set: \
+                        that user is granted row access by the migrator"
+                    .to_owned(),
+            );
+        }
+        if runtime.get_dbname() != migrator.get_dbname() {
+            return Err("DATABASE_URL and DATABASE_MIGRATION_URL name different databases".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Whether every connection this configures speaks TLS: `DATABASE_URL`
+    /// and `DATABASE_MIGRATION_URL` (when set) ask for `sslmode=require`
+    /// (which verifies the server's certificate and name, see the module
+    /// docs). `disable`, `prefer` (which falls back to plaintext
+    /// silently) and anything unparsable are not.
+    pub fn is_tls(&self) -> bool {
+        let requires = |url: &SecretString| {
+            url.expose_secret()
+                .parse::<tokio_postgres::Config>()
+                .is_ok_and(|config| matches!(config.get_ssl_mode(), SslMode::Require))
+        };
+        requires(&self.url) && self.migration_url.as_ref().is_none_or(requires)
+    }
+
+    /// These settings for the migrator: `DATABASE_MIGRATION_URL` in place of
+    /// `DATABASE_URL`, one connection.
+    fn migrator(&self) -> Option<Self> {
+        let url = self.migration_url.clone()?;
+        let mut migrator = self.clone();
+        migrator.url = url;
+        migrator.migration_url = None;
+        migrator.pool_size = 1;
+        Some(migrator)
     }
 
     /// The driver's configuration of every connection: the URL, plus TCP
@@ -362,12 +472,105 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x7368_6f70_6d69_6772; // "shopmigr"
 
-/// Creates the database if needed, migrates it and returns a pool.
+/// Creates the database if needed, migrates it and returns a pool; see
+/// [`connect_granting`].
 pub async fn connect(settings: &DatabaseConfig, migrations: EmbeddedMigrations) -> anyhow::Result<Pool> {
-    ensure_database_exists(settings).await?;
-    let pool = pool(settings)?;
-    migrate(&pool, migrations).await?;
-    Ok(pool)
+    connect_granting(settings, migrations, &[]).await
+}
+
+/// Migrates the database, grants the runtime role and `grants` what they
+/// may do, and returns a pool of the runtime role (see the module docs).
+/// Without `DATABASE_MIGRATION_URL`, `DATABASE_URL`'s role does it all and
+/// creates the database when missing; with it, nobody creates the database
+/// (the operator does, owned by the migrator): a missing one is an error
+/// that says so.
+pub async fn connect_granting(
+    settings: &DatabaseConfig,
+    migrations: EmbeddedMigrations,
+    grants: &[Grant],
+) -> anyhow::Result<Pool> {
+    let Some(migrator) = settings.migrator() else {
+        ensure_database_exists(settings).await?;
+        let pool = pool(settings)?;
+        migrate_and_grant(&pool, migrations, grants).await?;
+        return Ok(pool);
+    };
+    require_database(&migrator, "DATABASE_MIGRATION_URL").await?;
+    let runtime: tokio_postgres::Config = settings
+        .url
+        .expose_secret()
+        .parse()
+        .context("invalid DATABASE_URL")?;
+    let migrator_user = migrator
+        .url
+        .expose_secret()
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|config| config.get_user().map(str::to_owned));
+    let mut all = Vec::with_capacity(grants.len() + 1);
+    if let Some(user) = runtime.get_user()
+        && migrator_user.as_deref() != Some(user)
+    {
+        all.push(Grant::new(user, RUNTIME_GRANTS));
+    }
+    all.extend(grants.iter().cloned());
+    let migrating = pool(&migrator)?;
+    let migrated = migrate_and_grant(&migrating, migrations, &all)
+        .await
+        .context("as the migrator (DATABASE_MIGRATION_URL)");
+    migrating.close();
+    migrated?;
+    require_database(settings, "DATABASE_URL").await?;
+    pool(settings)
+}
+
+/// Fails with an error that says so when the database of `settings` (read
+/// from `setting`) does not exist: with a migrator set, nothing creates it.
+async fn require_database(settings: &DatabaseConfig, setting: &str) -> anyhow::Result<()> {
+    let config: tokio_postgres::Config = settings
+        .url
+        .expose_secret()
+        .parse()
+        .with_context(|| format!("invalid {setting}"))?;
+    let name = config.get_dbname().unwrap_or_default().to_owned();
+    match open(&config, settings.tls()?.as_ref()).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.code() == Some(&SqlState::INVALID_CATALOG_NAME) => Err(anyhow::anyhow!(
+            "database {name} ({setting}) does not exist: with DATABASE_MIGRATION_URL set it is not \
+             created by the service; create it owned by the migrator (migrations/README.md)"
+        )),
+        Err(error) => Err(error).with_context(|| format!("failed to connect to database {name} ({setting})")),
+    }
+}
+
+/// The statements that let a runtime role read and write rows (see the
+/// module docs), with `{role}` for the role: the text of
+/// `shared/database/src/runtime_grants.sql`.
+pub const RUNTIME_GRANTS: &str = include_str!("runtime_grants.sql");
+
+/// What a role other than the owner may do in a service's database:
+/// `statements` (SQL with `{role}` where the role goes, quoted) run by the
+/// migrator after every migration. Least privilege is written where it is
+/// granted: each set of statements lives next to the code that needs it.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    role: String,
+    statements: &'static str,
+}
+
+impl Grant {
+    /// `statements` for `role`.
+    pub fn new(role: impl Into<String>, statements: &'static str) -> Self {
+        Self {
+            role: role.into(),
+            statements,
+        }
+    }
+
+    /// The statements with the role filled in (quoted as an identifier).
+    pub fn sql(&self) -> String {
+        self.statements.replace("{role}", &quote_identifier(&self.role))
+    }
 }
 
 /// A pool for `settings`; connections open lazily.
@@ -457,6 +660,17 @@ async fn open(
 
 /// Applies the pending migrations, one process at a time.
 pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Result<()> {
+    migrate_and_grant(pool, migrations, &[]).await
+}
+
+/// Applies the pending migrations, then `grants`, one process at a time
+/// (two sessions granting on the same table at once can fail with "tuple
+/// concurrently updated").
+pub async fn migrate_and_grant(
+    pool: &Pool,
+    migrations: EmbeddedMigrations,
+    grants: &[Grant],
+) -> anyhow::Result<()> {
     let mut conn = pool.get().await.context("failed to connect to the database")?;
     // Migrations may take long, and so may waiting for another instance's.
     diesel::sql_query("SET statement_timeout = 0")
@@ -473,6 +687,19 @@ pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Res
         .map(|versions| versions.len())
         .map_err(|error| anyhow::Error::from_boxed(error).context("failed to run migrations"));
     let mut conn = harness.into_inner();
+    let mut granted = Ok(());
+    if applied.is_ok() {
+        for grant in grants {
+            use diesel_async::SimpleAsyncConnection as _;
+            granted = conn
+                .batch_execute(&grant.sql())
+                .await
+                .with_context(|| format!("failed to grant role {} what it needs", grant.role));
+            if granted.is_err() {
+                break;
+            }
+        }
+    }
     diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
         .execute(&mut conn)
         .await
@@ -482,6 +709,7 @@ pub async fn migrate(pool: &Pool, migrations: EmbeddedMigrations) -> anyhow::Res
         .await
         .context("failed to restore the statement timeout")?;
     let applied = applied?;
+    granted?;
     if applied > 0 {
         tracing::info!(applied, "applied migrations");
     }

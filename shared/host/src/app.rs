@@ -51,7 +51,12 @@ impl<S: Service> App<S> {
         config.host.validate().map_err(|error| anyhow::anyhow!(error))?;
         // Installed before anything records a metric.
         crate::admin::metrics_handle()?;
-        let pool = shop_database::connect(&config.host.database, S::MIGRATIONS).await?;
+        let pool = shop_database::connect_granting(
+            &config.host.database,
+            S::MIGRATIONS,
+            &S::database_grants(&config.service),
+        )
+        .await?;
         let incoming = config.host.grpc.bind()?;
         let local_addr = incoming
             .local_addr()
@@ -211,7 +216,12 @@ fn outbox_retention<S: Service>(config: &Config<S>) -> Retention {
 /// processes (`<service> relay`).
 pub async fn run_relay<S: Service>(config: Config<S>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = config.complete();
-    let pool = shop_database::connect(&config.host.database, S::MIGRATIONS).await?;
+    let pool = shop_database::connect_granting(
+        &config.host.database,
+        S::MIGRATIONS,
+        &S::database_grants(&config.service),
+    )
+    .await?;
     let mut tasks = TaskGroup::new(shutdown.clone());
     tasks.spawn(
         "retention",

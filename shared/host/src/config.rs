@@ -84,12 +84,26 @@ pub struct HostConfig {
     /// Logs and traces.
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    /// Refuse to start with any plaintext connection: a `DATABASE_URL`
+    /// without `sslmode=require`, an `amqp://` broker, gRPC without
+    /// `GRPC_TLS_CERT` (see [`crate::require_tls`]).
+    #[arg(
+        long = "require-tls",
+        env = "REQUIRE_TLS",
+        value_name = "BOOL",
+        default_value = "false",
+        action = ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub require_tls: bool,
 }
 
 impl HostConfig {
     /// The checks that span several settings (each setting alone is checked
     /// by its parser): one line naming the variables when one fails.
     pub fn validate(&self) -> Result<(), String> {
+        self.database.validate()?;
+        crate::require_tls::check(self)?;
         let idle = self.database.idle_in_transaction_timeout;
         let confirm = self.relay.confirm_timeout;
         if idle <= confirm {
@@ -158,8 +172,11 @@ impl<S: Service> Config<S> {
     }
 
     pub(crate) fn from_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut host = HostConfig::from_arg_matches(matches)?;
+        host.database.read_files();
+        host.amqp.read_files();
         let config = Self {
-            host: HostConfig::from_arg_matches(matches)?,
+            host,
             service: S::Config::from_arg_matches(matches)?,
         };
         Ok(config.complete())

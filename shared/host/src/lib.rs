@@ -42,6 +42,7 @@ pub mod config;
 pub mod grpc;
 pub mod healthcheck;
 pub mod limit;
+pub mod require_tls;
 pub mod shutdown;
 pub mod validate;
 
@@ -85,4 +86,12 @@ pub trait Service: Send + Sync + Sized + 'static {
 
     /// Adds the service's gRPC services and background tasks to `host`.
     fn start(config: &Self::Config, host: &mut Host) -> anyhow::Result<()>;
+
+    /// What roles other than the service's own may do in its database,
+    /// granted by its migrator at every start (see
+    /// [`shop_database::connect_granting`]). None by default.
+    fn database_grants(config: &Self::Config) -> Vec<shop_database::Grant> {
+        let _ = config;
+        Vec::new()
+    }
 }

@@ -58,6 +58,18 @@ pub struct AmqpConfig {
         value_parser = amqp_urls
     )]
     pub url: SecretString,
+    /// `AMQP_URL` read from this file instead (its content, the trailing
+    /// line break dropped, checked as `AMQP_URL` is); setting both is an
+    /// error.
+    #[arg(
+        id = "amqp_url_file",
+        long = "amqp-url-file",
+        env = "AMQP_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "amqp_url",
+        value_parser = amqp_urls_file
+    )]
+    pub url_from_file: Option<SecretString>,
     /// PEM certificates trusted, beside the Mozilla roots, to sign the
     /// broker's certificate on an `amqps://` URL.
     #[arg(
@@ -94,11 +106,28 @@ pub struct AmqpConfig {
     pub timeout: Duration,
 }
 
-/// `AMQP_URL`, checked entry by entry at start-up.
+/// `AMQP_URL`, checked entry by entry at start-up: every entry names the
+/// same user, the one every message this process publishes carries as its
+/// `user_id` ([`AmqpConfig::user`]).
 fn amqp_urls(value: &str) -> Result<SecretString, String> {
     let urls = shop_config::secret(value)?;
-    addresses(urls.expose_secret())?;
+    let parsed = addresses(urls.expose_secret())?;
+    if let Some(first) = parsed.first()
+        && let Some(other) = parsed
+            .iter()
+            .find(|address| address.uri.authority.userinfo.username != first.uri.authority.userinfo.username)
+    {
+        return Err(format!(
+            "every entry must name the same user: {} and {} do not",
+            first.shown, other.shown
+        ));
+    }
     Ok(urls)
+}
+
+/// `AMQP_URL_FILE`: the file's content, checked as `AMQP_URL` is.
+fn amqp_urls_file(path: &str) -> Result<SecretString, String> {
+    amqp_urls(&shop_config::read_secret_file(path)?)
 }
 
 /// One broker of `AMQP_URL`.
@@ -188,6 +217,38 @@ impl AmqpConfig {
         let mut config: Self = shop_config::defaults();
         config.url = SecretString::from(url.into());
         config
+    }
+
+    /// Puts `AMQP_URL_FILE`'s content in place of `AMQP_URL`'s value;
+    /// called once the settings are parsed.
+    pub fn read_files(&mut self) {
+        if let Some(url) = self.url_from_file.take() {
+            self.url = url;
+        }
+    }
+
+    /// The user this process connects as (the user of `AMQP_URL`, `guest`
+    /// when the URL names none). RabbitMQ checks the `user_id` property of
+    /// every message published against the connection's user and refuses
+    /// any other, so whatever this process publishes (events, and the
+    /// copies it makes of a delivery: retries, dead letters, replays, moved
+    /// messages) carries this one.
+    pub fn user(&self) -> String {
+        addresses(self.url.expose_secret())
+            .ok()
+            .and_then(|parsed| parsed.into_iter().next())
+            .map_or_else(
+                || "guest".to_owned(),
+                |address| address.uri.authority.userinfo.username,
+            )
+    }
+
+    /// Whether every entry of `AMQP_URL` speaks TLS (`amqps://`).
+    pub fn is_tls(&self) -> bool {
+        self.url
+            .expose_secret()
+            .split(',')
+            .all(|entry| entry.trim().to_ascii_lowercase().starts_with("amqps://"))
     }
 
     /// The TLS configuration for an `amqps://` URL: the extra CA, checked
@@ -334,6 +395,32 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn the_user_is_the_urls_and_every_entry_must_name_the_same() {
+        assert_eq!(
+            AmqpConfig::new("amqp://order-service:pw@rabbit:5672/%2f").user(),
+            "order-service"
+        );
+        assert_eq!(
+            AmqpConfig::new("amqp://shop%2Ddlq:pw@rabbit/%2f").user(),
+            "shop-dlq"
+        );
+        assert_eq!(AmqpConfig::new("amqp://rabbit:5672/%2f").user(), "guest");
+        assert!(amqp_urls("amqp://a:p@rabbit-1/%2f,amqp://a:q@rabbit-2/%2f").is_ok());
+        let error = amqp_urls("amqp://a:s3cret@rabbit-1/%2f,amqp://b:s3cret@rabbit-2/%2f").unwrap_err();
+        assert!(
+            error.contains("same user") && !error.contains("s3cret"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn tls_means_every_entry_is_amqps() {
+        assert!(AmqpConfig::new("amqps://u:p@a:5671/%2f,AMQPS://u:p@b/%2f").is_tls());
+        assert!(!AmqpConfig::new("amqps://u:p@a:5671/%2f,amqp://u:p@b/%2f").is_tls());
+        assert!(!AmqpConfig::new("amqp://u:p@a/%2f").is_tls());
     }
 
     #[test]

@@ -19,8 +19,21 @@
 //! original exchange and routing key stay in the headers, their attempt
 //! count starts over. Applied, a dead letter releases the events of its
 //! aggregate that were parked behind it ([`crate::sequence`]).
+//!
+//! Kept messages go back through the group's `<group>.queues` exchange,
+//! never the default one, and every copy carries the `user_id` of the
+//! connection's user ([`crate::wire::sent_by`]). So the dead-letter tools
+//! need only: read on `<group>.dlq`, write on `<group>.queues` and
+//! `<group>.partitions`, nothing else (the user `shop-dlq` of
+//! `deploy/rabbitmq/definitions.json`).
 
 use std::collections::BTreeMap;
+
+/// What the dead-letter commands may do in the consumer's database (the
+/// text of `shared/messaging/src/dlq_grants.sql`), granted by the
+/// consumer's migrator to the role `DLQ_DATABASE_ROLE` names
+/// ([`shop_database::Grant`]).
+pub const DATABASE_GRANTS: &str = include_str!("dlq_grants.sql");
 
 use lapin::message::BasicGetMessage;
 use lapin::options::{
@@ -31,7 +44,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use crate::AmqpConfig;
-use crate::topology::dead_letter_queue;
+use crate::topology::{dead_letter_queue, queues_exchange};
 use crate::wire::{self, header_i64, header_str};
 
 /// One dead letter, as read from the queue.
@@ -180,6 +193,8 @@ pub struct DeadLetters {
     connection: Connection,
     queue: String,
     dead_letter_queue: String,
+    /// The broker user of the connection, the `user_id` of every copy.
+    user: String,
 }
 
 impl DeadLetters {
@@ -191,6 +206,7 @@ impl DeadLetters {
             connection,
             queue: queue.to_owned(),
             dead_letter_queue: dead_letter_queue(queue),
+            user: amqp.user(),
         })
     }
 
@@ -228,6 +244,7 @@ impl DeadLetters {
             .await?;
         let count = self.count(&channel).await?;
         let router = crate::topology::router(&self.queue);
+        let by_name = queues_exchange(&self.queue);
         let mut seen = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let Some(message) = self.get(&channel).await? else {
@@ -240,10 +257,10 @@ impl DeadLetters {
                 Fate::Keep => {
                     publish_confirmed(
                         &channel,
-                        "",
+                        &by_name,
                         &self.dead_letter_queue,
                         &delivery.data,
-                        delivery.properties.clone(),
+                        wire::sent_by(delivery.properties.clone(), &self.user),
                     )
                     .await?;
                 }
@@ -260,7 +277,8 @@ impl DeadLetters {
                         let partition = wire::partition_of(aggregate_id);
                         headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
                     }
-                    let properties = delivery.properties.clone().with_headers(headers);
+                    let properties =
+                        wire::sent_by(delivery.properties.clone().with_headers(headers), &self.user);
                     publish_confirmed(&channel, &router, "", &delivery.data, properties).await?;
                 }
                 Fate::Drop => {}

@@ -7,6 +7,26 @@
 //! existing name with other options is a channel error, which is why they
 //! live here only.
 //!
+//! # Who declares what
+//!
+//! A producer declares its own topic exchange ([`declare_event_exchange`]);
+//! a consumer group declares its own exchanges and queues, all named after
+//! the group, and only looks the producer's exchange up
+//! ([`ensure_event_exchange`]): a consumer may read from the producer's
+//! exchange, never configure it. So each service's broker user needs the
+//! configure permission on its own names only (see
+//! `shared/messaging/broker/definitions.json`); the producer's exchange exists once
+//! its producer has started, or from the broker's definitions (compose and
+//! Kubernetes create both event exchanges up front). Until it exists the
+//! consumer waits, reconnecting with backoff, as for any outage.
+//!
+//! Nothing here publishes to the default exchange: a user allowed to write
+//! to it can put a message into any queue of the virtual host. What the
+//! group sends to its own queues by name (retries, dead letters, and the
+//! broker's own dead-lettering of a partition queue) goes through the
+//! group's direct exchange `<group>.queues` instead ([`ConsumerTopology::queues_exchange`]),
+//! bound to exactly those queues.
+//!
 //! # A consumer group: partitions
 //!
 //! A consumer group (the queue name its replicas share, e.g.
@@ -21,12 +41,12 @@
 //! partition 0:
 //!
 //! ```text
-//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.p<k % P> ──► one active consumer
-//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.p<k % P>
-//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.p0
+//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.partition.<k % P> ──► one active consumer
+//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.partition.<k % P>
+//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.partition.0
 //!
-//! <group>.p<i> ──handler fails──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
-//! <group>.p<i> ──never succeeds / N attempts──► <group>.dlq
+//! <group>.partition.<i> ──handler fails──► <group>.queues ──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
+//! <group>.partition.<i> ──never succeeds / N attempts──► <group>.queues ──► <group>.dlq
 //! ```
 //!
 //! Why exchanges fed by the relay's hash, not the consistent-hash exchange:
@@ -49,6 +69,19 @@
 //! replica stopped: replicas with different counts would re-bind the queues
 //! back and forth. Ordering holds either way, as the consumer's sequencing
 //! does not depend on the routing ([`crate::sequence`]).
+//!
+//! # Layouts retired
+//!
+//! A queue's arguments cannot change once it exists, so a layout that needs
+//! other arguments gets new queue names, and [`ConsumerTopology::retire`]
+//! moves the messages of the old ones over at every start:
+//!
+//! - `<group>` and `<group>.retry.<ms>ms`: the single queue before
+//!   partitions;
+//! - `<group>.p<i>`: partition queues that dead-lettered through the default
+//!   exchange, which every consumer's user then had to be allowed to write
+//!   to (replaced by `<group>.partition.<i>`, dead-lettering through
+//!   `<group>.queues`).
 
 use std::time::Duration;
 
@@ -62,9 +95,31 @@ use lapin::{Channel, Confirmation, Connection, ExchangeKind};
 use crate::wire::{self, PARTITIONS};
 
 /// Declares the topic exchange a service publishes its events to
-/// (`user.events`, `order.events`).
+/// (`user.events`, `order.events`): by its producer, which owns it.
 pub async fn declare_event_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
     declare_exchange(channel, exchange, ExchangeKind::Topic, FieldTable::default()).await
+}
+
+/// Checks that another service's event exchange exists, without declaring it
+/// (a passive declare, which needs no permission on it). A missing exchange
+/// closes `channel` with `NOT_FOUND`.
+pub async fn ensure_event_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                // Only look: the producer (or the broker's definitions)
+                // creates it, with its own options.
+                passive: true,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 async fn declare_exchange(
@@ -118,9 +173,9 @@ impl ConsumerTopology {
         self.partitions.clamp(1, PARTITIONS.unsigned_abs())
     }
 
-    /// Name of partition queue `index`: `<group>.p<index>`.
+    /// Name of partition queue `index`: `<group>.partition.<index>`.
     pub fn partition_queue(&self, index: u16) -> String {
-        format!("{}.p{index}", self.queue)
+        format!("{}.partition.{index}", self.queue)
     }
 
     /// The partition queue that receives events of wire partition
@@ -160,6 +215,14 @@ impl ConsumerTopology {
         dead_letter_queue(&self.queue)
     }
 
+    /// The group's direct exchange to its own queues by their names,
+    /// `<group>.queues`: what the default exchange would do, for the delay
+    /// queues and the dead-letter queue only. Retries, dead letters and the
+    /// partition queues' own dead-lettering go through it.
+    pub fn queues_exchange(&self) -> String {
+        queues_exchange(&self.queue)
+    }
+
     /// Every queue this topology declares (for tooling and test clean-up).
     pub fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = (0..self.partition_count())
@@ -173,15 +236,30 @@ impl ConsumerTopology {
     /// Every exchange of the group itself (not the producer's), for
     /// clean-up.
     pub fn exchange_names(&self) -> Vec<String> {
-        vec![self.route(), self.router(), self.unpartitioned()]
+        vec![
+            self.route(),
+            self.router(),
+            self.unpartitioned(),
+            self.queues_exchange(),
+        ]
     }
 
-    /// Declares the exchanges, the queues and the bindings. Idempotent.
+    /// Declares the group's exchanges, queues and bindings, after checking
+    /// that the producer's exchange exists (it is not the group's to
+    /// declare: see the module docs). Idempotent.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        declare_event_exchange(channel, &self.exchange).await?;
+        ensure_event_exchange(channel, &self.exchange).await?;
+        declare_exchange(
+            channel,
+            &self.queues_exchange(),
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        )
+        .await?;
         // The dead-letter queue: where messages that can never succeed wait
         // for a person (list, replay, skip, purge).
         declare_quorum_queue(channel, &self.dead_letter_queue(), FieldTable::default()).await?;
+        bind_by_name(channel, &self.dead_letter_queue(), &self.queues_exchange()).await?;
 
         declare_exchange(
             channel,
@@ -284,6 +362,7 @@ impl ConsumerTopology {
                 AMQPValue::LongString("reject-publish".into()),
             );
             declare_quorum_queue(channel, &self.retry_queue(step), args).await?;
+            bind_by_name(channel, &self.retry_queue(step), &self.queues_exchange()).await?;
         }
         Ok(())
     }
@@ -292,9 +371,13 @@ impl ConsumerTopology {
     fn partition_queue_args(&self) -> FieldTable {
         // Whatever the broker itself dead-letters (a message redelivered
         // more than the delivery limit because it crashes every consumer)
-        // goes to the dead-letter queue too, at least once.
+        // goes to the dead-letter queue too, at least once, through the
+        // group's own exchange (not the default one: see the module docs).
         let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            wire::long_string(&self.queues_exchange()),
+        );
         args.insert(
             "x-dead-letter-routing-key".into(),
             wire::long_string(&self.dead_letter_queue()),
@@ -318,22 +401,26 @@ impl ConsumerTopology {
     }
 
     /// Moves the messages of queues this group no longer uses back through
-    /// the group's exchange and deletes those queues: the single queue of
-    /// the layout before partitions (`<group>`, and its delay queues
-    /// `<group>.retry.<ms>ms`), and partition queues beyond the current
-    /// count. Each message is re-published with its `partition` header (set
-    /// from its aggregate id when missing), confirmed, then acknowledged.
-    /// Returns how many messages moved.
+    /// the group's exchange and deletes those queues: the layouts retired
+    /// (see the module docs: the single queue before partitions, `<group>`
+    /// and its delay queues `<group>.retry.<ms>ms`; the partition queues
+    /// `<group>.p<i>` that dead-lettered through the default exchange), and
+    /// partition queues beyond the current count. Each message is
+    /// re-published with its `partition` header (set from its aggregate id
+    /// when missing) and `user_id` set to `user`, the connection's (the
+    /// broker refuses any other), confirmed, then acknowledged. Returns how
+    /// many messages moved.
     ///
     /// A queue a replica of the old layout still consumes from is left for
     /// a later start (it is deleted only when empty).
-    pub async fn retire(&self, connection: &Connection) -> anyhow::Result<usize> {
+    pub async fn retire(&self, connection: &Connection, user: &str) -> anyhow::Result<usize> {
         let mut retired: Vec<String> = self
             .retry_delays
             .iter()
             .map(|delay| format!("{}.retry.{}ms", self.queue, delay.as_millis()))
             .collect();
         retired.push(self.queue.clone());
+        retired.extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.p{index}", self.queue)));
         retired.extend(
             (self.partition_count()..PARTITIONS.unsigned_abs()).map(|index| self.partition_queue(index)),
         );
@@ -359,14 +446,14 @@ impl ConsumerTopology {
             if !exists {
                 continue;
             }
-            moved += self.drain(connection, &queue).await?;
+            moved += self.drain(connection, &queue, user).await?;
         }
         Ok(moved)
     }
 
-    /// Unbinds `queue`, moves its messages to the group's exchange, and
-    /// deletes it if it is empty.
-    async fn drain(&self, connection: &Connection, queue: &str) -> anyhow::Result<usize> {
+    /// Unbinds `queue`, moves its messages to the group's exchange (sent as
+    /// `user`), and deletes it if it is empty.
+    async fn drain(&self, connection: &Connection, queue: &str, user: &str) -> anyhow::Result<usize> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions { nowait: false })
@@ -423,7 +510,7 @@ impl ConsumerTopology {
                         immediate: false,
                     },
                     &delivery.data,
-                    delivery.properties.clone().with_headers(headers),
+                    wire::sent_by(delivery.properties.clone().with_headers(headers), user),
                 )
                 .await?
                 .await?;
@@ -436,19 +523,41 @@ impl ConsumerTopology {
             delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
             moved += 1;
         }
-        let deleted = channel
-            .queue_delete(
+        // Quorum queues refuse `if-empty` and `if-unused` deletes (a hard
+        // error that closes the connection): look first. Nothing routes to
+        // the queue any more, so empty now stays empty; a replica of the old
+        // layout still consuming it (its unacknowledged messages would be
+        // lost) keeps it for a later start.
+        let state = channel
+            .queue_declare(
                 queue.into(),
-                QueueDeleteOptions {
-                    if_unused: false,
-                    if_empty: true,
-                    nowait: false,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
                 },
+                FieldTable::default(),
             )
-            .await;
-        if let Err(error) = deleted {
-            tracing::info!(queue, %error, "a retired queue is not empty yet; it is moved again at the next start");
-        } else if channel.status().connected() {
+            .await?;
+        if state.message_count() == 0 && state.consumer_count() == 0 {
+            channel
+                .queue_delete(
+                    queue.into(),
+                    QueueDeleteOptions {
+                        if_unused: false,
+                        if_empty: false,
+                        nowait: false,
+                    },
+                )
+                .await?;
+        } else {
+            tracing::info!(
+                queue,
+                messages = state.message_count(),
+                consumers = state.consumer_count(),
+                "a retired queue is still in use; it is moved again at the next start"
+            );
+        }
+        if channel.status().connected() {
             let _ = channel.close(200, "retired".into()).await;
         }
         if moved > 0 {
@@ -486,6 +595,19 @@ async fn bind_or_unbind(
     }
 }
 
+/// Binds `queue` to the group's `<group>.queues` exchange by its own name.
+async fn bind_by_name(channel: &Channel, queue: &str, exchange: &str) -> lapin::Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            queue.into(),
+            QueueBindOptions { nowait: false },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// The binding of wire partition `partition` on a group's headers exchange.
 fn partition_binding(partition: i16) -> FieldTable {
     let mut args = FieldTable::default();
@@ -502,6 +624,12 @@ pub fn router(queue: &str) -> String {
 /// The dead-letter queue of consumer group `queue`.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
+}
+
+/// The direct exchange of consumer group `queue` to its delay queues and
+/// its dead-letter queue by their names.
+pub fn queues_exchange(queue: &str) -> String {
+    format!("{queue}.queues")
 }
 
 /// How many times the broker delivers a message of a partition queue before

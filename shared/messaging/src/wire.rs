@@ -7,6 +7,7 @@
 //! | `type` | full protobuf message name ([`shop_contracts::Event::TYPE_NAME`]) |
 //! | `message_id` | event id (UUIDv7) |
 //! | `app_id` | producing service |
+//! | `user_id` | the broker user that sent this copy (RabbitMQ refuses any other: [`sent_by`]) |
 //! | `timestamp` | when the event was recorded (seconds since the epoch) |
 //! | `delivery_mode` | 2 (persistent) |
 //! | header `traceparent`, `tracestate`, `baggage` | W3C trace context of the publish span |
@@ -358,6 +359,12 @@ pub const PROPERTIES: &[PropertySpec] = &[
         meaning: "producing service, e.g. `user-service`",
     },
     PropertySpec {
+        name: "user_id",
+        domain: "shortstr",
+        fixed: None,
+        meaning: "the broker user that published this copy (each service has its own; the shipped definitions name it after the service): RabbitMQ refuses a publish whose `user_id` is not its connection's user. It says who put the message on the broker, not who made the event",
+    },
+    PropertySpec {
         name: "timestamp",
         domain: "timestamp",
         fixed: None,
@@ -443,6 +450,20 @@ impl EventHeaders<'_> {
         }
         properties.with_headers(headers)
     }
+}
+
+/// `properties` as sent by broker user `user`. RabbitMQ validates the
+/// `user_id` property: a message whose `user_id` is not the user of the
+/// connection publishing it is refused (`PRECONDITION_FAILED`) and the
+/// channel closed. So the relay stamps every event with its own user, and
+/// whoever publishes a copy of a delivery (a retry, a dead letter, a replay,
+/// a message moved off a retired queue) stamps the copy with its own; a
+/// released parked event, rebuilt from what was parked, goes without one.
+/// The `user_id` of a message says who put it where it is; a consumer does
+/// not take it as proof of the event's producer (the event's signature is
+/// that).
+pub fn sent_by(properties: BasicProperties, user: &str) -> BasicProperties {
+    properties.with_user_id(user.into())
 }
 
 /// The routing key that carries wire partition `partition` to a consumer

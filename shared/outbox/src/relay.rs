@@ -248,6 +248,9 @@ struct HeldPartition {
 struct Publisher {
     connection: Connection,
     channel: Channel,
+    /// The connection's broker user, the `user_id` of every event (the
+    /// broker refuses any other).
+    user: String,
 }
 
 /// Publishes a service's outbox; see the crate docs.
@@ -569,7 +572,11 @@ impl Relay {
         .await
         .map_err(timed_out)??;
         tracing::info!(exchange = %self.config.exchange, "outbox relay connected to the broker");
-        Ok(Publisher { connection, channel })
+        Ok(Publisher {
+            connection,
+            channel,
+            user: self.amqp.user(),
+        })
     }
 
     async fn drop_publisher(&mut self) {
@@ -730,7 +737,7 @@ async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[P
                 partition: row.partition_key,
                 trace: &trace,
             };
-            let mut properties = headers.properties();
+            let mut properties = shop_messaging::wire::sent_by(headers.properties(), &publisher.user);
             if config.cloudevents {
                 properties = headers.with_cloudevents(properties, row.created_at);
             }

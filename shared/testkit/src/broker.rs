@@ -54,6 +54,31 @@ impl TestBroker {
         name
     }
 
+    /// The prefixed name of event exchange `base` (`user.events`), declared
+    /// now on the broker of `amqp` as its producer declares it, and deleted
+    /// at the end of the test. A consumer only looks its producer's
+    /// exchange up, so a test that starts a consumer before the producer
+    /// (or without one) declares the exchange first, as compose's and
+    /// Kubernetes' broker definitions do.
+    ///
+    /// # Panics
+    ///
+    /// When the broker is unreachable or refuses the declaration.
+    pub async fn event_exchange(&self, amqp: &AmqpConfig, base: &str) -> String {
+        let name = self.exchange(base);
+        let declared = async {
+            let connection = shop_messaging::connection::connect(amqp, "test exchange").await?;
+            let channel = connection.create_channel().await?;
+            shop_messaging::topology::declare_event_exchange(&channel, &name).await?;
+            let _ = connection.close(200, "declared".into()).await;
+            anyhow::Ok(())
+        };
+        if let Err(error) = declared.await {
+            panic!("declaring the test exchange {name}: {error:#}");
+        }
+        name
+    }
+
     /// The prefixed name of queue `base`, deleted at the end of the test.
     pub fn queue(&self, base: &str) -> String {
         let name = format!("{}.{base}", self.prefix);

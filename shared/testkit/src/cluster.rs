@@ -114,6 +114,10 @@ pub struct ClusterOptions {
     /// How long one node may take to boot (90 s: three nodes booting at once
     /// on two busy cores are slow).
     pub boot_deadline: Duration,
+    /// Broker definitions (JSON) every node loads at boot (`load_definitions`),
+    /// e.g. the shipped ones with test passwords ([`shipped_definitions`]).
+    /// A node that loads definitions creates no `guest` user.
+    pub definitions: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -122,6 +126,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             sbin_dir: None,
             boot_deadline: Duration::from_secs(90),
+            definitions: None,
         }
     }
 }
@@ -134,6 +139,7 @@ pub struct RabbitCluster {
     dir: PathBuf,
     sbin: PathBuf,
     boot_deadline: Duration,
+    definitions: Option<String>,
     nodes: Vec<Node>,
     mapper: epmd::PortMapper,
 }
@@ -238,6 +244,7 @@ impl RabbitCluster {
             dir,
             sbin,
             boot_deadline: options.boot_deadline,
+            definitions: options.definitions,
             nodes: Vec::new(),
             mapper,
         };
@@ -303,6 +310,15 @@ impl RabbitCluster {
     pub fn amqp_url(&self, i: usize) -> String {
         let port = self.node(i).amqp_port.load(Ordering::SeqCst);
         format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+    }
+
+    /// The AMQP URL of node `i` as `user` with `password` (vhost `/`).
+    ///
+    /// # Panics
+    /// If there is no node `i`.
+    pub fn amqp_url_as(&self, i: usize, user: &str, password: &str) -> String {
+        let port = self.node(i).amqp_port.load(Ordering::SeqCst);
+        format!("amqp://{user}:{password}@127.0.0.1:{port}/%2f")
     }
 
     /// Every node's AMQP URL, node 1 first.
@@ -478,15 +494,19 @@ impl RabbitCluster {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("failed to create {}", dir.join(sub).display()))?;
         }
-        write_file(
-            &dir.join("rabbitmq.conf"),
-            "# A node of a test cluster (shop-testkit).\n\
+        let mut conf = "# A node of a test cluster (shop-testkit).\n\
              # Nodes on the minority side of a partition pause, as production\n\
              # clusters of three or more nodes with quorum queues should.\n\
              cluster_partition_handling = pause_minority\n\
              log.file.level = info\n\
-             log.console = false\n",
-        )?;
+             log.console = false\n"
+            .to_owned();
+        if let Some(definitions) = &self.definitions {
+            let path = dir.join("definitions.json");
+            write_file(&path, definitions)?;
+            let _ = writeln!(conf, "load_definitions = {}", path.display());
+        }
+        write_file(&dir.join("rabbitmq.conf"), &conf)?;
         write_file(
             &dir.join("advanced.config"),
             &format!(
@@ -905,6 +925,31 @@ fn write_file(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// The folder of the broker's own scripts, from `rabbitmq-server` on the
 /// `PATH`: distribution packages put a wrapper there (Debian's switches to
 /// the `rabbitmq` user), whose folder holds the real script.
+/// The shipped broker definitions (`shared/messaging/broker/definitions.json`:
+/// users, permissions, topic permissions, the event exchanges), with each
+/// user of `passwords` given its password; a user left out cannot log in.
+pub fn shipped_definitions(passwords: &[(&str, &str)]) -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../messaging/broker/definitions.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))?;
+    let mut definitions: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let users = definitions["users"]
+        .as_array_mut()
+        .context("the definitions have no users")?;
+    for user in users {
+        let name = user["name"].as_str().unwrap_or_default().to_owned();
+        if let Some((_, password)) = passwords.iter().find(|(user, _)| *user == name)
+            && let Some(fields) = user.as_object_mut()
+        {
+            // A plain password is hashed by the broker as it imports it.
+            fields.remove("password_hash");
+            fields.insert("password".to_owned(), serde_json::Value::from(*password));
+        }
+    }
+    Ok(definitions.to_string())
+}
+
 fn find_sbin_dir() -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)

@@ -133,4 +133,146 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
     let half_tls = run(binary, &[], &[("GRPC_TLS_CERT", "/tmp/cert.pem")]);
     assert_eq!(half_tls.status.code(), Some(2), "{half_tls:?}");
     assert!(text(&half_tls.stderr).contains("GRPC_TLS_KEY"), "{half_tls:?}");
+
+    assert_secrets_from_files(binary);
+    assert_require_tls(binary);
+}
+
+/// One line on stderr and exit code 2, naming every one of `names` and
+/// showing no `secret`.
+fn assert_refused(output: &Output, names: &[&str], secret: &str, what: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{what}: {output:?}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{what}: not one line:\n{stderr}"
+    );
+    for name in names {
+        assert!(
+            stderr.contains(name),
+            "{what}: the line does not name {name}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains(secret),
+        "{what}: the line shows a secret: {stderr}"
+    );
+}
+
+/// `*_FILE` settings: read, shown as read from their file and never
+/// printed; a variable and its file both set is refused naming both; query
+/// string passwords are hidden too.
+fn assert_secrets_from_files(binary: &str) {
+    let dir = std::env::temp_dir().join(format!("shop-command-line-{}", crate::short_id()));
+    #[allow(clippy::expect_used)]
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let database = dir.join("database-url");
+    let broker = dir.join("amqp-url");
+    #[allow(clippy::expect_used)]
+    {
+        std::fs::write(&database, "postgres://app:file-secret-1@db:5432/app\n").expect("written");
+        std::fs::write(&broker, "amqps://app:file-secret-2@mq:5671/%2f\n").expect("written");
+    }
+    let (database, broker) = (
+        database.to_string_lossy().into_owned(),
+        broker.to_string_lossy().into_owned(),
+    );
+
+    let printed = run(
+        binary,
+        &["--print-config"],
+        &[
+            ("DATABASE_URL_FILE", database.as_str()),
+            ("AMQP_URL_FILE", broker.as_str()),
+            (
+                "DATABASE_MIGRATION_URL",
+                "postgres://owner@db:5432/app?sslmode=require&password=query-secret-3",
+            ),
+        ],
+    );
+    let config = text(&printed.stdout);
+    assert!(printed.status.success(), "--print-config with files: {printed:?}");
+    for secret in ["file-secret-1", "file-secret-2", "query-secret-3"] {
+        assert!(!config.contains(secret), "{secret} printed:\n{config}");
+    }
+    for line in [
+        "DATABASE_URL=(read from DATABASE_URL_FILE)",
+        "AMQP_URL=(read from AMQP_URL_FILE)",
+        "DATABASE_MIGRATION_URL=postgres://owner@db:5432/app?sslmode=require&password=***",
+    ] {
+        assert!(config.contains(line), "no {line}:\n{config}");
+    }
+
+    let both = run(
+        binary,
+        &[],
+        &[
+            ("AMQP_URL", "amqp://app:env-secret-4@mq:5672/%2f"),
+            ("AMQP_URL_FILE", broker.as_str()),
+        ],
+    );
+    assert_refused(
+        &both,
+        &["AMQP_URL_FILE", "AMQP_URL "],
+        "secret",
+        "AMQP_URL and AMQP_URL_FILE",
+    );
+    let missing = run(
+        binary,
+        &[],
+        &[("DATABASE_URL_FILE", "/nonexistent/shop-database-url")],
+    );
+    assert_refused(
+        &missing,
+        &["DATABASE_URL_FILE", "/nonexistent/shop-database-url"],
+        "secret",
+        "a missing file",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `REQUIRE_TLS=true`: each plaintext connection stops the start, in one
+/// line naming its setting and never its value.
+fn assert_require_tls(binary: &str) {
+    let tls_database = "postgres://app:tls-secret-5@db:5432/app?sslmode=require";
+    let tls_broker = "amqps://app:tls-secret-6@mq:5671/%2f";
+    let cases: [(&str, [(&str, &str); 3]); 3] = [
+        (
+            "DATABASE_URL",
+            [
+                (
+                    "DATABASE_URL",
+                    "postgres://app:tls-secret-5@db:5432/app?sslmode=prefer",
+                ),
+                ("AMQP_URL", tls_broker),
+                ("REQUIRE_TLS", "true"),
+            ],
+        ),
+        (
+            "AMQP_URL",
+            [
+                ("DATABASE_URL", tls_database),
+                ("AMQP_URL", "amqp://app:tls-secret-6@mq:5672/%2f"),
+                ("REQUIRE_TLS", "true"),
+            ],
+        ),
+        (
+            "GRPC_TLS_CERT",
+            [
+                ("DATABASE_URL", tls_database),
+                ("AMQP_URL", tls_broker),
+                ("REQUIRE_TLS", "true"),
+            ],
+        ),
+    ];
+    for (setting, envs) in cases {
+        let refused = run(binary, &[], &envs);
+        assert_refused(
+            &refused,
+            &["REQUIRE_TLS", setting],
+            "tls-secret",
+            &format!("REQUIRE_TLS with {setting}"),
+        );
+    }
 }

@@ -16,10 +16,15 @@ pub struct TestDatabase {
     admin_url: String,
 }
 
+/// `TEST_DATABASE_URL`, or the documented test identity on the local
+/// server: `shop_test`, which may create databases and roles (compose makes
+/// it; `.ci/run` makes it on a native server).
 pub(crate) fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@localhost:5432/postgres".to_owned())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
 }
+
+/// The test identity's default URL.
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://shop_test:shop_test@localhost:5432/postgres";
 
 /// `url` with its database replaced by `name`.
 fn with_database(url: &str, name: &str) -> String {
@@ -74,6 +79,46 @@ impl TestDatabase {
             admin_url: admin_url(),
             name,
         })
+    }
+
+    /// A new, empty database owned by `owner` (a role of [`TestRoles`]), for
+    /// a service that migrates it itself as its owner.
+    pub async fn empty_owned_by(owner: &str) -> anyhow::Result<Self> {
+        let name = format!("test_{}", crate::short_id());
+        let client = admin_client().await?;
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {} OWNER {}",
+                quote_identifier(&name),
+                quote_identifier(owner)
+            ))
+            .await
+            .context("failed to create the test database")?;
+        Ok(Self {
+            url: with_database(&admin_url(), &name),
+            admin_url: admin_url(),
+            name,
+        })
+    }
+
+    /// A database name no database has (nothing is created), dropped at the
+    /// end of the test in case something created it after all.
+    pub fn missing() -> Self {
+        let name = format!("test_{}", crate::short_id());
+        Self {
+            url: with_database(&admin_url(), &name),
+            admin_url: admin_url(),
+            name,
+        }
+    }
+
+    /// Whether the database exists (for tests of who may create one).
+    pub async fn exists(&self) -> anyhow::Result<bool> {
+        let client = admin_client().await?;
+        Ok(client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&self.name])
+            .await?
+            .is_some())
     }
 
     /// Turns the database read-only, or writable again, as a failover onto a
@@ -146,31 +191,135 @@ impl Drop for TestDatabase {
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_identifier(&self.name)
         );
-        let admin_url = self.admin_url.clone();
-        // Drop runs inside the test's runtime; a thread of its own can block
-        // on a small runtime without upsetting it.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.batch_execute(&statement).await.ok()
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
+        if !run_from_drop(&self.admin_url, vec![statement]) {
             eprintln!("warning: could not drop test database {}", self.name);
         }
     }
 }
 
+/// Runs `statements` as the test identity from a `Drop`, each on its own;
+/// whether all of them succeeded. Drop runs inside the test's runtime; a
+/// thread of its own can block on a small runtime without upsetting it.
+fn run_from_drop(admin_url: &str, statements: Vec<String>) -> bool {
+    let admin_url = admin_url.to_owned();
+    let done = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
+            tokio::spawn(connection);
+            let mut all = true;
+            for statement in statements {
+                all &= client.batch_execute(&statement).await.is_ok();
+            }
+            all.then_some(())
+        })
+    })
+    .join();
+    matches!(done, Ok(Some(())))
+}
+
+/// Login roles of one test, with passwords of their own. Roles are
+/// cluster-wide in PostgreSQL, so each is named after the test's id
+/// (`t<id>_<base>`); all are dropped when this value is dropped (drop the
+/// test's databases first: declare this before them). The test identity
+/// is made a member of each, so it can create databases they own and drop
+/// them again without being a superuser.
+#[derive(Debug)]
+pub struct TestRoles {
+    prefix: String,
+    roles: Vec<(String, String)>,
+    admin_url: String,
+}
+
+impl TestRoles {
+    /// Creates a login role per `(base, attributes)`, e.g. `("migrator",
+    /// "CREATEDB")`, `("runtime", "")`.
+    pub async fn create(roles: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut created = Self {
+            prefix: format!("t{}", crate::short_id()),
+            roles: Vec::new(),
+            admin_url: admin_url(),
+        };
+        let client = admin_client().await?;
+        for (base, attributes) in roles {
+            let name = format!("{}_{base}", created.prefix);
+            let password = crate::short_id();
+            client
+                .batch_execute(&format!(
+                    "CREATE ROLE {} LOGIN {attributes} PASSWORD '{password}'; GRANT {} TO CURRENT_USER",
+                    quote_identifier(&name),
+                    quote_identifier(&name)
+                ))
+                .await
+                .with_context(|| format!("failed to create role {name}"))?;
+            created.roles.push((name, password));
+        }
+        Ok(created)
+    }
+
+    /// The role made for `base`.
+    ///
+    /// # Panics
+    ///
+    /// When no role was made for `base`.
+    pub fn name(&self, base: &str) -> String {
+        format!("{}_{base}", self.prefix)
+    }
+
+    /// A URL to `database` as the role made for `base`, on the test server.
+    ///
+    /// # Panics
+    ///
+    /// When no role was made for `base`.
+    pub fn url(&self, base: &str, database: &TestDatabase) -> String {
+        let name = self.name(base);
+        #[allow(clippy::expect_used)]
+        let (_, password) = self
+            .roles
+            .iter()
+            .find(|(role, _)| *role == name)
+            .expect("a role made for the test");
+        let mut url = url::Url::parse(&database.url).ok();
+        if let Some(url) = url.as_mut() {
+            let _ = url.set_username(&name);
+            let _ = url.set_password(Some(password));
+        }
+        url.map_or_else(|| database.url.clone(), |url| url.to_string())
+    }
+}
+
+impl Drop for TestRoles {
+    fn drop(&mut self) {
+        // What a role still owns or was granted in the admin's own
+        // database goes first; its test databases are gone.
+        let statements = self
+            .roles
+            .iter()
+            .map(|(role, _)| {
+                format!(
+                    "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}",
+                    role = quote_identifier(role)
+                )
+            })
+            .collect();
+        if !run_from_drop(&self.admin_url, statements) {
+            eprintln!("warning: could not drop every test role of {}", self.prefix);
+        }
+    }
+}
+
 /// The name of the migrated template for `migrations_dir`, creating it if
-/// needed (under an advisory lock, so parallel tests build it once).
+/// needed (under an advisory lock, so parallel tests build it once). Only
+/// its owner may copy a database that is not a superuser's, so the name
+/// carries the test identity too.
 async fn ensure_template(migrations: EmbeddedMigrations, migrations_dir: &Path) -> anyhow::Result<String> {
-    let template = format!("tpl_{}", digest(migrations_dir)?);
+    let owner = url::Url::parse(&admin_url())
+        .map(|url| url.username().to_owned())
+        .unwrap_or_default();
+    let template = format!("tpl_{}", digest_with(migrations_dir, &owner)?);
     let client = admin_client().await?;
     if template_exists(&client, &template).await? {
         return Ok(template);
@@ -214,9 +363,9 @@ async fn template_exists(client: &tokio_postgres::Client, template: &str) -> any
         .is_some())
 }
 
-/// FNV-1a over the names and contents of every file below `dir`, as 16 hex
-/// digits.
-fn digest(dir: &Path) -> anyhow::Result<String> {
+/// FNV-1a over `salt`, then the names and contents of every file below
+/// `dir`, as 16 hex digits.
+fn digest_with(dir: &Path, salt: &str) -> anyhow::Result<String> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -231,6 +380,10 @@ fn digest(dir: &Path) -> anyhow::Result<String> {
     }
     files.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in salt.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
     for file in files {
         let name = file
             .strip_prefix(dir)

@@ -2,7 +2,8 @@
 //!
 //! - [`TestDatabase`]: a fresh database per test, copied from a migrated
 //!   template (one template per migration set, rebuilt when the migration
-//!   files change), dropped when the test ends.
+//!   files change), dropped when the test ends; [`TestRoles`]: login roles
+//!   of one test (a migrator, a runtime role), dropped with it.
 //! - [`TestBroker`]: a name prefix per test for exchanges and queues, and the
 //!   deletion of what the test declared when it ends; [`ProbeQueue`] reads
 //!   what was published to an exchange.
@@ -21,10 +22,13 @@
 //!   tests.
 //!
 //! `TEST_DATABASE_URL` (default
-//! `postgres://postgres:postgres@localhost:5432/postgres`) names the server
+//! `postgres://shop_test:shop_test@localhost:5432/postgres`) names the server
 //! and a maintenance database; `TEST_AMQP_URL` (default
-//! `amqp://guest:guest@localhost:5672/%2f`) the broker. Set `TEST_LOG` to see
-//! the services' logs.
+//! `amqp://shop_test:shop_test@localhost:5672/%2f`) the broker. Both
+//! defaults are the documented test identity, which compose creates (and
+//! `.ci/run` on a native server): it may create databases, roles (and end
+//! their sessions), exchanges and queues, and is no superuser and no
+//! administrator. Set `TEST_LOG` to see the services' logs.
 #![forbid(unsafe_code)]
 
 mod broker;
@@ -38,7 +42,7 @@ mod running;
 
 pub use broker::{ProbeQueue, TestBroker};
 pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
-pub use database::TestDatabase;
+pub use database::{DEFAULT_TEST_DATABASE_URL, TestDatabase, TestRoles};
 pub use process::{ServiceProcess, http_get};
 pub use proxy::TcpProxy;
 pub use publisher::TestPublisher;
@@ -89,10 +93,13 @@ pub(crate) fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-/// `TEST_AMQP_URL`, or the local default.
+/// `TEST_AMQP_URL`, or the test identity on the local broker.
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672/%2f".to_owned())
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned())
 }
+
+/// The test identity's default broker URL.
+pub const DEFAULT_TEST_AMQP_URL: &str = "amqp://shop_test:shop_test@localhost:5672/%2f";
 
 /// The address of the broker in [`amqp_url`].
 pub async fn amqp_addr() -> std::net::SocketAddr {

@@ -18,7 +18,13 @@ impl TestPublisher {
     /// Connects and declares `exchange` (so publishing to it works before
     /// any service declared it).
     pub async fn connect(exchange: &str) -> anyhow::Result<Self> {
-        let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default()).await?;
+        Self::connect_to(&crate::amqp_url(), exchange).await
+    }
+
+    /// [`Self::connect`] to the broker at `url`, as its user (a producer's
+    /// own, on a broker of the test's own).
+    pub async fn connect_to(url: &str, exchange: &str) -> anyhow::Result<Self> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         shop_messaging::topology::declare_event_exchange(&channel, exchange).await?;

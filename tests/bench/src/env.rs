@@ -52,12 +52,20 @@ impl Bench {
         let user_db = with_database(&admin_url, &format!("bench_users_{id}"));
         let order_db = with_database(&admin_url, &format!("bench_orders_{id}"));
         let (user_pool, order_pool) = pools(&user_db, &order_db).await?;
+        let user_exchange = format!("bench-{id}.user.events");
+        // As the broker definitions do in a deployment: the consumer only
+        // looks its producer's exchange up, and some stages start it first.
+        let connection =
+            shop_messaging::connection::connect(&AmqpConfig::new(amqp_url.clone()), "bench").await?;
+        shop_messaging::topology::declare_event_exchange(&connection.create_channel().await?, &user_exchange)
+            .await?;
+        let _ = connection.close(200, "declared".into()).await;
         Ok(Self {
             admin_url,
             user_db,
             order_db,
             amqp_url,
-            user_exchange: format!("bench-{id}.user.events"),
+            user_exchange,
             order_exchange: format!("bench-{id}.order.events"),
             consumer_queue: format!("bench-{id}.order-service.user-events"),
             user_pool,

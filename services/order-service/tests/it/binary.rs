@@ -14,20 +14,17 @@ async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigte
     .unwrap();
     let broker = TestBroker::new();
     let queue = broker.queue("order-service.user-events");
-    for derived in [
-        format!("{queue}.dlq"),
-        format!("{queue}.retry.1000ms"),
-        format!("{queue}.retry.10000ms"),
-        format!("{queue}.retry.60000ms"),
-    ] {
-        broker.track_queue(&derived);
-    }
+    let user_events = broker.event_exchange(&broker.config(), "user.events").await;
+    let mut defaults = order_service::Config::defaults();
+    defaults.service.user_events_exchange.clone_from(&user_events);
+    defaults.service.user_events_queue.clone_from(&queue);
+    broker.track_topology(&defaults.service.consumer().topology());
     let mut service = ServiceProcess::start(
         env!("CARGO_BIN_EXE_order-service"),
         &[
             ("DATABASE_URL", db.url().to_owned()),
             ("AMQP_URL", shop_testkit::amqp_url()),
-            ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
+            ("USER_EVENTS_EXCHANGE", user_events),
             ("ORDER_EVENTS_EXCHANGE", broker.exchange("order.events")),
             ("USER_EVENTS_QUEUE", queue),
         ],

@@ -61,8 +61,15 @@ impl TlsTerminator {
         }
     }
 
+    /// The terminator's URL, as the test identity.
     fn url(&self) -> String {
-        format!("amqps://guest:guest@localhost:{}/%2f", self.addr.port())
+        let identity = url::Url::parse(&shop_testkit::amqp_url()).expect("TEST_AMQP_URL is a URL");
+        format!(
+            "amqps://{}:{}@localhost:{}/%2f",
+            identity.username(),
+            identity.password().unwrap_or_default(),
+            self.addr.port()
+        )
     }
 }
 

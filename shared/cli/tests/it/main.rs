@@ -7,4 +7,5 @@
 mod system;
 
 mod dlq;
+mod identities;
 mod session;

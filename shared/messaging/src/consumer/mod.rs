@@ -242,6 +242,18 @@ pub struct ConsumerConfig {
         value_parser = shop_config::duration
     )]
     pub inbox_retention: Duration,
+    /// The database role of the dead-letter commands (`shop dlq`, which
+    /// connect with `CONSUMER_DATABASE_URL`): granted at every start,
+    /// after the migrations, only what they need on the consumer's tables
+    /// ([`crate::dlq::DATABASE_GRANTS`]). Unset, no role is granted
+    /// anything.
+    #[arg(
+        id = "dlq_database_role",
+        long = "dlq-database-role",
+        env = "DLQ_DATABASE_ROLE",
+        value_name = "ROLE"
+    )]
+    pub dlq_database_role: Option<String>,
     /// Waits between reconnection attempts.
     #[arg(skip = Backoff::default())]
     pub backoff: Backoff,
@@ -253,6 +265,15 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// What the consumer's migrator grants other roles: the dead-letter
+    /// commands' role, when one is named.
+    pub fn database_grants(&self) -> Vec<shop_database::Grant> {
+        self.dlq_database_role
+            .iter()
+            .map(|role| shop_database::Grant::new(role.as_str(), crate::dlq::DATABASE_GRANTS))
+            .collect()
+    }
+
     /// The defaults for consuming `queue` from `exchange`: 4 partitions,
     /// prefetch 200, batches of up to 100, retries after 1 s, 10 s and 60 s,
     /// 4 attempts, inbox kept 7 days.

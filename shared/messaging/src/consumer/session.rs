@@ -40,6 +40,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         pool,
         handlers,
         broker_timeout: amqp.timeout,
+        user: amqp.user(),
         member: crate::membership::new_member(),
         in_flight: std::sync::atomic::AtomicI64::new(0),
         remembered: std::sync::Mutex::new(remembered),
@@ -135,7 +136,7 @@ async fn session(
     // connection's events.
     let retired = within(deadline * 6, "moving retired queues", async {
         let retiring = crate::connection::connect(amqp, &format!("{queue} retiring queues")).await?;
-        let moved = shared.topology.retire(&retiring).await;
+        let moved = shared.topology.retire(&retiring, &shared.user).await;
         let _ = retiring.close(200, "retired queues moved".into()).await;
         moved
     })

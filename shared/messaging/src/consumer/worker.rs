@@ -34,6 +34,9 @@ pub(super) struct Shared {
     pub(super) handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     /// Deadline of every broker operation.
     pub(super) broker_timeout: Duration,
+    /// The broker user this replica connects as: the `user_id` of every copy
+    /// it publishes ([`wire::sent_by`]).
+    pub(super) user: String,
     /// This replica's id in the consumer group ([`crate::membership`]).
     pub(super) member: Uuid,
     /// Messages delivered to this replica's workers and not yet
@@ -700,9 +703,10 @@ impl Worker {
         }
     }
 
-    /// Publishes a copy of `delivery` to `queue` through the default
-    /// exchange, with `extra` headers and the original routing kept, and
-    /// waits for the broker's confirm.
+    /// Publishes a copy of `delivery` to `queue` (a queue of the group)
+    /// through the group's `<group>.queues` exchange, with `extra` headers,
+    /// the original routing kept and this replica's broker user as its
+    /// `user_id`, and waits for the broker's confirm.
     async fn republish(&self, delivery: &Delivery, queue: &str, extra: FieldTable) -> anyhow::Result<()> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let has = |headers: &FieldTable, key: &str| {
@@ -729,11 +733,15 @@ impl Worker {
         for (key, value) in extra.inner() {
             headers.insert(key.clone(), value.clone());
         }
-        let properties = delivery.properties.clone().with_headers(headers);
+        let properties = wire::sent_by(
+            delivery.properties.clone().with_headers(headers),
+            &self.shared.user,
+        );
+        let exchange = self.shared.topology.queues_exchange();
         let published = async {
             self.publisher
                 .basic_publish(
-                    "".into(),
+                    exchange.as_str().into(),
                     queue.into(),
                     // Mandatory: a missing queue comes back as a return instead
                     // of silently dropping the message.

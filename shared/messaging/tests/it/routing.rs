@@ -82,8 +82,9 @@ fn one_on(topology: &ConsumerTopology, index: u16) -> Vec<u32> {
 async fn each_event_reaches_its_aggregates_partition_queue_once_by_cc_by_header_or_on_partition_zero() {
     let (broker, _connection, channel) = connect().await;
     let topology = topology(&broker, 4);
-    topology.declare(&channel).await.unwrap();
+    // The producer declares its exchange; the group only looks it up.
     let publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
+    topology.declare(&channel).await.unwrap();
 
     // As the relay publishes: the partition in the CC header and in the
     // `partition` header.
@@ -211,4 +212,122 @@ async fn a_group_bound_the_old_way_is_rebound_to_the_direct_exchange_only() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(take(&channel, &topology, 0).await, one_on(&topology, u16::MAX));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_never_declares_its_producers_exchange_and_waits_for_it() {
+    let (broker, connection, channel) = connect().await;
+    let topology = topology(&broker, 2);
+
+    let missing = topology.declare(&channel).await.unwrap_err();
+
+    assert!(
+        missing.to_string().contains("NOT_FOUND") || format!("{missing:?}").contains("NotFound"),
+        "{missing:?}"
+    );
+    // Still not there: the group did not create it.
+    let probe = connection.create_channel().await.unwrap();
+    assert!(
+        shop_messaging::topology::ensure_event_exchange(&probe, &topology.exchange)
+            .await
+            .is_err()
+    );
+    // Once its producer has declared it, the group's declaration goes through.
+    let _publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
+    let retry = connection.create_channel().await.unwrap();
+    topology.declare(&retry).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_of_partition_queues_that_dead_lettered_through_the_default_exchange_move_to_the_new_ones() {
+    let (broker, connection, channel) = connect().await;
+    let topology = topology(&broker, 2);
+    let publisher = TestPublisher::connect(&topology.exchange).await.unwrap();
+    // The layout before `<group>.queues`: partition queues `<group>.p<i>`
+    // dead-lettering through the default exchange, bound to the group's
+    // exchanges, holding messages.
+    topology.declare(&channel).await.unwrap();
+    let old: Vec<String> = (0..2)
+        .map(|index| format!("{}.p{index}", topology.queue))
+        .collect();
+    for (index, queue) in old.iter().enumerate() {
+        broker.track_queue(queue);
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            wire::long_string(&topology.dead_letter_queue()),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        for partition in (0..wire::PARTITIONS).filter(|p| usize::from(p.unsigned_abs() % 2) == index) {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    topology.route().as_str().into(),
+                    wire::partition_routing_key(partition).as_str().into(),
+                    lapin::options::QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let users: Vec<String> = (0..10).map(|i| format!("old-{i}")).collect();
+    // Unbind the new queues for a moment, so the events land on the old ones
+    // only, as they did before the upgrade.
+    for index in 0..2 {
+        for partition in 0..wire::PARTITIONS {
+            channel
+                .queue_unbind(
+                    topology.partition_queue(index).as_str().into(),
+                    topology.route().as_str().into(),
+                    wire::partition_routing_key(partition).as_str().into(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    for user in &users {
+        publisher
+            .publish(&topology.exchange, &created(user, 1), Uuid::now_v7())
+            .await
+            .unwrap();
+    }
+    topology.declare(&channel).await.unwrap();
+
+    let user = shop_messaging::AmqpConfig::new(amqp_url()).user();
+    let moved = topology.retire(&connection, &user).await.unwrap();
+
+    assert_eq!(moved, users.len());
+    let mut expected = vec![0; 2];
+    for user in &users {
+        expected[usize::from(topology.queue_of(wire::partition_of(user)))] += 1;
+    }
+    assert_eq!(take(&channel, &topology, 10).await, expected);
+    for queue in &old {
+        let probe = connection.create_channel().await.unwrap();
+        let gone = probe
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(gone.is_err(), "{queue} is still there");
+    }
 }
