@@ -11,7 +11,9 @@
 //!
 //! The endpoints come from `SHOP_USER_ENDPOINT` and `SHOP_ORDER_ENDPOINT`
 //! (the `shop` command line's variables), `http://localhost:50051` and
-//! `:50052` by default. Every call has a deadline and is retried while the
+//! `:50052` by default, and the bearer token from `SHOP_TOKEN` (the README's
+//! "Try it with grpcurl" says how to get one; it needs `users:write`,
+//! `orders:read` and `orders:write`). Every call has a deadline and is retried while the
 //! server is unavailable; the create calls carry a request id, so a retry
 //! never creates twice.
 #![forbid(unsafe_code)]
@@ -21,13 +23,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use shop_client::{ClientConfig, Error, OrderClient, UserClient};
+use shop_client::{ClientConfig, Error, OrderClient, SecretString, UserClient};
 
-/// The connection settings of both clients, in one place: credentials
-/// (TLS, and a token once the services ask for one) are added here, and
-/// both clients get them.
-fn config(endpoint: String) -> ClientConfig {
-    ClientConfig::new(endpoint).with_timeout(Duration::from_secs(5))
+/// The connection settings of both clients, in one place: the credentials
+/// (the token; TLS with `.with_tls(...)`) are added here, and both clients
+/// get them.
+fn config(endpoint: String, token: &SecretString) -> ClientConfig {
+    ClientConfig::new(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .with_token(token.clone())
 }
 
 fn endpoint(variable: &str, default: &str) -> String {
@@ -36,8 +40,17 @@ fn endpoint(variable: &str, default: &str) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let users = UserClient::connect(config(endpoint("SHOP_USER_ENDPOINT", "http://localhost:50051")))?;
-    let orders = OrderClient::connect(config(endpoint("SHOP_ORDER_ENDPOINT", "http://localhost:50052")))?;
+    let token = SecretString::from(
+        std::env::var("SHOP_TOKEN").context("SHOP_TOKEN is not set: the services need a bearer token")?,
+    );
+    let users = UserClient::connect(config(
+        endpoint("SHOP_USER_ENDPOINT", "http://localhost:50051"),
+        &token,
+    ))?;
+    let orders = OrderClient::connect(config(
+        endpoint("SHOP_ORDER_ENDPOINT", "http://localhost:50052"),
+        &token,
+    ))?;
 
     // A new email every run: the service refuses a taken one (ALREADY_EXISTS).
     let stamp = std::time::SystemTime::now()

@@ -444,6 +444,11 @@ impl Chaos {
                 // The "… service started" line is how the test learns it is up.
                 ("RUST_LOG", "warn,shop_host=info".to_owned()),
             ]
+            .into_iter()
+            // With authentication on, as deployed: the load calls with a
+            // token of the test's keys.
+            .chain(shop_testkit::TestKeys::shared().env())
+            .collect::<Vec<_>>()
         };
         let nodes = |service: &'static str, db: &TestDatabase| -> Vec<Node> {
             (0..options.instances.max(1))

@@ -66,6 +66,9 @@ fn clients(chaos: &Chaos) -> (Vec<UserClient>, Vec<OrderClient>) {
     };
     let config = |addr: std::net::SocketAddr| {
         ClientConfig::new(format!("http://{addr}"))
+            .with_token(shop_client::SecretString::from(
+                shop_testkit::TestKeys::shared().service_token(),
+            ))
             .with_retry(retry)
             .with_timeout(Duration::from_secs(5))
     };

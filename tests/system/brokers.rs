@@ -77,13 +77,19 @@ async fn replicas_of_one_consumer_group_on_two_brokers_strand_the_partitions_eac
     .unwrap();
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mut settings = order_service::Config::defaults();
+    settings.host.grpc.auth = shop_testkit::TestKeys::shared().auth_config();
     settings.host.database = orders_db.config();
     settings.host.amqp = broker.config();
     settings.host.grpc.addr = any_port;
     settings.host.admin_addr = any_port;
     settings.host.shutdown_grace = Duration::from_secs(5);
     settings.service.events_exchange = broker.exchange("order.events");
-    settings.service.user_events_exchange = broker.exchange("user.events");
+    // Declared on both brokers, as their definitions would: a consumer only
+    // looks its producer's exchange up.
+    settings.service.user_events_exchange = broker.event_exchange(&broker.config(), "user.events").await;
+    broker
+        .event_exchange(&shop_messaging::AmqpConfig::new(other.amqp_url(1)), "user.events")
+        .await;
     settings.service.user_events_queue = broker.queue("order-service.user-events");
     settings.service.consumer.partitions = PARTITIONS;
     settings.service.consumer.member_timeout = Duration::from_secs(1);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod alarms;
+mod auth;
 mod brokers;
 mod contract;
 mod database_roles;

@@ -236,13 +236,13 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
 
     // Traffic of every kind the rules and panels watch: commands (one
     // refused), events applied, a dead letter.
-    let mut client = UserServiceClient::new(
+    let mut client = UserServiceClient::new(crate::system::with_service_token(
         tonic::transport::Endpoint::from_shared(format!("http://{}", users.addr))
             .unwrap()
             .connect()
             .await
             .unwrap(),
-    );
+    ));
     let create = |n: usize| pb::CreateUserRequest {
         email: format!("watched{n}@example.com"),
         name: "Watched".to_owned(),
@@ -250,11 +250,13 @@ async fn prometheus_scrapes_both_services_evaluates_every_rule_and_query_and_the
     };
     // Server-side errors: a method the user service does not serve.
     let mut unserved = shop_contracts::order::order_service_client::OrderServiceClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", users.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
+        crate::system::with_service_token(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", users.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        ),
     );
     let get_order = || shop_contracts::order::GetOrderRequest {
         id: uuid::Uuid::now_v7().to_string(),

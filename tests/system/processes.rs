@@ -40,6 +40,7 @@ pub async fn start(user_amqp: String, order_env: &[(&str, String)]) -> Processes
         ("USER_EVENTS_QUEUE", queue),
     ];
     env.extend(order_env.iter().cloned());
+    env.extend(shop_testkit::TestKeys::shared().env());
     let orders = ServiceProcess::start_with_args(node, &["order"], &env)
         .await
         .unwrap();
@@ -60,7 +61,10 @@ pub async fn start(user_amqp: String, order_env: &[(&str, String)]) -> Processes
             ("DATABASE_URL", user_db.url().to_owned()),
             ("AMQP_URL", user_amqp),
             ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(shop_testkit::TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();

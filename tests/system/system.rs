@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shop_contracts::order::order_service_client::OrderServiceClient;
 use shop_contracts::user::user_service_client::UserServiceClient;
-use shop_testkit::{Running, TestBroker, TestDatabase};
+use shop_testkit::{AuthChannel, Running, TestBroker, TestDatabase, TestKeys};
 use tonic::transport::Channel;
 
 #[allow(dead_code)] // not every test binary waits
@@ -23,8 +23,9 @@ fn migrations(service: &str) -> std::path::PathBuf {
 pub struct System {
     pub user_addr: SocketAddr,
     pub order_addr: SocketAddr,
-    pub users: UserServiceClient<Channel>,
-    pub orders: OrderServiceClient<Channel>,
+    /// Call with a service token of every permission.
+    pub users: UserServiceClient<AuthChannel>,
+    pub orders: OrderServiceClient<AuthChannel>,
     pub user_settings: user_service::Config,
     pub order_settings: order_service::Config,
     // Dropped in this order: the services stop before their names and
@@ -36,7 +37,7 @@ pub struct System {
     _order_db: TestDatabase,
 }
 
-async fn channel(addr: SocketAddr) -> Channel {
+pub async fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -124,6 +125,7 @@ pub async fn start_with(options: Options) -> System {
     };
 
     let mut user_settings = user_service::Config::defaults();
+    user_settings.host.grpc.auth = TestKeys::shared().auth_config();
     user_settings.host.database = user_database;
     user_settings.host.amqp = amqp.clone();
     user_settings.host.grpc.addr = any_port;
@@ -140,6 +142,7 @@ pub async fn start_with(options: Options) -> System {
         broker.event_exchange(&amqp, "user.events").await
     };
     let mut order_settings = order_service::Config::defaults();
+    order_settings.host.grpc.auth = TestKeys::shared().auth_config();
     order_settings.host.database = order_database;
     order_settings.host.amqp = order_amqp;
     order_settings.host.grpc.addr = any_port;
@@ -171,8 +174,8 @@ pub async fn start_with(options: Options) -> System {
     let system = System {
         user_addr,
         order_addr,
-        users: UserServiceClient::new(channel(user_addr).await),
-        orders: OrderServiceClient::new(channel(order_addr).await),
+        users: UserServiceClient::new(with_service_token(channel(user_addr).await)),
+        orders: OrderServiceClient::new(with_service_token(channel(order_addr).await)),
         user_settings,
         order_settings,
         _user_service: user_service,
@@ -183,6 +186,11 @@ pub async fn start_with(options: Options) -> System {
     };
     system.wait_until_serving(order_addr).await;
     system
+}
+
+/// `channel` calling with a service token of every permission.
+pub fn with_service_token(channel: Channel) -> AuthChannel {
+    shop_testkit::auth::with_token(channel, &TestKeys::shared().service_token())
 }
 
 impl System {

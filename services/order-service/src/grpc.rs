@@ -1,10 +1,16 @@
-//! `shop.order.v1.OrderService` over gRPC: validate, run the command, map the
-//! outcome to a response or a status.
+//! `shop.order.v1.OrderService` over gRPC: validate, check that the caller may
+//! act on the user's orders (a user principal only on its own, see
+//! `shop_host::auth`), run the command, map the outcome to a response or a
+//! status. Which methods a caller may call at all was decided before, by
+//! the host's authentication layer; whose orders it may touch is decided
+//! here, by [`OrderGrpc::check_order_owner`] for the calls that name an
+//! order and by `Principal::check_owner` for those that name a user.
 
 use diesel_async::AsyncPgConnection;
 use shop_contracts::order as pb;
 use shop_contracts::order::order_service_server::OrderService;
 use shop_database::Pool;
+use shop_host::auth::{Principal, principal};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -37,6 +43,20 @@ impl OrderGrpc {
     ) -> Result<T, Error> {
         self.pool.run(work).await
     }
+
+    /// `Ok` when `principal` may act on order `id`: a service on any, a
+    /// user on its own (the stored order's user). A missing order is
+    /// `NOT_FOUND` only for those allowed to know.
+    async fn check_order_owner(&self, principal: &Principal, id: uuid::Uuid) -> Result<(), Status> {
+        if principal.user().is_none() {
+            return Ok(());
+        }
+        let owner = self
+            .run(async |conn| store::owner(conn, id).await)
+            .await?
+            .ok_or(Error::NotFound(id))?;
+        principal.check_owner(owner)
+    }
 }
 
 #[tonic::async_trait]
@@ -45,7 +65,9 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
+        let principal = principal(&request)?.clone();
         let new = NewOrder::try_from(request.into_inner()).map_err(Error::from)?;
+        principal.check_owner(new.user_id)?;
         let order = self
             .run(async |conn| store::create_order(conn, &new).await)
             .await?;
@@ -59,6 +81,7 @@ impl OrderService for OrderGrpc {
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let id = validate::get_order(request.get_ref()).map_err(Error::from)?;
+        self.check_order_owner(principal(&request)?, id).await?;
         let order = self
             .run(async |conn| store::find(conn, id).await)
             .await?
@@ -72,7 +95,9 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let principal = principal(&request)?.clone();
         let page = OrdersPage::try_from(request.into_inner()).map_err(Error::from)?;
+        principal.check_owner(page.user_id)?;
         // One extra row tells whether another page follows.
         let mut orders = self
             .run(async |conn| store::list(conn, page.user_id, page.after, page.size + 1).await)
@@ -94,7 +119,9 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let principal = principal(&request)?.clone();
         let cancellation = Cancellation::try_from(request.into_inner()).map_err(Error::from)?;
+        self.check_order_owner(&principal, cancellation.id).await?;
         let order = self
             .run(async |conn| store::cancel_order(conn, cancellation.id, cancellation.expected_version).await)
             .await?;

@@ -265,6 +265,17 @@ pub async fn cancel_order(
 }
 
 /// One order with its items, if it exists.
+/// The user an order belongs to (it never changes), `None` for no such
+/// order: what a user principal's ownership is checked against.
+pub async fn owner(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Uuid>, Error> {
+    Ok(orders::table
+        .find(id)
+        .select(orders::user_id)
+        .first(conn)
+        .await
+        .optional()?)
+}
+
 pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Order>, Error> {
     let Some(row) = orders::table
         .find(id)

@@ -1,10 +1,14 @@
-//! `shop.user.v1.UserService` over gRPC: validate, run the command, map the
-//! outcome to a response or a status.
+//! `shop.user.v1.UserService` over gRPC: validate, check that the caller may
+//! act on the user named (a user principal only on itself, see
+//! `shop_host::auth`), run the command, map the outcome to a response or a
+//! status. Which methods a caller may call at all was decided before, by
+//! the host's authentication layer.
 
 use diesel_async::AsyncPgConnection;
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::UserService;
 use shop_database::Pool;
+use shop_host::auth::principal;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -59,6 +63,7 @@ impl UserService for UserGrpc {
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let id = validate::get_user(request.get_ref()).map_err(Error::from)?;
+        principal(&request)?.check_owner(id)?;
         let user = self
             .run(async |conn| store::find(conn, id).await)
             .await?
@@ -72,7 +77,9 @@ impl UserService for UserGrpc {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
+        let principal = principal(&request)?.clone();
         let change = UserChange::try_from(request.into_inner()).map_err(Error::from)?;
+        principal.check_owner(change.id)?;
         let user = self
             .run(async |conn| store::update_user(conn, &change).await)
             .await?;
@@ -85,7 +92,9 @@ impl UserService for UserGrpc {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let principal = principal(&request)?.clone();
         let deletion = Deletion::try_from(request.into_inner()).map_err(Error::from)?;
+        principal.check_owner(deletion.id)?;
         self.run(async |conn| store::delete_user(conn, deletion.id, deletion.expected_version).await)
             .await?;
         Ok(Response::new(pb::DeleteUserResponse {}))

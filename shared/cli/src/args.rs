@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use shop_config::{ExposeSecret as _, SecretString};
 
@@ -39,9 +40,15 @@ Examples:
   shop dlq replay --reason max-attempts
   shop dlq skip <message id>   # give up on one dead letter; what waited behind it goes on
   shop up                      # both services, against the local PostgreSQL and RabbitMQ
+  shop token issue --subject service:ops --permission users:read,orders:read --ttl 1h
+
+Credentials: --token / SHOP_TOKEN, --token-file / SHOP_TOKEN_FILE, else the
+token `shop up` writes; --cert-file and --key-file for a client certificate;
+https:// endpoints for TLS (--ca-file for a private CA).
 
 Exit codes: 0 ok, 2 usage or invalid request, 3 not found, 4 conflict
-(already exists, version mismatch, failed precondition), 5 unavailable, 1 other.";
+(already exists, version mismatch, failed precondition), 5 unavailable,
+6 unauthenticated or not permitted, 1 other.";
 
 /// Endpoints and deadlines.
 #[derive(Debug, Clone, Args)]
@@ -71,6 +78,36 @@ pub struct Connection {
         value_parser = shop_config::duration
     )]
     pub timeout: Duration,
+    /// A bearer token for the services; unset, the token file.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOP_TOKEN",
+        hide_env_values = true,
+        value_parser = shop_config::secret
+    )]
+    pub token: Option<shop_config::SecretString>,
+    /// A file holding the token; unset, the `token` that `shop up` writes in
+    /// the state directory (SHOP_STATE_DIR, else ~/.local/state/shop), when
+    /// there is one.
+    #[arg(long, global = true, env = "SHOP_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificates of the CA that signs the services' certificates
+    /// (https:// endpoints); unset, Mozilla's root certificates.
+    #[arg(long, global = true, env = "SHOP_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), for services that authenticate callers
+    /// by certificate; with --key-file.
+    #[arg(long, global = true, env = "SHOP_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SHOP_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Send the token over plaintext (http://) to a host that is not this
+    /// machine, where anyone on the path could read it; only on a network
+    /// you trust.
+    #[arg(long, global = true, env = "SHOP_ALLOW_PLAINTEXT_TOKEN")]
+    pub allow_plaintext_token: bool,
     /// RabbitMQ, for the dead-letter commands (a cluster: its nodes' URLs,
     /// separated by commas, tried in turn), as their own broker user
     /// (`shop-dlq` in the shipped definitions).
@@ -139,6 +176,54 @@ impl Connection {
         amqp
     }
 
+    /// The client settings of `endpoint`: the deadline, the token and TLS.
+    pub fn client_config(&self, endpoint: &str) -> anyhow::Result<shop_client::ClientConfig> {
+        let mut config = shop_client::ClientConfig::new(endpoint).with_timeout(self.timeout);
+        config.token = self.token()?;
+        config.allow_plaintext_token = self.allow_plaintext_token;
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(certificate), Some(key)) => {
+                Some(shop_client::ClientIdentity::new(read(certificate)?, read(key)?))
+            }
+            _ => None,
+        };
+        if endpoint.starts_with("https://") || self.ca_file.is_some() || identity.is_some() {
+            config.tls = Some(shop_client::TlsConfig {
+                ca_certificate_pem: self.ca_file.as_deref().map(read).transpose()?,
+                domain: None,
+                client_identity: identity,
+            });
+        }
+        Ok(config)
+    }
+
+    /// The token: `--token`, else the file `--token-file`, else the state
+    /// directory's `token` when there is one.
+    fn token(&self) -> anyhow::Result<Option<shop_config::SecretString>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        let (path, required) = match &self.token_file {
+            Some(path) => (path.clone(), true),
+            None => match crate::token::state_dir() {
+                Ok(dir) => (dir.join(crate::token::TOKEN), false),
+                Err(_) => return Ok(None),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(shop_config::secret(&text).map_err(|error| {
+                anyhow::anyhow!("the token file {}: {error}", path.display())
+            })?)),
+            Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => {
+                Err(error).with_context(|| format!("cannot read the token file {}", path.display()))
+            }
+        }
+    }
+
     /// The consumer's database: `--consumer-database-url` (or its file),
     /// else `DATABASE_URL`, else the local `orders`.
     pub fn consumer_database(&self) -> SecretString {
@@ -168,9 +253,14 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Run both services in this process against the local PostgreSQL and
     /// RabbitMQ (databases created and migrated, topology declared) until
-    /// Ctrl-C. Each service reads its own variables (see `user-service
-    /// --help`), except where the flags below give it its own.
+    /// Ctrl-C, with authentication on: development credentials in the state
+    /// directory (a signing key made at the first start, a token the other
+    /// commands use). Each service reads its own variables (see
+    /// `user-service --help`), except where the flags below give it its own.
     Up(crate::up::UpArgs),
+    /// Signing keys and bearer tokens for the services.
+    #[command(subcommand)]
+    Token(crate::token::TokenCommand),
 }
 
 /// Paging of a listing.

@@ -4,13 +4,20 @@
 //! Exit codes tell scripts what happened: 0 success, 2 a usage error (bad
 //! arguments, or a request the server refused as invalid), 3 not found, 4 a
 //! conflict (already exists, version mismatch, failed precondition), 5 a
-//! service unavailable or too slow, 1 anything else.
+//! service unavailable or too slow, 6 a call refused for its credentials
+//! (unauthenticated, not permitted), 1 anything else.
+//!
+//! The services authenticate every call: the CLI sends the bearer token of
+//! `--token` / `SHOP_TOKEN`, else of `--token-file` / `SHOP_TOKEN_FILE`,
+//! else the one `shop up` writes to the state directory ([`token`]), and a
+//! client certificate with `--cert-file` and `--key-file`.
 #![forbid(unsafe_code)]
 
 mod args;
 mod dlq;
 mod output;
 mod records;
+pub mod token;
 pub mod up;
 
 use std::process::ExitCode;
@@ -28,6 +35,9 @@ pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_CONFLICT: u8 = 4;
 /// Exit code of an unavailable service.
 pub const EXIT_UNAVAILABLE: u8 = 5;
+/// Exit code of a call refused for its credentials (`UNAUTHENTICATED`,
+/// `PERMISSION_DENIED`).
+pub const EXIT_DENIED: u8 = 6;
 
 /// Runs a parsed command line and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -39,6 +49,16 @@ pub async fn run(cli: Cli) -> ExitCode {
             .await
             .map_err(Failure::Other),
         Command::Up(args) => up::run(args).await.map_err(Failure::Other),
+        Command::Token(command) => match token::run(command) {
+            Ok(printed) => {
+                #[allow(clippy::print_stdout)] // a token or a line for the operator
+                {
+                    print!("{printed}");
+                }
+                Ok(())
+            }
+            Err(error) => Err(Failure::Other(error)),
+        },
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +86,7 @@ impl Failure {
             Error::NotFound(_) => EXIT_NOT_FOUND,
             Error::AlreadyExists(_) | Error::Conflict(_) | Error::FailedPrecondition(_) => EXIT_CONFLICT,
             Error::Unavailable(_) | Error::DeadlineExceeded(_) => EXIT_UNAVAILABLE,
+            Error::Unauthenticated(_) | Error::PermissionDenied(_) => EXIT_DENIED,
             Error::Server { .. } => 1,
         }
     }
@@ -77,12 +98,12 @@ impl From<Error> for Failure {
     }
 }
 
-fn config(endpoint: &str, connection: &args::Connection) -> ClientConfig {
-    ClientConfig::new(endpoint).with_timeout(connection.timeout)
+fn config(endpoint: &str, connection: &args::Connection) -> Result<ClientConfig, Failure> {
+    connection.client_config(endpoint).map_err(Failure::Other)
 }
 
 async fn users(connection: &args::Connection, command: UsersCommand, output: &Output) -> Result<(), Failure> {
-    let client = UserClient::connect(config(&connection.user_endpoint, connection))?;
+    let client = UserClient::connect(config(&connection.user_endpoint, connection)?)?;
     match command {
         UsersCommand::Create { email, name } => output.user(&client.create_user(&email, &name).await?),
         UsersCommand::Get { id } => output.user(&client.get_user(&id).await?),
@@ -122,7 +143,7 @@ async fn orders(
     command: OrdersCommand,
     output: &Output,
 ) -> Result<(), Failure> {
-    let client = OrderClient::connect(config(&connection.order_endpoint, connection))?;
+    let client = OrderClient::connect(config(&connection.order_endpoint, connection)?)?;
     match command {
         OrdersCommand::Create { user, items } => {
             let items: Vec<(&str, i32)> = items

@@ -1,5 +1,13 @@
 //! `shop up`: the whole system in one process, against the local
 //! PostgreSQL and RabbitMQ, until Ctrl-C.
+//!
+//! Authentication is on, as in any deployment: unless `GRPC_AUTH` is set,
+//! `shop up` keeps development credentials in the state directory
+//! ([`crate::token::state_dir`]): an Ed25519 signing key made at the first
+//! start (`jwt-signing-key.pem`, readable by its owner only), its public key
+//! set, which both services verify tokens with (`GRPC_JWT_KEYS`), and a
+//! token for the other `shop` commands (`token`: a service with every
+//! permission, valid for 30 days, written anew at every start).
 
 use std::ffi::OsString;
 
@@ -42,20 +50,18 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(service) = &args.service {
         return serve(service).await;
     }
-    let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(flags::<
-        user_service::UserService,
-    >(
-        args.user_database_url,
-        args.user_grpc_addr,
-        args.user_admin_addr,
-    ))?;
-    let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(flags::<
-        order_service::OrderService,
-    >(
+    let credentials = development_credentials()?;
+    let mut user_flags =
+        flags::<user_service::UserService>(args.user_database_url, args.user_grpc_addr, args.user_admin_addr);
+    user_flags.extend(credentials.iter().cloned());
+    let mut order_flags = flags::<order_service::OrderService>(
         args.order_database_url,
         args.order_grpc_addr,
         args.order_admin_addr,
-    ))?;
+    );
+    order_flags.extend(credentials.iter().cloned());
+    let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(user_flags)?;
+    let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(order_flags)?;
     let mut telemetry = users.host.telemetry.clone();
     telemetry.service_name = "shop".to_owned();
     let telemetry = shop_telemetry::init(&telemetry)?;
@@ -65,6 +71,30 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     telemetry.shutdown();
     outcome
+}
+
+/// The flags that turn authentication on with the development credentials
+/// of the state directory, made as needed (see the module docs); none when
+/// `GRPC_AUTH` is set, which then configures both services as it does their
+/// binaries.
+fn development_credentials() -> anyhow::Result<Vec<OsString>> {
+    if std::env::var_os("GRPC_AUTH").is_some() {
+        return Ok(Vec::new());
+    }
+    let dir = crate::token::state_dir()?;
+    let keys = crate::token::development_credentials(&dir)?;
+    // Before telemetry is set up: said on stderr, once.
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "shop up: authentication on; development credentials in {} (the shop commands use its token)",
+            dir.display()
+        );
+    }
+    Ok(vec![
+        OsString::from("--grpc-auth=jwt"),
+        OsString::from(format!("--grpc-jwt-keys={}", keys.display())),
+    ])
 }
 
 /// The flags that give service `S` its own database and addresses: the

@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
+use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 pub use shop_backoff::Backoff;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::Error;
 
 /// Where a service is and how to call it.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `http://host:port`, or `https://host:port` with [`ClientConfig::tls`].
+    /// `http://host:port`, or `https://host:port` for TLS (with
+    /// [`ClientConfig::tls`], or its defaults).
     pub endpoint: String,
     /// TLS settings; `None` for plaintext.
     pub tls: Option<TlsConfig>,
@@ -20,6 +22,13 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// When and how often to retry.
     pub retry: RetryPolicy,
+    /// A bearer token sent with every call (`authorization: Bearer …`).
+    pub token: Option<SecretString>,
+    /// Send the token over plaintext (`http://`) to a host that is not
+    /// this machine: off, since anyone on the path could read and replay
+    /// it. Loopback addresses (`localhost`, `127.0.0.0/8`, `::1`) never need
+    /// it.
+    pub allow_plaintext_token: bool,
 }
 
 impl ClientConfig {
@@ -31,7 +40,16 @@ impl ClientConfig {
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            token: None,
+            allow_plaintext_token: false,
         }
+    }
+
+    /// The same, calling with the bearer `token`.
+    #[must_use]
+    pub fn with_token(mut self, token: SecretString) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// The same with TLS.
@@ -60,13 +78,42 @@ impl ClientConfig {
             .map_err(|error| Error::Config(format!("invalid endpoint {:?}: {error}", self.endpoint)))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
-        if let Some(tls) = &self.tls {
-            let mut config = ClientTlsConfig::new().with_enabled_roots();
-            if let Some(pem) = &tls.ca_certificate_pem {
-                config = config.ca_certificate(Certificate::from_pem(pem));
+        let https = endpoint.uri().scheme_str() == Some("https");
+        if !https && self.tls.is_some() {
+            return Err(Error::Config(format!(
+                "endpoint {:?}: TLS settings need an https:// endpoint",
+                self.endpoint
+            )));
+        }
+        if self.token.is_some()
+            && !https
+            && !self.allow_plaintext_token
+            && !is_loopback(endpoint.uri().host().unwrap_or_default())
+        {
+            return Err(Error::Config(format!(
+                "a bearer token is sent over TLS (https://) or to this machine only, not in plaintext to {:?}; \
+                 allow it explicitly if the network is trusted",
+                self.endpoint
+            )));
+        }
+        // An https:// endpoint without settings: TLS with the defaults.
+        let default_tls = TlsConfig::default();
+        let tls = self.tls.as_ref().or(https.then_some(&default_tls));
+        if let Some(tls) = tls {
+            // Mozilla's roots (webpki-roots, built in) unless a CA is given.
+            let mut config = ClientTlsConfig::new();
+            match &tls.ca_certificate_pem {
+                Some(pem) => config = config.ca_certificate(Certificate::from_pem(pem)),
+                None => config = config.with_webpki_roots(),
             }
             if let Some(domain) = &tls.domain {
                 config = config.domain_name(domain.clone());
+            }
+            if let Some(identity) = &tls.client_identity {
+                config = config.identity(Identity::from_pem(
+                    &identity.certificate_pem,
+                    identity.key_pem.expose_secret(),
+                ));
             }
             endpoint = endpoint
                 .tls_config(config)
@@ -76,15 +123,54 @@ impl ClientConfig {
     }
 }
 
+/// Whether `host` (an endpoint's host: a name, an IPv4 address or a
+/// bracketed IPv6 address) is this machine.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
 /// TLS for a client.
 #[derive(Debug, Clone, Default)]
 pub struct TlsConfig {
-    /// A CA certificate (PEM) to trust besides the system's roots, e.g. the
-    /// one that signed a self-signed server certificate.
+    /// The CA certificates (PEM) that sign the server's certificate, e.g.
+    /// a private CA; unset, Mozilla's root certificates (built in) are
+    /// trusted.
     pub ca_certificate_pem: Option<Vec<u8>>,
     /// The name to check the server's certificate against, when it differs
     /// from the endpoint's host.
     pub domain: Option<String>,
+    /// A client certificate and its key, for a server that authenticates
+    /// callers by certificate (mTLS).
+    pub client_identity: Option<ClientIdentity>,
+}
+
+/// A client certificate (PEM chain) and its private key (PEM).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// The certificate chain, the client's certificate first.
+    pub certificate_pem: Vec<u8>,
+    /// Its private key; never printed.
+    pub key_pem: std::sync::Arc<SecretBox<Vec<u8>>>,
+}
+
+impl ClientIdentity {
+    /// The certificate `certificate_pem` with its key `key_pem`.
+    pub fn new(certificate_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        Self {
+            certificate_pem,
+            key_pem: std::sync::Arc::new(SecretBox::new(Box::new(key_pem))),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
+    }
 }
 
 /// How often to try a call, and how long to wait between attempts.
@@ -113,5 +199,49 @@ impl RetryPolicy {
             max_attempts: 1,
             ..Self::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_this_machine_and_others_are_not() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.8.9.10",
+            "[::1]",
+            "::1",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["example.com", "10.0.0.1", "[::2]", "localhost.example.com", ""] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn a_token_is_not_sent_in_plaintext_to_another_host_unless_allowed() {
+        let token = || SecretString::from("t0ken".to_owned());
+        let remote = ClientConfig::new("http://users.example.com:50051").with_token(token());
+        let local = ClientConfig::new("http://localhost:50051").with_token(token());
+        let mut allowed = remote.clone();
+        allowed.allow_plaintext_token = true;
+
+        let refused = remote.endpoint().unwrap_err();
+
+        assert!(matches!(refused, Error::Config(_)), "{refused:?}");
+        assert!(!refused.to_string().contains("t0ken"));
+        assert!(local.endpoint().is_ok());
+        assert!(allowed.endpoint().is_ok());
+        assert!(
+            ClientConfig::new("https://users.example.com:50051")
+                .with_token(token())
+                .endpoint()
+                .is_ok()
+        );
     }
 }

@@ -44,6 +44,14 @@ pub enum Error {
     /// `DEADLINE_EXCEEDED` (after the retries).
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
+    /// `UNAUTHENTICATED`: no credentials, or credentials the server does
+    /// not accept (an expired token, a key it does not know).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// `PERMISSION_DENIED`: the caller lacks the permission, or acts on
+    /// another user's data.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Any other status.
     #[error("{code:?}: {message}")]
     Server {
@@ -68,6 +76,8 @@ impl Error {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Server { code, .. } => *code,
             Self::Config(_) => Code::InvalidArgument,
         }
@@ -99,6 +109,8 @@ impl From<tonic::Status> for Error {
             Code::FailedPrecondition => Self::FailedPrecondition(message),
             Code::Unavailable => Self::Unavailable(message),
             Code::DeadlineExceeded => Self::DeadlineExceeded(message),
+            Code::Unauthenticated => Self::Unauthenticated(message),
+            Code::PermissionDenied => Self::PermissionDenied(message),
             code => Self::Server { code, message },
         }
     }

@@ -1,7 +1,18 @@
 //! Typed async clients for the shop's gRPC services.
 //!
 //! [`UserClient`] and [`OrderClient`] are built from a [`ClientConfig`]
-//! (endpoint, optional TLS, per-call deadline, retry policy). Every call
+//! (endpoint, optional TLS, credentials, per-call deadline, retry policy).
+//! Every call
+//!
+//! - carries the credentials: a bearer token ([`ClientConfig::with_token`],
+//!   sent as `authorization: Bearer …`, marked sensitive so HTTP/2 header
+//!   compression never indexes it) and/or a client certificate
+//!   ([`TlsConfig::client_identity`]). A token is sent over TLS, or in
+//!   plaintext only to this machine (`localhost`, `127.0.0.0/8`, `::1`),
+//!   unless [`ClientConfig::allow_plaintext_token`] says otherwise: on any
+//!   other network it could be read and replayed. Over TLS the server's
+//!   certificate is checked against Mozilla's roots (built in, the same as
+//!   the services' database and broker connections) unless a CA is given;
 //!
 //! - carries the current trace context (`traceparent`), so a call made
 //!   inside a traced operation continues its trace;
@@ -20,8 +31,9 @@
 //! use shop_client::{ClientConfig, Error, OrderClient, UserClient};
 //!
 //! # async fn example() -> Result<(), Error> {
-//! let users = UserClient::connect(ClientConfig::new("http://localhost:50051"))?;
-//! let orders = OrderClient::connect(ClientConfig::new("http://localhost:50052"))?;
+//! let token = shop_client::SecretString::from(std::env::var("SHOP_TOKEN").unwrap_or_default());
+//! let users = UserClient::connect(ClientConfig::new("http://localhost:50051").with_token(token.clone()))?;
+//! let orders = OrderClient::connect(ClientConfig::new("http://localhost:50052").with_token(token))?;
 //!
 //! let ada = users.create_user("ada@example.com", "Ada Lovelace").await?;
 //! let order = orders.create_order(&ada.id, &[("sku-1", 2), ("sku-7", 1)]).await?;
@@ -52,9 +64,10 @@ mod orders;
 mod retry;
 mod users;
 
-pub use config::{Backoff, ClientConfig, RetryPolicy, TlsConfig};
+pub use config::{Backoff, ClientConfig, ClientIdentity, RetryPolicy, TlsConfig};
 pub use error::{Error, FieldViolation};
 pub use orders::OrderClient;
+pub use secrecy::SecretString;
 pub use shop_contracts::order::{Order, OrderItem, OrderStatus};
 pub use shop_contracts::user::User;
 pub use users::{UserClient, UserUpdate};

@@ -2,22 +2,58 @@
 
 use std::future::Future;
 
+use secrecy::ExposeSecret as _;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{ClientConfig, Error};
 
-/// A channel whose requests carry the current trace context.
-pub(crate) type TracedChannel = InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, Status>>;
+/// A channel whose requests carry the current trace context and the
+/// credentials.
+pub(crate) type TracedChannel = InterceptedService<Channel, CallMetadata>;
+
+/// What every request carries besides its message: the trace context and
+/// the bearer token.
+#[derive(Clone)]
+pub(crate) struct CallMetadata {
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for CallMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallMetadata")
+            .field("token", &self.authorization.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl Interceptor for CallMetadata {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let mut request = shop_telemetry::propagation::inject_grpc(request)?;
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// A lazily connected, traced channel for `config`.
 pub(crate) fn channel(config: &ClientConfig) -> Result<TracedChannel, Error> {
     let channel = config.endpoint()?.connect_lazy();
-    Ok(InterceptedService::new(
-        channel,
-        shop_telemetry::propagation::inject_grpc::<()> as fn(Request<()>) -> Result<Request<()>, Status>,
-    ))
+    let authorization = match &config.token {
+        None => None,
+        Some(token) => {
+            let mut value = AsciiMetadataValue::try_from(format!("Bearer {}", token.expose_secret().trim()))
+                .map_err(|_| Error::Config("the token is not a valid header value (ASCII)".to_owned()))?;
+            // Never kept in HPACK tables, where it could be compressed against.
+            value.set_sensitive(true);
+            Some(value)
+        }
+    };
+    Ok(InterceptedService::new(channel, CallMetadata { authorization }))
 }
 
 /// Whether a call is safe to send again after it timed out (its first

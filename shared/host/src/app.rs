@@ -49,6 +49,12 @@ impl<S: Service> App<S> {
     pub async fn build(config: Config<S>) -> anyhow::Result<Self> {
         let config = config.complete();
         config.host.validate().map_err(|error| anyhow::anyhow!(error))?;
+        config
+            .host
+            .grpc
+            .auth
+            .validate(config.host.grpc.tls_cert.is_some())
+            .map_err(|error| anyhow::anyhow!(error))?;
         // Installed before anything records a metric.
         crate::admin::metrics_handle()?;
         let pool = shop_database::connect_granting(

@@ -124,6 +124,15 @@ where
             _ => Action::Serve,
         }
     };
+    if action == Action::Serve {
+        // Only a server needs to know who may call it.
+        config
+            .host
+            .grpc
+            .auth
+            .validate(config.host.grpc.tls_cert.is_some())
+            .map_err(|error| (format!("{}: {error}\n", S::NAME), 2))?;
+    }
     Ok((action, config, matches))
 }
 

@@ -203,6 +203,9 @@ pub struct GrpcConfig {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+    /// Who may call (see [`crate::auth`]).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl GrpcConfig {
@@ -232,6 +235,12 @@ impl GrpcConfig {
 /// service missing from the descriptors is an error, so a service cannot be
 /// served uncounted by mistake.
 pub fn known_methods(services: &[&str]) -> anyhow::Result<KnownMethods> {
+    Ok(KnownMethods::new(methods_of(services)?))
+}
+
+/// The `(service, method)` pairs of `services`, from the contracts'
+/// descriptors; see [`known_methods`].
+pub fn methods_of(services: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
     let descriptors =
         shop_contracts::prost_types::FileDescriptorSet::decode(shop_contracts::FILE_DESCRIPTOR_SET)
             .context("the contracts' file descriptor set does not decode")?;
@@ -261,7 +270,7 @@ pub fn known_methods(services: &[&str]) -> anyhow::Result<KnownMethods> {
     {
         anyhow::bail!("the service {missing} is not in the contracts' file descriptor set");
     }
-    Ok(KnownMethods::new(methods))
+    Ok(methods)
 }
 
 /// Name of the gRPC health service.
@@ -271,10 +280,12 @@ pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// reflection, which this adds) on `incoming` until `shutdown` resolves, then
 /// drains the calls in flight. Every call gets a server span
 /// ([`shop_telemetry::grpc::GrpcServerTraceLayer`], naming the methods of
-/// `services` and no others); each is received whole within the request
-/// deadline before it may take one of [`GrpcConfig::max_in_flight`]
-/// permits ([`crate::limit`]); connections get the keepalive and stream
-/// bounds of the module docs; TLS is served when configured.
+/// `services` and no others); is authenticated and authorized from its
+/// headers ([`crate::auth`]) before its body is read; and is received whole
+/// within the request deadline before it may take one of
+/// [`GrpcConfig::max_in_flight`] permits ([`crate::limit`]); connections get
+/// the keepalive and stream bounds of the module docs; TLS is served when
+/// configured, asking for client certificates with `GRPC_TLS_CLIENT_CA`.
 pub async fn serve<H>(
     routes: tonic::service::Routes,
     services: &[&str],
@@ -286,12 +297,13 @@ pub async fn serve<H>(
 where
     H: tonic_health::pb::health_server::Health,
 {
-    let (reflection_v1, reflection_v1alpha) = reflection(services)?;
     let known = known_methods(services)?;
-    let routes = routes
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    let authenticator = std::sync::Arc::new(authenticator(config, services, known.clone())?);
+    let mut routes = routes.add_service(health);
+    if config.auth.reflection != crate::auth::Reflection::Off {
+        let (reflection_v1, reflection_v1alpha) = reflection(services)?;
+        routes = routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+    }
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -302,15 +314,32 @@ where
         let certificate_pem =
             std::fs::read(certificate).with_context(|| format!("cannot read {}", certificate.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(certificate_pem, key_pem));
+        if let Some(client_ca) = &config.auth.client_ca {
+            let ca = std::fs::read(client_ca)
+                .with_context(|| format!("GRPC_TLS_CLIENT_CA: cannot read {}", client_ca.display()))?;
+            // Asked for and verified in the handshake, required per call
+            // (crate::auth): health checks need none.
+            tls = tls
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
         server = server
-            .tls_config(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(certificate_pem, key_pem)),
-            )
-            .context("invalid TLS certificate or key")?;
+            .tls_config(tls)
+            .context("invalid TLS certificate, key or client CA")?;
     }
+    let (stop_watching, watching) = (
+        tokio_util::sync::CancellationToken::new(),
+        authenticator.tokens().cloned(),
+    );
+    if let Some(tokens) = watching {
+        tokio::spawn(tokens.watch(stop_watching.clone()));
+    }
+    let _stop_watching = stop_watching.drop_guard();
     server
         .layer(shop_telemetry::grpc::GrpcServerTraceLayer::new(known))
+        .layer(crate::auth::AuthLayer::new(authenticator))
         .layer(crate::limit::InFlightLimitLayer::new(
             config.max_in_flight as usize,
             config.max_message_size(),
@@ -320,6 +349,33 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("gRPC server failed")
+}
+
+/// The authenticator of a server serving `services`, after checking that
+/// each of their methods has a permission ([`crate::auth::METHODS`]);
+/// announces `GRPC_AUTH=none` (a warning and the gauge
+/// `grpc_server_auth_disabled`).
+fn authenticator(
+    config: &GrpcConfig,
+    services: &[&str],
+    known: KnownMethods,
+) -> anyhow::Result<crate::auth::Authenticator> {
+    let authenticator = crate::auth::Authenticator::new(&config.auth, config.tls_cert.is_some(), known)?;
+    if let Some(path) = methods_of(services)?
+        .into_iter()
+        .map(|(service, method)| format!("/{service}/{method}"))
+        .find(|path| crate::auth::method_policy(path).is_none())
+    {
+        anyhow::bail!(
+            "the method {path} has no permission in shop_host::auth::METHODS: it would be served unchecked"
+        );
+    }
+    let disabled = authenticator.accepted().is_none();
+    if disabled {
+        tracing::warn!("gRPC authentication is off (GRPC_AUTH=none): every caller may call every method");
+    }
+    metrics::gauge!("grpc_server_auth_disabled").set(if disabled { 1.0 } else { 0.0 });
+    Ok(authenticator)
 }
 
 /// `ABORTED`: a change guarded by `expected_version` found the aggregate at
@@ -428,6 +484,33 @@ mod tests {
             Call::Unknown,
             "a service of the contracts this server does not serve"
         );
+    }
+
+    #[test]
+    fn every_method_of_every_service_in_the_contracts_has_a_permission() {
+        let descriptors =
+            shop_contracts::prost_types::FileDescriptorSet::decode(shop_contracts::FILE_DESCRIPTOR_SET)
+                .unwrap();
+        let services: Vec<String> = descriptors
+            .file
+            .iter()
+            .flat_map(|file| {
+                file.service
+                    .iter()
+                    .map(|service| format!("{}.{}", file.package(), service.name()))
+            })
+            .collect();
+        let services: Vec<&str> = services.iter().map(String::as_str).collect();
+        let methods = methods_of(&services).unwrap();
+
+        assert!(methods.len() >= 9, "{methods:?}");
+        for (service, method) in methods {
+            let path = format!("/{service}/{method}");
+            assert!(
+                crate::auth::method_policy(&path).is_some(),
+                "{path} has no permission"
+            );
+        }
     }
 
     #[test]

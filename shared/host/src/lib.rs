@@ -15,7 +15,8 @@
 //!   `--print-config`.
 //! - [`App`]: the database created and migrated, the gRPC and admin
 //!   listeners bound (port 0 works, for tests), then the gRPC server
-//!   ([`grpc`]: reflection, health, limits, TLS, the trace layer), the admin
+//!   ([`grpc`]: reflection, health, limits, TLS, the trace layer, and
+//!   [`auth`]: who may call, checked before a request's body is read), the admin
 //!   port ([`admin`]: metrics and dependency health), the outbox relay and the
 //!   service's own tasks, until SIGINT/SIGTERM and a bounded drain
 //!   ([`shutdown`]).
@@ -37,6 +38,7 @@
 
 pub mod admin;
 mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod grpc;

@@ -136,6 +136,7 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
 
     assert_secrets_from_files(binary);
     assert_require_tls(binary);
+    assert_refuses_to_serve_without_authentication(binary);
 }
 
 /// One line on stderr and exit code 2, naming every one of `names` and
@@ -237,7 +238,9 @@ fn assert_secrets_from_files(binary: &str) {
 fn assert_require_tls(binary: &str) {
     let tls_database = "postgres://app:tls-secret-5@db:5432/app?sslmode=require";
     let tls_broker = "amqps://app:tls-secret-6@mq:5671/%2f";
-    let cases: [(&str, [(&str, &str); 3]); 3] = [
+    // Who may call is settled (GRPC_AUTH=none), so what is refused is the
+    // plaintext connection.
+    let cases: [(&str, [(&str, &str); 4]); 3] = [
         (
             "DATABASE_URL",
             [
@@ -247,6 +250,7 @@ fn assert_require_tls(binary: &str) {
                 ),
                 ("AMQP_URL", tls_broker),
                 ("REQUIRE_TLS", "true"),
+                ("GRPC_AUTH", "none"),
             ],
         ),
         (
@@ -255,6 +259,7 @@ fn assert_require_tls(binary: &str) {
                 ("DATABASE_URL", tls_database),
                 ("AMQP_URL", "amqp://app:tls-secret-6@mq:5672/%2f"),
                 ("REQUIRE_TLS", "true"),
+                ("GRPC_AUTH", "none"),
             ],
         ),
         (
@@ -263,6 +268,7 @@ fn assert_require_tls(binary: &str) {
                 ("DATABASE_URL", tls_database),
                 ("AMQP_URL", tls_broker),
                 ("REQUIRE_TLS", "true"),
+                ("GRPC_AUTH", "none"),
             ],
         ),
     ];
@@ -275,4 +281,64 @@ fn assert_require_tls(binary: &str) {
             &format!("REQUIRE_TLS with {setting}"),
         );
     }
+}
+
+/// Asserts that `binary` refuses to serve, exit 2 and one line naming the
+/// setting, when nothing says who may call it (`GRPC_AUTH` unset), when
+/// `GRPC_AUTH` is not a mechanism, and when a mechanism lacks what it needs;
+/// and that the probe and the relay, which serve no calls, need none of it.
+///
+/// # Panics
+///
+/// When any of that does not hold.
+pub fn assert_refuses_to_serve_without_authentication(binary: &str) {
+    for (envs, named) in [
+        (&[][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "")][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "basic")][..], "GRPC_AUTH"),
+        (&[("GRPC_AUTH", "jwt")][..], "GRPC_JWT_KEYS"),
+        (&[("GRPC_AUTH", "mtls")][..], "GRPC_TLS_CLIENT_CA"),
+        (
+            &[("GRPC_AUTH", "mtls"), ("GRPC_TLS_CLIENT_CA", "/tmp/ca.pem")][..],
+            "GRPC_TLS_CERT",
+        ),
+        (
+            &[("GRPC_AUTH", "none"), ("GRPC_JWT_KEYS", "/tmp/keys.json")][..],
+            "GRPC_JWT_KEYS",
+        ),
+        (
+            &[
+                ("GRPC_AUTH", "jwt"),
+                ("GRPC_JWT_KEYS", "/tmp/keys.json"),
+                ("GRPC_JWT_LEEWAY", "10m"),
+            ][..],
+            "GRPC_JWT_LEEWAY",
+        ),
+        (
+            &[
+                ("GRPC_AUTH", "mtls"),
+                ("GRPC_TLS_CLIENT_PERMISSIONS", "ops=users:admin"),
+            ][..],
+            "GRPC_TLS_CLIENT_PERMISSIONS",
+        ),
+    ] {
+        for args in [&[][..], &["serve"][..]] {
+            let refused = run(binary, args, envs);
+            let stderr = text(&refused.stderr);
+            assert_eq!(refused.status.code(), Some(2), "{envs:?} {args:?}: {refused:?}");
+            assert_eq!(
+                stderr.trim_end().lines().count(),
+                1,
+                "{envs:?}: not one line:\n{stderr}"
+            );
+            assert!(
+                stderr.contains(named),
+                "{envs:?}: the line does not name {named}: {stderr}"
+            );
+        }
+    }
+    // No GRPC_AUTH: the probe runs (and fails to reach a server: exit 1,
+    // not a refused setting).
+    let probe = run(binary, &["healthcheck"], &[("GRPC_ADDR", "127.0.0.1:1")]);
+    assert_eq!(probe.status.code(), Some(1), "{probe:?}");
 }

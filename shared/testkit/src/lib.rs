@@ -14,6 +14,8 @@
 //!   with SIGTERM or killed.
 //! - [`Running`]: a service running in the test process, stopped with the
 //!   test.
+//! - [`auth`]: a real key pair per test and tokens signed with it, so
+//!   services run with authentication on ([`TestKeys`]).
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //! - [`command_line`]: what a service binary does before it runs (help,
 //!   version, printed configuration, bad settings).
@@ -31,6 +33,7 @@
 //! administrator. Set `TEST_LOG` to see the services' logs.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod broker;
 pub mod cluster;
 pub mod command_line;
@@ -40,6 +43,7 @@ mod proxy;
 mod publisher;
 mod running;
 
+pub use auth::{AuthChannel, Bearer, TestKeys};
 pub use broker::{ProbeQueue, TestBroker};
 pub use cluster::{ClusterOptions, QuorumMember, RabbitCluster};
 pub use database::{DEFAULT_TEST_DATABASE_URL, TestDatabase, TestRoles};

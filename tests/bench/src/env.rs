@@ -8,6 +8,7 @@ use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::ConsumerConfig;
 use shop_outbox::RelayConfig;
 use shop_testkit::ServiceProcess;
+use shop_testkit::TestKeys;
 
 /// Everything a run creates, with unique names.
 pub(crate) struct Bench {
@@ -104,9 +105,25 @@ impl Bench {
         config
     }
 
-    /// The user service as a child process; `relay` says whether it runs
-    /// its relay.
+    /// The user service as a child process, with authentication on (bearer
+    /// tokens of the benchmark's keys, [`with_token`]); `relay` says whether
+    /// it runs its relay.
     pub(crate) async fn spawn_user_service(&self, relay: bool) -> anyhow::Result<ServiceProcess> {
+        self.spawn_user_service_with(relay, Authentication::Jwt).await
+    }
+
+    /// [`Bench::spawn_user_service`], authenticating callers as `auth` says.
+    pub(crate) async fn spawn_user_service_with(
+        &self,
+        relay: bool,
+        auth: Authentication,
+    ) -> anyhow::Result<ServiceProcess> {
+        let auth = match auth {
+            Authentication::Jwt => TestKeys::shared().env(),
+            // Only to measure what authentication costs, beside the same
+            // service with it on.
+            Authentication::None => vec![("GRPC_AUTH", "none".to_owned())],
+        };
         ServiceProcess::start_with_args(
             &std::env::current_exe()?.to_string_lossy(),
             &["serve", "user"],
@@ -117,12 +134,15 @@ impl Bench {
                 ("RELAY_ENABLED", relay.to_string()),
                 ("DATABASE_POOL_SIZE", crate::stages::SERVICE_POOL.to_string()),
                 ("RUST_LOG", "info".to_owned()),
-            ],
+            ]
+            .into_iter()
+            .chain(auth)
+            .collect::<Vec<_>>(),
         )
         .await
     }
 
-    /// The order service as a child process.
+    /// The order service as a child process, with authentication on.
     pub(crate) async fn spawn_order_service(&self, prefetch: u16) -> anyhow::Result<ServiceProcess> {
         ServiceProcess::start_with_args(
             &std::env::current_exe()?.to_string_lossy(),
@@ -135,7 +155,10 @@ impl Bench {
                 ("USER_EVENTS_QUEUE", self.consumer_queue.clone()),
                 ("CONSUMER_PREFETCH", prefetch.to_string()),
                 ("RUST_LOG", "info".to_owned()),
-            ],
+            ]
+            .into_iter()
+            .chain(TestKeys::shared().env())
+            .collect::<Vec<_>>(),
         )
         .await
     }
@@ -194,6 +217,23 @@ impl Bench {
             let _ = connection.close(200, "bench done".into()).await;
         }
     }
+}
+
+/// How a benchmarked service authenticates its callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Authentication {
+    /// Bearer tokens, as deployed.
+    Jwt,
+    /// `GRPC_AUTH=none`: the baseline of the authentication's cost.
+    None,
+}
+
+/// `channel` calling with a token of the benchmark's keys (a service with
+/// every permission; one token for the whole run, as a client keeps its
+/// token until it expires).
+pub(crate) fn with_token(channel: tonic::transport::Channel) -> shop_testkit::AuthChannel {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    shop_testkit::auth::with_token(channel, TOKEN.get_or_init(|| TestKeys::shared().service_token()))
 }
 
 /// `bench serve user|order`: one service, configured from the environment

@@ -27,7 +27,10 @@ async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigte
             ("USER_EVENTS_EXCHANGE", user_events),
             ("ORDER_EVENTS_EXCHANGE", broker.exchange("order.events")),
             ("USER_EVENTS_QUEUE", queue),
-        ],
+        ]
+        .into_iter()
+        .chain(shop_testkit::TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();

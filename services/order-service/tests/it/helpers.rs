@@ -13,14 +13,17 @@ use shop_contracts::Event;
 use shop_contracts::order as pb;
 use shop_contracts::order::order_service_client::OrderServiceClient;
 use shop_contracts::user::UserCreated;
-use shop_testkit::{Running, TestBroker, TestDatabase, TestPublisher};
+use shop_testkit::{AuthChannel, Running, TestBroker, TestDatabase, TestKeys, TestPublisher};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// Settings for a service over `db` and this test's exchanges and queues,
+/// accepting tokens of the test process's keys ([`TestKeys::shared`]).
 pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     let mut config = Config::defaults();
+    config.host.grpc.auth = TestKeys::shared().auth_config();
     config.host.database = db.config();
     config.host.amqp = broker.config();
     config.host.grpc.addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -40,7 +43,8 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub client: OrderServiceClient<Channel>,
+    /// Calls with a service token of every permission.
+    pub client: OrderServiceClient<AuthChannel>,
     pub settings: Config,
     pub publisher: TestPublisher,
     pub running: Running,
@@ -91,7 +95,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let admin = app.admin_addr();
     let pool = app.pool().clone();
     let running = Running::spawn(|shutdown| app.run(shutdown));
-    let client = OrderServiceClient::new(channel(addr).await);
+    let client = OrderServiceClient::new(shop_testkit::auth::with_token(
+        channel(addr).await,
+        &TestKeys::shared().service_token(),
+    ));
     TestApp {
         addr,
         admin,

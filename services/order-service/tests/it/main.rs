@@ -2,6 +2,7 @@
 //! RabbitMQ: each test has its own database, exchanges and queues.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod auth;
 mod binary;
 mod helpers;
 mod metrics;

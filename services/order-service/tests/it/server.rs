@@ -146,7 +146,11 @@ async fn the_api_is_not_serving_while_its_database_is_unreachable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_order_service() {
     let app = spawn_app().await;
-    let mut client = ServerReflectionClient::new(channel(app.addr).await);
+    // Any authenticated caller, whatever its permissions.
+    let mut client = ServerReflectionClient::new(shop_testkit::auth::with_token(
+        channel(app.addr).await,
+        &shop_testkit::TestKeys::shared().token_with(&[]),
+    ));
 
     let request = ServerReflectionRequest {
         host: String::new(),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_client::UserServiceClient;
-use shop_testkit::{ServiceProcess, TestBroker};
+use shop_testkit::{ServiceProcess, TestBroker, TestKeys};
 
 use crate::helpers::test_database;
 
@@ -26,8 +26,11 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
             ),
             ("AMQP_URL", shop_testkit::amqp_url()),
             ("USER_EVENTS_EXCHANGE", broker.exchange("user.events")),
-            ("RUST_LOG", "info,shop_telemetry=debug".to_owned()),
-        ],
+            ("RUST_LOG", "info,shop_telemetry=debug,shop_host=debug".to_owned()),
+        ]
+        .into_iter()
+        .chain(TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
@@ -47,10 +50,15 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
         format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap(),
     );
 
-    UserServiceClient::new(channel)
-        .create_user(request)
+    let token = TestKeys::shared().service_token();
+    let mut client = UserServiceClient::new(shop_testkit::auth::with_token(channel.clone(), &token));
+    client.create_user(request).await.unwrap();
+    // A refused call too: its token must not be logged either.
+    let wrong = TestKeys::new().service_token();
+    UserServiceClient::new(shop_testkit::auth::with_token(channel, &wrong))
+        .get_user(pb::GetUserRequest::default())
         .await
-        .unwrap();
+        .unwrap_err();
     // Let the relay publish, so its path is in the logs too.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = service.terminate().await.unwrap();
@@ -69,6 +77,13 @@ async fn the_binary_without_a_collector_logs_json_with_trace_ids_no_errors_and_s
     assert!(
         !lines.iter().any(|line| line.contains("s3cret-db-pw")),
         "a log line shows the database password"
+    );
+    let signature = |token: &str| token.rsplit('.').next().unwrap().to_owned();
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.contains(&signature(&token)) || line.contains(&signature(&wrong))),
+        "a log line shows a bearer token"
     );
     let call = lines
         .iter()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use secrecy::ExposeSecret as _;
 use shop_contracts::user as pb;
-use shop_testkit::{ServiceProcess, TestBroker, http_get, metric};
+use shop_testkit::{AuthChannel, ServiceProcess, TestBroker, TestKeys, http_get, metric};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -19,7 +19,7 @@ use crate::helpers::{spawn_app_with, test_database};
 const NETWORK: Duration = Duration::from_secs(10);
 
 /// Calls `path` with an empty message over `channel` and returns the status.
-async fn call_made_up(channel: tonic::transport::Channel, path: String) -> tonic::Status {
+async fn call_made_up(channel: AuthChannel, path: String) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::try_from(path).unwrap();
@@ -58,17 +58,25 @@ async fn thousands_of_calls_to_made_up_methods_add_no_metric_series() {
             ("DATABASE_URL", db.url().to_owned()),
             ("AMQP_URL", broker.config().url.expose_secret().to_owned()),
             ("USER_EVENTS_EXCHANGE", exchange.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
     let admin = service.admin_addr.expect("admin address logged");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.addr))
-        .unwrap()
-        .connect_timeout(NETWORK)
-        .connect()
-        .await
-        .unwrap();
+    // An authenticated caller: made-up methods are answered UNIMPLEMENTED
+    // once the caller is known (unknown callers get UNAUTHENTICATED).
+    let channel = shop_testkit::auth::with_token(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", service.addr))
+            .unwrap()
+            .connect_timeout(NETWORK)
+            .connect()
+            .await
+            .unwrap(),
+        &TestKeys::shared().service_token(),
+    );
     let made_up = |i: usize| match i % 3 {
         0 => format!("/shop.user.v1.UserService/Bogus{i}"),
         1 => format!("/made.up.v{i}.Service/Method{i}"),
@@ -163,7 +171,7 @@ async fn thousands_of_calls_to_made_up_methods_add_no_metric_series() {
 }
 
 /// One CreateUser over `channel`, so the known series exist.
-async fn create_one_user(channel: &tonic::transport::Channel) {
+async fn create_one_user(channel: &AuthChannel) {
     pb::user_service_client::UserServiceClient::new(channel.clone())
         .create_user(pb::CreateUserRequest {
             email: "known@example.com".to_owned(),
@@ -190,6 +198,7 @@ async fn open_stalled_streams(
     connections: usize,
     per_connection: usize,
 ) -> (Vec<StalledStream>, Vec<tokio::task::JoinHandle<()>>) {
+    let authorization = format!("Bearer {}", TestKeys::shared().service_token());
     let mut streams = Vec::new();
     let mut drivers = Vec::new();
     for _ in 0..connections {
@@ -214,6 +223,7 @@ async fn open_stalled_streams(
             let request = http::Request::post(format!("http://{addr}/shop.user.v1.UserService/CreateUser"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
+                .header("authorization", &authorization)
                 .body(())
                 .unwrap();
             let (response, mut body) = sender.send_request(request, false).unwrap();

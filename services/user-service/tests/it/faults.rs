@@ -185,13 +185,16 @@ async fn a_relay_lane_that_panics_is_restarted_and_counted_and_every_event_still
             ("RELAY_POLL_INTERVAL", "200ms".to_owned()),
             // The first time any lane goes round, it panics.
             ("FAILPOINTS", "relay-lane=1*panic".to_owned()),
-        ],
+        ]
+        .into_iter()
+        .chain(shop_testkit::TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
-    let mut client = pb::user_service_client::UserServiceClient::connect(format!("http://{}", service.addr))
-        .await
-        .unwrap();
+    let mut client =
+        crate::helpers::client_with_token(service.addr, &shop_testkit::TestKeys::shared().service_token())
+            .await;
 
     for i in 0..20 {
         client

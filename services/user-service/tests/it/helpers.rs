@@ -8,8 +8,7 @@ use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl as _;
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_client::UserServiceClient;
-use shop_testkit::{Running, TestBroker, TestDatabase};
-use tonic::transport::Channel;
+use shop_testkit::{AuthChannel, Running, TestBroker, TestDatabase, TestKeys};
 use user_service::app::MIGRATIONS;
 use user_service::{Application, Config};
 
@@ -23,9 +22,11 @@ pub async fn test_database() -> TestDatabase {
         .expect("test database")
 }
 
-/// Settings for a service over `db`, publishing to this test's exchange.
+/// Settings for a service over `db`, publishing to this test's exchange,
+/// accepting tokens of the test process's keys ([`TestKeys::shared`]).
 pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     let mut config = Config::defaults();
+    config.host.grpc.auth = TestKeys::shared().auth_config();
     config.host.database = db.config();
     config.host.amqp = broker.config();
     config.host.grpc.addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -50,7 +51,8 @@ pub fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
 
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub client: UserServiceClient<Channel>,
+    /// Calls with a service token of every permission.
+    pub client: UserServiceClient<AuthChannel>,
     pub exchange: String,
     pub running: Running,
     pub pool: shop_database::Pool,
@@ -74,9 +76,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let addr = app.local_addr();
     let pool = app.pool().clone();
     let running = Running::spawn(|shutdown| app.run(shutdown));
-    let client = UserServiceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("client connects");
+    let client = UserServiceClient::new(shop_testkit::auth::with_token(
+        channel(addr).await,
+        &TestKeys::shared().service_token(),
+    ));
     TestApp {
         addr,
         client,
@@ -86,6 +89,20 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         broker,
         db,
     }
+}
+
+/// A plaintext channel to `addr`, connected.
+pub async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("client connects")
+}
+
+/// A client of `addr` calling with `token`.
+pub async fn client_with_token(addr: SocketAddr, token: &str) -> UserServiceClient<AuthChannel> {
+    UserServiceClient::new(shop_testkit::auth::with_token(channel(addr).await, token))
 }
 
 impl TestApp {

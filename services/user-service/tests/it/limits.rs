@@ -5,6 +5,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use shop_client::{ClientConfig, RetryPolicy, TlsConfig, UserClient};
 use shop_contracts::user as pb;
+use shop_testkit::TestKeys;
 use tonic::Code;
 
 use crate::helpers::{spawn_app, spawn_app_with};
@@ -129,21 +130,30 @@ async fn the_server_speaks_tls_with_a_certificate_the_client_trusts() {
     .await;
     let endpoint = format!("https://localhost:{}", app.addr.port());
 
-    let trusted = UserClient::connect(ClientConfig::new(&endpoint).with_tls(TlsConfig {
-        ca_certificate_pem: Some(certified.cert.pem().into_bytes()),
-        domain: Some("localhost".to_owned()),
-    }))
+    let token = || shop_client::SecretString::from(TestKeys::shared().service_token());
+    let trusted = UserClient::connect(
+        ClientConfig::new(&endpoint)
+            .with_tls(TlsConfig {
+                ca_certificate_pem: Some(certified.cert.pem().into_bytes()),
+                domain: Some("localhost".to_owned()),
+                ..TlsConfig::default()
+            })
+            .with_token(token()),
+    )
     .unwrap();
     let user = trusted.create_user("tls@example.com", "Tls").await.unwrap();
     let untrusted = UserClient::connect(
         ClientConfig::new(&endpoint)
             .with_tls(TlsConfig::default())
+            .with_token(token())
             .with_retry(RetryPolicy::none()),
     )
     .unwrap();
     let refused = untrusted.get_user(&user.id).await.unwrap_err();
     let plaintext = UserClient::connect(
-        ClientConfig::new(format!("http://localhost:{}", app.addr.port())).with_retry(RetryPolicy::none()),
+        ClientConfig::new(format!("http://localhost:{}", app.addr.port()))
+            .with_token(token())
+            .with_retry(RetryPolicy::none()),
     )
     .unwrap();
     let garbled = plaintext.get_user(&user.id).await.unwrap_err();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod atomicity;
+mod auth;
 mod binary;
 mod broker_tls;
 mod callers;

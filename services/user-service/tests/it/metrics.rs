@@ -6,7 +6,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret as _;
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_client::UserServiceClient;
-use shop_testkit::{ServiceProcess, TcpProxy, TestBroker, http_get, metric};
+use shop_testkit::{ServiceProcess, TcpProxy, TestBroker, TestKeys, http_get, metric};
 
 use crate::helpers::test_database;
 
@@ -27,7 +27,10 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
             ("DATABASE_URL", db.url().to_owned()),
             ("AMQP_URL", amqp),
             ("USER_EVENTS_EXCHANGE", exchange.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(TestKeys::shared().env())
+        .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
@@ -37,7 +40,10 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
         .connect()
         .await
         .unwrap();
-    let mut client = UserServiceClient::new(channel);
+    let mut client = UserServiceClient::new(shop_testkit::auth::with_token(
+        channel,
+        &TestKeys::shared().service_token(),
+    ));
     let scrape = || async { http_get(admin, "/metrics").await.unwrap().1 };
     let exchange_label = [("exchange", exchange.as_str())];
 

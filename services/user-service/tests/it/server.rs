@@ -22,7 +22,7 @@ async fn channel(app: &TestApp) -> tonic::transport::Channel {
 }
 
 async fn reflect(
-    client: &mut ServerReflectionClient<tonic::transport::Channel>,
+    client: &mut ServerReflectionClient<shop_testkit::AuthChannel>,
     request: MessageRequest,
 ) -> MessageResponse {
     let request = ServerReflectionRequest {
@@ -41,7 +41,12 @@ async fn reflect(
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_user_service_health_and_reflection_and_describes_each() {
     let app = spawn_app().await;
-    let mut client = ServerReflectionClient::new(channel(&app).await);
+    // Reflection answers any authenticated caller, with or without
+    // permissions (GRPC_REFLECTION=authenticated, the default).
+    let mut client = ServerReflectionClient::new(shop_testkit::auth::with_token(
+        channel(&app).await,
+        &shop_testkit::TestKeys::shared().token_with(&[]),
+    ));
 
     let MessageResponse::ListServicesResponse(list) =
         reflect(&mut client, MessageRequest::ListServices(String::new())).await

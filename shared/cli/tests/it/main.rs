@@ -9,3 +9,4 @@ mod system;
 mod dlq;
 mod identities;
 mod session;
+mod up;

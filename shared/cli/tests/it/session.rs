@@ -5,13 +5,27 @@ use std::time::Duration;
 use assert_cmd::Command;
 use serde_json::Value;
 
+use shop_testkit::TestKeys;
+
 use crate::system::{System, start};
 
+/// `shop` against `system`, with a token of the test's keys; no state
+/// directory of the machine's is read.
 fn shop(system: &System) -> Command {
+    let mut command = anonymous(system);
+    command.env("SHOP_TOKEN", TestKeys::shared().service_token());
+    command
+}
+
+/// `shop` against `system` without credentials.
+fn anonymous(system: &System) -> Command {
     let mut command = Command::cargo_bin("shop").unwrap();
     command
         .env("SHOP_USER_ENDPOINT", format!("http://{}", system.user_addr))
         .env("SHOP_ORDER_ENDPOINT", format!("http://{}", system.order_addr))
+        .env("SHOP_STATE_DIR", "/nonexistent/shop-state")
+        .env_remove("SHOP_TOKEN")
+        .env_remove("SHOP_TOKEN_FILE")
         .timeout(Duration::from_secs(30));
     command
 }
@@ -141,6 +155,107 @@ async fn errors_exit_with_codes_that_tell_them_apart() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2), "a missing --name is a usage error");
+
+    let unauthenticated = anonymous(&system)
+        .args(["users", "get", &user_id])
+        .output()
+        .unwrap();
+    assert_eq!(unauthenticated.status.code(), Some(6), "{unauthenticated:?}");
+    let reader = TestKeys::shared().token_with(&[shop_host::auth::Permission::UsersRead]);
+    let denied = anonymous(&system)
+        .env("SHOP_TOKEN", &reader)
+        .args(["users", "delete", &user_id, "--version", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(denied.status.code(), Some(6), "{denied:?}");
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("permission denied"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_file_is_read_and_a_token_is_never_sent_in_plaintext_to_another_host() {
+    let system = start(false).await;
+    let dir = std::env::temp_dir().join(format!("shop-cli-token-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{}\n", TestKeys::shared().service_token())).unwrap();
+
+    let listed = anonymous(&system)
+        .env("SHOP_TOKEN_FILE", &file)
+        .args(["users", "list"])
+        .output()
+        .unwrap();
+    let remote = anonymous(&system)
+        .env("SHOP_TOKEN_FILE", &file)
+        .args([
+            "--user-endpoint",
+            "http://shop.example.com:50051",
+            "users",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    assert!(listed.status.success(), "{listed:?}");
+    assert_eq!(remote.status.code(), Some(2), "{remote:?}");
+    let stderr = String::from_utf8_lossy(&remote.stderr);
+    assert!(stderr.contains("plaintext"), "{stderr}");
+    assert!(!stderr.contains(TestKeys::shared().service_token().as_str()));
+}
+
+#[test]
+fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subject_and_permissions() {
+    let dir = std::env::temp_dir().join(format!("shop-cli-keys-{}", uuid::Uuid::new_v4().simple()));
+    let run = |args: &[&str]| {
+        let output = Command::cargo_bin("shop")
+            .unwrap()
+            .env("SHOP_STATE_DIR", &dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    run(&["token", "keygen"]);
+    let token = run(&[
+        "token",
+        "issue",
+        "--subject",
+        "service:ops",
+        "--permission",
+        "users:read,orders:read",
+        "--ttl",
+        "10m",
+    ]);
+    let refused = Command::cargo_bin("shop")
+        .unwrap()
+        .env("SHOP_STATE_DIR", &dir)
+        .args([
+            "token",
+            "issue",
+            "--subject",
+            "admin",
+            "--permission",
+            "users:read",
+        ])
+        .output()
+        .unwrap();
+
+    let verifier = shop_host::auth::jwt::TokenVerifier::new(
+        dir.join("jwt-keys.json"),
+        "shop".to_owned(),
+        "shop".to_owned(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let principal = verifier.verify(token.trim()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        principal.identity(),
+        &shop_host::auth::Identity::Service("ops".into())
+    );
+    assert_eq!(principal.permissions().to_scope(), "users:read orders:read");
+    assert!(!refused.status.success(), "a subject the services would refuse");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use shop_client::{ClientConfig, Error, RetryPolicy, UserClient, UserUpdate};
 use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::{UserService, UserServiceServer};
-use shop_testkit::{Running, TestDatabase};
+use shop_testkit::{Running, TestDatabase, TestKeys};
 use tonic::{Request, Response, Status};
 use user_service::grpc::UserGrpc;
 
@@ -113,8 +113,19 @@ async fn server(fail_before: u32, fail_after: u32) -> Server {
     let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = incoming.local_addr().unwrap();
     let service = UserServiceServer::from_arc(flaky.clone());
+    // The host's own authentication in front, with the test's keys: the
+    // handlers get their principal from it, and the SDK must send a token.
+    let authenticator = shop_host::auth::Authenticator::new(
+        &TestKeys::shared().auth_config(),
+        false,
+        shop_host::grpc::known_methods(&["shop.user.v1.UserService"]).unwrap(),
+    )
+    .unwrap();
     let running = Running::spawn(|shutdown| async move {
         tonic::transport::Server::builder()
+            .layer(shop_host::auth::AuthLayer::new(std::sync::Arc::new(
+                authenticator,
+            )))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
@@ -134,7 +145,14 @@ fn client(server: &Server) -> UserClient {
         max_attempts: 4,
         backoff: shop_client::Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
     };
-    UserClient::connect(ClientConfig::new(format!("http://{}", server.addr)).with_retry(retry)).unwrap()
+    UserClient::connect(
+        ClientConfig::new(format!("http://{}", server.addr))
+            .with_retry(retry)
+            .with_token(shop_client::SecretString::from(
+                TestKeys::shared().service_token(),
+            )),
+    )
+    .unwrap()
 }
 
 async fn users_in_database(server: &Server) -> i64 {
@@ -254,5 +272,35 @@ async fn a_call_inside_a_traced_operation_carries_its_trace_context() {
     assert!(
         traceparents[0].contains(&trace_id),
         "{traceparents:?} carries {trace_id}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_sent_on_every_call_and_a_refusal_comes_back_typed_and_is_not_retried() {
+    let server = server(0, 0).await;
+    let config = |token: Option<String>| {
+        let mut config = ClientConfig::new(format!("http://{}", server.addr));
+        config.token = token.map(shop_client::SecretString::from);
+        UserClient::connect(config).unwrap()
+    };
+    let keys = TestKeys::shared();
+
+    let without = config(None)
+        .create_user("none@example.com", "None")
+        .await
+        .unwrap_err();
+    let reader = config(Some(keys.token_with(&[shop_host::auth::Permission::UsersRead])))
+        .create_user("reader@example.com", "Reader")
+        .await
+        .unwrap_err();
+    let created = client(&server).create_user("ok@example.com", "Ok").await;
+    let read = client(&server).get_user(&created.as_ref().unwrap().id).await;
+
+    assert!(matches!(without, Error::Unauthenticated(_)), "{without:?}");
+    assert!(matches!(reader, Error::PermissionDenied(_)), "{reader:?}");
+    assert!(read.is_ok(), "{read:?}");
+    assert!(
+        server.flaky.request_ids.lock().unwrap().len() == 1,
+        "refused calls never reached the handler, and were not retried"
     );
 }

@@ -11,7 +11,7 @@ use shop_contracts::user::user_service_client::UserServiceClient;
 use tokio::time::Instant;
 
 use crate::Options;
-use crate::env::Bench;
+use crate::env::{Authentication, Bench};
 use crate::report::{Report, Row};
 use crate::stats::Sample;
 
@@ -42,7 +42,10 @@ pub(crate) async fn grpc_load(
     let until = started + duration;
     let tasks: Vec<_> = (0..concurrency)
         .map(|task| {
-            let mut client = UserServiceClient::new(channels[task % channels.len()].clone());
+            // A token on every call, also to a service with GRPC_AUTH=none
+            // (which ignores it): the same bytes on the wire either way.
+            let mut client =
+                UserServiceClient::new(crate::env::with_token(channels[task % channels.len()].clone()));
             tokio::spawn(async move {
                 let mut sample = Sample::default();
                 let mut i = 0;
@@ -187,6 +190,57 @@ async fn peak_rss<T>(pids: &[u32], load: impl std::future::Future<Output = T>) -
     (output, peaks.iter().map(|p| p.load(Ordering::Relaxed)).collect())
 }
 
+/// What authentication costs a call: CreateUser at concurrency 1 and 32 (of
+/// those asked for) against a service that verifies bearer tokens and the
+/// same service with `GRPC_AUTH=none`, both running, rounds alternating, the
+/// median ratio kept.
+async fn authentication_cost(bench: &Bench, options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let concurrencies: Vec<usize> = options
+        .concurrency
+        .iter()
+        .copied()
+        .filter(|c| *c == 1 || *c == 32)
+        .collect();
+    if concurrencies.is_empty() {
+        return Ok(());
+    }
+    let mut with = bench.spawn_user_service_with(false, Authentication::Jwt).await?;
+    let mut without = bench.spawn_user_service_with(false, Authentication::None).await?;
+    let (with_endpoint, without_endpoint) = (
+        [format!("http://{}", with.addr)],
+        [format!("http://{}", without.addr)],
+    );
+    for concurrency in concurrencies {
+        let mut rounds = Vec::new();
+        for _ in 0..options.rounds.max(1) {
+            bench.reset_tables().await?;
+            let authenticated = grpc_load(&with_endpoint, concurrency, options.duration()).await?;
+            bench.reset_tables().await?;
+            let open = grpc_load(&without_endpoint, concurrency, options.duration()).await?;
+            rounds.push((authenticated, open));
+        }
+        let (authenticated, open) = crate::stats::median_by_ratio(&rounds, |(authenticated, open)| {
+            authenticated.rate() / open.rate()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no authentication round ran"))?;
+        report.add(Row {
+            figure: format!("CreateUser with JWT authentication, concurrency {concurrency}"),
+            value: authenticated.describe(),
+            raw: format!("same service, GRPC_AUTH=none: {}", open.describe()),
+            ratio: Some(authenticated.rate() / open.rate()),
+            numbers: json!({
+                "concurrency": concurrency,
+                "rounds": options.rounds,
+                "jwt": {"rate": authenticated.rate(), "p50_ms": authenticated.quantile_ms(0.5), "p99_ms": authenticated.quantile_ms(0.99), "errors": authenticated.errors},
+                "none": {"rate": open.rate(), "p50_ms": open.quantile_ms(0.5), "p99_ms": open.quantile_ms(0.99), "errors": open.errors},
+            }),
+        });
+    }
+    with.terminate().await?;
+    without.terminate().await?;
+    Ok(())
+}
+
 /// Resident memory of a process, in bytes.
 pub(crate) fn rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -236,6 +290,7 @@ pub(crate) async fn run(bench: &Bench, options: &Options, report: &mut Report) -
         });
     }
     users.terminate().await?;
+    authentication_cost(bench, options, report).await?;
 
     // The whole system: relay and consumer on, memory of both services.
     bench.reset_tables().await?;

@@ -74,9 +74,11 @@ async fn measure(
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<(Sample, Vec<(String, f64)>)> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?;
+    let channel = crate::env::with_token(
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect()
+            .await?,
+    );
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();

@@ -152,9 +152,11 @@ impl Step {
 /// Offers CreateUser at `rate` a second for `duration`; returns the calls
 /// that succeeded and the time taken.
 async fn offer(endpoint: &str, rate: f64, duration: Duration) -> anyhow::Result<(usize, Duration)> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?;
+    let channel = crate::env::with_token(
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect()
+            .await?,
+    );
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     let mut succeeded = 0;
