@@ -107,8 +107,13 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
     .await
     .expect("the Python consumer binds its queue");
 
-    let users = UserClient::connect(ClientConfig::new(format!("http://{}", system.users.addr))).unwrap();
-    let orders = OrderClient::connect(ClientConfig::new(format!("http://{}", system.orders.addr))).unwrap();
+    // The services require credentials: a service token of the tests' issuer.
+    let client = |addr| {
+        let token = secrecy::SecretString::from(shop_testkit::TestKeys::shared().service_token());
+        ClientConfig::new(format!("http://{addr}")).with_token(token)
+    };
+    let users = UserClient::connect(client(system.users.addr)).unwrap();
+    let orders = OrderClient::connect(client(system.orders.addr)).unwrap();
     let published = drive(&users, &orders).await;
 
     let status = tokio::time::timeout(DEADLINE, async {
