@@ -270,10 +270,10 @@ async fn with_a_migrator_set_a_missing_database_stops_the_start_and_nothing_crea
         .unwrap();
     let missing = TestDatabase::missing();
     let mut settings = user_service::Config::defaults();
+    settings.host.grpc.auth = shop_testkit::TestKeys::shared().auth_config();
     settings.host.database = split(&roles, &missing, "runtime", "migrator");
     settings.host.grpc.addr = ([127, 0, 0, 1], 0).into();
     settings.host.admin_addr = ([127, 0, 0, 1], 0).into();
-    settings.host.grpc.auth = shop_testkit::TestKeys::shared().auth_config();
 
     let error = user_service::Application::build(settings).await.unwrap_err();
 
