@@ -256,6 +256,9 @@ pub struct Chaos {
     _broker: TestBroker,
     pub user_db: TestDatabase,
     pub order_db: TestDatabase,
+    /// The event signing key's files: the user services sign with it, the
+    /// order services trust it (signing on, as in production).
+    _keys: shop_testkit::keys::KeyFiles,
 }
 
 impl Chaos {
@@ -426,8 +429,9 @@ impl Chaos {
             .map(|d| format!("{}ms", d.as_millis()))
             .collect::<Vec<_>>()
             .join(",");
+        let keys = shop_testkit::keys::KeyFiles::write().unwrap();
         let common = |db: &TestDatabase, service: &str| {
-            vec![
+            let mut envs = vec![
                 ("DATABASE_URL", pg_proxy.url_for(db.url())),
                 ("AMQP_URL", amqp_url(service)),
                 ("USER_EVENTS_EXCHANGE", user_exchange.clone()),
@@ -443,12 +447,12 @@ impl Chaos {
                 ("SHUTDOWN_GRACE", "3s".to_owned()),
                 // The "… service started" line is how the test learns it is up.
                 ("RUST_LOG", "warn,shop_host=info".to_owned()),
-            ]
-            .into_iter()
+            ];
             // With authentication on, as deployed: the load calls with a
-            // token of the test's keys.
-            .chain(shop_testkit::TestKeys::shared().env())
-            .collect::<Vec<_>>()
+            // token of the test's keys; and every event signed.
+            envs.extend(shop_testkit::TestKeys::shared().env());
+            envs.extend(keys.envs());
+            envs
         };
         let nodes = |service: &'static str, db: &TestDatabase| -> Vec<Node> {
             (0..options.instances.max(1))
@@ -492,6 +496,7 @@ impl Chaos {
             _broker: broker,
             user_db,
             order_db,
+            _keys: keys,
         }
     }
 

@@ -500,11 +500,21 @@ added; their names and AMQP types do not change (the golden envelopes hold the r
 An unknown `type` is an event type added after the consumer was written: skip or park it, do \
 not fail on it.
 
+**Signature.** The producer signs every event with Ed25519 (RFC 8032); `signature` holds the \
+64-byte signature in base64 (standard alphabet, padded), `signature_key_id` the id of its key, \
+whose 32-byte public key the producer's operators hand to consumers. The signed bytes are not \
+the header table but these fields, each as its length (4 bytes, unsigned, big-endian) followed \
+by its bytes, in this order: the text `{domain}`, the key id, `message_id`, `type`, \
+`aggregate_type`, `aggregate_id`, then `aggregate_version` as 8 bytes (signed, big-endian), then \
+`app_id`, then the body. Verify before you decode or sequence anything, and drop what does not \
+verify with a key you trust for that producer.
+
 **Header types.** Headers are sent with RabbitMQ's field types: `S` long string, `l` signed \
 64-bit integer, `s` signed 16-bit integer, `A` array, `t` boolean. Clients that follow the \
 AMQP 0-9-1 specification's own table instead of RabbitMQ's errata misread `s` and `l`; read the \
 page's client notes.",
-        last = partitions - 1
+        last = partitions - 1,
+        domain = String::from_utf8_lossy(shop_messaging::signing::DOMAIN)
     )
 }
 

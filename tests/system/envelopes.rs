@@ -31,6 +31,17 @@ use crate::contract;
 const EVENT_ID: &str = "0192f4c0-7d1e-7a3b-9c4d-5e6f708192a3";
 /// The `timestamp` of every golden envelope.
 const TIMESTAMP: u64 = 1_764_000_000;
+/// The id of the key the golden envelopes are signed with.
+const GOLDEN_KEY_ID: &str = "golden-envelopes";
+
+/// The key the golden envelopes are signed with: a fixture made from a fixed
+/// seed, so the (deterministic) Ed25519 signatures never change; its public
+/// key is in every envelope, for consumers to check their verification.
+fn golden_key() -> shop_messaging::signing::SigningKey {
+    let seed = [0x5a_u8; 32];
+    let key = shop_messaging::signing::PrivateKey::parse(&seed).unwrap();
+    shop_messaging::signing::SigningKey::new(GOLDEN_KEY_ID, key).unwrap()
+}
 
 fn envelope_path(type_name: &str) -> PathBuf {
     contract::envelopes_dir().join(format!("{type_name}.json"))
@@ -137,11 +148,12 @@ pub fn envelope(type_name: &str, body: &[u8]) -> Value {
         trace: &trace,
     };
     // The shipped broker definitions name each service's user after it.
-    let properties = wire::sent_by(headers.properties(), headers.app_id);
+    let key = golden_key();
+    let properties = wire::sent_by(headers.signed_properties(body, &key), headers.app_id);
     let table = properties.headers().clone().unwrap_or_default();
     json!({
         "about": "A golden envelope of the shop event contract: one message as the producer publishes it. \
-                  Released envelopes are never rewritten. `header_table` is the AMQP encoding of `headers` \
+                  Released envelopes are never rewritten; they are signed with a fixture key whose public key is `signing_key`. `header_table` is the AMQP encoding of `headers` \
                   (RabbitMQ's field types), `body` the protobuf encoding, `body_json` its canonical proto3 JSON.",
         "type": type_name,
         "exchange": declared.default_exchange,
@@ -151,6 +163,10 @@ pub fn envelope(type_name: &str, body: &[u8]) -> Value {
         "header_table": STANDARD.encode(encoded_table(&table)),
         "body": STANDARD.encode(body),
         "body_json": serde_json::to_value(&decoded).unwrap(),
+        "signing_key": {
+            "key_id": GOLDEN_KEY_ID,
+            "public_key": STANDARD.encode(key.public_key()),
+        },
     })
 }
 
@@ -312,7 +328,7 @@ async fn the_relay_sends_the_header_names_and_types_of_the_bundle() {
             .unwrap();
         // The real relay of the service, with the setting under test.
         let pool = shop_database::pool(&settings.host.database).unwrap();
-        let relay = shop_host::relay(&settings, pool);
+        let relay = shop_host::relay(&settings, pool).unwrap();
         let mut running = shop_testkit::Running::spawn(|shutdown| relay.run(shutdown));
         let deliveries = probe.expect(3, Duration::from_secs(20)).await;
         running.stop().await.unwrap();

@@ -100,3 +100,90 @@ async fn deleting_a_user_in_the_user_service_stops_new_orders_in_the_order_servi
     .await;
     assert_eq!(refused.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_delete_user_the_order_database_holds_no_email_or_name_of_the_user() {
+    let system = start(true).await;
+    let mut users = system.users.clone();
+    let orders = system.orders.clone();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (email, name, renamed) = (
+        format!("forget-{tag}@example.com"),
+        format!("Forget {tag}"),
+        format!("Renamed {tag}"),
+    );
+    let user = users
+        .create_user(user_pb::CreateUserRequest {
+            email: email.clone(),
+            name: name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    users
+        .update_user(user_pb::UpdateUserRequest {
+            id: user.id.clone(),
+            expected_version: 1,
+            name: Some(renamed.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    shop_testkit::eventually("an order", WAIT, || {
+        let mut orders = orders.clone();
+        let request = order_request(&user.id);
+        async move { orders.create_order(request).await.ok() }
+    })
+    .await;
+    users
+        .delete_user(user_pb::DeleteUserRequest {
+            id: user.id.clone(),
+            expected_version: 2,
+        })
+        .await
+        .unwrap();
+    shop_testkit::eventually("orders to be refused", WAIT, || {
+        let mut orders = orders.clone();
+        let request = order_request(&user.id);
+        async move { orders.create_order(request).await.err() }
+    })
+    .await;
+
+    // Every row of every table of the order database, as text (binary
+    // columns print as hex), searched for the user's email and names.
+    let (database, connection) = tokio_postgres::connect(system.order_db_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tables: Vec<String> = database
+        .query(
+            "SELECT quote_ident(table_name) FROM information_schema.tables \
+             WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.iter().any(|t| t == "known_users"), "{tables:?}");
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for table in &tables {
+        for needle in [&email, &name, &renamed] {
+            for form in [needle.to_lowercase(), hex(needle)] {
+                let found: i64 = database
+                    .query_one(
+                        &format!("SELECT count(*) FROM {table} t WHERE lower(t::text) LIKE '%' || $1 || '%'"),
+                        &[&form],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(found, 0, "{table} holds {needle:?} ({form})");
+            }
+        }
+    }
+}

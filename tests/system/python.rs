@@ -68,6 +68,13 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
         python.display()
     );
     let mut system = crate::processes::start(shop_testkit::amqp_url(), &[]).await;
+    // Both services sign with the tests' key: the consumer trusts it alone.
+    let trusted = std::env::temp_dir().join(format!("shop-python-trusted-{}.keys", std::process::id()));
+    std::fs::write(
+        &trusted,
+        format!("{}\n", shop_testkit::keys::signing_key().trusted_line()),
+    )
+    .unwrap();
     let order_exchange = system.broker.exchange("order.events");
 
     let mut child = tokio::process::Command::new(&python)
@@ -78,6 +85,8 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
         .args(["--exchange", &format!("user.events={}", system.user_exchange)])
         .args(["--exchange", &format!("order.events={order_exchange}")])
         .args(["--count", "7", "--timeout", "60"])
+        .arg("--trusted-keys")
+        .arg(&trusted)
         .args([
             "--expect-types",
             "shop.user.v1.UserCreated,shop.user.v1.UserUpdated,shop.user.v1.UserDeleted,\
@@ -125,6 +134,7 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
     .await
     .expect("the Python consumer finishes");
     system.terminate().await;
+    std::fs::remove_file(&trusted).unwrap();
     let output = output.join("\n");
     // Straight to the terminal, past the test harness's capture: CI's log
     // shows every event the consumer checked.
@@ -135,6 +145,11 @@ async fn a_python_consumer_built_from_the_bundle_alone_accepts_every_event_both_
     );
     let checked = output.lines().filter(|l| l.starts_with("checked: ")).count();
     assert_eq!(checked, published, "every published event checked:\n{output}");
+    let signed = output
+        .lines()
+        .filter(|l| l.starts_with("checked: ") && l.contains(" signed by "))
+        .count();
+    assert_eq!(signed, published, "every event's signature verified:\n{output}");
     for type_name in [
         "shop.user.v1.UserCreated",
         "shop.user.v1.UserUpdated",

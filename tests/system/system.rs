@@ -141,6 +141,8 @@ pub async fn start_with(options: Options) -> System {
     } else {
         broker.event_exchange(&amqp, "user.events").await
     };
+    let signing = shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
+    user_settings.host.relay.signing = signing.clone();
     let mut order_settings = order_service::Config::defaults();
     order_settings.host.grpc.auth = TestKeys::shared().auth_config();
     order_settings.host.database = order_database;
@@ -158,6 +160,8 @@ pub async fn start_with(options: Options) -> System {
     };
     order_settings.service.consumer.retry_delays = vec![Duration::from_millis(200)];
     order_settings.service.consumer.dlq_database_role = options.dlq_database_role;
+    order_settings.host.relay.signing = signing;
+    order_settings.service.user_events_keys = Some(shop_testkit::keys::trusted_keys());
     if !options.deployed_names {
         broker.track_topology(&order_settings.service.consumer().topology());
     }
@@ -218,7 +222,7 @@ impl System {
     /// The user service's outbox relay, run by the test.
     pub fn user_relay(&self) -> Running {
         let pool = shop_database::pool(&self.user_settings.host.database).unwrap();
-        let relay = shop_host::relay(&self.user_settings, pool);
+        let relay = shop_host::relay(&self.user_settings, pool).unwrap();
         Running::spawn(|shutdown| relay.run(shutdown))
     }
 }

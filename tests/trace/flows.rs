@@ -152,8 +152,10 @@ fn a_create_order_call_is_one_trace_through_order_events_to_its_consumer() {
         let system = start(true).await;
         let exchange = system.order_settings.service.events_exchange.clone();
         let queue = system.broker.queue("trace.order-events");
+        let mut consumer_config = ConsumerConfig::new(exchange.clone(), queue.clone());
+        consumer_config.trusted_keys = shop_testkit::keys::trusted_keys();
         let consumer = Consumer::new(
-            ConsumerConfig::new(exchange.clone(), queue.clone()),
+            consumer_config,
             shop_database::pool(&system.order_settings.host.database).unwrap(),
             system.order_settings.host.amqp.clone(),
         )

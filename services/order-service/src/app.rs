@@ -9,6 +9,7 @@ use shop_database::retention::Retention;
 use shop_host::{Host, ServiceDefaults};
 use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::{Consumer, ConsumerConfig};
+use shop_messaging::signing::TrustedKeys;
 
 use crate::grpc::OrderGrpc;
 use crate::projection::UserProjection;
@@ -63,6 +64,18 @@ pub struct OrderConfig {
         default_value = "order-service.user-events"
     )]
     pub user_events_queue: String,
+    /// The public keys of the user service's event signing keys, a file of
+    /// `<key id> <public key in base64>` lines (see
+    /// `shop_messaging::signing`): only user events signed by one of them
+    /// are applied. Required (unless `CONSUMER_ACCEPT_UNSIGNED_UNTIL` opens
+    /// a window for a rolling upgrade).
+    #[arg(
+        long = "user-events-keys-file",
+        env = "USER_EVENTS_KEYS_FILE",
+        value_name = "FILE",
+        value_parser = shop_messaging::signing::trusted_keys_file
+    )]
+    pub user_events_keys: Option<TrustedKeys>,
     /// How the user events are consumed.
     #[command(flatten)]
     pub consumer: ConsumerConfig,
@@ -74,6 +87,7 @@ impl OrderConfig {
         let mut consumer = self.consumer.clone();
         consumer.exchange.clone_from(&self.user_events_exchange);
         consumer.queue.clone_from(&self.user_events_queue);
+        consumer.trusted_keys = self.user_events_keys.clone().unwrap_or_default();
         consumer
     }
 }
@@ -103,6 +117,17 @@ impl shop_host::Service for OrderService {
 
     fn events_exchange(config: &OrderConfig) -> &str {
         &config.events_exchange
+    }
+
+    fn validate(config: &OrderConfig) -> Result<(), String> {
+        if config.user_events_keys.is_none() && config.consumer.accept_unsigned_until.is_none() {
+            return Err(
+                "USER_EVENTS_KEYS_FILE is not set: the order service applies only user events signed by \
+                 one of the user service's keys listed there (`shop event-keys new` prints a key's line)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     fn start(config: &OrderConfig, host: &mut Host) -> anyhow::Result<()> {

@@ -7,10 +7,16 @@
 //! is the state of the highest version whatever the arrival order. A
 //! deletion leaves a tombstone (`deleted = true`) so that a late create or
 //! update cannot bring the user back.
+//!
+//! It keeps only what the order service decides by: that a user exists, at
+//! which version, and whether it was deleted. The events' emails and names
+//! are never stored (nothing here reads them), so a `UserDeleted` leaves no
+//! personal data in the projection; the consumer's parked events of a user
+//! are deleted as its position passes them, and its ledger holds ids only.
 
 use diesel::ExpressionMethods as _;
 use diesel::query_dsl::methods::FilterDsl as _;
-use diesel::sql_types::{self, Array, BigInt, Text};
+use diesel::sql_types::{self, Array, BigInt};
 use diesel::upsert::excluded;
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
@@ -29,12 +35,10 @@ use crate::schema::known_users;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UserProjection;
 
-/// The state a created or updated event carries.
+/// What a created or updated event changes in the projection.
 struct UserState {
     id: Uuid,
     version: i64,
-    email: String,
-    name: String,
 }
 
 fn user_id(value: &str, version: i64) -> Result<Uuid, HandlerError> {
@@ -72,23 +76,18 @@ async fn upsert(conn: &mut AsyncPgConnection, states: Vec<UserState>) -> Result<
     let states = latest(states, |state| (state.id, state.version));
     let ids: Vec<Uuid> = states.iter().map(|state| state.id).collect();
     let versions: Vec<i64> = states.iter().map(|state| state.version).collect();
-    let emails: Vec<&str> = states.iter().map(|state| state.email.as_str()).collect();
-    let names: Vec<&str> = states.iter().map(|state| state.name.as_str()).collect();
     // Arrays rather than a list of rows: the statement's text is the same
     // for any batch, so the connection keeps it prepared.
     let applied = prepared(
         diesel::sql_query(
-            "INSERT INTO known_users (user_id, version, email, name, deleted) \
-             SELECT u.id, u.version, u.email, u.name, false \
-             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[]) AS u(id, version, email, name) \
-             ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name, \
-               version = excluded.version, updated_at = now() \
+            "INSERT INTO known_users (user_id, version, deleted) \
+             SELECT u.id, u.version, false \
+             FROM unnest($1::uuid[], $2::bigint[]) AS u(id, version) \
+             ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, updated_at = now() \
              WHERE known_users.version < excluded.version",
         )
         .bind::<Array<sql_types::Uuid>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&versions)
-        .bind::<Array<Text>, _>(&emails)
-        .bind::<Array<Text>, _>(&names),
+        .bind::<Array<BigInt>, _>(&versions),
     )
     .execute(conn)
     .await?;
@@ -100,17 +99,15 @@ async fn upsert(conn: &mut AsyncPgConnection, states: Vec<UserState>) -> Result<
 
 fn states<E>(
     events: Vec<(E, EventMeta)>,
-    parts: impl Fn(E) -> (String, i64, String, String),
+    parts: impl Fn(E) -> (String, i64),
 ) -> Result<Vec<UserState>, HandlerError> {
     events
         .into_iter()
         .map(|(event, _)| {
-            let (id, version, email, name) = parts(event);
+            let (id, version) = parts(event);
             Ok(UserState {
                 id: user_id(&id, version)?,
                 version,
-                email,
-                name,
             })
         })
         .collect()
@@ -132,7 +129,7 @@ impl Handler<UserCreated> for UserProjection {
         conn: &mut AsyncPgConnection,
         events: Vec<(UserCreated, EventMeta)>,
     ) -> Result<(), HandlerError> {
-        let states = states(events, |e| (e.user_id, e.version, e.email, e.name))?;
+        let states = states(events, |e| (e.user_id, e.version))?;
         upsert(conn, states).await
     }
 }
@@ -153,7 +150,7 @@ impl Handler<UserUpdated> for UserProjection {
         conn: &mut AsyncPgConnection,
         events: Vec<(UserUpdated, EventMeta)>,
     ) -> Result<(), HandlerError> {
-        let states = states(events, |e| (e.user_id, e.version, e.email, e.name))?;
+        let states = states(events, |e| (e.user_id, e.version))?;
         upsert(conn, states).await
     }
 }

@@ -4,8 +4,6 @@
 diesel::table! {
     known_users (user_id) {
         user_id -> Uuid,
-        email -> Text,
-        name -> Text,
         version -> BigInt,
         deleted -> Bool,
         updated_at -> Timestamptz,

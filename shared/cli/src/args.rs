@@ -41,6 +41,7 @@ Examples:
   shop dlq skip <message id>   # give up on one dead letter; what waited behind it goes on
   shop up                      # both services, against the local PostgreSQL and RabbitMQ
   shop token issue --subject service:ops --permission users:read,orders:read --ttl 1h
+  shop event-keys new --id user-service-2026-12 --private user.key --public user-events.keys
 
 Credentials: --token / SHOP_TOKEN, --token-file / SHOP_TOKEN_FILE, else the
 token `shop up` writes; --cert-file and --key-file for a client certificate;
@@ -258,9 +259,21 @@ pub enum Command {
     /// commands use). Each service reads its own variables (see
     /// `user-service --help`), except where the flags below give it its own.
     Up(crate::up::UpArgs),
-    /// Signing keys and bearer tokens for the services.
+    /// Bearer tokens for calling the services, and the key that signs them.
     #[command(subcommand)]
     Token(crate::token::TokenCommand),
+    /// Event signing keys: every event is signed by its producer, and
+    /// consumers apply only what a key they trust signed.
+    #[command(subcommand)]
+    EventKeys(EventKeysCommand),
+}
+
+/// Event signing key commands.
+#[derive(Debug, Subcommand)]
+pub enum EventKeysCommand {
+    /// Make a producer's signing key (kept if its file exists) and add its
+    /// public line to the consumers' keys file; prints that line.
+    New(crate::keys::NewKey),
 }
 
 /// Paging of a listing.
@@ -400,8 +413,8 @@ pub enum DlqCommand {
     /// filter given); applied, each releases the events parked behind it,
     /// in order.
     Replay {
-        /// Only this reason: missing-message-id, unknown-type, undecodable,
-        /// rejected, max-attempts.
+        /// Only this reason: too-large, unauthenticated, missing-message-id,
+        /// unknown-type, undecodable, rejected, max-attempts, park-limit.
         #[arg(long)]
         reason: Option<String>,
         /// Only this type, e.g. shop.user.v1.UserCreated.

@@ -15,6 +15,7 @@
 
 mod args;
 mod dlq;
+pub mod keys;
 mod output;
 mod records;
 pub mod token;
@@ -55,6 +56,16 @@ pub async fn run(cli: Cli) -> ExitCode {
                 {
                     print!("{printed}");
                 }
+                Ok(())
+            }
+            Err(error) => Err(Failure::Other(error)),
+        },
+        Command::EventKeys(args::EventKeysCommand::New(args)) => match keys::ensure(&args) {
+            Ok(ensured) => {
+                output.value(
+                    serde_json::json!({"id": args.id, "public": ensured.line, "made": ensured.made}),
+                    &ensured.line,
+                );
                 Ok(())
             }
             Err(error) => Err(Failure::Other(error)),

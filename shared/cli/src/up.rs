@@ -10,6 +10,7 @@
 //! permission, valid for 30 days, written anew at every start).
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use shop_host::shutdown::{self, TaskGroup};
 use shop_host::{CancellationToken, Service};
@@ -41,6 +42,56 @@ pub struct UpArgs {
     /// The order service's admin address (default `0.0.0.0:9102`).
     #[arg(long, env = "ORDER_ADMIN_ADDR")]
     pub order_admin_addr: Option<String>,
+    /// Where `shop up` keeps what it makes at its first start: each
+    /// service's event signing key (`event-keys/<service>/event-signing.key`)
+    /// and the public keys the order service trusts
+    /// (`event-keys/public/user-events.keys`). Default
+    /// `$XDG_STATE_HOME/shop`, else `~/.local/state/shop`: outside any
+    /// checkout, so no key is ever committed.
+    #[arg(long, env = "SHOP_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The event signing keys of `shop up`, made at its first start under
+/// `state`: each service signs with its own, the order service trusts the
+/// user service's.
+#[derive(Debug, Clone)]
+struct LocalKeys {
+    user: crate::keys::NewKey,
+    order: crate::keys::NewKey,
+}
+
+impl LocalKeys {
+    fn ensure(state: &Path) -> anyhow::Result<Self> {
+        let keys = state.join("event-keys");
+        let key = |service: &str, public: &str| crate::keys::NewKey {
+            id: format!("{service}-local"),
+            private: keys.join(service).join("event-signing.key"),
+            public: keys.join("public").join(public),
+            owner: None,
+        };
+        let local = Self {
+            user: key("user-service", "user-events.keys"),
+            order: key("order-service", "order-events.keys"),
+        };
+        for key in [&local.user, &local.order] {
+            crate::keys::ensure(key)?;
+        }
+        Ok(local)
+    }
+
+    fn flags(key: &crate::keys::NewKey) -> [OsString; 2] {
+        [
+            OsString::from(format!("--event-signing-key-file={}", key.private.display())),
+            OsString::from(format!("--event-signing-key-id={}", key.id)),
+        ]
+    }
+}
+
+/// `--state-dir`, else the state directory of every `shop` command
+/// ([`crate::token::state_dir`]).
+fn state_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    given.map_or_else(crate::token::state_dir, Ok)
 }
 
 /// Runs both services (or only `args.service`); each creates and migrates
@@ -50,21 +101,34 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(service) = &args.service {
         return serve(service).await;
     }
-    let credentials = development_credentials()?;
+    let state = state_dir(args.state_dir)?;
+    let credentials = development_credentials(&state)?;
+    let keys = LocalKeys::ensure(&state)?;
     let mut user_flags =
         flags::<user_service::UserService>(args.user_database_url, args.user_grpc_addr, args.user_admin_addr);
     user_flags.extend(credentials.iter().cloned());
+    user_flags.extend(LocalKeys::flags(&keys.user));
     let mut order_flags = flags::<order_service::OrderService>(
         args.order_database_url,
         args.order_grpc_addr,
         args.order_admin_addr,
     );
     order_flags.extend(credentials.iter().cloned());
+    order_flags.extend(LocalKeys::flags(&keys.order));
+    order_flags.push(OsString::from(format!(
+        "--user-events-keys-file={}",
+        keys.user.public.display()
+    )));
     let users = shop_host::Config::<user_service::UserService>::from_env_and_flags(user_flags)?;
     let orders = shop_host::Config::<order_service::OrderService>::from_env_and_flags(order_flags)?;
     let mut telemetry = users.host.telemetry.clone();
     telemetry.service_name = "shop".to_owned();
     let telemetry = shop_telemetry::init(&telemetry)?;
+    tracing::info!(
+        user_service = %keys.user.private.display(),
+        order_service = %keys.order.private.display(),
+        "event signing keys (made at the first start)"
+    );
     let outcome = run_both(users, orders).await;
     if let Err(error) = &outcome {
         tracing::error!(error = format!("{error:#}"), "shop up failed");
@@ -77,12 +141,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// of the state directory, made as needed (see the module docs); none when
 /// `GRPC_AUTH` is set, which then configures both services as it does their
 /// binaries.
-fn development_credentials() -> anyhow::Result<Vec<OsString>> {
+fn development_credentials(dir: &Path) -> anyhow::Result<Vec<OsString>> {
     if std::env::var_os("GRPC_AUTH").is_some() {
         return Ok(Vec::new());
     }
-    let dir = crate::token::state_dir()?;
-    let keys = crate::token::development_credentials(&dir)?;
+    let keys = crate::token::development_credentials(dir)?;
     // Before telemetry is set up: said on stderr, once.
     #[allow(clippy::print_stderr)]
     {

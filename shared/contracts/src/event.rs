@@ -26,6 +26,29 @@ pub trait Event: prost::Message + prost::Name + Default + Clone + Send + Sync + 
     /// Version of the aggregate after this event; consumers use it to ignore
     /// stale and repeated events.
     fn aggregate_version(&self) -> i64;
+
+    /// What the body says it is about, in one value: consumers compare it
+    /// with the aggregate headers their sequencing goes by, so a body and
+    /// headers that disagree are refused whatever the event type.
+    fn identity(&self) -> EventIdentity {
+        EventIdentity {
+            aggregate_type: Self::AGGREGATE_TYPE,
+            aggregate_id: self.aggregate_id().to_owned(),
+            aggregate_version: self.aggregate_version(),
+        }
+    }
+}
+
+/// The aggregate an event body names: its kind, its id and its version
+/// after the event ([`Event::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventIdentity {
+    /// See [`Event::AGGREGATE_TYPE`].
+    pub aggregate_type: &'static str,
+    /// See [`Event::aggregate_id`].
+    pub aggregate_id: String,
+    /// See [`Event::aggregate_version`].
+    pub aggregate_version: i64,
 }
 
 /// The names of one event type, as plain data: for tools that deal with
@@ -147,6 +170,17 @@ macro_rules! events {
             }
         }
 
+        /// What an encoded event of type `type_name` says it is about
+        /// ([`Event::identity`]), for tools that check events they do not
+        /// handle: `None` for an unknown type, an error for a body that does
+        /// not decode.
+        pub fn identify_event(type_name: &str, body: &[u8]) -> Option<Result<EventIdentity, prost::DecodeError>> {
+            match type_name {
+                $($name => Some(<$ty as prost::Message>::decode(body).map(|event| event.identity())),)*
+                _ => None,
+            }
+        }
+
         #[cfg(test)]
         mod bound_names {
             use super::*;
@@ -169,6 +203,19 @@ macro_rules! events {
                 let mut rows = rows.to_vec();
                 rows.sort_by_key(|row| row.type_name);
                 assert_eq!(rows, DECLARED_EVENTS);
+            }
+
+            #[test]
+            fn every_event_body_names_its_aggregate_and_version() {
+                $(
+                    let mut event = <$ty>::default();
+                    event.$id = "agg-1".to_owned();
+                    event.version = 7;
+                    let body = prost::Message::encode_to_vec(&event);
+                    let identity = identify_event($name, &body).unwrap().unwrap();
+                    assert_eq!(identity, EventIdentity { aggregate_type: $agg, aggregate_id: "agg-1".to_owned(), aggregate_version: 7 });
+                )*
+                assert!(identify_event("shop.user.v1.Nope", b"").is_none());
             }
         }
     };

@@ -21,7 +21,10 @@ pub use tonic;
 
 mod event;
 
-pub use event::{DECLARED_EVENTS, DeclaredEvent, Event, EventType, all_event_types, describe_event};
+pub use event::{
+    DECLARED_EVENTS, DeclaredEvent, Event, EventIdentity, EventType, all_event_types, describe_event,
+    identify_event,
+};
 
 /// Generated code, laid out by protobuf package.
 pub mod shop {

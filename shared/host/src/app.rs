@@ -50,10 +50,7 @@ impl<S: Service> App<S> {
         let config = config.complete();
         config.host.validate().map_err(|error| anyhow::anyhow!(error))?;
         config
-            .host
-            .grpc
-            .auth
-            .validate(config.host.grpc.tls_cert.is_some())
+            .validate_for_serving()
             .map_err(|error| anyhow::anyhow!(error))?;
         // Installed before anything records a metric.
         crate::admin::metrics_handle()?;
@@ -167,7 +164,7 @@ impl<S: Service> App<S> {
             ),
         );
         if config.host.relay_enabled {
-            let relay = relay(&config, pool);
+            let relay = relay(&config, pool)?;
             health.follow(
                 "rabbitmq (outbox relay)".to_owned(),
                 relay.connected(),
@@ -202,10 +199,18 @@ impl<S: Service> App<S> {
     }
 }
 
-/// The outbox relay of service `S` over `pool`.
-pub fn relay<S: Service>(config: &Config<S>, pool: Pool) -> Relay {
+/// The outbox relay of service `S` over `pool`, signing with the key of
+/// its settings (an error naming the setting without one).
+pub fn relay<S: Service>(config: &Config<S>, pool: Pool) -> anyhow::Result<Relay> {
     let config = config.clone().complete();
-    Relay::new(pool, config.host.database, config.host.amqp, config.host.relay)
+    let key = config.host.signing_key().map_err(anyhow::Error::msg)?;
+    Ok(Relay::new(
+        pool,
+        config.host.database,
+        config.host.amqp,
+        config.host.relay,
+        key,
+    ))
 }
 
 /// Published outbox rows are kept for `OUTBOX_RETENTION`.
@@ -222,6 +227,8 @@ fn outbox_retention<S: Service>(config: &Config<S>) -> Retention {
 /// processes (`<service> relay`).
 pub async fn run_relay<S: Service>(config: Config<S>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = config.complete();
+    // Refused before any database work: a relay that could not sign.
+    config.host.signing_key().map_err(anyhow::Error::msg)?;
     let pool = shop_database::connect_granting(
         &config.host.database,
         S::MIGRATIONS,
@@ -238,7 +245,7 @@ pub async fn run_relay<S: Service>(config: Config<S>, shutdown: CancellationToke
             shutdown.clone(),
         ),
     );
-    tasks.spawn("outbox relay", relay(&config, pool).run(shutdown));
+    tasks.spawn("outbox relay", relay(&config, pool)?.run(shutdown));
     tasks.run(config.host.shutdown_grace).await
 }
 

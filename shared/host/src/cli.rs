@@ -124,15 +124,15 @@ where
             _ => Action::Serve,
         }
     };
-    if action == Action::Serve {
-        // Only a server needs to know who may call it.
-        config
-            .host
-            .grpc
-            .auth
-            .validate(config.host.grpc.tls_cert.is_some())
-            .map_err(|error| (format!("{}: {error}\n", S::NAME), 2))?;
-    }
+    // Settings that serving needs (who may call, a signing key, trusted
+    // keys) are checked now, for the same one-line refusal; printing the
+    // configuration and the health check do without them.
+    let ready = match action {
+        Action::Serve => config.validate_for_serving(),
+        Action::Relay => config.host.signing_key().map(drop),
+        Action::Healthcheck { .. } | Action::PrintConfig => Ok(()),
+    };
+    ready.map_err(|error| (format!("{}: {error}\n", S::NAME), 2))?;
     Ok((action, config, matches))
 }
 

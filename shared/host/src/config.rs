@@ -118,6 +118,15 @@ impl HostConfig {
     }
 }
 
+impl HostConfig {
+    /// The relay's signing key, or the one line naming the missing
+    /// setting: every relay signs (`EVENT_SIGNING_KEY_FILE`,
+    /// `EVENT_SIGNING_KEY_ID`).
+    pub fn signing_key(&self) -> Result<shop_messaging::signing::SigningKey, String> {
+        self.relay.signing.key()
+    }
+}
+
 /// The configuration of service `S`: the host's part and the service's own.
 #[derive(Debug)]
 pub struct Config<S: Service> {
@@ -169,6 +178,18 @@ impl<S: Service> Config<S> {
             anyhow::anyhow!("{}: {}", S::NAME, shop_config::one_line_error(&command, &error))
         })?;
         Ok(Self::from_matches(&matches)?)
+    }
+
+    /// What serving needs beyond each setting's own check: who may call
+    /// (`GRPC_AUTH` and what it needs), the relay's signing key (when the
+    /// relay runs in the process) and the service's own checks
+    /// ([`Service::validate`]); one line when one fails.
+    pub fn validate_for_serving(&self) -> Result<(), String> {
+        self.host.grpc.auth.validate(self.host.grpc.tls_cert.is_some())?;
+        if self.host.relay_enabled {
+            self.host.signing_key()?;
+        }
+        S::validate(&self.service)
     }
 
     pub(crate) fn from_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {

@@ -96,4 +96,12 @@ pub trait Service: Send + Sync + Sized + 'static {
         let _ = config;
         Vec::new()
     }
+
+    /// The checks of the service's own settings that span several of them
+    /// or that serving needs (a consumer's trusted keys): one line naming
+    /// the variable when one fails. Run before serving starts.
+    fn validate(config: &Self::Config) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
 }

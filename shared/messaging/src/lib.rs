@@ -5,6 +5,10 @@
 //! - [`wire`]: the wire contract of an event (AMQP properties and headers),
 //!   written by the outbox relay and read by consumers, and the trace context
 //!   carried in the headers.
+//! - [`signing`]: who may publish: the producer's Ed25519 signature of
+//!   every event, made by the relay and checked by consumers before
+//!   anything else; [`seal`]: the consumer's own bookkeeping headers count
+//!   only on copies it sealed.
 //! - [`topology`]: every exchange and queue the system declares, in one
 //!   place, each option written out.
 //! - [`consumer`]: typed subscriptions (`subscribe::<UserCreated>(handler)`)
@@ -18,7 +22,9 @@ pub mod consumer;
 pub mod dlq;
 pub mod inbox;
 pub mod membership;
+pub mod seal;
 pub mod sequence;
+pub mod signing;
 pub mod topology;
 pub mod wire;
 

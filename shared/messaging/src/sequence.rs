@@ -151,8 +151,10 @@ pub fn sequenced_by(headers: &FieldTable) -> Option<(Aggregate, i64)> {
 }
 
 impl std::fmt::Display for Aggregate {
+    /// `type/id`, with control characters, quotes and backslashes escaped:
+    /// the id comes from a message, and is printed in logs and listings.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.kind, self.id)
+        write!(f, "{}/{}", self.kind.escape_debug(), self.id.escape_debug())
     }
 }
 
@@ -645,6 +647,80 @@ pub(crate) async fn park(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// How many events a consumer may hold parked: past either limit, an event
+/// that would park is dead-lettered (`park-limit`) instead, so a producer
+/// far ahead of a gap (or a flood of far-future versions) cannot grow
+/// `inbox_parked` without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkLimits {
+    /// Most parked events of one aggregate (`CONSUMER_MAX_PARKED_PER_AGGREGATE`).
+    pub per_aggregate: u32,
+    /// Most parked events in all (`CONSUMER_MAX_PARKED`).
+    pub total: u32,
+}
+
+/// Which of `events` (about to be parked, in order) fit within `limits`,
+/// counting what is parked already. The counts stop at the limits, so a
+/// full table is not counted to the end. Transactions that park take a
+/// lock of the consumer's for it (until they commit) before they count, so
+/// workers and replicas parking at once never pass a limit together; the
+/// common batch parks nothing and never takes it.
+pub(crate) async fn admit(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    events: &[ParkedEvent],
+    limits: &ParkLimits,
+) -> QueryResult<Vec<bool>> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = Text)]
+        id: String,
+        #[diesel(sql_type = BigInt)]
+        parked: i64,
+    }
+    prepared(
+        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/parking', 1))")
+            .bind::<Text, _>(consumer),
+    )
+    .execute(conn)
+    .await?;
+    let kinds: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+    // The total first (as kind '', id ''), then each aggregate's.
+    let counts: Vec<Count> = prepared(
+        diesel::sql_query(
+            "SELECT '' AS kind, '' AS id, (SELECT count(*) FROM                (SELECT 1 FROM inbox_parked WHERE consumer = $1 LIMIT $4) AS t) AS parked              UNION ALL              SELECT a.t, a.i, (SELECT count(*) FROM (SELECT 1 FROM inbox_parked p                WHERE p.consumer = $1 AND p.aggregate_type = a.t AND p.aggregate_id = a.i LIMIT $5) AS x)              FROM (SELECT DISTINCT t, i FROM unnest($2::text[], $3::text[]) AS u(t, i)) AS a",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(&kinds)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<BigInt, _>(i64::from(limits.total))
+        .bind::<BigInt, _>(i64::from(limits.per_aggregate)),
+    )
+    .load(conn)
+    .await?;
+    let mut counts = counts.into_iter();
+    let mut total = counts.next().map_or(0, |count| count.parked);
+    let mut per_aggregate: HashMap<(String, String), i64> = counts
+        .map(|count| ((count.kind, count.id), count.parked))
+        .collect();
+    Ok(events
+        .iter()
+        .map(|event| {
+            let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+            let parked = per_aggregate.entry(key).or_default();
+            let admitted = total < i64::from(limits.total) && *parked < i64::from(limits.per_aggregate);
+            if admitted {
+                total += 1;
+                *parked += 1;
+            }
+            admitted
+        })
+        .collect())
 }
 
 const RELEASED_COLUMNS: &str = "p.aggregate_type, p.aggregate_id, p.aggregate_version, p.event_id, \

@@ -14,6 +14,8 @@
 //! | header `aggregate_type`, `aggregate_id`, `aggregate_version` | the aggregate the event is about |
 //! | header `partition` | [`partition_of`] the aggregate id, `0..`[`PARTITIONS`] |
 //! | header `CC` | `["partition.<k>"]`, the partition as a second routing key ([`partition_routing_key`]) |
+//! | header `signature` | the producer's Ed25519 signature of the event, base64 (64 bytes; what it covers: [`crate::signing`]) |
+//! | header `signature_key_id` | the id of the key that made it (keys rotate by id) |
 //! | headers `ce-*` | opt-in (`RELAY_CLOUDEVENTS`): the CloudEvents binary-mode attributes, mirroring the properties above ([`CLOUDEVENTS`]) |
 //!
 //! [`PROPERTIES`] and [`HEADERS`] are this table as data, with each
@@ -22,6 +24,15 @@
 //! the contract bundle (`docs/contract/`) are generated from, and that the
 //! tests hold the relay's real messages against. A header added here appears
 //! in all of them by regeneration.
+//!
+//! A consumer checks the signature before anything else and refuses what
+//! does not verify (`unauthenticated`); the signed values are the event id,
+//! the type, the aggregate type, id and version, the producer (`app_id`)
+//! and the body, as fixed canonical bytes, not the header table as sent.
+//!
+//! The consumer writes headers of its own on the copies it makes (retries,
+//! dead letters, released parked events): [`BOOKKEEPING`], sealed by
+//! [`SEAL`] ([`crate::seal`]); on any other delivery they are ignored.
 //!
 //! Routing: the producer's topic exchange, routing key
 //! [`shop_contracts::Event::ROUTING_KEY`]. A consumer group routes on from
@@ -56,6 +67,16 @@ pub const PARTITION: &str = "partition";
 /// Header: more routing keys for the broker (sender-selected distribution);
 /// events carry [`partition_routing_key`] in it.
 pub const CC: &str = "CC";
+/// Header: the producer's Ed25519 signature of the event, base64 (standard
+/// alphabet, padded; 64 bytes): see [`crate::signing`] for what it covers.
+pub const SIGNATURE: &str = "signature";
+/// Header: the id of the key that made [`SIGNATURE`], which consumers look
+/// up among the keys they trust for the producer; keys rotate by id.
+pub const SIGNATURE_KEY_ID: &str = "signature_key_id";
+/// Header: the consumer's seal over its own bookkeeping headers
+/// ([`BOOKKEEPING`]), base64 HMAC-SHA256 ([`crate::seal`]). Bookkeeping
+/// headers count only on a copy whose seal checks out.
+pub const SEAL: &str = "seal";
 /// AMQP delivery mode of a message the broker writes to disk.
 pub const PERSISTENT: u8 = 2;
 
@@ -201,6 +222,18 @@ pub const HEADERS: &[HeaderSpec] = &[
         meaning: "`[\"partition.<partition>\"]`: a second routing key for the broker (sender-selected distribution; RabbitMQ removes it before delivery)",
     },
     HeaderSpec {
+        name: SIGNATURE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "the producer's Ed25519 signature of the event, base64 (standard alphabet, padded; 64 bytes), over the canonical bytes of the rules below",
+    },
+    HeaderSpec {
+        name: SIGNATURE_KEY_ID,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "the id of the producer's key that made `signature` (keys rotate by id)",
+    },
+    HeaderSpec {
         name: "traceparent",
         field_type: FieldType::LongString,
         role: HeaderRole::Optional,
@@ -253,6 +286,12 @@ pub const HEADERS: &[HeaderSpec] = &[
         field_type: FieldType::LongString,
         role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
         meaning: "CloudEvents `subject`: the aggregate id, as `aggregate_id`",
+    },
+    HeaderSpec {
+        name: SEAL,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "the consumer's HMAC over its own bookkeeping headers",
     },
     HeaderSpec {
         name: ATTEMPT,
@@ -450,6 +489,27 @@ impl EventHeaders<'_> {
         }
         properties.with_headers(headers)
     }
+
+    /// [`Self::properties`] with the producer's signature of the event
+    /// ([`crate::signing`]): `body` is the event's body, `key` the
+    /// producer's.
+    pub fn signed_properties(&self, body: &[u8], key: &crate::signing::SigningKey) -> BasicProperties {
+        let properties = self.properties();
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        key.sign_into(
+            &crate::signing::SignedFields {
+                event_id: self.event_id,
+                type_name: self.type_name,
+                aggregate_type: self.aggregate_type,
+                aggregate_id: self.aggregate_id,
+                aggregate_version: self.aggregate_version,
+                producer: self.app_id,
+                body,
+            },
+            &mut headers,
+        );
+        properties.with_headers(headers)
+    }
 }
 
 /// `properties` as sent by broker user `user`. RabbitMQ validates the
@@ -556,9 +616,34 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "dead_letter_attempts";
 /// Header: when it was dead-lettered (RFC 3339).
 pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
 
+/// The headers a consumer writes for itself on the copies it sends to its
+/// delay queues, its dead-letter queue and back to its partitions, in the
+/// fixed order its seal covers them ([`crate::seal`]). On a delivery whose
+/// seal does not check out they are ignored (and dropped from any copy the
+/// consumer makes): a stranger's `attempt=99` is a first attempt.
+pub const BOOKKEEPING: [&str; 10] = [
+    ATTEMPT,
+    RELEASED,
+    LAST_ERROR,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    ORIGINAL_QUEUE,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTERED_AT,
+];
+
 /// Why a message ended in a dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadLetterReason {
+    /// Larger than the consumer's `CONSUMER_MAX_MESSAGE_BYTES`: refused
+    /// before anything else, without decoding it.
+    TooLarge,
+    /// Unsigned, signed by a key the consumer does not trust, or not
+    /// matching its signature: not the producer's event. Never retried,
+    /// never sequenced, never holds an aggregate's later events.
+    Unauthenticated,
     /// No `message_id`, or not a UUID: the inbox cannot deduplicate it.
     MissingMessageId,
     /// No `type`, or one no handler is subscribed to.
@@ -569,26 +654,35 @@ pub enum DeadLetterReason {
     Rejected,
     /// The handler failed on every attempt.
     MaxAttempts,
+    /// Ahead of its aggregate's next version while the consumer already
+    /// holds as many parked events as it may (per aggregate or in all).
+    ParkLimit,
 }
 
 impl DeadLetterReason {
     /// Every reason.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 8] = [
+        Self::TooLarge,
+        Self::Unauthenticated,
         Self::MissingMessageId,
         Self::UnknownType,
         Self::Undecodable,
         Self::Rejected,
         Self::MaxAttempts,
+        Self::ParkLimit,
     ];
 
     /// The header value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::TooLarge => "too-large",
+            Self::Unauthenticated => "unauthenticated",
             Self::MissingMessageId => "missing-message-id",
             Self::UnknownType => "unknown-type",
             Self::Undecodable => "undecodable",
             Self::Rejected => "rejected",
             Self::MaxAttempts => "max-attempts",
+            Self::ParkLimit => "park-limit",
         }
     }
 }
@@ -663,12 +757,14 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
         )]);
         let headers = sample(&trace);
+        let (key, _) = crate::signing::SigningKey::generate("unit-test").unwrap();
+        let signed = headers.signed_properties(b"body", &key);
         let mut expected = declared(&[HeaderRole::Contract]);
         expected.push(("traceparent".to_owned(), Some(FieldType::LongString)));
         expected.sort();
-        assert_eq!(written(&headers.properties()), expected);
+        assert_eq!(written(&signed), expected);
 
-        let with_ce = headers.with_cloudevents(headers.properties(), chrono::DateTime::UNIX_EPOCH);
+        let with_ce = headers.with_cloudevents(signed, chrono::DateTime::UNIX_EPOCH);
         let mut expected = declared(&[HeaderRole::Contract, HeaderRole::OptIn(CLOUDEVENTS_SETTING)]);
         expected.push(("traceparent".to_owned(), Some(FieldType::LongString)));
         expected.sort();

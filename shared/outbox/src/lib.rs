@@ -62,6 +62,16 @@
 //! first; throughput is bounded by the broker's confirmed-publish rate
 //! long before the number of relays matters.
 //!
+//! # Signing
+//!
+//! Every event is signed with the producer's Ed25519 key as it is
+//! published (headers `signature` and `signature_key_id`; what is signed and
+//! why at publishing rather than when the row is written:
+//! `shop_messaging::signing`). A [`Relay`] cannot be built without its
+//! [`shop_messaging::signing::SigningKey`]; the service host reads it from
+//! `EVENT_SIGNING_KEY_FILE` and `EVENT_SIGNING_KEY_ID` and refuses to start
+//! a relay without them.
+//!
 //! # Tracing
 //!
 //! [`enqueue`] stores the W3C propagation fields of the current span (the

@@ -14,6 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
 use shop_backoff::Backoff;
 use shop_database::{DatabaseConfig, Pool};
+use shop_messaging::signing::SigningKey;
 use shop_messaging::wire::EventHeaders;
 use shop_messaging::{AmqpConfig, within};
 use tokio::sync::watch;
@@ -100,6 +101,10 @@ pub struct RelayConfig {
     /// `i` of `n` tries partitions `i`, `i + n`, …) and runs its own batches
     /// on its own connections, so one lane's database work overlaps another's
     /// wait for the broker.
+    /// The producer's signing key: every event is signed with it as it is
+    /// published (see `shop_messaging::signing`).
+    #[command(flatten)]
+    pub signing: shop_messaging::signing::SigningConfig,
     #[arg(
         id = "relay_lanes",
         long = "relay-lanes",
@@ -256,6 +261,8 @@ struct Publisher {
 /// Publishes a service's outbox; see the crate docs.
 pub struct Relay {
     pool: Pool,
+    /// What every event is signed with.
+    key: SigningKey,
     database: DatabaseConfig,
     amqp: AmqpConfig,
     config: RelayConfig,
@@ -276,11 +283,19 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// A relay over the outbox in `pool`'s database. `database` is the same
-    /// database, for the dedicated `LISTEN` connection.
-    pub fn new(pool: Pool, database: DatabaseConfig, amqp: AmqpConfig, config: RelayConfig) -> Self {
+    /// A relay over the outbox in `pool`'s database, signing every event
+    /// with `key`. `database` is the same database, for the dedicated
+    /// `LISTEN` connection.
+    pub fn new(
+        pool: Pool,
+        database: DatabaseConfig,
+        amqp: AmqpConfig,
+        config: RelayConfig,
+        key: SigningKey,
+    ) -> Self {
         Self {
             pool,
+            key,
             database,
             amqp,
             config,
@@ -323,12 +338,13 @@ impl Relay {
                 .into());
             };
             let config = &self.config;
+            let key = &self.key;
             let lane = self.lane;
             // The batch's transaction also waits for the broker's confirms.
             let deadline = self.pool.deadline() + config.confirm_timeout;
             self.pool
                 .run_within(deadline, async |conn| {
-                    conn.transaction(async |conn| publish_batch(conn, publisher, config, lane).await)
+                    conn.transaction(async |conn| publish_batch(conn, publisher, config, key, lane).await)
                         .await
                 })
                 .await
@@ -399,6 +415,7 @@ impl Relay {
         let lanes = usize::from(self.config.lanes).clamp(1, PARTITIONS as usize);
         let lane = |index| Relay {
             pool: self.pool.clone(),
+            key: self.key.clone(),
             database: self.database.clone(),
             amqp: self.amqp.clone(),
             config: self.config.clone(),
@@ -599,6 +616,7 @@ async fn publish_batch(
     conn: &mut AsyncPgConnection,
     publisher: &Publisher,
     config: &RelayConfig,
+    key: &SigningKey,
     (lane, lanes): (usize, usize),
 ) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
     // Claim, then read, in two statements. One statement would save a round
@@ -647,7 +665,7 @@ async fn publish_batch(
         confirmed,
         unroutable,
         failure,
-    } = publish_in_order(publisher, config, &rows).await;
+    } = publish_in_order(publisher, config, key, &rows).await;
     // A fault point for the tests: the process dies between the broker's
     // confirms and the commit that marks the rows (they go out again).
     fail::fail_point!("relay-after-confirm", |_| std::process::abort());
@@ -685,7 +703,12 @@ struct Published {
 /// returned, not confirmed in time or lost with the connection stops there
 /// for this batch (its later rows are not sent, so none can overtake it);
 /// the other aggregates go on.
-async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[PendingEvent]) -> Published {
+async fn publish_in_order(
+    publisher: &Publisher,
+    config: &RelayConfig,
+    key: &SigningKey,
+    rows: &[PendingEvent],
+) -> Published {
     let channel = &publisher.channel;
     let mut published = Published {
         confirmed: Vec::with_capacity(rows.len()),
@@ -737,7 +760,10 @@ async fn publish_in_order(publisher: &Publisher, config: &RelayConfig, rows: &[P
                 partition: row.partition_key,
                 trace: &trace,
             };
-            let mut properties = shop_messaging::wire::sent_by(headers.properties(), &publisher.user);
+            // The CloudEvents headers go on after the signature: it covers
+            // fixed fields, not the header table.
+            let mut properties =
+                shop_messaging::wire::sent_by(headers.signed_properties(&row.payload, key), &publisher.user);
             if config.cloudevents {
                 properties = headers.with_cloudevents(properties, row.created_at);
             }

@@ -137,11 +137,36 @@ pub fn assert_command_line(binary: &str, variables: &[&str]) {
     assert_secrets_from_files(binary);
     assert_require_tls(binary);
     assert_refuses_to_serve_without_authentication(binary);
+    // Every relay signs: serving (which runs the relay) and `relay` refuse
+    // to start without the producer's key, in one line naming the setting
+    // (who may call is settled, GRPC_AUTH=none, so that the key is what is
+    // missing).
+    for args in [&[][..], &["relay"]] {
+        assert_refused(binary, args, &[("GRPC_AUTH", "none")], "EVENT_SIGNING_KEY_FILE");
+    }
+    // A key file that holds no key: refused, its contents never echoed.
+    let dir = std::env::temp_dir().join(format!("shop-bad-key-{}", crate::short_id()));
+    #[allow(clippy::expect_used)]
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let bad = dir.join("bad.key");
+    #[allow(clippy::expect_used)]
+    std::fs::write(&bad, "secret-material-that-is-no-key").expect("a temporary file");
+    let refused = assert_refused(
+        binary,
+        &[],
+        &[
+            ("GRPC_AUTH", "none"),
+            ("EVENT_SIGNING_KEY_FILE", &bad.to_string_lossy()),
+        ],
+        "EVENT_SIGNING_KEY_FILE",
+    );
+    assert!(!refused.contains("secret-material"), "{refused}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One line on stderr and exit code 2, naming every one of `names` and
 /// showing no `secret`.
-fn assert_refused(output: &Output, names: &[&str], secret: &str, what: &str) {
+fn assert_refused_output(output: &Output, names: &[&str], secret: &str, what: &str) {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{what}: {output:?}");
     assert_eq!(
@@ -213,7 +238,7 @@ fn assert_secrets_from_files(binary: &str) {
             ("AMQP_URL_FILE", broker.as_str()),
         ],
     );
-    assert_refused(
+    assert_refused_output(
         &both,
         &["AMQP_URL_FILE", "AMQP_URL "],
         "secret",
@@ -224,7 +249,7 @@ fn assert_secrets_from_files(binary: &str) {
         &[],
         &[("DATABASE_URL_FILE", "/nonexistent/shop-database-url")],
     );
-    assert_refused(
+    assert_refused_output(
         &missing,
         &["DATABASE_URL_FILE", "/nonexistent/shop-database-url"],
         "secret",
@@ -274,7 +299,7 @@ fn assert_require_tls(binary: &str) {
     ];
     for (setting, envs) in cases {
         let refused = run(binary, &[], &envs);
-        assert_refused(
+        assert_refused_output(
             &refused,
             &["REQUIRE_TLS", setting],
             "tls-secret",
@@ -341,4 +366,22 @@ pub fn assert_refuses_to_serve_without_authentication(binary: &str) {
     // not a refused setting).
     let probe = run(binary, &["healthcheck"], &[("GRPC_ADDR", "127.0.0.1:1")]);
     assert_eq!(probe.status.code(), Some(1), "{probe:?}");
+}
+
+/// Asserts that `binary` with `args` and `envs` stops before it starts,
+/// exit 2, with one line naming `variable`; returns the line.
+///
+/// # Panics
+///
+/// When it does not.
+pub fn assert_refused(binary: &str, args: &[&str], envs: &[(&str, &str)], variable: &str) -> String {
+    let refused = run(binary, args, envs);
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{args:?} {envs:?}: {refused:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line:\n{stderr}");
+    assert!(
+        stderr.contains(variable),
+        "the line does not name {variable}: {stderr}"
+    );
+    stderr
 }

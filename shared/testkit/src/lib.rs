@@ -7,7 +7,10 @@
 //! - [`TestBroker`]: a name prefix per test for exchanges and queues, and the
 //!   deletion of what the test declared when it ends; [`ProbeQueue`] reads
 //!   what was published to an exchange.
-//! - [`TestPublisher`]: publishes events as the relay would, or any bytes.
+//! - [`TestPublisher`]: publishes events as the relay would (signed with
+//!   [`keys::signing_key`]), or any bytes.
+//! - [`keys`]: real event signing keys made in the test process, and the
+//!   files a service process reads them from.
 //! - [`TcpProxy`]: a proxy between a service and PostgreSQL or RabbitMQ that
 //!   cuts or refuses connections on demand.
 //! - [`ServiceProcess`]: a service binary run as a child process, stopped
@@ -38,6 +41,7 @@ mod broker;
 pub mod cluster;
 pub mod command_line;
 mod database;
+pub mod keys;
 mod process;
 mod proxy;
 mod publisher;

@@ -20,12 +20,17 @@ pub struct ServiceProcess {
     pub admin_addr: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// The event signing key's files it was given, removed with it.
+    _keys: Option<crate::keys::KeyFiles>,
 }
 
 impl ServiceProcess {
     /// Starts `binary` with `envs` (plus `GRPC_ADDR` and `ADMIN_ADDR` on free
-    /// ports unless given, and `LOG_FORMAT=json`), and waits (up to 60 s) for
-    /// the log line that says it started, which carries its addresses.
+    /// ports unless given, `LOG_FORMAT=json`, and, unless
+    /// `EVENT_SIGNING_KEY_FILE` is given, files of the tests' event signing
+    /// key: `EVENT_SIGNING_KEY_FILE`, `EVENT_SIGNING_KEY_ID` and
+    /// `USER_EVENTS_KEYS_FILE`), and waits (up to 60 s) for the log line that
+    /// says it started, which carries its addresses.
     pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
         Self::start_with_args(binary, &[], envs).await
     }
@@ -47,6 +52,13 @@ impl ServiceProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let keys = if envs.iter().any(|(key, _)| *key == "EVENT_SIGNING_KEY_FILE") {
+            None
+        } else {
+            let keys = crate::keys::KeyFiles::write()?;
+            command.envs(keys.envs());
+            Some(keys)
+        };
         for (key, value) in envs {
             command.env(key, value);
         }
@@ -100,6 +112,7 @@ impl ServiceProcess {
             admin_addr,
             lines,
             readers,
+            _keys: keys,
         })
     }
 

@@ -6,9 +6,11 @@ use std::time::Duration;
 use shop_database::{DatabaseConfig, Pool};
 use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::ConsumerConfig;
+use shop_messaging::signing::{SigningKey, TrustedKeys};
 use shop_outbox::RelayConfig;
 use shop_testkit::ServiceProcess;
 use shop_testkit::TestKeys;
+use shop_testkit::keys::KeyFiles;
 
 /// Everything a run creates, with unique names.
 pub(crate) struct Bench {
@@ -21,6 +23,8 @@ pub(crate) struct Bench {
     pub(crate) consumer_queue: String,
     pub(crate) user_pool: Pool,
     pub(crate) order_pool: Pool,
+    /// The event signing key's files, for the services run as processes.
+    keys: KeyFiles,
 }
 
 fn with_database(url: &str, name: &str) -> String {
@@ -66,6 +70,7 @@ impl Bench {
             user_db,
             order_db,
             amqp_url,
+            keys: KeyFiles::write()?,
             user_exchange,
             order_exchange: format!("bench-{id}.order.events"),
             consumer_queue: format!("bench-{id}.order-service.user-events"),
@@ -102,7 +107,18 @@ impl Bench {
     pub(crate) fn consumer_config(&self, prefetch: u16) -> ConsumerConfig {
         let mut config = ConsumerConfig::new(self.user_exchange.clone(), self.consumer_queue.clone());
         config.prefetch = prefetch;
+        config.trusted_keys = self.trusted_keys();
         config
+    }
+
+    /// The key the benchmark's relays sign with (made for the run).
+    pub(crate) fn signing_key(&self) -> SigningKey {
+        shop_testkit::keys::signing_key().clone()
+    }
+
+    /// What the benchmark's consumers trust: [`Self::signing_key`].
+    pub(crate) fn trusted_keys(&self) -> TrustedKeys {
+        shop_testkit::keys::trusted_keys()
     }
 
     /// The user service as a child process, with authentication on (bearer
@@ -137,6 +153,7 @@ impl Bench {
             ]
             .into_iter()
             .chain(auth)
+            .chain(self.keys.envs())
             .collect::<Vec<_>>(),
         )
         .await
@@ -158,6 +175,7 @@ impl Bench {
             ]
             .into_iter()
             .chain(TestKeys::shared().env())
+            .chain(self.keys.envs())
             .collect::<Vec<_>>(),
         )
         .await

@@ -61,14 +61,15 @@ pub(crate) struct Options {
     #[arg(long, global = true, default_value = "target/bench-results.json")]
     pub(crate) out: std::path::PathBuf,
     /// Stages to run: create-user, relay, consumer, ordered, end-to-end,
-    /// latency, steady, replicas (consumer drains what relay published, so
-    /// it needs relay; steady's bound needs create-user, relay and
-    /// consumer).
+    /// latency, steady, replicas, signing (consumer drains what relay
+    /// published, so it needs relay; steady's bound needs create-user,
+    /// relay and consumer; signing puts its cost beside relay's and
+    /// steady's when they ran).
     #[arg(
         long,
         global = true,
         value_delimiter = ',',
-        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,steady,replicas"
+        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,steady,replicas,signing"
     )]
     pub(crate) stages: Vec<String>,
     /// Seconds of each steady-state rate step.

@@ -95,6 +95,20 @@ impl Report {
         Some((1.0 / seconds, spelled))
     }
 
+    /// The numbers of the last row whose figure starts with `prefix`.
+    pub(crate) fn numbers(&self, prefix: &str) -> Option<&Value> {
+        self.rows
+            .iter()
+            .rev()
+            .find(|row| row.figure.starts_with(prefix))
+            .map(|row| &row.numbers)
+    }
+
+    /// Number `key` of [`Self::numbers`].
+    pub(crate) fn number(&self, prefix: &str, key: &str) -> Option<f64> {
+        self.numbers(prefix)?.get(key)?.as_f64()
+    }
+
     pub(crate) fn add(&mut self, row: Row) {
         println!(
             "{:<52} {:<48} {:<44} {}",

@@ -71,6 +71,34 @@ async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigte
 }
 
 #[test]
+fn without_the_user_services_public_keys_the_order_service_refuses_to_start_in_one_line() {
+    let keys = shop_testkit::keys::KeyFiles::write().unwrap();
+    let key = keys.private_key.to_string_lossy().into_owned();
+    let signing = [
+        ("EVENT_SIGNING_KEY_FILE", key.as_str()),
+        ("EVENT_SIGNING_KEY_ID", keys.key_id.as_str()),
+    ];
+    shop_testkit::command_line::assert_refused(
+        env!("CARGO_BIN_EXE_order-service"),
+        &[],
+        &signing,
+        "USER_EVENTS_KEYS_FILE",
+    );
+    // A file that lists no key is refused too, not taken as "trust none".
+    let empty = keys.trusted.with_extension("empty");
+    std::fs::write(&empty, "# no keys yet\n").unwrap();
+    let empty = empty.to_string_lossy().into_owned();
+    let mut settings = signing.to_vec();
+    settings.push(("USER_EVENTS_KEYS_FILE", empty.as_str()));
+    shop_testkit::command_line::assert_refused(
+        env!("CARGO_BIN_EXE_order-service"),
+        &[],
+        &settings,
+        "USER_EVENTS_KEYS_FILE",
+    );
+}
+
+#[test]
 fn the_command_line_answers_help_version_and_print_config_and_refuses_bad_settings_in_one_line() {
     shop_testkit::command_line::assert_command_line(
         env!("CARGO_BIN_EXE_order-service"),

@@ -37,6 +37,8 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     config.service.consumer.max_attempts = 3;
     // Every application recorded, for the tests to count.
     config.service.consumer.ledger = true;
+    config.host.relay.signing = shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
+    config.service.user_events_keys = Some(shop_testkit::keys::trusted_keys());
     config
 }
 
@@ -112,11 +114,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     }
 }
 
-/// What the projection holds about a user.
+/// What the projection holds about a user (all it holds: no email, no
+/// name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownUser {
-    pub email: String,
-    pub name: String,
     pub version: i64,
     pub deleted: bool,
 }
@@ -139,21 +140,11 @@ impl TestApp {
         let mut conn = self.pool.get().await.unwrap();
         known_users::table
             .find(user_id)
-            .select((
-                known_users::email,
-                known_users::name,
-                known_users::version,
-                known_users::deleted,
-            ))
-            .first::<(String, String, i64, bool)>(&mut conn)
+            .select((known_users::version, known_users::deleted))
+            .first::<(i64, bool)>(&mut conn)
             .await
             .ok()
-            .map(|(email, name, version, deleted)| KnownUser {
-                email,
-                name,
-                version,
-                deleted,
-            })
+            .map(|(version, deleted)| KnownUser { version, deleted })
     }
 
     /// Waits until the projection holds `user_id` at `version`.

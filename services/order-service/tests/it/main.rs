@@ -11,3 +11,4 @@ mod properties;
 mod retention;
 mod rpc;
 mod server;
+mod trust;

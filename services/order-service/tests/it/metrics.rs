@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use lapin::BasicProperties;
 use shop_contracts::Event as _;
 use shop_contracts::user::UserCreated;
 use shop_testkit::{http_get, metric};
@@ -27,14 +26,13 @@ async fn consumed_duplicate_and_dead_lettered_events_are_counted() {
     app.publish_user_event(&created(first)).await;
     app.publish_user_event_with_id(&created(second), twice).await;
     app.publish_user_event_with_id(&created(second), twice).await;
+    // Signed by the user service's key, but not a UserCreated.
     app.publisher
-        .publish_raw(
+        .publish_raw_signed(
             &app.settings.service.user_events_exchange,
             UserCreated::ROUTING_KEY,
             b"\xff",
-            BasicProperties::default()
-                .with_type(UserCreated::TYPE_NAME.into())
-                .with_message_id(Uuid::now_v7().to_string().as_str().into()),
+            shop_testkit::TestPublisher::properties(&created(Uuid::now_v7()), Uuid::now_v7()),
         )
         .await
         .unwrap();

@@ -100,7 +100,7 @@ async fn the_same_event_delivered_three_times_has_one_effect() {
         "each distinct event handed to the projection once, the copies skipped"
     );
     assert_eq!(app.applications().await, 2, "two applications in the ledger");
-    assert_eq!(app.known_user(user).await.unwrap().name, "Grace Hopper");
+    assert_eq!(app.known_user(user).await.unwrap().version, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,8 +118,6 @@ async fn an_update_delivered_before_its_create_waits_for_it_then_both_apply_in_o
     assert_eq!(
         app.known_user(user).await.unwrap(),
         KnownUser {
-            email: "later@example.com".to_owned(),
-            name: "Later".to_owned(),
             version: 2,
             deleted: false
         }

@@ -201,13 +201,16 @@ async fn any_order_request_gets_a_documented_code() {
 }
 
 /// A message as anything might publish it: random body, type, message id
-/// and headers.
+/// and headers, signed by the user service's key or not.
 #[derive(Debug, Clone)]
 struct Message {
     body: Vec<u8>,
     kind: Option<String>,
     message_id: Option<String>,
     headers: Vec<(String, AMQPValue)>,
+    /// Signed as it is (with the aggregate headers and `app_id` a signature
+    /// needs, where the message has none), when it can be.
+    signed: bool,
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -239,19 +242,25 @@ fn message() -> impl Strategy<Value = Message> {
         kind,
         message_id,
         proptest::collection::vec((header_name, value), 0..4),
+        proptest::bool::weighted(0.8),
     )
-        .prop_map(|(body, kind, message_id, headers)| Message {
+        .prop_map(|(body, kind, message_id, headers, signed)| Message {
             body,
             kind,
             message_id,
             headers,
+            signed,
         })
 }
 
-/// What the consumer must do with `message`: the dead-letter reason it
-/// must give, or `None` when the projection decides (applied, or refused
-/// as `rejected`).
-fn expected_reason(message: &Message) -> Option<&'static str> {
+/// What the consumer must do with `message` (published with a valid
+/// signature or not): the dead-letter reason it must give, or `None` when
+/// the projection decides (applied, or refused as `rejected`, which a body
+/// that disagrees with its headers is too).
+fn expected_reason(message: &Message, signed: bool) -> Option<&'static str> {
+    if !signed {
+        return Some("unauthenticated");
+    }
     let valid_id = message
         .message_id
         .as_deref()
@@ -340,11 +349,38 @@ async fn any_message_on_the_queue_is_applied_or_dead_lettered_and_the_consumer_c
             headers.insert(name.as_str().into(), value.clone());
         }
         headers.insert("test_case".into(), AMQPValue::LongString(tag.as_str().into()));
+        let mut properties = properties.with_headers(headers);
+        let mut signed = false;
+        if message.signed {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            for (name, value) in [
+                ("aggregate_type", AMQPValue::LongString("user".into())),
+                (
+                    "aggregate_id",
+                    AMQPValue::LongString(uuid::Uuid::new_v4().to_string().as_str().into()),
+                ),
+                ("aggregate_version", AMQPValue::LongLongInt(1)),
+            ] {
+                if !headers.inner().contains_key(name) {
+                    headers.insert(name.into(), value);
+                }
+            }
+            let signable = properties
+                .clone()
+                .with_app_id("test".into())
+                .with_headers(headers);
+            if let Ok(with_signature) =
+                shop_testkit::keys::signing_key().sign_properties(signable, &message.body)
+            {
+                properties = with_signature;
+                signed = true;
+            }
+        }
         block(app.publisher.publish_raw(
             &app.settings.service.user_events_exchange,
             UserCreated::ROUTING_KEY,
             &message.body,
-            properties.with_headers(headers),
+            properties,
         ))
         .map_err(|error| TestCaseError::fail(format!("publishing the message: {error:#}")))?;
 
@@ -354,7 +390,7 @@ async fn any_message_on_the_queue_is_applied_or_dead_lettered_and_the_consumer_c
                 "neither applied nor dead-lettered within 20 s",
             ));
         };
-        match (expected_reason(&message), &outcome) {
+        match (expected_reason(&message, signed), &outcome) {
             (Some(expected), Outcome::DeadLettered(reason)) => {
                 prop_assert_eq!(expected, reason.as_str());
             }

@@ -34,6 +34,7 @@ pub fn settings(db: &TestDatabase, broker: &TestBroker) -> Config {
     config.host.relay.poll_interval = Duration::from_millis(200);
     config.host.shutdown_grace = Duration::from_secs(5);
     config.service.events_exchange = broker.exchange("user.events");
+    config.host.relay.signing = shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
     config
 }
 
@@ -46,7 +47,7 @@ pub fn relay(app: &TestApp) -> shop_outbox::Relay {
 pub fn relay_with_batch(app: &TestApp, batch_size: i64) -> shop_outbox::Relay {
     let mut settings = settings(&app.db, &app.broker);
     settings.host.relay.batch_size = batch_size;
-    shop_host::relay(&settings, app.pool.clone())
+    shop_host::relay(&settings, app.pool.clone()).expect("the test settings sign")
 }
 
 pub struct TestApp {

@@ -141,7 +141,7 @@ async fn a_relay_facing_a_closed_port_reports_a_broker_error_and_marks_nothing()
     }
     let mut down = helpers::settings(&app.db, &app.broker);
     down.host.amqp = AmqpConfig::new("amqp://guest:guest@127.0.0.1:1/%2f");
-    let mut unreachable = shop_host::relay(&down, app.pool.clone());
+    let mut unreachable = shop_host::relay(&down, app.pool.clone()).unwrap();
 
     let error = unreachable.run_once().await.unwrap_err();
 
@@ -160,7 +160,7 @@ async fn a_relay_whose_broker_goes_away_and_comes_back_publishes_every_event_exa
     let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
     let mut settings = helpers::settings(&app.db, &app.broker);
     settings.host.amqp = AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url()));
-    let relay = shop_host::relay(&settings, app.pool.clone());
+    let relay = shop_host::relay(&settings, app.pool.clone()).unwrap();
     let mut running = Running::spawn(|shutdown| relay.run(shutdown));
     let first = app.create_user("before@example.com", "Before").await;
     assert!(probe.next(WAIT).await.is_some(), "the relay publishes");
@@ -260,7 +260,7 @@ async fn a_batch_without_confirms_marks_nothing_and_goes_out_once_on_a_new_conne
     // Closing the frozen connection waits this long.
     settings.host.amqp.timeout = Duration::from_secs(2);
     settings.host.relay.confirm_timeout = Duration::from_secs(1);
-    let mut relay = shop_host::relay(&settings, app.pool.clone());
+    let mut relay = shop_host::relay(&settings, app.pool.clone()).unwrap();
     relay.run_once().await.unwrap();
     for i in 0..3 {
         app.create_user(&format!("silent{i}@example.com"), "Silent").await;
@@ -579,7 +579,7 @@ async fn with_relay_unroutable_drop_events_no_queue_takes_are_marked_published()
     app.create_user("dropped@example.com", "Dropped").await;
     let mut settings = helpers::settings(&app.db, &app.broker);
     settings.host.relay.unroutable = shop_outbox::Unroutable::Drop;
-    let mut relay = shop_host::relay(&settings, app.pool.clone());
+    let mut relay = shop_host::relay(&settings, app.pool.clone()).unwrap();
 
     let outcome = relay.run_once().await.unwrap();
     assert_eq!(

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use assert_cmd::Command;
-use lapin::BasicProperties;
 use shop_contracts::Event as _;
 use shop_contracts::user::UserCreated;
 use shop_testkit::TestPublisher;
@@ -39,13 +38,11 @@ async fn dlq_commands_list_show_replay_and_purge() {
     TestPublisher::connect(exchange)
         .await
         .unwrap()
-        .publish_raw(
+        .publish_raw_signed(
             exchange,
             UserCreated::ROUTING_KEY,
             b"\xff\xfe",
-            BasicProperties::default()
-                .with_type(UserCreated::TYPE_NAME.into())
-                .with_message_id(id.as_str().into()),
+            TestPublisher::signable(UserCreated::TYPE_NAME, &id, "garbled", 1),
         )
         .await
         .unwrap();
@@ -84,7 +81,8 @@ async fn dlq_commands_list_show_replay_and_purge() {
     assert!(purged.starts_with("purged 1"), "{purged}");
 }
 
-/// Publishes `event` as the relay would, with a body that decodes or not.
+/// Publishes `event` as the relay would (signed), with a body that decodes
+/// or not.
 async fn publish_user_event(
     system: &System,
     publisher: &TestPublisher,
@@ -113,7 +111,7 @@ async fn publish_user_event(
         b"\xff\xfe".to_vec()
     };
     publisher
-        .publish_raw(
+        .publish_raw_signed(
             exchange,
             shop_contracts::user::UserUpdated::ROUTING_KEY,
             &body,

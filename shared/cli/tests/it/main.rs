@@ -10,3 +10,4 @@ mod dlq;
 mod identities;
 mod session;
 mod up;
+mod up_keys;

@@ -34,12 +34,28 @@
 //!
 //! # What happens to a message
 //!
+//! 0. Before anything reads it ([`inspect_delivery`]): a body over
+//!    [`ConsumerConfig::max_message_bytes`] is `too-large`; then the
+//!    producer's signature is checked against
+//!    [`ConsumerConfig::trusted_keys`] ([`crate::signing`]): unsigned (unless
+//!    [`ConsumerConfig::accept_unsigned_until`] is still ahead), a key not
+//!    trusted or a mismatch is `unauthenticated`. Neither is decoded,
+//!    sequenced, retried or allowed to hold its aggregate's later events;
+//!    both go to `<queue>.dlq` at once, counted
+//!    (`consumer_unauthenticated_events_total{queue, cause}`). The
+//!    bookkeeping headers (`attempt`, `original_*`, …) count only on a copy
+//!    carrying this group's seal ([`crate::seal`]); on any other they are
+//!    ignored and dropped from the copies made of it.
 //! 1. The body is decoded by its AMQP `type` into the subscribed event type:
 //!    the group's exchange is bound to exactly the subscribed routing keys,
-//!    both names coming from [`shop_contracts::Event`].
+//!    both names coming from [`shop_contracts::Event`]. The aggregate the
+//!    body names ([`shop_contracts::Event::identity`]) must be the one the
+//!    headers name, which the sequencing goes by; otherwise it is
+//!    `rejected`.
 //! 2. A message that can never succeed (no or malformed `message_id`, unknown
-//!    `type`, undecodable body) is re-published to `<queue>.dlq` at once with
-//!    the reason in its headers, and acknowledged.
+//!    `type`, undecodable body, a body that disagrees with its headers) is
+//!    re-published to `<queue>.dlq` at once with the reason in its headers,
+//!    and acknowledged.
 //! 3. The others are applied in batches (up to
 //!    [`ConsumerConfig::batch_size`] messages already delivered) in one
 //!    transaction that decides each event against its aggregate's position
@@ -88,12 +104,20 @@
 //! `consumer_oldest_parked_seconds{queue}`, `consumer_stuck_gaps{queue}`,
 //! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}`,
 //! `consumer_remembered_positions{queue}`,
-//! `consumer_position_conflicts_total{queue}` and
+//! `consumer_position_conflicts_total{queue}`,
+//! `consumer_unauthenticated_events_total{queue, cause}`,
+//! `consumer_unsigned_events_total{queue}` and
 //! `consumer_connected{queue}`.
+//!
+//! An event that would park while the group already holds
+//! [`ConsumerConfig::max_parked_per_aggregate`] parked events of its
+//! aggregate, or [`ConsumerConfig::max_parked`] in all, is dead-lettered as
+//! `park-limit` instead ([`crate::sequence::ParkLimits`]).
 //!
 //! Dead letters carry the headers `dead_letter_reason`, `dead_letter_error`,
 //! `dead_letter_attempts`, `original_exchange`, `original_routing_key`,
-//! `original_queue` and `dead_lettered_at`; [`crate::dlq`] lists, shows,
+//! `original_queue` and `dead_lettered_at`, sealed, beside the event's own
+//! (its signature included, unchanged); [`crate::dlq`] lists, shows,
 //! replays and skips them.
 //!
 //! After the broker drops the connection (or restarts), the consumer
@@ -232,6 +256,61 @@ pub struct ConsumerConfig {
         value_parser = clap::value_parser!(u32).range(1..=1000)
     )]
     pub max_attempts: u32,
+    /// The public keys of the producer's signing keys (set by the service,
+    /// e.g. from `USER_EVENTS_KEYS_FILE`): only events one of them signed are
+    /// applied ([`crate::signing`]). A consumer that trusts none refuses to
+    /// start (unless [`Self::accept_unsigned_until`] is set).
+    #[arg(skip)]
+    pub trusted_keys: crate::signing::TrustedKeys,
+    /// Until this time (RFC 3339, at most 7 days ahead when the service
+    /// starts), events without any signature are applied as before signing
+    /// existed, counted in `consumer_unsigned_events_total`: for the rolling
+    /// upgrade of a producer whose old relays do not sign yet. Unset, the
+    /// default, refuses them. A bad signature or an unknown key is refused
+    /// either way.
+    #[arg(
+        id = "consumer_accept_unsigned_until",
+        long = "consumer-accept-unsigned-until",
+        env = "CONSUMER_ACCEPT_UNSIGNED_UNTIL",
+        value_name = "TIME",
+        value_parser = unsigned_window
+    )]
+    pub accept_unsigned_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Largest message body applied; a larger one is dead-lettered as
+    /// `too-large` before anything reads it. Keep it below the broker's
+    /// `max_message_size` (the shipped broker configuration sets 128 KiB),
+    /// which bounds what reaches the consumer at all.
+    #[arg(
+        id = "consumer_max_message_bytes",
+        long = "consumer-max-message-bytes",
+        env = "CONSUMER_MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        default_value_t = 65_536,
+        value_parser = clap::value_parser!(u32).range(256..=134_217_728)
+    )]
+    pub max_message_bytes: u32,
+    /// Most events parked (ahead of their turn) for one aggregate; one more
+    /// is dead-lettered as `park-limit` instead.
+    #[arg(
+        id = "consumer_max_parked_per_aggregate",
+        long = "consumer-max-parked-per-aggregate",
+        env = "CONSUMER_MAX_PARKED_PER_AGGREGATE",
+        value_name = "N",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_parked_per_aggregate: u32,
+    /// Most events parked for the whole consumer group; past it every event
+    /// that would park is dead-lettered as `park-limit`.
+    #[arg(
+        id = "consumer_max_parked",
+        long = "consumer-max-parked",
+        env = "CONSUMER_MAX_PARKED",
+        value_name = "N",
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_parked: u32,
     /// How long applied event ids are kept in the inbox (a duplicate arriving
     /// later is still harmless to projections that ignore stale versions).
     #[arg(
@@ -302,6 +381,54 @@ impl ConsumerConfig {
     /// and clean-up.
     pub fn queue_names(&self) -> Vec<String> {
         self.topology().queue_names()
+    }
+
+    /// The checks of a delivery with these settings, sealed with `seal`.
+    pub fn checks(&self, seal: Option<crate::seal::SealKey>) -> DeliveryChecks {
+        DeliveryChecks {
+            trusted_keys: self.trusted_keys.clone(),
+            seal,
+            max_message_bytes: self.max_message_bytes as usize,
+            accept_unsigned_until: self.accept_unsigned_until,
+        }
+    }
+}
+
+/// Longest window `CONSUMER_ACCEPT_UNSIGNED_UNTIL` may open.
+pub const MAX_UNSIGNED_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
+/// clap's parser of `CONSUMER_ACCEPT_UNSIGNED_UNTIL`: an RFC 3339 time at
+/// most [`MAX_UNSIGNED_WINDOW`] from now.
+fn unsigned_window(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let until = chrono::DateTime::parse_from_rfc3339(value)
+        .map_err(|error| format!("not an RFC 3339 time (2026-12-31T12:00:00Z): {error}"))?
+        .with_timezone(&chrono::Utc);
+    if until - chrono::Utc::now() > MAX_UNSIGNED_WINDOW {
+        return Err("more than 7 days ahead: the window for unsigned events is a rolling upgrade's, not a setting to leave on".to_owned());
+    }
+    Ok(until)
+}
+
+/// What a delivery is checked against before any handler sees it: the
+/// producer's keys, the consumer's seal, the size cap and the window for
+/// unsigned events (see [`ConsumerConfig`]).
+#[derive(Debug, Clone)]
+pub struct DeliveryChecks {
+    /// Whose signatures are accepted.
+    pub trusted_keys: crate::signing::TrustedKeys,
+    /// The consumer group's seal; without one, no bookkeeping header counts.
+    pub seal: Option<crate::seal::SealKey>,
+    /// Largest body.
+    pub max_message_bytes: usize,
+    /// Unsigned events are applied until then.
+    pub accept_unsigned_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl DeliveryChecks {
+    /// Whether an unsigned event is accepted now.
+    fn unsigned_accepted(&self) -> bool {
+        self.accept_unsigned_until
+            .is_some_and(|until| chrono::Utc::now() < until)
     }
 }
 
@@ -438,41 +565,143 @@ pub(crate) fn classify<T>(
     }
 }
 
-/// Everything the consumer reads from a delivery before any handler sees it:
-/// [`classify`] on its `message_id`, `type` and body, then the handler's
-/// [`EventMeta`] from its headers (original exchange and routing key,
-/// aggregate id and version, attempt). The worker calls it on every
-/// delivery; [`inspect_delivery`] calls it on anything, for fuzzing.
+/// A delivery the checks refused: why, the text for the dead letter, and
+/// whether its producer's signature checked out (only then may it hold its
+/// aggregate's later events behind it).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) reason: crate::wire::DeadLetterReason,
+    pub(crate) error: String,
+    pub(crate) authenticated: bool,
+    /// Why it is unauthenticated, for the metric.
+    pub(crate) cause: Option<&'static str>,
+}
+
+/// A delivery that passed the checks.
+#[derive(Debug)]
+pub(crate) struct Inspected<T> {
+    pub(crate) meta: EventMeta,
+    pub(crate) decoded: T,
+    /// Its bookkeeping headers carry the consumer's seal.
+    pub(crate) sealed: bool,
+    /// Accepted unsigned, inside `CONSUMER_ACCEPT_UNSIGNED_UNTIL`.
+    pub(crate) unsigned: bool,
+}
+
+/// Everything the consumer does with a delivery before any handler sees it,
+/// in this order:
+///
+/// 1. the size: a body over the cap is `too-large`, unread;
+/// 2. the producer's signature ([`crate::signing`]): unsigned, an unknown
+///    key or a mismatch is `unauthenticated`;
+/// 3. [`classify`] on its `message_id`, `type` and body (`decode` returns
+///    the decoded event and the aggregate its body names);
+/// 4. the body against the headers the sequencing goes by: another
+///    aggregate type, id or version is `rejected`;
+/// 5. the handler's [`EventMeta`] from the headers, the bookkeeping
+///    (attempt, original exchange and routing key) only under the
+///    consumer's seal ([`crate::seal`]).
+///
+/// The worker calls it on every delivery; [`inspect_delivery`] calls it on
+/// anything, for fuzzing.
 pub(crate) fn inspect<T>(
+    checks: &DeliveryChecks,
     properties: &lapin::BasicProperties,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
-    decode: impl FnOnce(&str, &[u8]) -> Option<Result<T, prost::DecodeError>>,
-) -> Result<(EventMeta, T), (crate::wire::DeadLetterReason, String)> {
-    use crate::wire::{self, header_i64, header_str};
-    let (event_id, type_name, decoded) = classify(
+    decode: impl FnOnce(&str, &[u8]) -> Option<Result<(T, shop_contracts::EventIdentity), prost::DecodeError>>,
+) -> Result<Inspected<T>, Refusal> {
+    use crate::signing::Unauthenticated;
+    use crate::wire::{self, DeadLetterReason, header_i64, header_str};
+    if body.len() > checks.max_message_bytes {
+        return Err(Refusal {
+            reason: DeadLetterReason::TooLarge,
+            error: format!(
+                "{} bytes, more than CONSUMER_MAX_MESSAGE_BYTES ({})",
+                body.len(),
+                checks.max_message_bytes
+            ),
+            authenticated: false,
+            cause: None,
+        });
+    }
+    let unsigned = match checks.trusted_keys.verify(properties, body) {
+        Ok(_) => false,
+        Err(Unauthenticated::Unsigned) if checks.unsigned_accepted() => true,
+        Err(refused) => {
+            return Err(Refusal {
+                reason: DeadLetterReason::Unauthenticated,
+                error: refused.to_string(),
+                authenticated: false,
+                cause: Some(refused.cause()),
+            });
+        }
+    };
+    let refusal = |(reason, error)| Refusal {
+        reason,
+        error,
+        authenticated: !unsigned,
+        cause: None,
+    };
+    let (event_id, type_name, (decoded, identity)) = classify(
         properties.message_id().as_ref().map(|id| id.as_str()),
         properties.kind().as_ref().map(|kind| kind.as_str()),
         body,
         decode,
-    )?;
+    )
+    .map_err(refusal)?;
     let headers = properties.headers().as_ref();
-    let header = |key| headers.and_then(|h| header_str(h, key)).map(str::to_owned);
+    let header = |key| headers.and_then(|h| header_str(h, key));
+    let version = headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION));
+    let disagrees = header(wire::AGGREGATE_TYPE).is_some_and(|kind| kind != identity.aggregate_type)
+        || header(wire::AGGREGATE_ID).is_some_and(|id| id != identity.aggregate_id)
+        || version.is_some_and(|version| version != identity.aggregate_version);
+    if disagrees {
+        return Err(refusal((
+            DeadLetterReason::Rejected,
+            format!(
+                "the body is about {}/{:?} version {}, the headers say {:?}/{:?} version {:?}",
+                identity.aggregate_type,
+                shown(&identity.aggregate_id),
+                identity.aggregate_version,
+                header(wire::AGGREGATE_TYPE).map(shown),
+                header(wire::AGGREGATE_ID).map(shown),
+                version,
+            ),
+        )));
+    }
+    let sealed = checks.seal.as_ref().is_some_and(|seal| seal.verify(properties));
+    let bookkeeping = |key| if sealed { header(key) } else { None };
     let meta = EventMeta {
         event_id,
         type_name,
-        exchange: header(wire::ORIGINAL_EXCHANGE).unwrap_or_else(|| exchange.to_owned()),
-        routing_key: header(wire::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| routing_key.to_owned()),
-        aggregate_type: header(wire::AGGREGATE_TYPE),
-        aggregate_id: header(wire::AGGREGATE_ID),
-        aggregate_version: headers.and_then(|h| header_i64(h, wire::AGGREGATE_VERSION)),
-        attempt: attempt(properties),
+        exchange: bookkeeping(wire::ORIGINAL_EXCHANGE)
+            .unwrap_or(exchange)
+            .to_owned(),
+        routing_key: bookkeeping(wire::ORIGINAL_ROUTING_KEY)
+            .unwrap_or(routing_key)
+            .to_owned(),
+        aggregate_type: header(wire::AGGREGATE_TYPE).map(str::to_owned),
+        aggregate_id: header(wire::AGGREGATE_ID).map(str::to_owned),
+        aggregate_version: version,
+        attempt: if sealed { attempt(properties) } else { 1 },
     };
-    Ok((meta, decoded))
+    Ok(Inspected {
+        meta,
+        decoded,
+        sealed,
+        unsigned,
+    })
 }
 
-/// The attempt a delivery is on: the `attempt` header, 1 without it.
+/// Text from a message, cut to 200 characters for an error.
+fn shown(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+/// The attempt a delivery's `attempt` header says it is on, 1 without it:
+/// to be believed only on a sealed delivery.
 pub(crate) fn attempt(properties: &lapin::BasicProperties) -> u32 {
     properties
         .headers()
@@ -489,6 +718,7 @@ pub(crate) fn attempt(properties: &lapin::BasicProperties) -> u32 {
 /// properties parsed from arbitrary AMQP frames. Returns the metadata, or
 /// the dead-letter reason; it must never panic.
 pub fn inspect_delivery(
+    checks: &DeliveryChecks,
     properties: &lapin::BasicProperties,
     exchange: &str,
     routing_key: &str,
@@ -496,11 +726,12 @@ pub fn inspect_delivery(
 ) -> Result<EventMeta, crate::wire::DeadLetterReason> {
     let _trace = crate::wire::extract_trace(properties.headers().as_ref());
     let known = |type_name: &str, body: &[u8]| {
-        shop_contracts::describe_event(type_name, body).map(|decoded| decoded.map(drop))
+        shop_contracts::identify_event(type_name, body)
+            .map(|identity| identity.map(|identity| ((), identity)))
     };
-    inspect(properties, exchange, routing_key, body, known)
-        .map(|(meta, ())| meta)
-        .map_err(|(reason, _)| reason)
+    inspect(checks, properties, exchange, routing_key, body, known)
+        .map(|inspected| inspected.meta)
+        .map_err(|refusal| refusal.reason)
 }
 
 /// The checks of a message on arbitrary bytes, for fuzzing: the input is
@@ -534,7 +765,7 @@ pub fn inspect_any(data: &[u8]) -> Vec<crate::wire::DeadLetterReason> {
 /// types by name.
 #[async_trait::async_trait]
 trait ErasedHandler: Send + Sync {
-    fn decode(&self, body: &[u8]) -> Result<Decoded, prost::DecodeError>;
+    fn decode(&self, body: &[u8]) -> Result<(Decoded, shop_contracts::EventIdentity), prost::DecodeError>;
     async fn handle_batch(
         &self,
         conn: &mut AsyncPgConnection,
@@ -549,8 +780,10 @@ struct Typed<E, H> {
 
 #[async_trait::async_trait]
 impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
-    fn decode(&self, body: &[u8]) -> Result<Decoded, prost::DecodeError> {
-        Ok(Box::new(E::decode(body)?))
+    fn decode(&self, body: &[u8]) -> Result<(Decoded, shop_contracts::EventIdentity), prost::DecodeError> {
+        let event = E::decode(body)?;
+        let identity = event.identity();
+        Ok((Box::new(event), identity))
     }
 
     async fn handle_batch(
@@ -641,7 +874,15 @@ impl Consumer {
 
     /// Consumes until `shutdown`, reconnecting whenever the broker goes away.
     /// The batch under way when shutdown comes is finished and acknowledged.
+    ///
+    /// A consumer that trusts no producer key (and has no window for
+    /// unsigned events) does not start: it would refuse every event.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.config.trusted_keys.is_empty() || self.config.accept_unsigned_until.is_some(),
+            "the consumer of {} trusts no producer key: every event would be refused as unauthenticated",
+            self.config.queue
+        );
         session::run(self, shutdown).await
     }
 }

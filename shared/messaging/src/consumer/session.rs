@@ -34,6 +34,10 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         ..
     } = consumer;
     let remembered = crate::sequence::Remembered::new(config.remembered_positions);
+    let Some(seal) = seal_key(&pool, &config, &shutdown).await else {
+        return Ok(());
+    };
+    let checks = config.checks(Some(seal.clone()));
     let shared = Arc::new(Shared {
         config,
         topology,
@@ -44,6 +48,8 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         member: crate::membership::new_member(),
         in_flight: std::sync::atomic::AtomicI64::new(0),
         remembered: std::sync::Mutex::new(remembered),
+        checks,
+        seal,
     });
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
@@ -53,6 +59,16 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         .increment(0);
     metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(0);
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
+    // Registered at 0, so that an alert's increase() sees the first one.
+    for cause in crate::signing::Unauthenticated::CAUSES {
+        metrics::counter!("consumer_unauthenticated_events_total", "queue" => shared.config.queue.clone(), "cause" => cause)
+            .increment(0);
+    }
+    for reason in crate::wire::DeadLetterReason::ALL {
+        metrics::counter!("consumer_dead_letters_total", "queue" => shared.config.queue.clone(), "reason" => reason.as_str())
+            .increment(0);
+    }
+    metrics::counter!("consumer_unsigned_events_total", "queue" => shared.config.queue.clone()).increment(0);
     let mut states = connected.subscribe();
     let reporter = tokio::spawn(async move {
         loop {
@@ -93,6 +109,34 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
     reporter.abort();
     tracing::info!(queue = %shared.config.queue, "consumer stopped");
     Ok(())
+}
+
+/// The consumer group's sealing key ([`crate::seal`]), read from (or
+/// made in) its database, waiting out an outage; `None` when shutdown came
+/// first.
+async fn seal_key(
+    pool: &shop_database::Pool,
+    config: &super::ConsumerConfig,
+    shutdown: &CancellationToken,
+) -> Option<crate::seal::SealKey> {
+    let mut backoff = config.backoff.start();
+    loop {
+        let loaded: anyhow::Result<_> = pool
+            .run(async |conn| crate::seal::load_or_create(conn, &config.queue).await)
+            .await;
+        let error = match loaded {
+            Ok(key) => return Some(key),
+            Err(error) => error,
+        };
+        let delay = backoff.next_delay();
+        if backoff.worth_logging() {
+            tracing::warn!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, queue = %config.queue, "could not read the consumer's sealing key");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// One session: connect, declare the topology, then consume the partitions

@@ -20,7 +20,8 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
-use super::{ConsumerConfig, ErasedHandler, EventMeta, HandlerError};
+use super::{ConsumerConfig, DeliveryChecks, ErasedHandler, EventMeta, HandlerError, Refusal};
+use crate::seal::{self, SealKey};
 use crate::sequence::{self, Aggregate, Decision, ParkedEvent};
 use crate::topology::ConsumerTopology;
 use crate::wire::{self, DeadLetterReason, long_string};
@@ -44,6 +45,10 @@ pub(super) struct Shared {
     pub(super) in_flight: std::sync::atomic::AtomicI64,
     /// The positions this replica committed last ([`sequence::Remembered`]).
     pub(super) remembered: std::sync::Mutex<sequence::Remembered>,
+    /// What every delivery is checked against (keys, seal, size).
+    pub(super) checks: DeliveryChecks,
+    /// The consumer group's seal ([`crate::seal`]).
+    pub(super) seal: SealKey,
 }
 
 impl Shared {
@@ -62,6 +67,20 @@ struct Incoming {
     meta: EventMeta,
     handler: Arc<dyn ErasedHandler>,
     span: tracing::Span,
+    /// Its bookkeeping headers carry this group's seal (only then are they
+    /// kept on the copies made of it).
+    sealed: bool,
+}
+
+/// How a copy of a delivery is made.
+#[derive(Debug, Clone, Copy)]
+struct Copy {
+    /// The delivery's bookkeeping headers are sealed: kept (and sealed
+    /// again), rather than dropped.
+    sealed: bool,
+    /// Its producer's signature checked out: as a dead letter, it holds its
+    /// aggregate's later events behind it (a stranger's message never does).
+    authenticated: bool,
 }
 
 /// Why applying failed.
@@ -135,6 +154,9 @@ struct Applied {
     parked: usize,
     /// Parked events next in line, to send back after the commit.
     released: Vec<ParkedEvent>,
+    /// Events that were to park past the consumer's limits (indices into
+    /// the batch): dead-lettered as `park-limit` after the commit.
+    refused: Vec<usize>,
     /// The positions of the batch's aggregates, to remember once committed,
     /// with where the rows of those it moved are.
     positions: HashMap<Aggregate, (sequence::Position, Option<sequence::RowId>)>,
@@ -185,18 +207,21 @@ impl Worker {
 
     async fn process(&self, batch: Vec<Delivery>, stop: &CancellationToken) -> anyhow::Result<()> {
         let mut ready = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
         for delivery in batch {
             match self.check(delivery) {
                 Ok(incoming) => ready.push(incoming),
-                Err((delivery, reason, error)) => {
-                    let attempt = attempt_of(&delivery);
-                    let span = process_span(&self.shared.config.queue, &delivery);
-                    self.dead_letter(&delivery, reason, &error, attempt, &span)
-                        .await?;
-                    self.ack(&delivery, false).await?;
-                }
+                Err(refusal) => refused.push(refusal),
             }
         }
+        // A flood of refused messages (a stranger's) goes to the dead-letter
+        // queue at the broker's pace, not one confirm after another.
+        futures::future::try_join_all(
+            refused
+                .iter()
+                .map(|(delivery, refusal)| self.refuse(delivery, refusal)),
+        )
+        .await?;
         if ready.is_empty() {
             return Ok(());
         }
@@ -205,11 +230,20 @@ impl Worker {
             shop_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
         let first_failure = loop {
             match self.apply(&ready).await {
-                Ok(released) => {
+                Ok(Applied {
+                    released, refused, ..
+                }) => {
                     // A fault point for the tests: the process dies between
                     // the commit and the acknowledgement (the batch comes
                     // back, and the sequence and the inbox absorb it).
                     fail::fail_point!("consumer-after-commit", |_| std::process::abort());
+                    futures::future::try_join_all(
+                        refused
+                            .iter()
+                            .filter_map(|index| ready.get(*index))
+                            .map(|incoming| self.refuse_to_park(incoming)),
+                    )
+                    .await?;
                     if let Some(last) = ready.last() {
                         // Everything up to the last tag on this channel is in
                         // this batch or was acknowledged before.
@@ -239,7 +273,12 @@ impl Worker {
                     None => self.apply(std::slice::from_ref(incoming)).await,
                 };
                 match outcome {
-                    Ok(released) => {
+                    Ok(Applied {
+                        released, refused, ..
+                    }) => {
+                        if !refused.is_empty() {
+                            self.refuse_to_park(incoming).await?;
+                        }
                         self.ack(&incoming.delivery, false).await?;
                         self.send_back(released).await;
                         break;
@@ -341,36 +380,47 @@ impl Worker {
         Ok(())
     }
 
-    /// The checks a message must pass before any handler sees it.
+    /// The checks a message must pass before any handler sees it
+    /// ([`super::inspect`]).
     #[allow(clippy::result_large_err)] // the delivery travels back to be dead-lettered
-    fn check(&self, delivery: Delivery) -> Result<Incoming, (Delivery, DeadLetterReason, String)> {
+    fn check(&self, delivery: Delivery) -> Result<Incoming, (Delivery, Refusal)> {
         let checked = super::inspect(
+            &self.shared.checks,
             &delivery.properties,
             delivery.exchange.as_str(),
             delivery.routing_key.as_str(),
             &delivery.data,
             |type_name, body| {
                 let handler = self.shared.handlers.get(type_name)?;
-                Some(handler.decode(body).map(|_| handler.clone()))
+                Some(
+                    handler
+                        .decode(body)
+                        .map(|(_, identity)| (handler.clone(), identity)),
+                )
             },
         );
-        let (meta, handler) = match checked {
-            Ok(checked) => checked,
-            Err((reason, error)) => return Err((delivery, reason, error)),
+        let inspected = match checked {
+            Ok(inspected) => inspected,
+            Err(refusal) => return Err((delivery, refusal)),
         };
+        if inspected.unsigned {
+            metrics::counter!("consumer_unsigned_events_total", "queue" => self.shared.config.queue.clone())
+                .increment(1);
+        }
         let span = process_span(&self.shared.config.queue, &delivery);
         Ok(Incoming {
             delivery,
-            meta,
-            handler,
+            meta: inspected.meta,
+            handler: inspected.decoded,
             span,
+            sealed: inspected.sealed,
         })
     }
 
     /// Applies `incoming` in one transaction (see [`crate::sequence`]) and
     /// counts what it did once committed; returns the parked events it
     /// released.
-    async fn apply(&self, incoming: &[Incoming]) -> Result<Vec<ParkedEvent>, ApplyError> {
+    async fn apply(&self, incoming: &[Incoming]) -> Result<Applied, ApplyError> {
         let started = std::time::Instant::now();
         let done = match self.apply_in_transaction(incoming, true).await {
             Err(ApplyError::Moved) => {
@@ -421,7 +471,7 @@ impl Worker {
                     .increment(count as u64);
             }
         }
-        Ok(done.released)
+        Ok(done)
     }
 
     /// The transaction of [`Self::apply`]: lock and read the aggregates'
@@ -449,6 +499,10 @@ impl Worker {
         }
         let queue = self.shared.config.queue.as_str();
         let ledger = self.shared.config.ledger;
+        let limits = sequence::ParkLimits {
+            per_aggregate: self.shared.config.max_parked_per_aggregate,
+            total: self.shared.config.max_parked,
+        };
         self.shared.pool.run(async |conn| conn.transaction(async |conn| {
             let sequenced: Vec<Option<(Aggregate, i64)>> = incoming.iter().map(|item| item.meta.sequenced()).collect();
             let (recalled, to_read) = if from_memory {
@@ -488,12 +542,14 @@ impl Worker {
 
             let mut done = Applied::default();
             let mut applied_ids = HashSet::with_capacity(ids.len());
-            let mut to_park = Vec::new();
+            let mut to_park: Vec<(ParkedEvent, usize)> = Vec::new();
             let mut ledger_rows = Vec::new();
             // Runs of consecutive new events of one type, each applied by one
             // handle_batch call.
             let mut runs: Vec<(&Incoming, Vec<(super::Decoded, EventMeta)>)> = Vec::new();
-            for ((item, decision), sequenced) in incoming.iter().zip(&decisions).zip(&sequenced) {
+            for (position_in_batch, ((item, decision), sequenced)) in
+                incoming.iter().zip(&decisions).zip(&sequenced).enumerate()
+            {
                 match decision {
                     Decision::Duplicate => {
                         tracing::debug!(parent: &item.span, event_id = %item.meta.event_id, "duplicate event skipped");
@@ -502,13 +558,16 @@ impl Worker {
                     }
                     Decision::Park(_) => {
                         if let Some((aggregate, version)) = sequenced {
-                            to_park.push(ParkedEvent::new(
-                                aggregate,
-                                *version,
-                                item.meta.event_id,
-                                &item.meta.type_name,
-                                &item.delivery.data,
-                                &item.delivery.properties,
+                            to_park.push((
+                                ParkedEvent::new(
+                                    aggregate,
+                                    *version,
+                                    item.meta.event_id,
+                                    &item.meta.type_name,
+                                    &item.delivery.data,
+                                    &item.delivery.properties,
+                                ),
+                                position_in_batch,
                             ));
                         }
                         done.parked += 1;
@@ -522,7 +581,7 @@ impl Worker {
                     done.duplicates += 1;
                     continue;
                 }
-                let event = item
+                let (event, _) = item
                     .handler
                     .decode(&item.delivery.data)
                     .map_err(|error| ApplyError::Failed(HandlerError::permanent(error)))?;
@@ -537,6 +596,22 @@ impl Worker {
                     _ => runs.push((item, vec![(event, item.meta.clone())])),
                 }
             }
+            let (to_park, positions_in_batch): (Vec<ParkedEvent>, Vec<usize>) = to_park.into_iter().unzip();
+            let to_park = if to_park.is_empty() {
+                to_park
+            } else {
+                let admitted = sequence::admit(conn, queue, &to_park, &limits).await?;
+                let mut kept = Vec::with_capacity(to_park.len());
+                for ((event, index), admitted) in to_park.into_iter().zip(positions_in_batch).zip(admitted) {
+                    if admitted {
+                        kept.push(event);
+                    } else {
+                        done.parked -= 1;
+                        done.refused.push(index);
+                    }
+                }
+                kept
+            };
             sequence::park(conn, queue, &to_park).await?;
             let moves: Vec<sequence::Move<'_>> = positions
                 .iter()
@@ -604,6 +679,7 @@ impl Worker {
                             &text,
                             attempt,
                             &incoming.span,
+                            incoming.copy(),
                         )
                         .await;
                 }
@@ -614,7 +690,8 @@ impl Worker {
                     AMQPValue::LongLongInt(i64::from(attempt) + 1),
                 );
                 headers.insert(wire::LAST_ERROR.into(), long_string(&truncate(&text)));
-                self.republish(&incoming.delivery, &queue, headers).await?;
+                self.republish(&incoming.delivery, &queue, headers, incoming.sealed)
+                    .await?;
                 metrics::counter!("consumer_events_total", "queue" => self.shared.config.queue.clone(), "outcome" => "retried")
                     .increment(1);
                 tracing::warn!(
@@ -628,8 +705,57 @@ impl Worker {
                 return Ok(());
             }
         };
-        self.dead_letter(&incoming.delivery, reason, &text, attempt, &incoming.span)
-            .await
+        self.dead_letter(
+            &incoming.delivery,
+            reason,
+            &text,
+            attempt,
+            &incoming.span,
+            incoming.copy(),
+        )
+        .await
+    }
+
+    /// Dead-letters and acknowledges a delivery the checks refused.
+    async fn refuse(&self, delivery: &Delivery, refusal: &Refusal) -> anyhow::Result<()> {
+        let sealed = self.shared.seal.verify(&delivery.properties);
+        let attempt = if sealed { attempt_of(delivery) } else { 1 };
+        let span = process_span(&self.shared.config.queue, delivery);
+        if let Some(cause) = refusal.cause {
+            metrics::counter!("consumer_unauthenticated_events_total", "queue" => self.shared.config.queue.clone(), "cause" => cause)
+                .increment(1);
+        }
+        let copy = Copy {
+            sealed,
+            authenticated: refusal.authenticated,
+        };
+        self.dead_letter(delivery, refusal.reason, &refusal.error, attempt, &span, copy)
+            .await?;
+        self.ack(delivery, false).await
+    }
+
+    /// Dead-letters an event that was to park while the consumer holds as
+    /// many parked events as it may (`CONSUMER_MAX_PARKED_PER_AGGREGATE`,
+    /// `CONSUMER_MAX_PARKED`): kept whole in the dead-letter queue, to be
+    /// replayed once the parked events have drained.
+    async fn refuse_to_park(&self, incoming: &Incoming) -> anyhow::Result<()> {
+        let text = format!(
+            "parking is full: at most {} events per aggregate and {} in all may wait for their turn",
+            self.shared.config.max_parked_per_aggregate, self.shared.config.max_parked
+        );
+        self.dead_letter(
+            &incoming.delivery,
+            DeadLetterReason::ParkLimit,
+            &text,
+            incoming.meta.attempt,
+            &incoming.span,
+            // Ahead of its aggregate's next version: it holds nothing.
+            Copy {
+                sealed: incoming.sealed,
+                authenticated: false,
+            },
+        )
+        .await
     }
 
     async fn dead_letter(
@@ -639,6 +765,7 @@ impl Worker {
         error: &str,
         attempts: u32,
         span: &tracing::Span,
+        copy: Copy,
     ) -> anyhow::Result<()> {
         let mut headers = FieldTable::default();
         headers.insert(wire::DEAD_LETTER_REASON.into(), long_string(reason.as_str()));
@@ -652,8 +779,10 @@ impl Worker {
             long_string(&chrono::Utc::now().to_rfc3339()),
         );
         let queue = self.shared.topology.dead_letter_queue();
-        self.republish(delivery, &queue, headers).await?;
-        self.hold_followers(delivery).await;
+        self.republish(delivery, &queue, headers, copy.sealed).await?;
+        if copy.authenticated {
+            self.hold_followers(delivery).await;
+        }
         let consumer_queue = self.shared.config.queue.clone();
         metrics::counter!("consumer_events_total", "queue" => consumer_queue.clone(), "outcome" => "dead_lettered")
             .increment(1);
@@ -705,10 +834,20 @@ impl Worker {
 
     /// Publishes a copy of `delivery` to `queue` (a queue of the group)
     /// through the group's `<group>.queues` exchange, with `extra` headers,
-    /// the original routing kept and this replica's broker user as its
-    /// `user_id`, and waits for the broker's confirm.
-    async fn republish(&self, delivery: &Delivery, queue: &str, extra: FieldTable) -> anyhow::Result<()> {
+    /// the original routing kept, sealed (bookkeeping from outside, on a
+    /// delivery that was not `sealed`, is dropped first) and this replica's
+    /// broker user as its `user_id`, and waits for the broker's confirm.
+    async fn republish(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        extra: FieldTable,
+        sealed: bool,
+    ) -> anyhow::Result<()> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if !sealed {
+            seal::strip(&mut headers);
+        }
         let has = |headers: &FieldTable, key: &str| {
             headers
                 .inner()
@@ -733,6 +872,8 @@ impl Worker {
         for (key, value) in extra.inner() {
             headers.insert(key.clone(), value.clone());
         }
+        let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
+        self.shared.seal.seal_into(message_id, &mut headers);
         let properties = wire::sent_by(
             delivery.properties.clone().with_headers(headers),
             &self.shared.user,
@@ -791,7 +932,17 @@ impl Worker {
     }
 }
 
-/// The attempt a delivery is on: the `attempt` header, 1 without it.
+impl Incoming {
+    /// How copies of it are made.
+    fn copy(&self) -> Copy {
+        Copy {
+            sealed: self.sealed,
+            authenticated: true,
+        }
+    }
+}
+
+/// The attempt a sealed delivery is on: the `attempt` header, 1 without it.
 fn attempt_of(delivery: &Delivery) -> u32 {
     super::attempt(&delivery.properties)
 }
@@ -806,7 +957,7 @@ fn process_span(queue: &str, delivery: &Delivery) -> tracing::Span {
         messaging.operation.type = "process",
         messaging.operation.name = "consume",
         messaging.destination.name = %queue,
-        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.rabbitmq.destination.routing_key = ?delivery.routing_key.as_str(),
         messaging.message.id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
         messaging.message.body.size = delivery.data.len(),
     );

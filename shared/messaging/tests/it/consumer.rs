@@ -12,7 +12,7 @@ use shop_messaging::wire::CONTENT_TYPE;
 use shop_testkit::TcpProxy;
 use uuid::Uuid;
 
-use crate::support::{created, harness};
+use crate::support::{created, harness, signable};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_event_delivered_three_times_is_applied_once() {
@@ -94,26 +94,29 @@ async fn poison_messages_go_to_the_dead_letter_queue_at_once_and_the_next_messag
         p
     };
 
-    h.publish_raw(
+    // Signed by the producer, so each meets the check it fails.
+    let id = || Uuid::now_v7().to_string();
+    h.publish_raw_signed(
         "user.created",
         b"\xff\xff\xff not protobuf",
-        props(Some(UserCreated::TYPE_NAME), Some(Uuid::now_v7().to_string())),
+        signable(UserCreated::TYPE_NAME, &id(), "poison-1", 1),
     )
     .await;
-    h.publish_raw(
+    h.publish_raw_signed(
         "user.created",
         b"",
-        props(Some("shop.user.v1.Nonsense"), Some(Uuid::now_v7().to_string())),
+        signable("shop.user.v1.Nonsense", &id(), "poison-2", 1),
     )
     .await;
+    h.publish_raw_signed(
+        "user.created",
+        b"",
+        signable(UserCreated::TYPE_NAME, "not-a-uuid", "poison-3", 1),
+    )
+    .await;
+    // Without a message id it cannot be signed: a stranger's.
     h.publish_raw("user.created", b"", props(Some(UserCreated::TYPE_NAME), None))
         .await;
-    h.publish_raw(
-        "user.created",
-        b"",
-        props(Some(UserCreated::TYPE_NAME), Some("not-a-uuid".to_owned())),
-    )
-    .await;
     h.publish(&created("good", 1), Uuid::now_v7()).await;
 
     let applied = h.expect_applied(1).await;
@@ -126,7 +129,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_at_once_and_the_next_messag
         reasons,
         [
             "missing-message-id",
-            "missing-message-id",
+            "unauthenticated",
             "undecodable",
             "unknown-type"
         ]

@@ -2,13 +2,12 @@
 
 use std::sync::atomic::Ordering;
 
-use lapin::BasicProperties;
 use shop_contracts::Event as _;
 use shop_contracts::user::UserCreated;
 use shop_messaging::dlq::{DeadLetters, Selection};
 use uuid::Uuid;
 
-use crate::support::{created, harness};
+use crate::support::{created, harness, signable};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_listed_by_reason_shown_replayed_selectively_and_purged() {
@@ -18,12 +17,10 @@ async fn dead_letters_are_listed_by_reason_shown_replayed_selectively_and_purged
     let rejected = Uuid::now_v7();
     h.publish(&created("refused", 1), rejected).await;
     let undecodable = Uuid::now_v7().to_string();
-    h.publish_raw(
+    h.publish_raw_signed(
         "user.created",
         b"\xff",
-        BasicProperties::default()
-            .with_type(UserCreated::TYPE_NAME.into())
-            .with_message_id(undecodable.as_str().into()),
+        signable(UserCreated::TYPE_NAME, &undecodable, "garbled", 1),
     )
     .await;
     h.expect_dead_letters(2).await;

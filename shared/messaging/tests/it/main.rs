@@ -9,3 +9,4 @@ mod faults;
 mod ordered;
 mod routing;
 mod support;
+mod trust;

@@ -194,6 +194,7 @@ pub fn config(broker: &TestBroker) -> ConsumerConfig {
     config.max_attempts = 3;
     config.prefetch = 100;
     config.batch_size = 50;
+    config.trusted_keys = shop_testkit::keys::trusted_keys();
     config
 }
 
@@ -277,6 +278,16 @@ impl Harness {
     pub async fn publish<E: Event>(&self, event: &E, event_id: Uuid) {
         self.publisher
             .publish(&self.exchange, event, event_id)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes any bytes with any properties to the exchange, signed as
+    /// they are by the producer key the consumer trusts (so they meet the
+    /// checks behind the signature's).
+    pub async fn publish_raw_signed(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.publisher
+            .publish_raw_signed(&self.exchange, routing_key, body, properties)
             .await
             .unwrap();
     }
@@ -444,4 +455,9 @@ pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeM
         seen.entry(user.clone()).or_default().push(*version);
     }
     seen
+}
+
+/// See [`TestPublisher::signable`].
+pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
+    TestPublisher::signable(kind, id, user, version)
 }

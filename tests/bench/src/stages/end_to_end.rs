@@ -32,6 +32,7 @@ pub(crate) async fn drain(bench: &Bench, options: &Options, instances: usize) ->
             bench.user_database(),
             bench.amqp(),
             bench.relay_config()?,
+            bench.signing_key(),
         );
         let consumer = super::consumer::consumer_on(bench, order_pool, options.prefetch);
         running.push(Running::spawn(|shutdown| relay.run(shutdown)));

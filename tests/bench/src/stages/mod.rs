@@ -7,6 +7,7 @@ mod latency;
 mod ordered;
 mod relay;
 mod replicas;
+mod signing;
 mod steady;
 
 pub(crate) use create_user::SERVICE_POOL;
@@ -57,6 +58,11 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
     }
     if wanted("replicas") {
         replicas::run(bench, options, report).await?;
+    }
+    // Last: it puts the signature's cost beside the relay's and the steady
+    // state's figures of the same run.
+    if wanted("signing") {
+        signing::run(bench, options, report).await?;
     }
     Ok(())
 }

@@ -128,6 +128,7 @@ async fn relay_once(bench: &Bench, options: &Options) -> anyhow::Result<Duration
         bench.user_database(),
         bench.amqp(),
         bench.relay_config()?,
+        bench.signing_key(),
     );
     let measuring = crate::marker::measuring("relay");
     let started = Instant::now();

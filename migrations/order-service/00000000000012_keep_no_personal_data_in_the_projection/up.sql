@@ -1,0 +1,12 @@
+-- The projection keeps what the order service decides by (is the user
+-- known, deleted, at which version), not the users' emails and names, which
+-- nothing here reads: data the service does not hold cannot leak, and a
+-- UserDeleted leaves nothing personal behind.
+--
+-- A contracting change: replicas of the previous release write these
+-- columns. Replace them together (their projection writes fail while they
+-- run beside this schema; each such event is retried, after 1 s, 10 s and
+-- 60 s by default, and applied by a replica of this release, or
+-- dead-lettered after the last attempt, to be replayed with `shop dlq
+-- replay`).
+ALTER TABLE known_users DROP COLUMN email, DROP COLUMN name;
