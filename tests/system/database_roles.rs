@@ -275,6 +275,8 @@ async fn with_a_migrator_set_a_missing_database_stops_the_start_and_nothing_crea
     settings.host.grpc.addr = ([127, 0, 0, 1], 0).into();
     settings.host.admin_addr = ([127, 0, 0, 1], 0).into();
 
+    settings.host.relay.signing =
+        shop_messaging::signing::SigningConfig::of(shop_testkit::keys::signing_key());
     let error = user_service::Application::build(settings).await.unwrap_err();
 
     let text = format!("{error:#}");

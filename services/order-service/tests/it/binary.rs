@@ -74,7 +74,9 @@ async fn the_binary_without_a_collector_serves_logs_no_errors_and_stops_on_sigte
 fn without_the_user_services_public_keys_the_order_service_refuses_to_start_in_one_line() {
     let keys = shop_testkit::keys::KeyFiles::write().unwrap();
     let key = keys.private_key.to_string_lossy().into_owned();
+    // Everything else set, so the keys are what is missing.
     let signing = [
+        ("GRPC_AUTH", "none"),
         ("EVENT_SIGNING_KEY_FILE", key.as_str()),
         ("EVENT_SIGNING_KEY_ID", keys.key_id.as_str()),
     ];
