@@ -6,11 +6,14 @@
 mod alarms;
 mod auth;
 mod brokers;
+mod contract;
 mod database_roles;
+mod envelopes;
 mod flow;
 mod golden;
 mod model;
 mod monitoring;
 mod processes;
+mod python;
 mod readme;
 mod system;

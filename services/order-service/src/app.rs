@@ -38,20 +38,22 @@ pub struct OrderService;
 /// What the order service reads besides the host's settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrderConfig {
-    /// Topic exchange the order events are published to.
+    /// Topic exchange the order events are published to (the default is
+    /// the one their `.proto` declares).
     #[arg(
         long = "order-events-exchange",
         env = "ORDER_EVENTS_EXCHANGE",
         value_name = "NAME",
-        default_value = "order.events"
+        default_value = <shop_contracts::order::OrderCreated as shop_contracts::Event>::DEFAULT_EXCHANGE
     )]
     pub events_exchange: String,
-    /// Topic exchange the user events are consumed from.
+    /// Topic exchange the user events are consumed from (by default the
+    /// one their `.proto` declares).
     #[arg(
         long = "user-events-exchange",
         env = "USER_EVENTS_EXCHANGE",
         value_name = "NAME",
-        default_value = "user.events"
+        default_value = <UserCreated as shop_contracts::Event>::DEFAULT_EXCHANGE
     )]
     pub user_events_exchange: String,
     /// The order service's queue of user events, shared by its replicas.

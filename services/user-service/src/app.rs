@@ -25,12 +25,13 @@ pub struct UserService;
 /// What the user service reads besides the host's settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UserConfig {
-    /// Topic exchange the user events are published to.
+    /// Topic exchange the user events are published to (the default is
+    /// the one their `.proto` declares).
     #[arg(
         long = "user-events-exchange",
         env = "USER_EVENTS_EXCHANGE",
         value_name = "NAME",
-        default_value = "user.events"
+        default_value = <shop_contracts::user::UserCreated as shop_contracts::Event>::DEFAULT_EXCHANGE
     )]
     pub events_exchange: String,
 }

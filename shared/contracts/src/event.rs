@@ -17,6 +17,9 @@ pub trait Event: prost::Message + prost::Name + Default + Clone + Send + Sync + 
     const ROUTING_KEY: &'static str;
     /// Kind of aggregate the event belongs to, e.g. `user`.
     const AGGREGATE_TYPE: &'static str;
+    /// Topic exchange the producer publishes it to unless a setting names
+    /// another one, e.g. `user.events`: taken from the `.proto` option.
+    const DEFAULT_EXCHANGE: &'static str;
 
     /// Id of the aggregate (the user, the order) the event is about.
     fn aggregate_id(&self) -> &str;
@@ -58,23 +61,99 @@ pub struct EventType {
     pub routing_key: &'static str,
 }
 
+/// One event as its `.proto` declares it (the option
+/// `shop.options.v1.event` on the message): the source of truth the event
+/// table below is checked against when it compiles, and that the AsyncAPI
+/// document and the contract bundle are generated from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeclaredEvent {
+    /// Full protobuf message name.
+    pub type_name: &'static str,
+    /// Exchange the producer publishes to by default.
+    pub default_exchange: &'static str,
+    /// Routing key on that exchange.
+    pub routing_key: &'static str,
+    /// Kind of aggregate (`aggregate_type` header).
+    pub aggregate_type: &'static str,
+    /// Field holding the aggregate id.
+    pub aggregate_id_field: &'static str,
+    /// Field holding the aggregate version.
+    pub aggregate_version_field: &'static str,
+}
+
+include!(concat!(env!("OUT_DIR"), "/declared_events.rs"));
+
+/// Byte-wise string equality, usable in constants.
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The declaration of `type_name` in [`DECLARED_EVENTS`]; stops the build
+/// when there is none.
+const fn declared(type_name: &str) -> &'static DeclaredEvent {
+    let mut i = 0;
+    while i < DECLARED_EVENTS.len() {
+        if same(DECLARED_EVENTS[i].type_name, type_name) {
+            return &DECLARED_EVENTS[i];
+        }
+        i += 1;
+    }
+    panic!("an event in the event table has no `shop.options.v1.event` option in proto/")
+}
+
+/// Whether a row of the event table says what the `.proto` declares.
+const fn row_matches(type_name: &str, routing_key: &str, aggregate: &str, id: &str, version: &str) -> bool {
+    let declared = declared(type_name);
+    same(declared.routing_key, routing_key)
+        && same(declared.aggregate_type, aggregate)
+        && same(declared.aggregate_id_field, id)
+        && same(declared.aggregate_version_field, version)
+}
+
 macro_rules! events {
-    ($($ty:ident { type_name: $name:literal, routing_key: $key:literal, aggregate: $agg:literal, id: $id:ident })*) => {
+    ($($ty:ident { type_name: $name:literal, routing_key: $key:literal, aggregate: $agg:literal, id: $id:ident, version: $version:ident })*) => {
         $(
+            // A row that differs from the `.proto` option stops the build
+            // here: a routing key (or aggregate) is changed in both places
+            // or in neither.
+            const _: () = assert!(
+                row_matches($name, $key, $agg, stringify!($id), stringify!($version)),
+                concat!("the event table's row for ", $name, " differs from its `shop.options.v1.event` option in proto/")
+            );
+
             impl Event for $ty {
                 const TYPE_NAME: &'static str = $name;
                 const ROUTING_KEY: &'static str = $key;
                 const AGGREGATE_TYPE: &'static str = $agg;
+                const DEFAULT_EXCHANGE: &'static str = declared($name).default_exchange;
 
                 fn aggregate_id(&self) -> &str {
                     &self.$id
                 }
 
                 fn aggregate_version(&self) -> i64 {
-                    self.version
+                    self.$version
                 }
             }
         )*
+
+        // Every event the `.proto` files declare has its row (each row has
+        // its declaration, above).
+        const _: () = assert!(
+            DECLARED_EVENTS.len() == [$($name),*].len(),
+            "a message with the `shop.options.v1.event` option in proto/ has no row in the event table"
+        );
 
         /// Every event type of the system.
         pub fn all_event_types() -> &'static [EventType] {
@@ -112,6 +191,21 @@ macro_rules! events {
             }
 
             #[test]
+            fn every_row_is_the_declaration_of_its_proto_option() {
+                let rows = [$(DeclaredEvent {
+                    type_name: $name,
+                    default_exchange: <$ty as Event>::DEFAULT_EXCHANGE,
+                    routing_key: $key,
+                    aggregate_type: $agg,
+                    aggregate_id_field: stringify!($id),
+                    aggregate_version_field: stringify!($version),
+                }),*];
+                let mut rows = rows.to_vec();
+                rows.sort_by_key(|row| row.type_name);
+                assert_eq!(rows, DECLARED_EVENTS);
+            }
+
+            #[test]
             fn every_event_body_names_its_aggregate_and_version() {
                 $(
                     let mut event = <$ty>::default();
@@ -128,9 +222,9 @@ macro_rules! events {
 }
 
 events! {
-    UserCreated { type_name: "shop.user.v1.UserCreated", routing_key: "user.created", aggregate: "user", id: user_id }
-    UserUpdated { type_name: "shop.user.v1.UserUpdated", routing_key: "user.updated", aggregate: "user", id: user_id }
-    UserDeleted { type_name: "shop.user.v1.UserDeleted", routing_key: "user.deleted", aggregate: "user", id: user_id }
-    OrderCreated { type_name: "shop.order.v1.OrderCreated", routing_key: "order.created", aggregate: "order", id: order_id }
-    OrderCancelled { type_name: "shop.order.v1.OrderCancelled", routing_key: "order.cancelled", aggregate: "order", id: order_id }
+    UserCreated { type_name: "shop.user.v1.UserCreated", routing_key: "user.created", aggregate: "user", id: user_id, version: version }
+    UserUpdated { type_name: "shop.user.v1.UserUpdated", routing_key: "user.updated", aggregate: "user", id: user_id, version: version }
+    UserDeleted { type_name: "shop.user.v1.UserDeleted", routing_key: "user.deleted", aggregate: "user", id: user_id, version: version }
+    OrderCreated { type_name: "shop.order.v1.OrderCreated", routing_key: "order.created", aggregate: "order", id: order_id, version: version }
+    OrderCancelled { type_name: "shop.order.v1.OrderCancelled", routing_key: "order.cancelled", aggregate: "order", id: order_id, version: version }
 }

@@ -16,6 +16,14 @@
 //! | header `CC` | `["partition.<k>"]`, the partition as a second routing key ([`partition_routing_key`]) |
 //! | header `signature` | the producer's Ed25519 signature of the event, base64 (64 bytes; what it covers: [`crate::signing`]) |
 //! | header `signature_key_id` | the id of the key that made it (keys rotate by id) |
+//! | headers `ce-*` | opt-in (`RELAY_CLOUDEVENTS`): the CloudEvents binary-mode attributes, mirroring the properties above ([`CLOUDEVENTS`]) |
+//!
+//! [`PROPERTIES`] and [`HEADERS`] are this table as data, with each
+//! header's AMQP field type and whether it is part of the contract: the one
+//! place the AsyncAPI document, the events page and the golden envelopes of
+//! the contract bundle (`docs/contract/`) are generated from, and that the
+//! tests hold the relay's real messages against. A header added here appears
+//! in all of them by regeneration.
 //!
 //! A consumer checks the signature before anything else and refuses what
 //! does not verify (`unauthenticated`); the signed values are the event id,
@@ -72,6 +80,343 @@ pub const SEAL: &str = "seal";
 /// AMQP delivery mode of a message the broker writes to disk.
 pub const PERSISTENT: u8 = 2;
 
+/// Header (opt-in): CloudEvents `specversion`, always [`CLOUDEVENTS_SPEC_VERSION`].
+pub const CE_SPECVERSION: &str = "ce-specversion";
+/// Header (opt-in): CloudEvents `id`, the event id (as `message_id`).
+pub const CE_ID: &str = "ce-id";
+/// Header (opt-in): CloudEvents `source`, the producing service (as `app_id`).
+pub const CE_SOURCE: &str = "ce-source";
+/// Header (opt-in): CloudEvents `type`, the full protobuf message name (as `type`).
+pub const CE_TYPE: &str = "ce-type";
+/// Header (opt-in): CloudEvents `time`, when the event was recorded, RFC 3339
+/// in UTC with milliseconds (as `timestamp`, which has whole seconds).
+pub const CE_TIME: &str = "ce-time";
+/// Header (opt-in): CloudEvents `subject`, the aggregate id (as `aggregate_id`).
+pub const CE_SUBJECT: &str = "ce-subject";
+/// The CloudEvents version the `ce-*` headers follow.
+pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
+/// The CloudEvents headers, in the order they are written.
+pub const CLOUDEVENTS: [&str; 6] = [CE_SPECVERSION, CE_ID, CE_SOURCE, CE_TYPE, CE_TIME, CE_SUBJECT];
+
+/// An AMQP 0-9-1 field-value type, as RabbitMQ and its clients write it (the
+/// letters of RabbitMQ's errata to the specification, which differ from the
+/// specification's own for `s` and `l`; clients that follow the
+/// specification misread them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FieldType {
+    /// `S`: long string, UTF-8 text here.
+    LongString,
+    /// `l`: signed 64-bit integer.
+    LongLongInt,
+    /// `s`: signed 16-bit integer.
+    ShortInt,
+    /// `t`: boolean.
+    Boolean,
+    /// `A`: array, here of long strings (`S`).
+    LongStringArray,
+}
+
+impl FieldType {
+    /// The type's letter on the wire (`A` for an array, whatever it holds).
+    pub fn letter(self) -> char {
+        match self {
+            Self::LongString => 'S',
+            Self::LongLongInt => 'l',
+            Self::ShortInt => 's',
+            Self::Boolean => 't',
+            Self::LongStringArray => 'A',
+        }
+    }
+
+    /// What the letter means, for people.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Self::LongString => "long string (UTF-8)",
+            Self::LongLongInt => "signed 64-bit integer",
+            Self::ShortInt => "signed 16-bit integer",
+            Self::Boolean => "boolean",
+            Self::LongStringArray => "array of long strings (`S`)",
+        }
+    }
+
+    /// The type of a header value as it was sent, if it is one of these.
+    pub fn of(value: &AMQPValue) -> Option<Self> {
+        match value {
+            AMQPValue::LongString(_) => Some(Self::LongString),
+            AMQPValue::LongLongInt(_) => Some(Self::LongLongInt),
+            AMQPValue::ShortInt(_) => Some(Self::ShortInt),
+            AMQPValue::Boolean(_) => Some(Self::Boolean),
+            AMQPValue::FieldArray(items)
+                if items
+                    .as_slice()
+                    .iter()
+                    .all(|item| matches!(item, AMQPValue::LongString(_))) =>
+            {
+                Some(Self::LongStringArray)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether a header is part of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRole {
+    /// The producer writes it on every event; consumers may rely on it.
+    Contract,
+    /// The producer writes it when tracing is on and the call had a trace
+    /// context; consumers must do without it.
+    Optional,
+    /// The producer writes it only when the setting named is on.
+    OptIn(&'static str),
+    /// A consumer writes it on its own copies of an event (retries, dead
+    /// letters, released parked events). Not part of the contract: never on
+    /// a producer's event; other consumers ignore it.
+    Internal,
+}
+
+/// One header of the wire contract, or one a consumer writes for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderSpec {
+    /// The header's name.
+    pub name: &'static str,
+    /// The AMQP type it is sent with.
+    pub field_type: FieldType,
+    /// Whether it is part of the contract.
+    pub role: HeaderRole,
+    /// What it holds.
+    pub meaning: &'static str,
+}
+
+/// Every header of the wire contract, then the consumer's own ones: the
+/// table the contract documents are generated from.
+pub const HEADERS: &[HeaderSpec] = &[
+    HeaderSpec {
+        name: AGGREGATE_TYPE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "kind of aggregate the event is about (`user`, `order`): the message's `aggregate_type` option",
+    },
+    HeaderSpec {
+        name: AGGREGATE_ID,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "id of the aggregate: the body's aggregate id field (a UUID)",
+    },
+    HeaderSpec {
+        name: AGGREGATE_VERSION,
+        field_type: FieldType::LongLongInt,
+        role: HeaderRole::Contract,
+        meaning: "version of the aggregate after the event, 1, 2, 3, … without gaps: the body's version field",
+    },
+    HeaderSpec {
+        name: PARTITION,
+        field_type: FieldType::ShortInt,
+        role: HeaderRole::Contract,
+        meaning: "FNV-1a (32-bit) of the aggregate id's UTF-8 bytes, modulo 32",
+    },
+    HeaderSpec {
+        name: CC,
+        field_type: FieldType::LongStringArray,
+        role: HeaderRole::Contract,
+        meaning: "`[\"partition.<partition>\"]`: a second routing key for the broker (sender-selected distribution; RabbitMQ removes it before delivery)",
+    },
+    HeaderSpec {
+        name: SIGNATURE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "the producer's Ed25519 signature of the event, base64 (standard alphabet, padded; 64 bytes), over the canonical bytes of the rules below",
+    },
+    HeaderSpec {
+        name: SIGNATURE_KEY_ID,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Contract,
+        meaning: "the id of the producer's key that made `signature` (keys rotate by id)",
+    },
+    HeaderSpec {
+        name: "traceparent",
+        field_type: FieldType::LongString,
+        role: HeaderRole::Optional,
+        meaning: "W3C trace context of the publish span",
+    },
+    HeaderSpec {
+        name: "tracestate",
+        field_type: FieldType::LongString,
+        role: HeaderRole::Optional,
+        meaning: "W3C trace state, when the trace has one",
+    },
+    HeaderSpec {
+        name: "baggage",
+        field_type: FieldType::LongString,
+        role: HeaderRole::Optional,
+        meaning: "W3C baggage, when the call carried some",
+    },
+    HeaderSpec {
+        name: CE_SPECVERSION,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `specversion`: `1.0`",
+    },
+    HeaderSpec {
+        name: CE_ID,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `id`: the event id, as `message_id`",
+    },
+    HeaderSpec {
+        name: CE_SOURCE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `source`: the producing service, as `app_id`",
+    },
+    HeaderSpec {
+        name: CE_TYPE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `type`: the full protobuf message name, as `type`",
+    },
+    HeaderSpec {
+        name: CE_TIME,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `time`: when the event was recorded, RFC 3339 in UTC with milliseconds",
+    },
+    HeaderSpec {
+        name: CE_SUBJECT,
+        field_type: FieldType::LongString,
+        role: HeaderRole::OptIn(CLOUDEVENTS_SETTING),
+        meaning: "CloudEvents `subject`: the aggregate id, as `aggregate_id`",
+    },
+    HeaderSpec {
+        name: SEAL,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "the consumer's HMAC over its own bookkeeping headers",
+    },
+    HeaderSpec {
+        name: ATTEMPT,
+        field_type: FieldType::LongLongInt,
+        role: HeaderRole::Internal,
+        meaning: "the delivery attempt of a retried copy",
+    },
+    HeaderSpec {
+        name: LAST_ERROR,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "the error that made a copy go to a retry queue",
+    },
+    HeaderSpec {
+        name: RELEASED,
+        field_type: FieldType::Boolean,
+        role: HeaderRole::Internal,
+        meaning: "set on a parked event sent back to its partition once its turn came",
+    },
+    HeaderSpec {
+        name: ORIGINAL_EXCHANGE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "exchange the event was first published to",
+    },
+    HeaderSpec {
+        name: ORIGINAL_ROUTING_KEY,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "routing key the event was first published with",
+    },
+    HeaderSpec {
+        name: ORIGINAL_QUEUE,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "queue a retried or dead-lettered copy was consumed from",
+    },
+    HeaderSpec {
+        name: DEAD_LETTER_REASON,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "why a copy is a dead letter",
+    },
+    HeaderSpec {
+        name: DEAD_LETTER_ERROR,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "the error text that made it a dead letter",
+    },
+    HeaderSpec {
+        name: DEAD_LETTER_ATTEMPTS,
+        field_type: FieldType::LongLongInt,
+        role: HeaderRole::Internal,
+        meaning: "attempts made before it was dead-lettered",
+    },
+    HeaderSpec {
+        name: DEAD_LETTERED_AT,
+        field_type: FieldType::LongString,
+        role: HeaderRole::Internal,
+        meaning: "when it was dead-lettered, RFC 3339",
+    },
+];
+
+/// The setting that turns the CloudEvents headers on (the relay's).
+pub const CLOUDEVENTS_SETTING: &str = "RELAY_CLOUDEVENTS";
+
+/// One AMQP basic property of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PropertySpec {
+    /// The property's name (as the AMQP 0-9-1 specification spells it).
+    pub name: &'static str,
+    /// Its AMQP domain (`shortstr`, `octet`, `timestamp`).
+    pub domain: &'static str,
+    /// The value every event carries, when it is fixed.
+    pub fixed: Option<&'static str>,
+    /// What it holds.
+    pub meaning: &'static str,
+}
+
+/// The AMQP properties of every event (the rest are not set).
+pub const PROPERTIES: &[PropertySpec] = &[
+    PropertySpec {
+        name: "content_type",
+        domain: "shortstr",
+        fixed: Some(CONTENT_TYPE),
+        meaning: "the body is the protobuf encoding of one event message",
+    },
+    PropertySpec {
+        name: "type",
+        domain: "shortstr",
+        fixed: None,
+        meaning: "full protobuf message name of the body, e.g. `shop.user.v1.UserCreated`",
+    },
+    PropertySpec {
+        name: "message_id",
+        domain: "shortstr",
+        fixed: None,
+        meaning: "event id, a UUIDv7 (its text): deduplicate by it",
+    },
+    PropertySpec {
+        name: "app_id",
+        domain: "shortstr",
+        fixed: None,
+        meaning: "producing service, e.g. `user-service`",
+    },
+    PropertySpec {
+        name: "user_id",
+        domain: "shortstr",
+        fixed: None,
+        meaning: "the broker user that published this copy (each service has its own; the shipped definitions name it after the service): RabbitMQ refuses a publish whose `user_id` is not its connection's user. It says who put the message on the broker, not who made the event",
+    },
+    PropertySpec {
+        name: "timestamp",
+        domain: "timestamp",
+        fixed: None,
+        meaning: "when the event was recorded, seconds since the Unix epoch",
+    },
+    PropertySpec {
+        name: "delivery_mode",
+        domain: "octet",
+        fixed: Some("2"),
+        meaning: "persistent",
+    },
+];
+
 /// Everything but the body of one event on the wire.
 #[derive(Debug, Clone)]
 pub struct EventHeaders<'a> {
@@ -121,6 +466,28 @@ impl EventHeaders<'_> {
             .with_timestamp(self.timestamp)
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers)
+    }
+
+    /// `properties` with the CloudEvents headers added ([`CLOUDEVENTS`]),
+    /// `recorded_at` being when the event was recorded.
+    pub fn with_cloudevents(
+        &self,
+        properties: BasicProperties,
+        recorded_at: chrono::DateTime<chrono::Utc>,
+    ) -> BasicProperties {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let time = recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for (key, value) in [
+            (CE_SPECVERSION, CLOUDEVENTS_SPEC_VERSION),
+            (CE_ID, self.event_id),
+            (CE_SOURCE, self.app_id),
+            (CE_TYPE, self.type_name),
+            (CE_TIME, time.as_str()),
+            (CE_SUBJECT, self.aggregate_id),
+        ] {
+            headers.insert(key.into(), long_string(value));
+        }
+        properties.with_headers(headers)
     }
 
     /// [`Self::properties`] with the producer's signature of the event
@@ -337,5 +704,98 @@ impl std::str::FromStr for DeadLetterReason {
                 let known: Vec<_> = Self::ALL.iter().map(|r| r.as_str()).collect();
                 format!("unknown reason {value:?}; known: {}", known.join(", "))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(trace: &HashMap<String, String>) -> EventHeaders<'_> {
+        EventHeaders {
+            event_id: "0192f4c0-7d1e-7a3b-9c4d-5e6f708192a3",
+            type_name: "shop.user.v1.UserCreated",
+            app_id: "user-service",
+            timestamp: 1_764_000_000,
+            aggregate_type: "user",
+            aggregate_id: "0192f4c0-7d1e-7a3b-9c4d-5e6f708192a3",
+            aggregate_version: 1,
+            partition: 7,
+            trace,
+        }
+    }
+
+    fn written(properties: &BasicProperties) -> Vec<(String, Option<FieldType>)> {
+        let mut headers: Vec<_> = properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), FieldType::of(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        headers.sort();
+        headers
+    }
+
+    fn declared(roles: &[HeaderRole]) -> Vec<(String, Option<FieldType>)> {
+        let mut headers: Vec<_> = HEADERS
+            .iter()
+            .filter(|h| roles.contains(&h.role))
+            .map(|h| (h.name.to_owned(), Some(h.field_type)))
+            .collect();
+        headers.sort();
+        headers
+    }
+
+    #[test]
+    fn an_event_carries_exactly_the_contract_headers_of_the_table_with_their_types() {
+        let trace = HashMap::from([(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]);
+        let headers = sample(&trace);
+        let (key, _) = crate::signing::SigningKey::generate("unit-test").unwrap();
+        let signed = headers.signed_properties(b"body", &key);
+        let mut expected = declared(&[HeaderRole::Contract]);
+        expected.push(("traceparent".to_owned(), Some(FieldType::LongString)));
+        expected.sort();
+        assert_eq!(written(&signed), expected);
+
+        let with_ce = headers.with_cloudevents(signed, chrono::DateTime::UNIX_EPOCH);
+        let mut expected = declared(&[HeaderRole::Contract, HeaderRole::OptIn(CLOUDEVENTS_SETTING)]);
+        expected.push(("traceparent".to_owned(), Some(FieldType::LongString)));
+        expected.sort();
+        assert_eq!(written(&with_ce), expected);
+    }
+
+    #[test]
+    fn the_cloudevents_headers_mirror_the_properties() {
+        let trace = HashMap::new();
+        let headers = sample(&trace);
+        let at = chrono::DateTime::from_timestamp_millis(1_764_000_000_123).unwrap();
+        let properties = headers.with_cloudevents(headers.properties(), at);
+        let table = properties.headers().clone().unwrap();
+        let text = |key| header_str(&table, key).unwrap().to_owned();
+        assert_eq!(text(CE_SPECVERSION), "1.0");
+        assert_eq!(text(CE_ID), properties.message_id().as_ref().unwrap().as_str());
+        assert_eq!(text(CE_SOURCE), properties.app_id().as_ref().unwrap().as_str());
+        assert_eq!(text(CE_TYPE), properties.kind().as_ref().unwrap().as_str());
+        assert_eq!(text(CE_TIME), "2025-11-24T16:00:00.123Z");
+        assert_eq!(text(CE_SUBJECT), header_str(&table, AGGREGATE_ID).unwrap());
+    }
+
+    #[test]
+    fn every_header_is_in_the_table_once() {
+        let mut names: Vec<_> = HEADERS.iter().map(|h| h.name).collect();
+        names.sort_unstable();
+        let count = names.len();
+        names.dedup();
+        assert_eq!(names.len(), count, "a header is in the table twice");
+        for name in CLOUDEVENTS {
+            assert!(names.contains(&name), "{name} is not in the table");
+        }
     }
 }

@@ -114,6 +114,19 @@ pub struct RelayConfig {
         value_parser = clap::value_parser!(u16).range(1..=32)
     )]
     pub lanes: u16,
+    /// Also write the CloudEvents binary-mode headers (`ce-specversion`,
+    /// `ce-id`, `ce-source`, `ce-type`, `ce-time`, `ce-subject`) on every
+    /// event, mirroring its properties, for consumers that route and
+    /// deduplicate by them ([`shop_messaging::wire::CLOUDEVENTS`]).
+    #[arg(
+        id = "relay_cloudevents",
+        long = "relay-cloudevents",
+        env = "RELAY_CLOUDEVENTS",
+        value_name = "BOOL",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub cloudevents: bool,
 }
 
 impl RelayConfig {
@@ -747,16 +760,20 @@ async fn publish_in_order(
                 partition: row.partition_key,
                 trace: &trace,
             };
+            // The CloudEvents headers go on after the signature: it covers
+            // fixed fields, not the header table.
+            let mut properties =
+                shop_messaging::wire::sent_by(headers.signed_properties(&row.payload, key), &publisher.user);
+            if config.cloudevents {
+                properties = headers.with_cloudevents(properties, row.created_at);
+            }
             let sent = channel
                 .basic_publish(
                     config.exchange.as_str().into(),
                     row.routing_key.as_str().into(),
                     options,
                     &row.payload,
-                    shop_messaging::wire::sent_by(
-                        headers.signed_properties(&row.payload, key),
-                        &publisher.user,
-                    ),
+                    properties,
                 )
                 .await;
             match sent {

@@ -7,6 +7,7 @@ mod auth;
 mod binary;
 mod broker_tls;
 mod callers;
+mod consumers;
 mod database_tls;
 mod faults;
 mod helpers;
