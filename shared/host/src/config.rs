@@ -106,11 +106,14 @@ impl HostConfig {
         crate::require_tls::check(self)?;
         let idle = self.database.idle_in_transaction_timeout;
         let confirm = self.relay.confirm_timeout;
-        if idle <= confirm {
+        let batch = self.relay.batch_time;
+        if idle <= batch + confirm {
             return Err(format!(
-                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT ({}) must be longer than RELAY_CONFIRM_TIMEOUT ({}): \
-                 the relay waits for the broker's confirms inside its batch's transaction",
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT ({}) must be longer than RELAY_BATCH_TIME ({}) plus \
+                 RELAY_CONFIRM_TIMEOUT ({}): the relay publishes and waits for the broker's confirms \
+                 inside its batch's transaction",
                 humantime::format_duration(idle),
+                humantime::format_duration(batch),
                 humantime::format_duration(confirm)
             ));
         }
