@@ -43,7 +43,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
+use diesel_async::AsyncPgConnection;
+
 use crate::AmqpConfig;
+use crate::sequence::{self, Aggregate};
 use crate::topology::{dead_letter_queue, queues_exchange};
 use crate::wire::{self, header_i64, header_str};
 
@@ -185,6 +188,26 @@ pub struct ReplayOutcome {
     pub replayed: usize,
     /// Not selected, left in the dead-letter queue.
     pub kept: usize,
+}
+
+/// What [`DeadLetters::skip`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Dead letters removed from the queue.
+    pub removed: usize,
+    /// Parked events released behind it (sent back to the consumer).
+    pub released: usize,
+}
+
+/// What [`DeadLetters::release`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The aggregate's position before.
+    pub from_version: i64,
+    /// The last version given up on: its position now.
+    pub through_version: i64,
+    /// Parked events released (sent back to the consumer).
+    pub released: usize,
 }
 
 /// The dead-letter queue of one consumer queue.
@@ -364,6 +387,70 @@ impl DeadLetters {
         crate::sequence::send_back(&channel, &crate::topology::router(&self.queue), events).await?;
         let _ = channel.close(200, "sent back".into()).await;
         Ok(())
+    }
+
+    /// Skips dead letter `message_id` (`shop dlq skip`): its aggregate
+    /// gives up on its version (the position moves past it, in the
+    /// consumer's database on `conn`), the events parked behind it are
+    /// released and sent back, and it is removed from the queue.
+    pub async fn skip(&self, conn: &mut AsyncPgConnection, message_id: &str) -> anyhow::Result<Skipped> {
+        let Some(letter) = self.show(message_id).await? else {
+            anyhow::bail!(
+                "no dead letter with message id {message_id} in {}",
+                self.dead_letter_queue
+            );
+        };
+        let mut released = 0;
+        if let Some((aggregate, version)) = &letter.sequenced {
+            let position = sequence::position(conn, &self.queue, aggregate).await?;
+            anyhow::ensure!(
+                position.last_version >= version - 1,
+                "{aggregate} is at version {}: versions {} to {} are missing too; \
+                 `shop dlq release {aggregate}` gives up on them all",
+                position.last_version,
+                position.last_version + 1,
+                version - 1
+            );
+            let (_, events) = sequence::release(conn, &self.queue, aggregate, *version).await?;
+            self.send_back(&events).await?;
+            released = events.len();
+        }
+        let removed = self.take(message_id).await?.len();
+        Ok(Skipped { removed, released })
+    }
+
+    /// Gives up on the versions `aggregate`'s parked events wait for (`shop
+    /// dlq release`): its position moves to just before the first parked
+    /// one, which is released and sent back. Refused while a dead letter
+    /// holds the aggregate (replay or skip it).
+    pub async fn release(
+        &self,
+        conn: &mut AsyncPgConnection,
+        aggregate: &Aggregate,
+    ) -> anyhow::Result<Released> {
+        let held = sequence::held(conn, &self.queue)
+            .await?
+            .into_iter()
+            .find(|held| held.aggregate == *aggregate);
+        let Some(held) = held else {
+            anyhow::bail!("{aggregate} has no parked events");
+        };
+        if let Some((event, version)) = held.position.dead_letter {
+            anyhow::bail!(
+                "{aggregate} waits for dead letter {event} (version {version}): `shop dlq replay --message-id {event}` or `shop dlq skip {event}`"
+            );
+        }
+        let first = held
+            .parked
+            .first()
+            .map_or(held.position.last_version + 1, |p| p.version);
+        let (before, events) = sequence::release(conn, &self.queue, aggregate, first - 1).await?;
+        self.send_back(&events).await?;
+        Ok(Released {
+            from_version: before.last_version,
+            through_version: first - 1,
+            released: events.len(),
+        })
     }
 
     /// Deletes every dead letter; returns how many.
