@@ -39,15 +39,19 @@
 //! are not sequenced: the inbox alone keeps them from being applied twice,
 //! in whatever order they arrive.
 //!
-//! A sweep, every few seconds, sends again what was released but not applied
-//! (the process died between its commit and the publish) and reports
+//! A sweep, every few seconds, sends again what was released but never
+//! confirmed sent back (the process died between its commit and the
+//! publish, or the publish failed; `inbox_parked.sent_at` records each
+//! confirmed send), never an event whose aggregate a dead letter holds, nor
+//! one that is waiting in its queue behind a backlog, and reports
 //! `consumer_parked_events{queue, reason}`,
 //! `consumer_oldest_parked_seconds{queue}` and `consumer_stuck_gaps{queue}`.
 //!
 //! The tables and the function (each consuming service's migrations create
 //! them; see `migrations/order-service/…_sequence_consumption`,
-//! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates` and
-//! `…_mark_positions_with_parked_events`):
+//! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates`,
+//! `…_mark_positions_with_parked_events` and
+//! `…_record_parked_events_sent_back`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
@@ -59,6 +63,7 @@
 //!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
 //!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
 //!     parked_at TIMESTAMPTZ NOT NULL DEFAULT now(), released_at TIMESTAMPTZ,
+//!     sent_at TIMESTAMPTZ, -- the last send back the broker confirmed
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id, aggregate_version));
 //! -- Locks the aggregates (in key order), then reads their positions with a
 //! -- snapshot taken after the locks: one round trip.
@@ -114,6 +119,7 @@ diesel::table! {
         properties -> Jsonb,
         parked_at -> Timestamptz,
         released_at -> Nullable<Timestamptz>,
+        sent_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -1140,8 +1146,20 @@ pub async fn position(
 }
 
 /// Parked events that are next in line but were not sent back (released
-/// more than `grace` ago, or never): marked released again and returned,
-/// at most `limit`, skipping rows another replica's sweep holds.
+/// more than `grace` ago and no send confirmed since, or never released):
+/// marked released again and returned, at most `limit`, skipping rows
+/// another replica's sweep holds.
+///
+/// Two kinds of next-in-line events are left alone:
+/// - one whose aggregate a dead letter holds: it was sent back and failed
+///   (its dead letter is that event, or an earlier one's); sending it again
+///   would only start a new retry chain and add a copy to the dead-letter
+///   queue, every sweep, for good;
+/// - one whose send the broker confirmed ([`mark_sent`]) after its last
+///   release: it is in its partition queue, perhaps behind a backlog
+///   slower than `grace`, and a second copy would be a duplicate. If that
+///   copy is lost all the same (the queue purged or deleted), the aggregate
+///   shows as a stuck gap.
 pub(crate) async fn take_ready(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -1155,7 +1173,9 @@ pub(crate) async fn take_ready(
            FROM inbox_parked q JOIN inbox_sequence s \
              ON s.consumer = q.consumer AND s.aggregate_type = q.aggregate_type AND s.aggregate_id = q.aggregate_id \
            WHERE q.consumer = $1 AND q.aggregate_version = s.last_version + 1 \
-             AND (q.released_at IS NULL OR q.released_at < now() - make_interval(secs => $2)) \
+             AND s.dead_letter_version IS NULL \
+             AND (q.released_at IS NULL OR (q.released_at < now() - make_interval(secs => $2) \
+               AND (q.sent_at IS NULL OR q.sent_at < q.released_at))) \
            ORDER BY q.aggregate_version LIMIT $3 FOR UPDATE OF q SKIP LOCKED) \
          RETURNING {RELEASED_COLUMNS}"
     ))
@@ -1164,6 +1184,40 @@ pub(crate) async fn take_ready(
     .bind::<BigInt, _>(limit)
     .load(conn)
     .await
+}
+
+/// Records that `events` (released) were sent back and the broker
+/// confirmed it, so the sweep does not send them again ([`take_ready`]).
+/// Events applied and forgotten meanwhile are no longer there: nothing to
+/// record.
+pub async fn mark_sent(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    events: &[ParkedEvent],
+) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+    let versions: Vec<i64> = events.iter().map(|e| e.aggregate_version).collect();
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    prepared(
+        diesel::sql_query(
+            "UPDATE inbox_parked p SET sent_at = now() \
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::uuid[]) AS e(t, i, v, id) \
+             WHERE p.consumer = $1 AND p.aggregate_type = e.t AND p.aggregate_id = e.i \
+               AND p.aggregate_version = e.v AND p.event_id = e.id",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(&kinds)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&versions)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(&event_ids),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Deletes parked events at or below their aggregate's last version

@@ -486,7 +486,10 @@ async fn sweep_parked(shared: &Shared, channel: &Channel) {
         )
         .await
         {
-            Ok(Ok(())) => tracing::info!(queue, events = ready.len(), "sent released events back again"),
+            Ok(Ok(())) => {
+                tracing::info!(queue, events = ready.len(), "sent released events back again");
+                super::worker::mark_sent(shared, &ready).await;
+            }
             Ok(Err(error)) => tracing::warn!(
                 queue,
                 error = format!("{error:#}"),
