@@ -132,17 +132,25 @@ async fn execute(
                 through_version,
                 released,
             } = dead_letters.release(&mut conn, &aggregate).await?;
-            output.value(
-                json!({"aggregate": aggregate.to_string(), "from_version": from_version, "through_version": through_version, "released": released}),
-                &format!(
+            let text = if through_version > from_version {
+                format!(
                     "{aggregate}: gave up on versions {} to {through_version}; released {released} parked event(s)",
                     from_version + 1,
-                ),
+                )
+            } else {
+                format!(
+                    "{aggregate}: nothing to give up at version {from_version}; sent {released} parked event(s) again"
+                )
+            };
+            output.value(
+                json!({"aggregate": aggregate.to_string(), "from_version": from_version, "through_version": through_version, "released": released}),
+                &text,
             );
         }
         DlqCommand::Purge { yes } => {
             anyhow::ensure!(yes, "purge deletes every dead letter; pass --yes to confirm");
-            let purged = dead_letters.purge().await?;
+            let mut conn = consumer_database(database).await?;
+            let purged = dead_letters.purge_unless_held(&mut conn).await?;
             output.value(
                 json!({"purged": purged}),
                 &format!("purged {purged} dead letter(s) from {}", dead_letters.name()),

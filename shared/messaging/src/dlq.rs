@@ -393,15 +393,30 @@ impl DeadLetters {
     /// gives up on its version (the position moves past it, in the
     /// consumer's database on `conn`), the events parked behind it are
     /// released and sent back, and it is removed from the queue.
+    ///
+    /// A dead letter that is no longer in the queue (purged by hand, lost
+    /// with the queue) is skipped all the same when an aggregate waits on
+    /// it: the position that records it names the aggregate and version.
     pub async fn skip(&self, conn: &mut AsyncPgConnection, message_id: &str) -> anyhow::Result<Skipped> {
-        let Some(letter) = self.show(message_id).await? else {
-            anyhow::bail!(
-                "no dead letter with message id {message_id} in {}",
-                self.dead_letter_queue
-            );
+        let letter = self.show(message_id).await?;
+        let sequenced = match &letter {
+            Some(letter) => letter.sequenced.clone(),
+            None => {
+                let holder = match uuid::Uuid::try_parse(message_id) {
+                    Ok(event_id) => sequence::held_by_dead_letter(conn, &self.queue, event_id).await?,
+                    Err(_) => None,
+                };
+                let Some(holder) = holder else {
+                    anyhow::bail!(
+                        "no dead letter with message id {message_id} in {}, and no aggregate waits on one",
+                        self.dead_letter_queue
+                    );
+                };
+                Some(holder)
+            }
         };
         let mut released = 0;
-        if let Some((aggregate, version)) = &letter.sequenced {
+        if let Some((aggregate, version)) = &sequenced {
             let position = sequence::position(conn, &self.queue, aggregate).await?;
             anyhow::ensure!(
                 position.last_version >= version - 1,
@@ -412,17 +427,28 @@ impl DeadLetters {
                 version - 1
             );
             let (_, events) = sequence::release(conn, &self.queue, aggregate, *version).await?;
-            self.send_back(&events).await?;
+            self.send_back_recorded(conn, &events).await?;
             released = events.len();
         }
-        let removed = self.take(message_id).await?.len();
+        let removed = if letter.is_some() {
+            self.take(message_id).await?.len()
+        } else {
+            0
+        };
         Ok(Skipped { removed, released })
     }
 
     /// Gives up on the versions `aggregate`'s parked events wait for (`shop
     /// dlq release`): its position moves to just before the first parked
-    /// one, which is released and sent back. Refused while a dead letter
-    /// holds the aggregate (replay or skip it).
+    /// one, which is released and sent back.
+    ///
+    /// - A dead letter that holds the aggregate and is still in the queue
+    ///   is refused (replay or skip it: that is a decision about the event).
+    ///   One that is gone (purged by hand, lost with the queue) is given up
+    ///   with the rest, also when nothing is parked behind it yet.
+    /// - When the first parked event is already next in line (sent back
+    ///   once, and that copy never came back), nothing is given up: it is
+    ///   sent again.
     pub async fn release(
         &self,
         conn: &mut AsyncPgConnection,
@@ -432,25 +458,95 @@ impl DeadLetters {
             .await?
             .into_iter()
             .find(|held| held.aggregate == *aggregate);
-        let Some(held) = held else {
-            anyhow::bail!("{aggregate} has no parked events");
+        let position = match &held {
+            Some(held) => held.position,
+            None => sequence::position(conn, &self.queue, aggregate).await?,
         };
-        if let Some((event, version)) = held.position.dead_letter {
+        if let Some((event, version)) = position.dead_letter
+            && self.show(&event.to_string()).await?.is_some()
+        {
             anyhow::bail!(
                 "{aggregate} waits for dead letter {event} (version {version}): `shop dlq replay --message-id {event}` or `shop dlq skip {event}`"
             );
         }
         let first = held
-            .parked
-            .first()
-            .map_or(held.position.last_version + 1, |p| p.version);
-        let (before, events) = sequence::release(conn, &self.queue, aggregate, first - 1).await?;
-        self.send_back(&events).await?;
+            .as_ref()
+            .and_then(|held| held.parked.first())
+            .map(|p| p.version);
+        let through = match (first, position.dead_letter) {
+            (Some(first), _) => first - 1,
+            // A lost dead letter with nothing behind it yet.
+            (None, Some((_, version))) => version,
+            (None, None) => anyhow::bail!("{aggregate} has no parked events"),
+        };
+        let events = if through <= position.last_version {
+            sequence::release_next(conn, &self.queue, aggregate).await?
+        } else {
+            sequence::release(conn, &self.queue, aggregate, through).await?.1
+        };
+        self.send_back_recorded(conn, &events).await?;
         Ok(Released {
-            from_version: before.last_version,
-            through_version: first - 1,
+            from_version: position.last_version,
+            through_version: through.max(position.last_version),
             released: events.len(),
         })
+    }
+
+    /// [`Self::send_back`], then records them as sent
+    /// ([`sequence::mark_sent`]).
+    async fn send_back_recorded(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: &[sequence::ParkedEvent],
+    ) -> anyhow::Result<()> {
+        self.send_back(events).await?;
+        sequence::mark_sent(conn, &self.queue, events).await?;
+        Ok(())
+    }
+
+    /// Deletes every dead letter (`shop dlq purge`), unless an aggregate
+    /// waits on one of them: then nothing is deleted, and the error names
+    /// each such aggregate and dead letter, to replay or skip first.
+    ///
+    /// Refusing was chosen over deleting and marking the positions it
+    /// strands: a purged letter takes the event with it, and what the
+    /// aggregate does without it (give the version up, replay it, wait for
+    /// the producer) is a decision about that event, made with it in
+    /// hand. Letters that hold nothing go as before. A dead letter that
+    /// arrives between the check and the purge is deleted unchecked:
+    /// [`Self::skip`] and [`Self::release`] free its aggregate without it.
+    pub async fn purge_unless_held(&self, conn: &mut AsyncPgConnection) -> anyhow::Result<u32> {
+        let in_queue: std::collections::HashSet<String> = self
+            .browse()
+            .await?
+            .into_iter()
+            .filter_map(|letter| letter.message_id)
+            .collect();
+        let stranded: Vec<(Aggregate, uuid::Uuid, i64)> = sequence::dead_letter_holds(conn, &self.queue)
+            .await?
+            .into_iter()
+            .filter(|(_, event, _)| in_queue.contains(&event.to_string()))
+            .collect();
+        if !stranded.is_empty() {
+            const LISTED: usize = 20;
+            let mut named: Vec<String> = stranded
+                .iter()
+                .take(LISTED)
+                .map(|(aggregate, event, version)| {
+                    format!("{aggregate} waits on {event} (version {version})")
+                })
+                .collect();
+            if stranded.len() > LISTED {
+                named.push(format!("and {} more", stranded.len() - LISTED));
+            }
+            anyhow::bail!(
+                "purge refused: {} aggregate(s) wait on dead letters it would delete ({}); \
+                 replay (`shop dlq replay --message-id ID`) or skip (`shop dlq skip ID`) each, then purge",
+                stranded.len(),
+                named.join("; ")
+            );
+        }
+        self.purge().await
     }
 
     /// Deletes every dead letter; returns how many.

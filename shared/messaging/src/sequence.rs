@@ -1145,6 +1145,53 @@ pub async fn position(
     )
 }
 
+/// The aggregate whose position dead letter `event_id` holds, and its
+/// version, if one does: how `shop dlq skip` finds the aggregate of a dead
+/// letter that is no longer in the queue.
+pub async fn held_by_dead_letter(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    event_id: Uuid,
+) -> QueryResult<Option<(Aggregate, i64)>> {
+    let rows: Vec<(String, String, Option<i64>)> = inbox_sequence::table
+        .filter(inbox_sequence::consumer.eq(consumer))
+        .filter(inbox_sequence::dead_letter_event.eq(event_id))
+        .select((
+            inbox_sequence::aggregate_type,
+            inbox_sequence::aggregate_id,
+            inbox_sequence::dead_letter_version,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .find_map(|(kind, id, version)| version.map(|version| (Aggregate { kind, id }, version))))
+}
+
+/// Every aggregate a dead letter holds: (aggregate, dead letter's event
+/// id, its version), by aggregate.
+pub async fn dead_letter_holds(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+) -> QueryResult<Vec<(Aggregate, Uuid, i64)>> {
+    let rows: Vec<(String, String, Option<Uuid>, Option<i64>)> = inbox_sequence::table
+        .filter(inbox_sequence::consumer.eq(consumer))
+        .filter(inbox_sequence::dead_letter_event.is_not_null())
+        .order((inbox_sequence::aggregate_type, inbox_sequence::aggregate_id))
+        .select((
+            inbox_sequence::aggregate_type,
+            inbox_sequence::aggregate_id,
+            inbox_sequence::dead_letter_event,
+            inbox_sequence::dead_letter_version,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(kind, id, event, version)| Some((Aggregate { kind, id }, event?, version?)))
+        .collect())
+}
+
 /// Parked events that are next in line but were not sent back (released
 /// more than `grace` ago and no send confirmed since, or never released):
 /// marked released again and returned, at most `limit`, skipping rows
@@ -1159,7 +1206,8 @@ pub async fn position(
 ///   release: it is in its partition queue, perhaps behind a backlog
 ///   slower than `grace`, and a second copy would be a duplicate. If that
 ///   copy is lost all the same (the queue purged or deleted), the aggregate
-///   shows as a stuck gap.
+///   shows as a stuck gap, and `shop dlq release` sends it again
+///   ([`release_next`]).
 pub(crate) async fn take_ready(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -1218,6 +1266,29 @@ pub async fn mark_sent(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Marks `aggregate`'s parked event that is next in line released again
+/// and returns it (none when there is none), for the caller to send back:
+/// the way out when a copy that was sent and confirmed never came back
+/// (its queue purged or deleted).
+pub async fn release_next(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Vec<ParkedEvent>> {
+    diesel::sql_query(format!(
+        "UPDATE inbox_parked p SET released_at = now() FROM inbox_sequence s \
+         WHERE p.consumer = $1 AND p.aggregate_type = $2 AND p.aggregate_id = $3 \
+           AND s.consumer = p.consumer AND s.aggregate_type = p.aggregate_type AND s.aggregate_id = p.aggregate_id \
+           AND p.aggregate_version = s.last_version + 1 AND s.dead_letter_version IS NULL \
+         RETURNING {RELEASED_COLUMNS}"
+    ))
+    .bind::<Text, _>(consumer)
+    .bind::<Text, _>(&aggregate.kind)
+    .bind::<Text, _>(&aggregate.id)
+    .load(conn)
+    .await
 }
 
 /// Deletes parked events at or below their aggregate's last version

@@ -611,3 +611,77 @@ async fn a_released_event_waiting_behind_a_backlog_is_not_sent_again() {
     expect_seen(&h, &[("a", &[1, 2]), ("b", &[1, 3]), ("c", &[1])]).await;
     nothing_parked(&h).await;
 }
+
+/// A dead letter that holds its aggregate and is no longer in the queue
+/// (purged by hand, `rabbitmqctl purge_queue`, lost with the queue): the
+/// position still names it. `shop dlq skip` finds the aggregate by it, and
+/// `shop dlq release` gives up on it; `shop dlq purge` refuses to delete a
+/// dead letter an aggregate waits on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregate_whose_dead_letter_is_gone_is_freed_by_skip_or_release_and_purge_refuses_to_strand_one()
+{
+    let mut h = harness().await;
+    for user in ["a", "b", "c"] {
+        h.behavior
+            .reject_versions
+            .lock()
+            .unwrap()
+            .insert((user.to_owned(), 2));
+    }
+    h.start().await;
+    let mut poison = std::collections::HashMap::new();
+    for user in ["a", "b", "c"] {
+        let id = Uuid::now_v7();
+        poison.insert(user, id);
+        publish(&h, user, 1, Uuid::now_v7()).await;
+        publish(&h, user, 2, id).await;
+    }
+    // a and b have followers parked behind their dead letters; c none.
+    for user in ["a", "b"] {
+        publish(&h, user, 3, Uuid::now_v7()).await;
+        publish(&h, user, 4, Uuid::now_v7()).await;
+    }
+    wait_parked(&h, "a", &[3, 4]).await;
+    wait_parked(&h, "b", &[3, 4]).await;
+    h.expect_dead_letters(3).await;
+    shop_testkit::eventually("c held by its dead letter", WAIT, || async {
+        let mut conn = h.pool.get().await.unwrap();
+        let position = sequence::position(&mut conn, &h.queue, &user("c")).await.unwrap();
+        (position.dead_letter == Some((poison["c"], 2))).then_some(())
+    })
+    .await;
+    h.behavior.reject_versions.lock().unwrap().clear();
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+    let mut conn = h.pool.get().await.unwrap();
+
+    // Purging would strand all three: refused, nothing deleted.
+    let refused = dlq.purge_unless_held(&mut conn).await.unwrap_err().to_string();
+    for user in ["a", "b", "c"] {
+        assert!(refused.contains(&format!("user/{user}")), "{refused}");
+        assert!(refused.contains(&poison[user].to_string()), "{refused}");
+    }
+    assert_eq!(h.dead_letters().await.len(), 3, "nothing purged");
+
+    // The letters go anyway, past the tools.
+    assert_eq!(dlq.purge().await.unwrap(), 3);
+
+    let skipped = dlq.skip(&mut conn, &poison["a"].to_string()).await.unwrap();
+    assert_eq!((skipped.removed, skipped.released), (0, 1));
+    let released = dlq.release(&mut conn, &user("b")).await.unwrap();
+    assert_eq!(
+        (released.from_version, released.through_version, released.released),
+        (1, 2, 1)
+    );
+    let released = dlq.release(&mut conn, &user("c")).await.unwrap();
+    assert_eq!(
+        (released.from_version, released.through_version, released.released),
+        (1, 2, 0)
+    );
+    publish(&h, "c", 3, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[1, 3, 4]), ("b", &[1, 3, 4]), ("c", &[1, 3])]).await;
+    nothing_parked(&h).await;
+    // With no aggregate held, purge goes ahead.
+    assert_eq!(dlq.purge_unless_held(&mut conn).await.unwrap(), 0);
+    dlq.close().await;
+}
