@@ -685,3 +685,40 @@ async fn an_aggregate_whose_dead_letter_is_gone_is_freed_by_skip_or_release_and_
     assert_eq!(dlq.purge_unless_held(&mut conn).await.unwrap(), 0);
     dlq.close().await;
 }
+
+/// A released event whose send back the broker confirmed, and whose copy
+/// never came back (its partition queue purged): the sweep leaves it (it
+/// was sent), so `shop dlq release` sends it again, giving nothing up.
+#[tokio::test(flavor = "multi_thread")]
+async fn release_sends_again_a_next_in_line_event_whose_confirmed_copy_was_lost() {
+    let mut h = harness_with(|mut config, _| {
+        config.sweep_interval = Duration::from_millis(200);
+        config
+    })
+    .await;
+    h.start().await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    publish(&h, "a", 3, Uuid::now_v7()).await;
+    wait_parked(&h, "a", &[3]).await;
+    let mut conn = h.pool.get().await.unwrap();
+    // Version 2 given up and version 3 released, its send confirmed and
+    // recorded, and the copy lost on the way.
+    let (_, released) = sequence::release(&mut conn, &h.queue, &user("a"), 2)
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    sequence::mark_sent(&mut conn, &h.queue, &released).await.unwrap();
+    released_a_minute_ago(&h).await;
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+
+    let resent = dlq.release(&mut conn, &user("a")).await.unwrap();
+
+    assert_eq!(
+        (resent.from_version, resent.through_version, resent.released),
+        (2, 2, 1),
+        "nothing given up, version 3 sent again"
+    );
+    expect_seen(&h, &[("a", &[1, 3])]).await;
+    nothing_parked(&h).await;
+    dlq.close().await;
+}
