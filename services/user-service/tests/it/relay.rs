@@ -590,9 +590,10 @@ async fn with_relay_unroutable_drop_events_no_queue_takes_are_marked_published()
 }
 
 /// One aggregate's deep backlog under tight deadlines: 3,000 pending events
-/// of one user, a 1 s confirm timeout and a 1 s statement timeout. Its
-/// events go out one confirm at a time (never two unconfirmed of one
-/// aggregate), far more round trips than a batch's transaction may last;
+/// of one user, a 1 s confirm timeout, a 1 s statement timeout, and 1 ms
+/// of latency each way to the broker (the test kit's proxy). Its events go
+/// out one confirm at a time (never two unconfirmed of one aggregate), at
+/// least 6 s of round trips, far more than a batch's transaction may last;
 /// the batch ends in time (`RELAY_BATCH_TIME`), commits what the broker
 /// confirmed, and the next one goes on from there: every event reaches the
 /// queue once, in version order.
@@ -604,7 +605,11 @@ async fn one_aggregates_deep_backlog_drains_once_in_order_within_the_batch_deadl
     let queue = app.broker.queue("bounded");
     let user = uuid::Uuid::now_v7().to_string();
     fill_outbox(&app, std::slice::from_ref(&user), EVENTS).await;
+    const LATENCY: Duration = Duration::from_millis(1);
+    let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    proxy.delay(LATENCY);
     let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.amqp = AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url()));
     // One batch could take the whole backlog, and its transaction may last
     // the statement timeout plus the confirm wait (and RELAY_BATCH_TIME).
     settings.host.relay.batch_size = 4000;
@@ -633,6 +638,11 @@ async fn one_aggregates_deep_backlog_drains_once_in_order_within_the_batch_deadl
         left,
         versions.len(),
         distinct.len()
+    );
+    assert!(proxy.accepted() > 0, "the relay went through the proxy");
+    assert!(
+        drained >= LATENCY * 2 * EVENTS as u32,
+        "one round trip per event, each at least twice the latency: {drained:?}"
     );
     assert_eq!(left, 0, "every row marked published within {limit:?}");
     assert_eq!(
