@@ -1,7 +1,8 @@
 """What the service binaries read, for the deployment checks.
 
 deploy/compose/check and deploy/k8s/validate compare what compose.yaml and
-the Kubernetes manifests give the services with the README's settings table
+the Kubernetes manifests give the services with the settings table of
+docs/configuration.md
 (between `<!-- settings:` and `<!-- end of settings -->`), which
 tests/system/readme.rs checks against the binaries themselves: every
 variable either binary reads, which binary reads it and its default. The
@@ -13,13 +14,13 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "configuration.md"
 SERVICES = ("user-service", "order-service")
 READERS = {"both": set(SERVICES), "user": {"user-service"}, "order": {"order-service"}}
 
 
 class Settings:
-    """The README's settings table, per service."""
+    """The settings table of docs/configuration.md, per service."""
 
     def __init__(self, readme=README):
         text = Path(readme).read_text(encoding="utf-8")

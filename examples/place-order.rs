@@ -12,7 +12,7 @@
 //! The endpoints come from `SHOP_USER_ENDPOINT` and `SHOP_ORDER_ENDPOINT`
 //! (the `shop` command line's variables), `http://localhost:50051` and
 //! `:50052` by default, and the bearer token from `SHOP_TOKEN` (the README's
-//! "Try it with grpcurl" says how to get one; it needs `users:write`,
+//! "Try it" says how to get one; it needs `users:write`,
 //! `orders:read` and `orders:write`). Every call has a deadline and is retried while the
 //! server is unavailable; the create calls carry a request id, so a retry
 //! never creates twice.

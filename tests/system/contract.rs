@@ -861,8 +861,8 @@ pub fn events_page(events: &[EventDoc]) -> String {
          form is the contract bundle, `docs/contract/`: `asyncapi.yaml` (AsyncAPI 3.0), `shop-events.binpb` \
          (a `FileDescriptorSet` of the event `.proto` files with their imports), `proto/` (those files) and \
          `envelopes/` (one golden message per event type: body, its canonical JSON, properties, and the \
-         header table with its AMQP types, as encoded bytes too). The README's section *Consuming the \
-         events from another language* walks through a consumer.\n\n## Events\n\n\
+         header table with its AMQP types, as encoded bytes too). `docs/consuming.md` (in the \
+         repository) walks through a consumer, step by step.\n\n## Events\n\n\
          | type (AMQP `type`) | exchange (default) | routing key | producer (`app_id`) | aggregate | id field | version field |\n\
          |---|---|---|---|---|---|---|\n",
     );

@@ -1,4 +1,5 @@
-//! The README's table of settings against what the binaries read: every
+//! The documented settings (docs/configuration.md) and metrics (the
+//! README's table) against what the binaries read and export: every
 //! variable either service reads is listed, nothing listed is unread, and
 //! each listed default is the one the binary uses.
 
@@ -7,6 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::Command;
 use order_service::OrderService;
 use user_service::UserService;
+
+/// Where the settings are documented.
+const CONFIGURATION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
 
 /// Variable → default (empty when it has none), as `command` declares them.
 fn declared(command: &Command) -> BTreeMap<String, String> {
@@ -25,7 +29,7 @@ fn declared(command: &Command) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// One row of the README's table.
+/// One row of the settings table.
 #[derive(Debug)]
 struct Row {
     variables: Vec<String>,
@@ -34,7 +38,7 @@ struct Row {
 }
 
 fn readme_rows() -> Vec<Row> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(CONFIGURATION).unwrap();
     let start = readme
         .find("<!-- settings:")
         .expect("the settings table's opening marker");
@@ -71,7 +75,7 @@ fn the_readme_lists_every_setting_the_services_read_with_its_default() {
         .flat_map(|row| row.variables.iter().map(String::as_str))
         .collect();
     let read: BTreeSet<&str> = user.keys().chain(order.keys()).map(String::as_str).collect();
-    assert_eq!(listed, read, "the README's table and the binaries disagree");
+    assert_eq!(listed, read, "docs/configuration.md and the binaries disagree");
 
     for row in &rows {
         for variable in &row.variables {
@@ -92,7 +96,7 @@ fn the_readme_lists_every_setting_the_services_read_with_its_default() {
                 } else {
                     assert!(
                         row.default.contains(&format!("`{default}`")),
-                        "the README gives {variable} the default {:?}, the {name} service uses {default}",
+                        "docs/configuration.md gives {variable} the default {:?}, the {name} service uses {default}",
                         row.default
                     );
                 }
@@ -273,7 +277,7 @@ async fn the_readme_lists_every_metric_both_services_export_with_its_labels() {
 #[test]
 fn every_setting_has_the_flag_the_readme_says() {
     // Its text with the line breaks of its paragraphs undone.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+    let readme = std::fs::read_to_string(CONFIGURATION)
         .unwrap()
         .split_whitespace()
         .collect::<Vec<_>>()
@@ -296,12 +300,12 @@ fn every_setting_has_the_flag_the_readme_says() {
     for exception in &exceptions {
         assert!(
             readme.contains(exception.as_str()),
-            "the README's configuration section must say {exception}"
+            "docs/configuration.md must say {exception}"
         );
     }
     assert_eq!(
         readme.matches(", whose flag is `--").count(),
         exceptions.len(),
-        "the README names flags that do not differ: {exceptions:?}"
+        "docs/configuration.md names flags that do not differ: {exceptions:?}"
     );
 }

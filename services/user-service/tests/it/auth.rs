@@ -704,8 +704,7 @@ mod mtls {
             matches!(
                 other_ca.code(),
                 Code::Unknown | Code::Unavailable | Code::Cancelled
-            )
-                && !other_ca.to_string().contains("credentials"),
+            ) && !other_ca.to_string().contains("credentials"),
             "a certificate of another CA fails the handshake: {other_ca:?}"
         );
         assert!(
