@@ -425,19 +425,23 @@ pub enum DlqCommand {
         message_id: Option<String>,
     },
     /// Give up on one dead letter: remove it without applying it, and let
-    /// the events parked behind it go on, in order.
+    /// the events parked behind it go on, in order. Works also when the
+    /// letter is no longer in the queue, for the aggregate that waits on it.
     Skip {
         /// Its message id (the event id).
         message_id: String,
     },
     /// Give up on the versions an aggregate's parked events wait for (a gap
     /// that will not fill): the first parked event and those after it are
-    /// applied, in order.
+    /// applied, in order. A dead letter that holds the aggregate and is no
+    /// longer in the queue is given up too; a first parked event already
+    /// next in line is sent again.
     Release {
         /// The aggregate, TYPE/ID as `shop dlq list` prints it.
         aggregate: String,
     },
-    /// Delete every dead letter.
+    /// Delete every dead letter; refused (nothing deleted) while an
+    /// aggregate waits on one of them: replay or skip those first.
     Purge {
         /// Confirm the deletion.
         #[arg(long)]

@@ -5,7 +5,7 @@
 use diesel_async::AsyncPgConnection;
 use serde_json::json;
 use shop_database::DatabaseConfig;
-use shop_messaging::dlq::{DeadLetter, DeadLetters, Selection, Summary};
+use shop_messaging::dlq::{DeadLetter, DeadLetters, Released, Selection, Skipped, Summary};
 use shop_messaging::sequence::{self, Aggregate, Held};
 
 use crate::args::{Connection, DlqCommand};
@@ -117,29 +117,8 @@ async fn execute(
             );
         }
         DlqCommand::Skip { message_id } => {
-            let Some(letter) = dead_letters.show(&message_id).await? else {
-                anyhow::bail!(
-                    "no dead letter with message id {message_id} in {}",
-                    dead_letters.name()
-                );
-            };
-            let mut released = 0;
-            if let Some((aggregate, version)) = &letter.sequenced {
-                let mut conn = consumer_database(database).await?;
-                let position = sequence::position(&mut conn, queue, aggregate).await?;
-                anyhow::ensure!(
-                    position.last_version >= version - 1,
-                    "{aggregate} is at version {}: versions {} to {} are missing too; \
-                     `shop dlq release {aggregate}` gives up on them all",
-                    position.last_version,
-                    position.last_version + 1,
-                    version - 1
-                );
-                let (_, events) = sequence::release(&mut conn, queue, aggregate, *version).await?;
-                dead_letters.send_back(&events).await?;
-                released = events.len();
-            }
-            let removed = dead_letters.take(&message_id).await?.len();
+            let mut conn = consumer_database(database).await?;
+            let Skipped { removed, released } = dead_letters.skip(&mut conn, &message_id).await?;
             output.value(
                 json!({"skipped": message_id, "removed": removed, "released": released}),
                 &format!("skipped {message_id}: removed {removed} dead letter(s), released {released} parked event(s)"),
@@ -148,37 +127,30 @@ async fn execute(
         DlqCommand::Release { aggregate } => {
             let aggregate: Aggregate = aggregate.parse().map_err(anyhow::Error::msg)?;
             let mut conn = consumer_database(database).await?;
-            let held = sequence::held(&mut conn, queue)
-                .await?
-                .into_iter()
-                .find(|held| held.aggregate == aggregate);
-            let Some(held) = held else {
-                anyhow::bail!("{aggregate} has no parked events");
+            let Released {
+                from_version,
+                through_version,
+                released,
+            } = dead_letters.release(&mut conn, &aggregate).await?;
+            let text = if through_version > from_version {
+                format!(
+                    "{aggregate}: gave up on versions {} to {through_version}; released {released} parked event(s)",
+                    from_version + 1,
+                )
+            } else {
+                format!(
+                    "{aggregate}: nothing to give up at version {from_version}; sent {released} parked event(s) again"
+                )
             };
-            if let Some((event, version)) = held.position.dead_letter {
-                anyhow::bail!(
-                    "{aggregate} waits for dead letter {event} (version {version}): `shop dlq replay --message-id {event}` or `shop dlq skip {event}`"
-                );
-            }
-            let first = held
-                .parked
-                .first()
-                .map_or(held.position.last_version + 1, |p| p.version);
-            let (before, events) = sequence::release(&mut conn, queue, &aggregate, first - 1).await?;
-            dead_letters.send_back(&events).await?;
             output.value(
-                json!({"aggregate": aggregate.to_string(), "from_version": before.last_version, "through_version": first - 1, "released": events.len()}),
-                &format!(
-                    "{aggregate}: gave up on versions {} to {}; released {} parked event(s)",
-                    before.last_version + 1,
-                    first - 1,
-                    events.len()
-                ),
+                json!({"aggregate": aggregate.to_string(), "from_version": from_version, "through_version": through_version, "released": released}),
+                &text,
             );
         }
         DlqCommand::Purge { yes } => {
             anyhow::ensure!(yes, "purge deletes every dead letter; pass --yes to confirm");
-            let purged = dead_letters.purge().await?;
+            let mut conn = consumer_database(database).await?;
+            let purged = dead_letters.purge_unless_held(&mut conn).await?;
             output.value(
                 json!({"purged": purged}),
                 &format!("purged {purged} dead letter(s) from {}", dead_letters.name()),

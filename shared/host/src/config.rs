@@ -106,11 +106,14 @@ impl HostConfig {
         crate::require_tls::check(self)?;
         let idle = self.database.idle_in_transaction_timeout;
         let confirm = self.relay.confirm_timeout;
-        if idle <= confirm {
+        let batch = self.relay.batch_time;
+        if idle <= batch + confirm {
             return Err(format!(
-                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT ({}) must be longer than RELAY_CONFIRM_TIMEOUT ({}): \
-                 the relay waits for the broker's confirms inside its batch's transaction",
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT ({}) must be longer than RELAY_BATCH_TIME ({}) plus \
+                 RELAY_CONFIRM_TIMEOUT ({}): the relay publishes and waits for the broker's confirms \
+                 inside its batch's transaction",
                 humantime::format_duration(idle),
+                humantime::format_duration(batch),
                 humantime::format_duration(confirm)
             ));
         }
@@ -243,4 +246,28 @@ pub struct ServiceDefaults {
     /// `RELAY_UNROUTABLE`: `wait` for events some consumer must receive,
     /// `drop` for an exchange nobody consumes yet.
     pub relay_unroutable: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_idle_in_transaction_timeout_must_outlast_a_relay_batch_and_its_last_confirms() {
+        let mut config: HostConfig = shop_config::defaults();
+        assert_eq!(config.validate(), Ok(()), "the defaults: 2 s + 10 s within 15 s");
+
+        config.relay.batch_time = Duration::from_secs(6);
+        let Err(error) = config.validate() else {
+            panic!("6 s of sending and 10 s of confirms outlast 15 s idle in a transaction");
+        };
+        assert!(
+            error.contains("RELAY_BATCH_TIME")
+                && error.contains("RELAY_CONFIRM_TIMEOUT")
+                && error.contains("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT"),
+            "{error}"
+        );
+    }
 }

@@ -43,7 +43,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
+use diesel_async::AsyncPgConnection;
+
 use crate::AmqpConfig;
+use crate::sequence::{self, Aggregate};
 use crate::topology::{dead_letter_queue, queues_exchange};
 use crate::wire::{self, header_i64, header_str};
 
@@ -185,6 +188,26 @@ pub struct ReplayOutcome {
     pub replayed: usize,
     /// Not selected, left in the dead-letter queue.
     pub kept: usize,
+}
+
+/// What [`DeadLetters::skip`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Dead letters removed from the queue.
+    pub removed: usize,
+    /// Parked events released behind it (sent back to the consumer).
+    pub released: usize,
+}
+
+/// What [`DeadLetters::release`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The aggregate's position before.
+    pub from_version: i64,
+    /// The last version given up on: its position now.
+    pub through_version: i64,
+    /// Parked events released (sent back to the consumer).
+    pub released: usize,
 }
 
 /// The dead-letter queue of one consumer queue.
@@ -364,6 +387,166 @@ impl DeadLetters {
         crate::sequence::send_back(&channel, &crate::topology::router(&self.queue), events).await?;
         let _ = channel.close(200, "sent back".into()).await;
         Ok(())
+    }
+
+    /// Skips dead letter `message_id` (`shop dlq skip`): its aggregate
+    /// gives up on its version (the position moves past it, in the
+    /// consumer's database on `conn`), the events parked behind it are
+    /// released and sent back, and it is removed from the queue.
+    ///
+    /// A dead letter that is no longer in the queue (purged by hand, lost
+    /// with the queue) is skipped all the same when an aggregate waits on
+    /// it: the position that records it names the aggregate and version.
+    pub async fn skip(&self, conn: &mut AsyncPgConnection, message_id: &str) -> anyhow::Result<Skipped> {
+        let letter = self.show(message_id).await?;
+        let sequenced = match &letter {
+            Some(letter) => letter.sequenced.clone(),
+            None => {
+                let holder = match uuid::Uuid::try_parse(message_id) {
+                    Ok(event_id) => sequence::held_by_dead_letter(conn, &self.queue, event_id).await?,
+                    Err(_) => None,
+                };
+                let Some(holder) = holder else {
+                    anyhow::bail!(
+                        "no dead letter with message id {message_id} in {}, and no aggregate waits on one",
+                        self.dead_letter_queue
+                    );
+                };
+                Some(holder)
+            }
+        };
+        let mut released = 0;
+        if let Some((aggregate, version)) = &sequenced {
+            let position = sequence::position(conn, &self.queue, aggregate).await?;
+            anyhow::ensure!(
+                position.last_version >= version - 1,
+                "{aggregate} is at version {}: versions {} to {} are missing too; \
+                 `shop dlq release {aggregate}` gives up on them all",
+                position.last_version,
+                position.last_version + 1,
+                version - 1
+            );
+            let (_, events) = sequence::release(conn, &self.queue, aggregate, *version).await?;
+            self.send_back_recorded(conn, &events).await?;
+            released = events.len();
+        }
+        let removed = if letter.is_some() {
+            self.take(message_id).await?.len()
+        } else {
+            0
+        };
+        Ok(Skipped { removed, released })
+    }
+
+    /// Gives up on the versions `aggregate`'s parked events wait for (`shop
+    /// dlq release`): its position moves to just before the first parked
+    /// one, which is released and sent back.
+    ///
+    /// - A dead letter that holds the aggregate and is still in the queue
+    ///   is refused (replay or skip it: that is a decision about the event).
+    ///   One that is gone (purged by hand, lost with the queue) is given up
+    ///   with the rest, also when nothing is parked behind it yet.
+    /// - When the first parked event is already next in line (sent back
+    ///   once, and that copy never came back), nothing is given up: it is
+    ///   sent again.
+    pub async fn release(
+        &self,
+        conn: &mut AsyncPgConnection,
+        aggregate: &Aggregate,
+    ) -> anyhow::Result<Released> {
+        let held = sequence::held(conn, &self.queue)
+            .await?
+            .into_iter()
+            .find(|held| held.aggregate == *aggregate);
+        let position = match &held {
+            Some(held) => held.position,
+            None => sequence::position(conn, &self.queue, aggregate).await?,
+        };
+        if let Some((event, version)) = position.dead_letter
+            && self.show(&event.to_string()).await?.is_some()
+        {
+            anyhow::bail!(
+                "{aggregate} waits for dead letter {event} (version {version}): `shop dlq replay --message-id {event}` or `shop dlq skip {event}`"
+            );
+        }
+        let first = held
+            .as_ref()
+            .and_then(|held| held.parked.first())
+            .map(|p| p.version);
+        let through = match (first, position.dead_letter) {
+            (Some(first), _) => first - 1,
+            // A lost dead letter with nothing behind it yet.
+            (None, Some((_, version))) => version,
+            (None, None) => anyhow::bail!("{aggregate} has no parked events"),
+        };
+        let events = if through <= position.last_version {
+            sequence::release_next(conn, &self.queue, aggregate).await?
+        } else {
+            sequence::release(conn, &self.queue, aggregate, through).await?.1
+        };
+        self.send_back_recorded(conn, &events).await?;
+        Ok(Released {
+            from_version: position.last_version,
+            through_version: through.max(position.last_version),
+            released: events.len(),
+        })
+    }
+
+    /// [`Self::send_back`], then records them as sent
+    /// ([`sequence::mark_sent`]).
+    async fn send_back_recorded(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: &[sequence::ParkedEvent],
+    ) -> anyhow::Result<()> {
+        self.send_back(events).await?;
+        sequence::mark_sent(conn, &self.queue, events).await?;
+        Ok(())
+    }
+
+    /// Deletes every dead letter (`shop dlq purge`), unless an aggregate
+    /// waits on one of them: then nothing is deleted, and the error names
+    /// each such aggregate and dead letter, to replay or skip first.
+    ///
+    /// Refusing was chosen over deleting and marking the positions it
+    /// strands: a purged letter takes the event with it, and what the
+    /// aggregate does without it (give the version up, replay it, wait for
+    /// the producer) is a decision about that event, made with it in
+    /// hand. Letters that hold nothing go as before. A dead letter that
+    /// arrives between the check and the purge is deleted unchecked:
+    /// [`Self::skip`] and [`Self::release`] free its aggregate without it.
+    pub async fn purge_unless_held(&self, conn: &mut AsyncPgConnection) -> anyhow::Result<u32> {
+        let in_queue: std::collections::HashSet<String> = self
+            .browse()
+            .await?
+            .into_iter()
+            .filter_map(|letter| letter.message_id)
+            .collect();
+        let stranded: Vec<(Aggregate, uuid::Uuid, i64)> = sequence::dead_letter_holds(conn, &self.queue)
+            .await?
+            .into_iter()
+            .filter(|(_, event, _)| in_queue.contains(&event.to_string()))
+            .collect();
+        if !stranded.is_empty() {
+            const LISTED: usize = 20;
+            let mut named: Vec<String> = stranded
+                .iter()
+                .take(LISTED)
+                .map(|(aggregate, event, version)| {
+                    format!("{aggregate} waits on {event} (version {version})")
+                })
+                .collect();
+            if stranded.len() > LISTED {
+                named.push(format!("and {} more", stranded.len() - LISTED));
+            }
+            anyhow::bail!(
+                "purge refused: {} aggregate(s) wait on dead letters it would delete ({}); \
+                 replay (`shop dlq replay --message-id ID`) or skip (`shop dlq skip ID`) each, then purge",
+                stranded.len(),
+                named.join("; ")
+            );
+        }
+        self.purge().await
     }
 
     /// Deletes every dead letter; returns how many.

@@ -21,9 +21,12 @@
 //! consumer.
 //!
 //! A replica that stops cleanly deletes its row at once; one that dies
-//! stops beating, and its partitions move after `member_timeout`. While the
-//! database is away nobody can apply anything, and the split stays as it
-//! was. Rows not seen for ten timeouts are deleted.
+//! stops beating, and its partitions move after `member_timeout`. One whose
+//! heartbeats fail for `member_timeout` (its database unreachable, for it
+//! alone perhaps) gives up its partitions itself, as the others take them,
+//! and takes its share again at its first heartbeat that succeeds (the
+//! consumer's session does this: self-fencing). Rows not seen for ten
+//! timeouts are deleted.
 //!
 //! Why a table rather than the broker: RabbitMQ 3.x activates the first
 //! consumer that registers on a single-active-consumer queue, so replicas

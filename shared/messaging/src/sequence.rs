@@ -39,15 +39,19 @@
 //! are not sequenced: the inbox alone keeps them from being applied twice,
 //! in whatever order they arrive.
 //!
-//! A sweep, every few seconds, sends again what was released but not applied
-//! (the process died between its commit and the publish) and reports
+//! A sweep, every few seconds, sends again what was released but never
+//! confirmed sent back (the process died between its commit and the
+//! publish, or the publish failed; `inbox_parked.sent_at` records each
+//! confirmed send), never an event whose aggregate a dead letter holds, nor
+//! one that is waiting in its queue behind a backlog, and reports
 //! `consumer_parked_events{queue, reason}`,
 //! `consumer_oldest_parked_seconds{queue}` and `consumer_stuck_gaps{queue}`.
 //!
 //! The tables and the function (each consuming service's migrations create
 //! them; see `migrations/order-service/…_sequence_consumption`,
-//! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates` and
-//! `…_mark_positions_with_parked_events`):
+//! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates`,
+//! `…_mark_positions_with_parked_events` and
+//! `…_record_parked_events_sent_back`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
@@ -59,6 +63,7 @@
 //!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
 //!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
 //!     parked_at TIMESTAMPTZ NOT NULL DEFAULT now(), released_at TIMESTAMPTZ,
+//!     sent_at TIMESTAMPTZ, -- the last send back the broker confirmed
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id, aggregate_version));
 //! -- Locks the aggregates (in key order), then reads their positions with a
 //! -- snapshot taken after the locks: one round trip.
@@ -114,6 +119,7 @@ diesel::table! {
         properties -> Jsonb,
         parked_at -> Timestamptz,
         released_at -> Nullable<Timestamptz>,
+        sent_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -1139,9 +1145,69 @@ pub async fn position(
     )
 }
 
+/// The aggregate whose position dead letter `event_id` holds, and its
+/// version, if one does: how `shop dlq skip` finds the aggregate of a dead
+/// letter that is no longer in the queue.
+pub async fn held_by_dead_letter(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    event_id: Uuid,
+) -> QueryResult<Option<(Aggregate, i64)>> {
+    let rows: Vec<(String, String, Option<i64>)> = inbox_sequence::table
+        .filter(inbox_sequence::consumer.eq(consumer))
+        .filter(inbox_sequence::dead_letter_event.eq(event_id))
+        .select((
+            inbox_sequence::aggregate_type,
+            inbox_sequence::aggregate_id,
+            inbox_sequence::dead_letter_version,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .find_map(|(kind, id, version)| version.map(|version| (Aggregate { kind, id }, version))))
+}
+
+/// Every aggregate a dead letter holds: (aggregate, dead letter's event
+/// id, its version), by aggregate.
+pub async fn dead_letter_holds(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+) -> QueryResult<Vec<(Aggregate, Uuid, i64)>> {
+    let rows: Vec<(String, String, Option<Uuid>, Option<i64>)> = inbox_sequence::table
+        .filter(inbox_sequence::consumer.eq(consumer))
+        .filter(inbox_sequence::dead_letter_event.is_not_null())
+        .order((inbox_sequence::aggregate_type, inbox_sequence::aggregate_id))
+        .select((
+            inbox_sequence::aggregate_type,
+            inbox_sequence::aggregate_id,
+            inbox_sequence::dead_letter_event,
+            inbox_sequence::dead_letter_version,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(kind, id, event, version)| Some((Aggregate { kind, id }, event?, version?)))
+        .collect())
+}
+
 /// Parked events that are next in line but were not sent back (released
-/// more than `grace` ago, or never): marked released again and returned,
-/// at most `limit`, skipping rows another replica's sweep holds.
+/// more than `grace` ago and no send confirmed since, or never released):
+/// marked released again and returned, at most `limit`, skipping rows
+/// another replica's sweep holds.
+///
+/// Two kinds of next-in-line events are left alone:
+/// - one whose aggregate a dead letter holds: it was sent back and failed
+///   (its dead letter is that event, or an earlier one's); sending it again
+///   would only start a new retry chain and add a copy to the dead-letter
+///   queue, every sweep, for good;
+/// - one whose send the broker confirmed ([`mark_sent`]) after its last
+///   release: it is in its partition queue, perhaps behind a backlog
+///   slower than `grace`, and a second copy would be a duplicate. If that
+///   copy is lost all the same (the queue purged or deleted), the aggregate
+///   shows as a stuck gap, and `shop dlq release` sends it again
+///   ([`release_next`]).
 pub(crate) async fn take_ready(
     conn: &mut AsyncPgConnection,
     consumer: &str,
@@ -1155,13 +1221,72 @@ pub(crate) async fn take_ready(
            FROM inbox_parked q JOIN inbox_sequence s \
              ON s.consumer = q.consumer AND s.aggregate_type = q.aggregate_type AND s.aggregate_id = q.aggregate_id \
            WHERE q.consumer = $1 AND q.aggregate_version = s.last_version + 1 \
-             AND (q.released_at IS NULL OR q.released_at < now() - make_interval(secs => $2)) \
+             AND s.dead_letter_version IS NULL \
+             AND (q.released_at IS NULL OR (q.released_at < now() - make_interval(secs => $2) \
+               AND (q.sent_at IS NULL OR q.sent_at < q.released_at))) \
            ORDER BY q.aggregate_version LIMIT $3 FOR UPDATE OF q SKIP LOCKED) \
          RETURNING {RELEASED_COLUMNS}"
     ))
     .bind::<Text, _>(consumer)
     .bind::<Double, _>(grace.as_secs_f64())
     .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// Records that `events` (released) were sent back and the broker
+/// confirmed it, so the sweep does not send them again ([`take_ready`]).
+/// Events applied and forgotten meanwhile are no longer there: nothing to
+/// record.
+pub async fn mark_sent(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    events: &[ParkedEvent],
+) -> QueryResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+    let versions: Vec<i64> = events.iter().map(|e| e.aggregate_version).collect();
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    prepared(
+        diesel::sql_query(
+            "UPDATE inbox_parked p SET sent_at = now() \
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::uuid[]) AS e(t, i, v, id) \
+             WHERE p.consumer = $1 AND p.aggregate_type = e.t AND p.aggregate_id = e.i \
+               AND p.aggregate_version = e.v AND p.event_id = e.id",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(&kinds)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&versions)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(&event_ids),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks `aggregate`'s parked event that is next in line released again
+/// and returns it (none when there is none), for the caller to send back:
+/// the way out when a copy that was sent and confirmed never came back
+/// (its queue purged or deleted).
+pub async fn release_next(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Vec<ParkedEvent>> {
+    diesel::sql_query(format!(
+        "UPDATE inbox_parked p SET released_at = now() FROM inbox_sequence s \
+         WHERE p.consumer = $1 AND p.aggregate_type = $2 AND p.aggregate_id = $3 \
+           AND s.consumer = p.consumer AND s.aggregate_type = p.aggregate_type AND s.aggregate_id = p.aggregate_id \
+           AND p.aggregate_version = s.last_version + 1 AND s.dead_letter_version IS NULL \
+         RETURNING {RELEASED_COLUMNS}"
+    ))
+    .bind::<Text, _>(consumer)
+    .bind::<Text, _>(&aggregate.kind)
+    .bind::<Text, _>(&aggregate.id)
     .load(conn)
     .await
 }

@@ -34,6 +34,20 @@
 //!   on, and every confirmed row is marked. Batches of many aggregates cost
 //!   nothing in throughput (one wave); one aggregate's backlog goes out one
 //!   confirm at a time.
+//! - A batch is bounded by time as well as rows: no wave starts after
+//!   [`RelayConfig::batch_time`] (`RELAY_BATCH_TIME`, 2 s), the last wave's
+//!   confirms are awaited together for at most `RELAY_CONFIRM_TIMEOUT`, and
+//!   the batch marks what the broker confirmed and commits; the next batch
+//!   starts at once with the rows left. So an aggregate with thousands of
+//!   pending rows (thousands of confirm round trips) drains at the
+//!   broker's confirm rate over several batches, instead of a batch
+//!   outliving its transaction's deadline, rolling back after its events
+//!   were confirmed, and publishing them again the next time, forever. The
+//!   transaction's deadline is the statement timeout plus the batch time
+//!   plus the confirm timeout, and the service refuses to start unless
+//!   `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT` exceeds the batch time plus the
+//!   confirm timeout (the session is idle in its transaction while it
+//!   publishes).
 //! - Every publish is `mandatory` ([`Unroutable::Wait`], the default): an
 //!   event no queue is bound to receive comes back from the broker, is not
 //!   marked, and waits in the outbox (counted in

@@ -40,8 +40,8 @@ pub struct RelayConfig {
     /// service).
     #[arg(skip)]
     pub app_id: String,
-    /// Most rows published per batch (one transaction, one round of
-    /// confirms).
+    /// Most rows read per batch (one transaction; it also ends at
+    /// `RELAY_BATCH_TIME`).
     #[arg(
         id = "relay_batch_size",
         long = "relay-batch-size",
@@ -51,6 +51,21 @@ pub struct RelayConfig {
         value_parser = clap::value_parser!(i64).range(1..=100_000)
     )]
     pub batch_size: i64,
+    /// How long a batch keeps sending: past it, no further wave starts; the
+    /// batch waits for the confirms in flight (at most
+    /// `RELAY_CONFIRM_TIMEOUT`), marks what the broker confirmed, commits,
+    /// and the next batch goes on at once. So a batch's transaction ends
+    /// well inside its deadline even when one aggregate's backlog goes out
+    /// one confirm at a time.
+    #[arg(
+        id = "relay_batch_time",
+        long = "relay-batch-time",
+        env = "RELAY_BATCH_TIME",
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = shop_config::duration
+    )]
+    pub batch_time: Duration,
     /// How long to wait without a notification before looking anyway.
     #[arg(
         id = "relay_poll_interval",
@@ -221,6 +236,9 @@ pub struct BatchOutcome {
     /// Rows the broker returned because no queue is bound to receive them
     /// (with [`Unroutable::Wait`]); they stay unpublished.
     pub unroutable: usize,
+    /// The batch ended at `RELAY_BATCH_TIME` with rows it read still to
+    /// send: they go out in the next batch, at once.
+    pub cut_short: bool,
 }
 
 /// One outbox row, as the relay reads it.
@@ -314,8 +332,9 @@ impl Relay {
     }
 
     /// Publishes one batch: claims the free partitions, publishes their oldest
-    /// unpublished rows (at most `batch_size`), waits for the confirms and
-    /// marks the confirmed rows, all in one transaction.
+    /// unpublished rows (at most `batch_size`, for at most `batch_time`),
+    /// waits for the confirms and marks the confirmed rows, all in one
+    /// transaction.
     ///
     /// Rows confirmed before a failure are marked even when it returns an
     /// error.
@@ -340,8 +359,9 @@ impl Relay {
             let config = &self.config;
             let key = &self.key;
             let lane = self.lane;
-            // The batch's transaction also waits for the broker's confirms.
-            let deadline = self.pool.deadline() + config.confirm_timeout;
+            // The batch's transaction also sends for up to the batch time
+            // and then waits for the last wave's confirms.
+            let deadline = self.pool.deadline() + config.batch_time + config.confirm_timeout;
             self.pool
                 .run_within(deadline, async |conn| {
                     conn.transaction(async |conn| publish_batch(conn, publisher, config, key, lane).await)
@@ -515,7 +535,7 @@ impl Relay {
                         if outcome.unroutable == 0 {
                             unroutable.reset();
                         }
-                        if outcome.claimed as i64 >= self.config.batch_size {
+                        if outcome.claimed as i64 >= self.config.batch_size || outcome.cut_short {
                             continue;
                         }
                         None
@@ -665,6 +685,7 @@ async fn publish_batch(
         confirmed,
         unroutable,
         failure,
+        cut_short,
     } = publish_in_order(publisher, config, key, &rows).await;
     // A fault point for the tests: the process dies between the broker's
     // confirms and the commit that marks the rows (they go out again).
@@ -681,6 +702,7 @@ async fn publish_batch(
     }
     outcome.published = confirmed.len();
     outcome.unroutable = unroutable;
+    outcome.cut_short = cut_short;
     Ok((outcome, failure))
 }
 
@@ -692,6 +714,8 @@ struct Published {
     unroutable: usize,
     /// The broker failure that stopped publishing early.
     failure: Option<RelayError>,
+    /// Stopped at the batch time with rows left to send.
+    cut_short: bool,
 }
 
 /// Publishes `rows` (in `seq` order) in waves: each wave holds the next
@@ -703,6 +727,12 @@ struct Published {
 /// returned, not confirmed in time or lost with the connection stops there
 /// for this batch (its later rows are not sent, so none can overtake it);
 /// the other aggregates go on.
+///
+/// No wave starts once `RELAY_BATCH_TIME` has passed, and a wave's confirms
+/// are awaited together for at most `RELAY_CONFIRM_TIMEOUT`: so publishing
+/// ends within their sum, and the batch commits what the broker confirmed
+/// (an aggregate with N rows costs N waves: a deep backlog of one aggregate
+/// spans several batches instead of outliving its transaction).
 async fn publish_in_order(
     publisher: &Publisher,
     config: &RelayConfig,
@@ -714,7 +744,10 @@ async fn publish_in_order(
         confirmed: Vec::with_capacity(rows.len()),
         unroutable: 0,
         failure: None,
+        cut_short: false,
     };
+    let started = tokio::time::Instant::now();
+    let mut waves = 0_usize;
     let confirm_seconds =
         metrics::histogram!("outbox_confirm_seconds", "exchange" => config.exchange.clone());
     let options = BasicPublishOptions {
@@ -724,6 +757,11 @@ async fn publish_in_order(
     let mut stopped: HashSet<(&str, &str)> = HashSet::new();
     let mut remaining: Vec<&PendingEvent> = rows.iter().collect();
     while !remaining.is_empty() && published.failure.is_none() {
+        // At least one wave per batch, whatever the batch time.
+        if waves > 0 && started.elapsed() >= config.batch_time {
+            published.cut_short = true;
+            break;
+        }
         let mut in_wave = HashSet::new();
         let mut later = Vec::new();
         let mut wave = Vec::new();
@@ -739,6 +777,7 @@ async fn publish_in_order(
             }
         }
         remaining = later;
+        waves += 1;
 
         let mut pending = Vec::with_capacity(wave.len());
         for row in wave {
@@ -784,9 +823,14 @@ async fn publish_in_order(
                 }
             }
         }
+        // One deadline for the whole wave: a silent broker costs the
+        // confirm timeout once, not once per row. A confirm that came in
+        // time is still taken after it passed (the confirm is polled before
+        // the deadline is checked).
+        let wave_deadline = tokio::time::Instant::now() + config.confirm_timeout;
         for (row, confirm, span, sent_at) in pending {
             let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
-            let outcome = match tokio::time::timeout(config.confirm_timeout, confirm).await {
+            let outcome = match tokio::time::timeout_at(wave_deadline, confirm).await {
                 Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(true),
                 // Returned: no queue is bound for it (only with `mandatory`).
                 Ok(Ok(Confirmation::Ack(Some(_)))) => Ok(false),

@@ -2,12 +2,15 @@
 //! RabbitMQ, so the test can cut live connections, refuse new ones, or
 //! freeze the live ones: hold them open and forward nothing, as a NAT or a
 //! firewall that forgot the flow, a paused VM or a pulled cable between two
-//! switches would, while new connections pass.
+//! switches would, while new connections pass. It can also delay what it
+//! forwards ([`TcpProxy::delay`]), as a slow link would.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +21,8 @@ struct State {
     refusing: AtomicBool,
     accepted: AtomicUsize,
     refused: AtomicUsize,
+    /// Latency added each way, in microseconds (0: none).
+    delay_micros: AtomicU64,
 }
 
 /// One forwarded connection.
@@ -115,6 +120,15 @@ impl TcpProxy {
         self.state.refusing.store(on, Ordering::SeqCst);
     }
 
+    /// Delays everything forwarded on connections accepted from now on by
+    /// `latency` in each direction (a round trip costs twice that), in
+    /// order and without limiting throughput: a slow link, not a narrow
+    /// one. `Duration::ZERO` turns it off for new connections.
+    pub fn delay(&self, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.state.delay_micros.store(micros, Ordering::SeqCst);
+    }
+
     /// Connections accepted and forwarded so far.
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::SeqCst)
@@ -148,6 +162,7 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
         state.accepted.fetch_add(1, Ordering::SeqCst);
         let freeze = CancellationToken::new();
         let frozen = freeze.clone();
+        let delay = Duration::from_micros(state.delay_micros.load(Ordering::SeqCst));
         let handle = tokio::spawn(async move {
             let Ok(mut upstream) = TcpStream::connect(target).await else {
                 return;
@@ -155,8 +170,20 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
+            let forward = async {
+                if delay.is_zero() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                } else {
+                    let (client_in, client_out) = client.split();
+                    let (upstream_in, upstream_out) = upstream.split();
+                    tokio::join!(
+                        forward_late(client_in, upstream_out, delay),
+                        forward_late(upstream_in, client_out, delay)
+                    );
+                }
+            };
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                () = forward => {}
                 () = frozen.cancelled() => {
                     // Hold both sockets open, read nothing, write nothing,
                     // until the test cuts the connection or ends.
@@ -174,6 +201,39 @@ async fn accept(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             freeze,
         });
     }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read.
+async fn forward_late(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    delay: Duration,
+) {
+    let (chunks, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let chunk = buffer.get(..n).unwrap_or_default().to_vec();
+                    if chunks.send((tokio::time::Instant::now() + delay, chunk)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 #[cfg(test)]

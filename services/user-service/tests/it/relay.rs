@@ -588,3 +588,69 @@ async fn with_relay_unroutable_drop_events_no_queue_takes_are_marked_published()
     );
     assert_eq!(app.unpublished().await, 0);
 }
+
+/// One aggregate's deep backlog under tight deadlines: 3,000 pending events
+/// of one user, a 1 s confirm timeout, a 1 s statement timeout, and 1 ms
+/// of latency each way to the broker (the test kit's proxy). Its events go
+/// out one confirm at a time (never two unconfirmed of one aggregate), at
+/// least 6 s of round trips, far more than a batch's transaction may last;
+/// the batch ends in time (`RELAY_BATCH_TIME`), commits what the broker
+/// confirmed, and the next one goes on from there: every event reaches the
+/// queue once, in version order.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_aggregates_deep_backlog_drains_once_in_order_within_the_batch_deadline() {
+    const EVENTS: i64 = 3000;
+    let app = spawn_app_without_relay().await;
+    let (_connection, channel) = bounded_queue(&app, 1_000_000).await;
+    let queue = app.broker.queue("bounded");
+    let user = uuid::Uuid::now_v7().to_string();
+    fill_outbox(&app, std::slice::from_ref(&user), EVENTS).await;
+    const LATENCY: Duration = Duration::from_millis(1);
+    let proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    proxy.delay(LATENCY);
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.amqp = AmqpConfig::new(proxy.url_for(&shop_testkit::amqp_url()));
+    // One batch could take the whole backlog, and its transaction may last
+    // the statement timeout plus the confirm wait (and RELAY_BATCH_TIME).
+    settings.host.relay.batch_size = 4000;
+    settings.host.relay.confirm_timeout = Duration::from_secs(1);
+    settings.host.database.statement_timeout = Duration::from_secs(1);
+    let pool = shop_database::pool(&settings.host.database).unwrap();
+    let relay = shop_host::relay(&settings, pool).unwrap();
+    let stop = CancellationToken::new();
+
+    let started = std::time::Instant::now();
+    let running = tokio::spawn(relay.run(stop.clone()));
+    let limit = Duration::from_secs(90);
+    let mut left = app.unpublished().await;
+    while left > 0 && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = app.unpublished().await;
+    }
+    let drained = started.elapsed();
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    let versions = take_all(&channel, &queue).await;
+
+    let distinct: HashSet<i64> = versions.iter().copied().collect();
+    eprintln!(
+        "{EVENTS} events of one aggregate: {} unpublished after {drained:.1?}; the queue got {} copies of {} events",
+        left,
+        versions.len(),
+        distinct.len()
+    );
+    assert!(proxy.accepted() > 0, "the relay went through the proxy");
+    assert!(
+        drained >= LATENCY * 2 * EVENTS as u32,
+        "one round trip per event, each at least twice the latency: {drained:?}"
+    );
+    assert_eq!(left, 0, "every row marked published within {limit:?}");
+    assert_eq!(
+        versions.len(),
+        EVENTS as usize,
+        "each event published once ({} copies of {} events)",
+        versions.len(),
+        distinct.len()
+    );
+    assert_eq!(versions, (1..=EVENTS).collect::<Vec<_>>(), "in version order");
+}

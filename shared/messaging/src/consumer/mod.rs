@@ -178,7 +178,8 @@ pub struct ConsumerConfig {
     )]
     pub partitions: u16,
     /// How long a replica may miss its heartbeats before the others take
-    /// its partitions (it beats five times as often).
+    /// its partitions (it beats five times as often); a replica whose own
+    /// heartbeats fail this long gives its partitions up.
     #[arg(
         id = "consumer_member_timeout",
         long = "consumer-member-timeout",

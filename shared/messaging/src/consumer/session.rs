@@ -220,6 +220,13 @@ async fn session(
     let mut sweep = tokio::time::interval(shared.config.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat_failures = 0_u32;
+    // Self-fencing: a replica whose heartbeats fail for the member timeout
+    // is no longer a member for the others, which take its partitions; it
+    // gives them up too (its workers could apply nothing without their
+    // database anyway, and would hold their messages unacknowledged), and
+    // takes its share again at the first heartbeat that succeeds.
+    let mut last_beat = tokio::time::Instant::now();
+    let mut fenced = false;
     // A worker ends on shutdown, on a hand-over or on an error of its own
     // channel; a lost connection is reported on the connection's events (a
     // worker waiting on an acknowledgement of the dead connection would
@@ -237,12 +244,29 @@ async fn session(
                     error = connection_error(publishing_events.as_mut()) => break Err(error.context("publishing connection")),
                 };
                 match rebalanced {
-                    Ok(()) => beat_failures = 0,
+                    Ok(()) => {
+                        beat_failures = 0;
+                        last_beat = tokio::time::Instant::now();
+                        if fenced {
+                            fenced = false;
+                            tracing::info!(queue = %queue, "consumer heartbeat succeeds again; consuming this replica's share of the partitions");
+                        }
+                    }
                     Err(Rebalance::Broker(error)) => break Err(error),
                     Err(Rebalance::Database(error)) => {
                         beat_failures += 1;
                         if beat_failures == 1 || beat_failures.is_power_of_two() {
-                            tracing::warn!(error = format!("{error:#}"), failures = beat_failures, "consumer heartbeat failed; the partitions stay as they are");
+                            tracing::warn!(error = format!("{error:#}"), failures = beat_failures, "consumer heartbeat failed; the partitions stay until CONSUMER_MEMBER_TIMEOUT");
+                        }
+                        if !fenced && last_beat.elapsed() >= shared.config.member_timeout {
+                            fenced = true;
+                            let given_up = partitions.fence();
+                            tracing::warn!(
+                                queue = %queue,
+                                partitions = given_up,
+                                member_timeout_ms = shared.config.member_timeout.as_millis() as u64,
+                                "consumer heartbeat failed for CONSUMER_MEMBER_TIMEOUT; gave up every partition until it succeeds again"
+                            );
                         }
                     }
                 }
@@ -363,6 +387,16 @@ impl Partitions<'_> {
             tracing::info!(queue, partition, members = members.len(), "consuming a partition");
         }
         Ok(())
+    }
+
+    /// Hands over every partition (see the session's self-fencing): each
+    /// worker finishes or abandons its batch (unacknowledged, it goes back
+    /// to the queue) and closes its channel. Returns how many.
+    fn fence(&mut self) -> usize {
+        for (_, handover) in self.running.values() {
+            handover.cancel();
+        }
+        self.running.len()
     }
 
     /// Opens the channels of partition `partition` and starts its worker.
@@ -486,7 +520,10 @@ async fn sweep_parked(shared: &Shared, channel: &Channel) {
         )
         .await
         {
-            Ok(Ok(())) => tracing::info!(queue, events = ready.len(), "sent released events back again"),
+            Ok(Ok(())) => {
+                tracing::info!(queue, events = ready.len(), "sent released events back again");
+                super::worker::mark_sent(shared, &ready).await;
+            }
             Ok(Err(error)) => tracing::warn!(
                 queue,
                 error = format!("{error:#}"),

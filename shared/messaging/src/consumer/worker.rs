@@ -328,6 +328,7 @@ impl Worker {
             Ok(Ok(())) => {
                 metrics::counter!("consumer_events_total", "queue" => self.shared.config.queue.clone(), "outcome" => "released")
                     .increment(released.len() as u64);
+                mark_sent(&self.shared, &released).await;
                 return;
             }
             Ok(Err(error)) => format!("{error:#}"),
@@ -1016,4 +1017,22 @@ async fn write_ledger(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Records that `released` were sent back and confirmed, so the sweep does
+/// not send them again. Best effort: unrecorded, they are sent once more
+/// after the grace, and the copy is a duplicate the sequence drops.
+pub(super) async fn mark_sent(shared: &Shared, released: &[ParkedEvent]) {
+    let queue = shared.config.queue.as_str();
+    let marked = shared
+        .pool
+        .run(async |conn| {
+            sequence::mark_sent(conn, queue, released)
+                .await
+                .map_err(shop_database::RunError::from)
+        })
+        .await;
+    if let Err(error) = marked {
+        tracing::debug!(%error, queue, "could not record released events as sent back; the sweep may send them again");
+    }
 }

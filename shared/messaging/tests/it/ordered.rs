@@ -466,3 +466,259 @@ async fn a_batch_waiting_for_an_aggregates_lock_reads_the_position_its_holder_co
         .unwrap();
     assert_eq!(seen, vec![Row { last_version: 1 }]);
 }
+
+/// When `user`'s parked `version` was last marked released (sent back).
+async fn released_at(h: &Harness, user_id: &str, version: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    held(h)
+        .await
+        .into_iter()
+        .find(|held| held.aggregate.id == user_id)?
+        .parked
+        .into_iter()
+        .find(|parked| parked.version == version)?
+        .released_at
+}
+
+/// Marks every parked event of the consumer released a minute ago: due for
+/// the sweep, had it not been sent (the grace is 10 s).
+async fn released_a_minute_ago(h: &Harness) -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound as _;
+    // In PostgreSQL's precision, to compare with what it reads back.
+    let then = (chrono::Utc::now() - chrono::Duration::minutes(1)).trunc_subsecs(6);
+    let mut conn = h.pool.get().await.unwrap();
+    let marked = diesel::update(sequence::inbox_parked::table)
+        .filter(sequence::inbox_parked::consumer.eq(&h.queue))
+        .set(sequence::inbox_parked::released_at.eq(then))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert!(marked > 0);
+    then
+}
+
+/// b's version 3 parked behind a gap and released without being sent back
+/// (as by a process that died between its commit and the publish): the
+/// sweep's to send, so a sweep that ran shows on it.
+async fn released_but_not_sent(h: &Harness, user_id: &str) {
+    publish(h, user_id, 1, Uuid::now_v7()).await;
+    publish(h, user_id, 3, Uuid::now_v7()).await;
+    wait_parked(h, user_id, &[3]).await;
+    let mut conn = h.pool.get().await.unwrap();
+    let (_, released) = sequence::release(&mut conn, &h.queue, &user(user_id), 2)
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweep_never_sends_again_a_released_event_whose_dead_letter_holds_the_aggregate() {
+    let mut h = harness_with(|mut config, _| {
+        config.sweep_interval = Duration::from_millis(200);
+        config
+    })
+    .await;
+    h.behavior
+        .reject_versions
+        .lock()
+        .unwrap()
+        .insert(("a".to_owned(), 2));
+    h.start().await;
+    // a's version 2 parks; version 1 releases it; the handler refuses it:
+    // dead-lettered, it holds a, and its parked row stays, released.
+    let second = Uuid::now_v7();
+    publish(&h, "a", 2, second).await;
+    wait_parked(&h, "a", &[2]).await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    h.expect_dead_letters(1).await;
+    shop_testkit::eventually("a held by its dead letter", WAIT, || async {
+        let held = held(&h).await.into_iter().find(|held| held.aggregate.id == "a")?;
+        (held.position.dead_letter == Some((second, 2))).then_some(())
+    })
+    .await;
+    released_but_not_sent(&h, "b").await;
+
+    let then = released_a_minute_ago(&h).await;
+    // As if a's send back had not been recorded (the database away right
+    // then): only its dead letter tells the sweep to leave it.
+    {
+        let mut conn = h.pool.get().await.unwrap();
+        let forgotten = diesel::update(sequence::inbox_parked::table)
+            .filter(sequence::inbox_parked::consumer.eq(&h.queue))
+            .filter(sequence::inbox_parked::aggregate_id.eq("a"))
+            .set(sequence::inbox_parked::sent_at.eq(None::<chrono::DateTime<chrono::Utc>>))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(forgotten, 1);
+    }
+    // The sweep sends b's version 3 (it is applied)…
+    expect_seen(&h, &[("a", &[1]), ("b", &[1, 3])]).await;
+
+    // …and in the same statement would have taken a's version 2 again.
+    assert_eq!(
+        released_at(&h, "a", 2).await,
+        Some(then),
+        "the sweep left a's dead-lettered version alone"
+    );
+    let letters = h.dead_letters().await;
+    assert_eq!(letters.len(), 1, "one dead letter, no copy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_event_waiting_behind_a_backlog_is_not_sent_again() {
+    // One partition, one message per batch: c's held version 1 keeps a's
+    // released version 2 waiting in the queue behind it.
+    let mut h = harness_with(|mut config, _| {
+        config.sweep_interval = Duration::from_millis(200);
+        config.partitions = 1;
+        config.batch_size = 1;
+        config
+    })
+    .await;
+    h.start().await;
+    released_but_not_sent(&h, "b").await;
+    publish(&h, "a", 2, Uuid::now_v7()).await;
+    wait_parked(&h, "a", &[2]).await;
+    *h.behavior.hold_user.lock().unwrap() = Some("c".to_owned());
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    publish(&h, "c", 1, Uuid::now_v7()).await;
+    // a's version 1 is applied and sends version 2 back, behind c's
+    // version 1, which the handler holds.
+    shop_testkit::eventually("c's version 1 held", WAIT, || async {
+        h.behavior.hold_user.lock().unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(released_at(&h, "a", 2).await.is_some(), "a's version 2 released");
+
+    let then = released_a_minute_ago(&h).await;
+    // A sweep ran: it sent b's version 3 again (marked released anew)…
+    shop_testkit::eventually("the sweep sends b's version 3", WAIT, || async {
+        released_at(&h, "b", 3)
+            .await
+            .is_some_and(|at| at > then)
+            .then_some(())
+    })
+    .await;
+    // …and in the same statement would have taken a's version 2, which is
+    // in the queue, sent and confirmed.
+    assert_eq!(
+        released_at(&h, "a", 2).await,
+        Some(then),
+        "a's version 2, sent back and waiting in the queue, is not sent again"
+    );
+
+    h.behavior.release.notify_one();
+    expect_seen(&h, &[("a", &[1, 2]), ("b", &[1, 3]), ("c", &[1])]).await;
+    nothing_parked(&h).await;
+}
+
+/// A dead letter that holds its aggregate and is no longer in the queue
+/// (purged by hand, `rabbitmqctl purge_queue`, lost with the queue): the
+/// position still names it. `shop dlq skip` finds the aggregate by it, and
+/// `shop dlq release` gives up on it; `shop dlq purge` refuses to delete a
+/// dead letter an aggregate waits on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregate_whose_dead_letter_is_gone_is_freed_by_skip_or_release_and_purge_refuses_to_strand_one()
+{
+    let mut h = harness().await;
+    for user in ["a", "b", "c"] {
+        h.behavior
+            .reject_versions
+            .lock()
+            .unwrap()
+            .insert((user.to_owned(), 2));
+    }
+    h.start().await;
+    let mut poison = std::collections::HashMap::new();
+    for user in ["a", "b", "c"] {
+        let id = Uuid::now_v7();
+        poison.insert(user, id);
+        publish(&h, user, 1, Uuid::now_v7()).await;
+        publish(&h, user, 2, id).await;
+    }
+    // a and b have followers parked behind their dead letters; c none.
+    for user in ["a", "b"] {
+        publish(&h, user, 3, Uuid::now_v7()).await;
+        publish(&h, user, 4, Uuid::now_v7()).await;
+    }
+    wait_parked(&h, "a", &[3, 4]).await;
+    wait_parked(&h, "b", &[3, 4]).await;
+    h.expect_dead_letters(3).await;
+    shop_testkit::eventually("c held by its dead letter", WAIT, || async {
+        let mut conn = h.pool.get().await.unwrap();
+        let position = sequence::position(&mut conn, &h.queue, &user("c")).await.unwrap();
+        (position.dead_letter == Some((poison["c"], 2))).then_some(())
+    })
+    .await;
+    h.behavior.reject_versions.lock().unwrap().clear();
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+    let mut conn = h.pool.get().await.unwrap();
+
+    // Purging would strand all three: refused, nothing deleted.
+    let refused = dlq.purge_unless_held(&mut conn).await.unwrap_err().to_string();
+    for user in ["a", "b", "c"] {
+        assert!(refused.contains(&format!("user/{user}")), "{refused}");
+        assert!(refused.contains(&poison[user].to_string()), "{refused}");
+    }
+    assert_eq!(h.dead_letters().await.len(), 3, "nothing purged");
+
+    // The letters go anyway, past the tools.
+    assert_eq!(dlq.purge().await.unwrap(), 3);
+
+    let skipped = dlq.skip(&mut conn, &poison["a"].to_string()).await.unwrap();
+    assert_eq!((skipped.removed, skipped.released), (0, 1));
+    let released = dlq.release(&mut conn, &user("b")).await.unwrap();
+    assert_eq!(
+        (released.from_version, released.through_version, released.released),
+        (1, 2, 1)
+    );
+    let released = dlq.release(&mut conn, &user("c")).await.unwrap();
+    assert_eq!(
+        (released.from_version, released.through_version, released.released),
+        (1, 2, 0)
+    );
+    publish(&h, "c", 3, Uuid::now_v7()).await;
+
+    expect_seen(&h, &[("a", &[1, 3, 4]), ("b", &[1, 3, 4]), ("c", &[1, 3])]).await;
+    nothing_parked(&h).await;
+    // With no aggregate held, purge goes ahead.
+    assert_eq!(dlq.purge_unless_held(&mut conn).await.unwrap(), 0);
+    dlq.close().await;
+}
+
+/// A released event whose send back the broker confirmed, and whose copy
+/// never came back (its partition queue purged): the sweep leaves it (it
+/// was sent), so `shop dlq release` sends it again, giving nothing up.
+#[tokio::test(flavor = "multi_thread")]
+async fn release_sends_again_a_next_in_line_event_whose_confirmed_copy_was_lost() {
+    let mut h = harness_with(|mut config, _| {
+        config.sweep_interval = Duration::from_millis(200);
+        config
+    })
+    .await;
+    h.start().await;
+    publish(&h, "a", 1, Uuid::now_v7()).await;
+    publish(&h, "a", 3, Uuid::now_v7()).await;
+    wait_parked(&h, "a", &[3]).await;
+    let mut conn = h.pool.get().await.unwrap();
+    // Version 2 given up and version 3 released, its send confirmed and
+    // recorded, and the copy lost on the way.
+    let (_, released) = sequence::release(&mut conn, &h.queue, &user("a"), 2)
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    sequence::mark_sent(&mut conn, &h.queue, &released).await.unwrap();
+    released_a_minute_ago(&h).await;
+    let dlq = DeadLetters::connect(&h.broker.config(), &h.queue).await.unwrap();
+
+    let resent = dlq.release(&mut conn, &user("a")).await.unwrap();
+
+    assert_eq!(
+        (resent.from_version, resent.through_version, resent.released),
+        (2, 2, 1),
+        "nothing given up, version 3 sent again"
+    );
+    expect_seen(&h, &[("a", &[1, 3])]).await;
+    nothing_parked(&h).await;
+    dlq.close().await;
+}

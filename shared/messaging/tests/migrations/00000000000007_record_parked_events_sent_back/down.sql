@@ -1,0 +1,1 @@
+ALTER TABLE inbox_parked DROP COLUMN sent_at;
