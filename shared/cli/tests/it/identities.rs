@@ -610,7 +610,8 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
     )
     .await;
     send_created(replayed, "replayed").await;
-    send_created(Uuid::now_v7(), "purged").await;
+    let purged = Uuid::now_v7();
+    send_created(purged, "purged").await;
 
     // A retry goes through the group's own exchange to its delay queue and
     // back.
@@ -659,10 +660,19 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
     })
     .await;
 
-    // Purge.
-    let (ok, purged, stderr) = dlq(&broker, &dlq_database, &["purge", "--yes"]);
+    // Purge: refused while user "purged" waits on its dead letter (purge
+    // would strand it), then, once that letter is skipped, allowed.
+    let (ok, _, stderr) = dlq(&broker, &dlq_database, &["purge", "--yes"]);
+    assert!(
+        !ok && stderr.contains("purge refused") && stderr.contains(&purged.to_string()),
+        "{stderr}"
+    );
+    let (ok, skipped, stderr) = dlq(&broker, &dlq_database, &["skip", &purged.to_string()]);
     assert!(ok, "{stderr}");
-    assert!(purged.starts_with("purged 1"), "{purged}");
+    assert!(skipped.contains("skipped"), "{skipped}");
+    let (ok, emptied, stderr) = dlq(&broker, &dlq_database, &["purge", "--yes"]);
+    assert!(ok, "{stderr}");
+    assert!(emptied.starts_with("purged 0"), "{emptied}");
     let (ok, listed, stderr) = dlq(&broker, &dlq_database, &["list"]);
     assert!(ok, "{stderr}");
     assert!(
