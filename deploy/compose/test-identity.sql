@@ -9,3 +9,9 @@ SELECT 'CREATE ROLE shop_test' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE roln
 ALTER ROLE shop_test WITH LOGIN NOSUPERUSER CREATEDB CREATEROLE PASSWORD 'shop_test';
 SELECT 'GRANT pg_signal_backend TO shop_test'
  WHERE NOT pg_has_role('shop_test', 'pg_signal_backend', 'MEMBER') \gexec
+-- The tests set the message language of their own databases (lc_messages,
+-- a superuser setting) to prove that outages are told by SQLSTATE, not by
+-- PostgreSQL's English text: a privilege on that one setting (PostgreSQL 15
+-- and later), no superuser.
+SELECT 'GRANT SET ON PARAMETER lc_messages TO shop_test'
+ WHERE current_setting('server_version_num')::int >= 150000 \gexec

@@ -99,7 +99,12 @@ pub struct Options {
     pub deployed_names: bool,
     /// The role the order service grants the dead-letter commands.
     pub dlq_database_role: Option<String>,
+    /// Changes to the order service's settings, made last.
+    pub adjust_order: Option<AdjustSettings<order_service::Config>>,
 }
+
+/// A change to a service's settings.
+pub type AdjustSettings<C> = Box<dyn FnOnce(&mut C) + Send>;
 
 /// Both services as `options` say.
 pub async fn start_with(options: Options) -> System {
@@ -162,6 +167,9 @@ pub async fn start_with(options: Options) -> System {
     order_settings.service.consumer.dlq_database_role = options.dlq_database_role;
     order_settings.host.relay.signing = signing;
     order_settings.service.user_events_keys = Some(shop_testkit::keys::trusted_keys());
+    if let Some(adjust) = options.adjust_order {
+        adjust(&mut order_settings);
+    }
     if !options.deployed_names {
         broker.track_topology(&order_settings.service.consumer().topology());
     }

@@ -18,10 +18,18 @@
 //! shutdown, cannot connect now, statement or lock timeout, cancellation),
 //! `25P03` idle-in-transaction timeout, `58xxx` system errors, `08xxx`
 //! connection exceptions are outages; `40P01` deadlock and `55P03` lock not
-//! available are retried at once. The messages are PostgreSQL's in English,
-//! the default `lc_messages`; with another message language those codes
-//! fall back to [`Fault::Failure`], and a caller that must not charge a
-//! message for an outage checks the database itself ([`crate::probe`]).
+//! available are retried at once. The messages are PostgreSQL's in English:
+//! every session the pool opens sets `lc_messages = C` for itself, whatever
+//! the server, the database or the role are set to (a role needs `GRANT SET
+//! ON PARAMETER lc_messages`, PostgreSQL 15 and later; without it a warning
+//! says so, and in another message language those codes fall back to
+//! [`Fault::Failure`]). Proven against a database whose messages are in
+//! German: a statement cancelled (57014) under a consumer's handler is
+//! charged to the event without the pinned language, and is not with it
+//! (`shop-messaging` `faults::a_statement_cancelled_…_whatever_the_servers_message_language`).
+//! The complete way out is the SQLSTATE itself, which diesel-async has but
+//! does not show (it keeps only the message). A caller that must not charge
+//! a message for an outage also checks the database itself ([`crate::probe`]).
 //! A [`Timeout`] of [`crate::Pool::run`] and a [`crate::PoolError`] are
 //! outages.
 

@@ -441,15 +441,41 @@ async fn establish_with(
 ) -> ConnectionResult<AsyncPgConnection> {
     // diesel's error type carries text only; the causes are kept in it.
     let failed = |error: tokio_postgres::Error| ConnectionError::BadConnection(error_chain(&error));
-    match tls {
+    let mut conn = match tls {
         None => {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(failed)?;
-            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await?
         }
         Some(tls) => {
             let (client, connection) = config.connect(tls).await.map_err(failed)?;
-            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await?
         }
+    };
+    pin_message_language(&mut conn).await;
+    Ok(conn)
+}
+
+/// Sets the session's message language to PostgreSQL's own (`lc_messages
+/// = C`, English), whatever the server, the database or the role say:
+/// [`crate::Fault`] tells several outages (a cancelled statement, a full
+/// disk, a shutdown) only by their text, since diesel does not show their
+/// SQLSTATE, and the texts it knows are the English ones. The setting is
+/// PostgreSQL's superuser's; a role may be granted it (`GRANT SET ON
+/// PARAMETER lc_messages`, PostgreSQL 15 and later). Without the grant the
+/// session keeps the server's language, and one warning says what that
+/// costs: in another language those outages count as failures.
+async fn pin_message_language(conn: &mut AsyncPgConnection) {
+    use diesel_async::SimpleAsyncConnection as _;
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(error) = conn.batch_execute("SET lc_messages = 'C'").await
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            %error,
+            "cannot set lc_messages for the database sessions (GRANT SET ON PARAMETER lc_messages TO <role>): \
+             unless the server's messages are in English, a cancelled statement, a full disk or a shutdown \
+             is taken for a failure of the statement, not an outage"
+        );
     }
 }
 

@@ -139,6 +139,31 @@ impl TestDatabase {
         self.end_sessions().await
     }
 
+    /// Sets the language of the server's messages for the database's new
+    /// sessions (`lc_messages`, e.g. `de_DE.UTF-8`) and ends the current
+    /// ones, so that every client reconnects into it: for proving that an
+    /// error is told by its SQLSTATE, not by PostgreSQL's English text. The
+    /// server must have the locale (`.ci/install-tools` generates
+    /// `de_DE.UTF-8`), and the test identity the privilege to set it
+    /// (`deploy/compose/test-identity.sql`).
+    pub async fn set_message_language(&self, locale: &str) -> anyhow::Result<()> {
+        let client = admin_client().await?;
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET lc_messages = '{}'",
+                quote_identifier(&self.name),
+                locale.replace('\'', "''")
+            ))
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to set lc_messages = {locale} (is the locale generated where the server runs, \
+                     and was it restarted since? see .ci/install-tools)"
+                )
+            })?;
+        self.end_sessions().await
+    }
+
     /// Ends every session of the database (`pg_terminate_backend`), as an
     /// administrator or a restarting server would; returns how many.
     pub async fn end_sessions(&self) -> anyhow::Result<()> {

@@ -250,3 +250,164 @@ async fn unpublished(db: &shop_testkit::TestDatabase) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// The relay's database outages, as the server makes them, with its
+/// messages in `language` when given: its session ended by an
+/// administrator while its statement runs (SQLSTATE 57P01), then its role
+/// refused any session (`CONNECTION LIMIT` reached: 53300). Each is seen
+/// to happen (the session ended, the refusal's SQLSTATE, the relay's own
+/// failed batches); nothing is published while the rows cannot be marked,
+/// and every event is published exactly once afterwards.
+async fn relay_database_outages(language: Option<&str>) {
+    use diesel::sql_types::BigInt;
+    use diesel_async::{
+        AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _, SimpleAsyncConnection as _,
+    };
+
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = BigInt)]
+        sessions: i64,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Ended {
+        #[diesel(sql_type = BigInt)]
+        ended: i64,
+    }
+
+    let roles = shop_testkit::TestRoles::create(&[("relay", "")]).await.unwrap();
+    let app = spawn_app_with(|config| config.host.relay_enabled = false).await;
+    if let Some(language) = language {
+        app.db.set_message_language(language).await.unwrap();
+    }
+    let role = roles.name("relay");
+    let mut admin = AsyncPgConnection::establish(app.db.url()).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    for i in 0..3 {
+        app.create_user(&format!("held-{i}@example.com"), "Held").await;
+    }
+    let failures = || {
+        let metrics = shop_host::admin::metrics_handle().unwrap().render();
+        shop_testkit::metric(
+            &metrics,
+            "outbox_batch_failures_total",
+            &[("exchange", app.exchange.as_str())],
+        )
+        .unwrap_or(0.0)
+    };
+
+    // 57P01: the relay's read of the outbox waits behind the test's lock;
+    // its session is ended there.
+    admin
+        .batch_execute("BEGIN; LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut database = app.db.config();
+    database.url = roles.url("relay", &app.db).into();
+    let pool = shop_database::pool(&database).unwrap();
+    let mut settings = crate::helpers::settings(&app.db, &app.broker);
+    settings.host.relay.batch_size = 1000;
+    let relay = shop_host::relay(&settings, pool).unwrap();
+    let mut relay = shop_testkit::Running::spawn(|shutdown| relay.run(shutdown));
+    let lanes = i64::from(settings.host.relay.lanes);
+    let waiting = format!(
+        "SELECT count(*) AS sessions FROM pg_stat_activity WHERE usename = '{role}' AND wait_event_type = 'Lock'"
+    );
+    shop_testkit::eventually(
+        "every lane's statement waiting for the outbox",
+        Duration::from_secs(10),
+        || async {
+            let mut watcher = AsyncPgConnection::establish(app.db.url()).await.ok()?;
+            let waiting = diesel::sql_query(waiting.as_str())
+                .get_result::<Waiting>(&mut watcher)
+                .await
+                .ok()?;
+            (waiting.sessions == lanes).then_some(())
+        },
+    )
+    .await;
+    let before = failures();
+    // Every lane's session that waits there (a lane ended early comes back
+    // to wait again, and is ended again).
+    let ended = std::sync::atomic::AtomicI64::new(0);
+    shop_testkit::eventually("every lane's session ended", Duration::from_secs(10), || async {
+        let mut watcher = AsyncPgConnection::establish(app.db.url()).await.ok()?;
+        let now: Ended = diesel::sql_query(format!(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS ended FROM pg_stat_activity \
+             WHERE usename = '{role}' AND wait_event_type = 'Lock'"
+        ))
+        .get_result(&mut watcher)
+        .await
+        .ok()?;
+        let total = ended.fetch_add(now.ended, std::sync::atomic::Ordering::SeqCst) + now.ended;
+        (total >= lanes).then_some(())
+    })
+    .await;
+    shop_testkit::eventually("the relay's batch failed", Duration::from_secs(10), || async {
+        (failures() > before).then_some(())
+    })
+    .await;
+
+    // 53300: no session for the relay's role, its idle ones ended.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {role} CONNECTION LIMIT 0; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+             COMMIT"
+        ))
+        .await
+        .unwrap();
+    let refused = tokio_postgres::connect(&roles.url("relay", &app.db), tokio_postgres::NoTls)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    let before = failures();
+    shop_testkit::eventually("three refused batches", Duration::from_secs(20), || async {
+        (failures() >= before + 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(app.unpublished().await, 3, "nothing marked during the outages");
+    probe.expect_nothing_more().await;
+
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .await
+        .unwrap();
+    shop_testkit::eventually("every row marked", Duration::from_secs(20), || async {
+        (app.unpublished().await == 0).then_some(())
+    })
+    .await;
+    relay.stop().await.unwrap();
+    let deliveries = probe.expect(3, Duration::from_secs(20)).await;
+    let mut ids: Vec<String> = deliveries
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each event published once");
+    probe.expect_nothing_more().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_whose_session_is_ended_and_whose_connections_are_refused_publishes_each_event_once_after() {
+    relay_database_outages(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a PostgreSQL server with the de_DE.UTF-8 locale (.ci/install-tools generates it); run: cargo test -p user-service --test it another_message_language -- --ignored"]
+async fn the_relays_database_outages_in_another_message_language_publish_each_event_once_after() {
+    relay_database_outages(Some("de_DE.UTF-8")).await;
+}

@@ -1,5 +1,6 @@
 //! `shop dlq`, run as an operator would.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use assert_cmd::Command;
@@ -236,4 +237,127 @@ async fn a_dead_letter_holds_its_users_later_events_until_skipped_and_a_gap_unti
         position.last_version, 5,
         "versions 1, 3 and 5 applied; 2 skipped, 4 given up"
     );
+}
+
+/// `consumer_stuck_gaps` of the order service's consumer of user events,
+/// and `consumer_parked_events{reason="gap"}` (None before the first sweep).
+fn gap_gauges(system: &System) -> (Option<f64>, Option<f64>) {
+    let metrics = shop_host::admin::metrics_handle().unwrap().render();
+    let queue = system.order_settings.service.user_events_queue.as_str();
+    (
+        shop_testkit::metric(&metrics, "consumer_stuck_gaps", &[("queue", queue)]),
+        shop_testkit::metric(
+            &metrics,
+            "consumer_parked_events",
+            &[("queue", queue), ("reason", "gap")],
+        ),
+    )
+}
+
+/// The gap timeout end to end, with the gap policy of today (wait): version
+/// 2 of a user never comes, so version 3 waits. Not before
+/// `CONSUMER_GAP_TIMEOUT` (1 s here) has passed since it parked,
+/// `consumer_stuck_gaps` goes from 0 to 1; `shop dlq list` shows the user
+/// waiting for version 2; `shop dlq release` gives up on it, version 3 is
+/// applied and the count falls back to 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gap_past_the_gap_timeout_is_counted_stuck_listed_and_released_by_the_cli() {
+    let system = crate::system::start_with(crate::system::Options {
+        adjust_order: Some(Box::new(|settings: &mut order_service::Config| {
+            settings.service.consumer.gap_timeout = shop_config::duration("1s").unwrap();
+            // Sampled often, so that the count is seen soon after it moves.
+            settings.service.consumer.sweep_interval = Duration::from_millis(100);
+        })),
+        ..crate::system::Options::default()
+    })
+    .await;
+    shop_testkit::eventually(
+        "the gauges of the first sweep",
+        Duration::from_secs(10),
+        || async { (gap_gauges(&system) == (Some(0.0), Some(0.0))).then_some(()) },
+    )
+    .await;
+
+    let exchange = &system.order_settings.service.user_events_exchange;
+    let publisher = TestPublisher::connect(exchange).await.unwrap();
+    let user = Uuid::now_v7().to_string();
+    publisher
+        .publish(
+            exchange,
+            &UserCreated {
+                user_id: user.clone(),
+                version: 1,
+                email: format!("{user}@example.com"),
+                name: "First".to_owned(),
+                occurred_at: None,
+            },
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+    publish_user_event(&system, &publisher, &updated(&user, 3), true).await;
+
+    // Parked behind the gap, and not yet stuck.
+    let queue = &system.order_settings.service.user_events_queue;
+    let aggregate: shop_messaging::sequence::Aggregate = format!("user/{user}").parse().unwrap();
+    let database = &system.order_settings.host.database;
+    let held = shop_testkit::eventually("version 3 parked", Duration::from_secs(10), || async {
+        let mut conn = shop_database::establish(database).await.ok()?;
+        shop_messaging::sequence::held(&mut conn, queue)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|held| held.aggregate == aggregate && held.parked.len() == 1)
+    })
+    .await;
+    let parked_at = held.parked[0].parked_at;
+    assert_eq!(held.position.last_version, 1);
+    assert_eq!(held.position.dead_letter, None, "a gap, not a dead letter");
+    assert_eq!(held.parked[0].version, 3);
+
+    // Counted as a gap at once, as stuck only past the timeout.
+    let counted_before_timeout = AtomicBool::new(false);
+    let stuck_seen_at =
+        shop_testkit::eventually("consumer_stuck_gaps 1", Duration::from_secs(10), || async {
+            let (stuck, gaps) = gap_gauges(&system);
+            let now = chrono::Utc::now();
+            if stuck == Some(0.0) && gaps == Some(1.0) {
+                counted_before_timeout.store(true, Ordering::SeqCst);
+            }
+            (stuck == Some(1.0)).then_some(now)
+        })
+        .await;
+    assert!(
+        stuck_seen_at - parked_at >= chrono::Duration::seconds(1),
+        "counted stuck {} ms after it parked, before CONSUMER_GAP_TIMEOUT",
+        (stuck_seen_at - parked_at).num_milliseconds()
+    );
+    assert!(
+        counted_before_timeout.load(Ordering::SeqCst),
+        "the gap was seen parked and not yet stuck"
+    );
+
+    let listed = wait_for_listing(
+        &system,
+        &format!("user/{user} at version 1, waiting for version 2 (a gap): version(s) 3 parked"),
+    )
+    .await;
+    assert!(listed.contains("parked: 1 aggregate(s), 1 event(s)"), "{listed}");
+
+    let (ok, released, stderr) = dlq(&system, &["release", &format!("user/{user}")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        released.contains("gave up on versions 2 to 2; released 1"),
+        "{released}"
+    );
+    shop_testkit::eventually("consumer_stuck_gaps 0", Duration::from_secs(10), || async {
+        (gap_gauges(&system) == (Some(0.0), Some(0.0))).then_some(())
+    })
+    .await;
+    wait_for_listing(&system, "parked: 0 aggregate(s), 0 event(s)").await;
+    let mut order_db = shop_database::establish(database).await.unwrap();
+    let position = shop_messaging::sequence::position(&mut order_db, queue, &aggregate)
+        .await
+        .unwrap();
+    assert_eq!(position.last_version, 3, "version 3 applied after the release");
 }

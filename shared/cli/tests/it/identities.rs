@@ -704,6 +704,7 @@ async fn the_shipped_broker_identities_let_each_part_do_its_work_and_refuse_ever
         databases: Some([(user_db, user_database), (order_db, order_database)]),
         deployed_names: true,
         dlq_database_role: Some(roles.name("dlq")),
+        ..Options::default()
     })
     .await;
     let mut users = system.users.clone();

@@ -452,6 +452,11 @@ pub struct EventMeta {
     pub aggregate_version: Option<i64>,
     /// 1 on the first delivery, then one more per retry.
     pub attempt: u32,
+    /// The broker delivered this copy before, to a consumer that did not
+    /// acknowledge it (its channel closed or its connection dropped): its
+    /// effect may or may not have been committed (the position or the
+    /// inbox tells).
+    pub redelivered: bool,
 }
 
 impl EventMeta {
@@ -687,6 +692,8 @@ pub(crate) fn inspect<T>(
         aggregate_id: header(wire::AGGREGATE_ID).map(str::to_owned),
         aggregate_version: version,
         attempt: if sealed { attempt(properties) } else { 1 },
+        // Known from the delivery, not the message: the worker sets it.
+        redelivered: false,
     };
     Ok(Inspected {
         meta,

@@ -400,10 +400,11 @@ impl Worker {
                 )
             },
         );
-        let inspected = match checked {
+        let mut inspected = match checked {
             Ok(inspected) => inspected,
             Err(refusal) => return Err((delivery, refusal)),
         };
+        inspected.meta.redelivered = delivery.redelivered;
         if inspected.unsigned {
             metrics::counter!("consumer_unsigned_events_total", "queue" => self.shared.config.queue.clone())
                 .increment(1);

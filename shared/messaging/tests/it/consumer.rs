@@ -79,6 +79,70 @@ async fn a_redelivery_after_a_reconnection_is_acknowledged_without_a_second_effe
     );
 }
 
+/// Acknowledged only after the commit: the consumer is killed (its task
+/// dropped, its broker and database connections cut, as a killed process's
+/// are) while its handler holds the event inside the transaction. Nothing
+/// was committed, so nothing may have been acknowledged: the broker has the
+/// event back and delivers it again, flagged as a redelivery, and the next
+/// session applies it once. A consumer that acknowledged before committing
+/// loses the event here.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_killed_inside_its_transaction_gets_the_event_again_and_applies_it_once() {
+    let mut h = harness().await;
+    let broker_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
+    *h.behavior.hold_user.lock().unwrap() = Some("u1".to_owned());
+    h.start_with(AmqpConfig::new(broker_proxy.url_for(&shop_testkit::amqp_url())))
+        .await;
+    let event_id = Uuid::now_v7();
+    h.publish(&created("u1", 1), event_id).await;
+    shop_testkit::eventually("the handler to hold u1", Duration::from_secs(10), || async {
+        (h.behavior.calls.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    shop_testkit::eventually(
+        "the consumer's transaction open",
+        Duration::from_secs(10),
+        || async { (h.sessions_in_transaction().await == 1).then_some(()) },
+    )
+    .await;
+
+    h.crash().await;
+    let (broker_connections, database_connections) = (broker_proxy.live(), database_proxy.live());
+    broker_proxy.cut();
+    database_proxy.cut();
+    assert!(
+        broker_connections >= 1 && database_connections >= 1,
+        "the killed consumer held connections to drop (broker {broker_connections}, database {database_connections})"
+    );
+    shop_testkit::eventually(
+        "the open transaction rolled back",
+        Duration::from_secs(10),
+        || async { (h.sessions_in_transaction().await == 0).then_some(()) },
+    )
+    .await;
+    shop_testkit::eventually(
+        "u1 back in its queue, unacknowledged",
+        Duration::from_secs(10),
+        || async { (h.waiting().await == 1).then_some(()) },
+    )
+    .await;
+    assert!(h.applied().await.is_empty(), "nothing committed");
+
+    h.restart().await;
+    let applied = h.expect_applied(1).await;
+    assert_eq!(applied[0].0, event_id);
+    assert_eq!(
+        *h.behavior.deliveries.lock().unwrap(),
+        [("u1".to_owned(), 1, false), ("u1".to_owned(), 1, true)],
+        "delivered, then redelivered by the broker"
+    );
+    assert!(h.dead_letters().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_go_to_the_dead_letter_queue_at_once_and_the_next_message_is_applied() {
     let mut h = harness().await;

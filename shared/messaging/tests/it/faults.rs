@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use diesel_async::RunQueryDsl as _;
 use shop_messaging::AmqpConfig;
 use shop_testkit::TcpProxy;
 use uuid::Uuid;
@@ -215,4 +216,250 @@ async fn applied_by(h: &crate::support::Harness, instance: &str) -> usize {
         .get_result::<i64>(&mut conn)
         .await
         .map_or(0, |count| usize::try_from(count).unwrap_or(0))
+}
+
+/// What the server answers a plain session of the test's database (not
+/// the consumer's) to a division by zero: in the database's language.
+async fn division_by_zero_message(h: &crate::support::Harness) -> String {
+    let (client, connection) = tokio_postgres::connect(h.db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let error = client.simple_query("SELECT 1/0").await.unwrap_err();
+    error.as_db_error().unwrap().message().to_owned()
+}
+
+/// The session of the consumer whose handler's statement waits for a lock
+/// the test holds, once there is one.
+async fn session_waiting_for_the_lock(h: &crate::support::Harness) -> Option<i32> {
+    #[derive(diesel::QueryableByName)]
+    struct Session {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let mut conn = h.pool.get().await.ok()?;
+    diesel::sql_query(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+    )
+    .get_result::<Session>(&mut conn)
+    .await
+    .ok()
+    .map(|session| session.pid)
+}
+
+/// An administrator (or a restarting server) ends the consumer's session
+/// while its handler's statement runs: SQLSTATE 57P01, an outage. The batch
+/// is held and tried again on a new connection: applied once, no attempt
+/// charged (every call is attempt 1), nothing dead-lettered. With
+/// `language`, the database's messages are in that language (the
+/// consumer's sessions set their own, see `shop_database::Fault`). Returns
+/// the message the handler's statement failed with.
+async fn a_session_ended_under_the_handler(language: Option<&str>) -> String {
+    interrupted_under_the_handler("pg_terminate_backend", language).await
+}
+
+/// The handler's statement is interrupted by `function` (`pg_terminate_backend`
+/// ends the session, `pg_cancel_backend` the statement), with the
+/// database's messages in `language`; see [`a_session_ended_under_the_handler`].
+async fn interrupted_under_the_handler(function: &str, language: Option<&str>) -> String {
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+
+    const LOCK: i64 = 27;
+    let mut h = harness().await;
+    if let Some(language) = language {
+        h.db.set_message_language(language).await.unwrap();
+        let message = division_by_zero_message(&h).await;
+        assert_ne!(message, "division by zero", "the database speaks {language}");
+    }
+    let mut holder = AsyncPgConnection::establish(h.db.url()).await.unwrap();
+    diesel::sql_query(format!("SELECT pg_advisory_lock({LOCK})"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    *h.behavior.lock_user.lock().unwrap() = Some(("u1".to_owned(), LOCK));
+    h.start().await;
+    h.publish(&created("u1", 1), Uuid::now_v7()).await;
+
+    let pid = shop_testkit::eventually(
+        "the handler's statement waiting for the lock",
+        Duration::from_secs(10),
+        || session_waiting_for_the_lock(&h),
+    )
+    .await;
+    #[derive(diesel::QueryableByName)]
+    struct Ended {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        ended: bool,
+    }
+    let ended: Ended = diesel::sql_query(format!("SELECT {function}($1) AS ended"))
+        .bind::<diesel::sql_types::Integer, _>(pid)
+        .get_result(&mut holder)
+        .await
+        .unwrap();
+    assert!(
+        ended.ended,
+        "the handler's statement was interrupted ({function})"
+    );
+    h.publish(&created("u2", 1), Uuid::now_v7()).await;
+
+    let applied = h.expect_applied(2).await;
+    let mut users: Vec<&str> = applied.iter().map(|(_, user, _)| user.as_str()).collect();
+    users.sort_unstable();
+    assert_eq!(users, ["u1", "u2"], "each applied once");
+    let attempts = h.behavior.attempts.lock().unwrap().clone();
+    assert!(
+        attempts.iter().filter(|(user, ..)| user == "u1").count() >= 2,
+        "u1 was tried again after its session ended: {attempts:?}"
+    );
+    assert!(
+        attempts.iter().all(|(_, _, attempt)| *attempt == 1),
+        "an attempt was charged for the outage: {attempts:?}"
+    );
+    assert!(h.dead_letters().await.is_empty());
+    h.behavior
+        .lock_error
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the handler's statement failed")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_ended_by_an_administrator_under_the_handler_is_an_outage_not_the_events_fault() {
+    let message = a_session_ended_under_the_handler(None).await;
+    assert!(
+        message.contains("terminating connection due to administrator command"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a PostgreSQL server with the de_DE.UTF-8 locale (.ci/install-tools generates it); run: cargo test -p shop-messaging --test it message_language -- --ignored"]
+async fn a_session_ended_under_the_handler_is_an_outage_whatever_the_servers_message_language() {
+    a_session_ended_under_the_handler(Some("de_DE.UTF-8")).await;
+}
+
+/// The server refuses the consumer's role any session (its `CONNECTION
+/// LIMIT` reached: SQLSTATE 53300, as when `max_connections` is) and ends
+/// the ones it had, while events arrive, for longer than the whole retry
+/// schedule. Nothing is dead-lettered or charged an attempt; everything is
+/// applied once the role may connect again. With `language`, the server's
+/// messages are in that language.
+async fn connections_refused_to_the_consumer(language: Option<&str>) {
+    use diesel_async::{AsyncConnection as _, AsyncPgConnection, SimpleAsyncConnection as _};
+
+    let roles = shop_testkit::TestRoles::create(&[("consumer", "")])
+        .await
+        .unwrap();
+    let mut h = harness().await;
+    if let Some(language) = language {
+        h.db.set_message_language(language).await.unwrap();
+        let message = division_by_zero_message(&h).await;
+        assert_ne!(message, "division by zero", "the database speaks {language}");
+    }
+    let role = roles.name("consumer");
+    let mut admin = AsyncPgConnection::establish(h.db.url()).await.unwrap();
+    let sql = |statement: String| diesel::sql_query(statement);
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    let proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    let mut database = h.db.config();
+    database.url = proxy.url_for(&roles.url("consumer", &h.db)).into();
+    h.consumer_pool = shop_database::pool(&database).unwrap();
+    h.start().await;
+    h.publish(&created("before", 1), Uuid::now_v7()).await;
+    h.expect_applied(1).await;
+
+    sql(format!("ALTER ROLE {role} CONNECTION LIMIT 0"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sql(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // The fault is real: the server refuses the role with 53300.
+    let refused = tokio_postgres::connect(&roles.url("consumer", &h.db), tokio_postgres::NoTls)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    let tried = proxy.accepted();
+    for i in 0..5 {
+        h.publish(&created(&format!("during-{i}"), 1), Uuid::now_v7())
+            .await;
+    }
+    // The consumer tried (and was refused) again and again, past the whole
+    // retry schedule (200 and 400 ms).
+    shop_testkit::eventually(
+        "the consumer refused five times",
+        Duration::from_secs(30),
+        || async { (proxy.accepted() >= tried + 5).then_some(()) },
+    )
+    .await;
+    assert_eq!(h.applied().await.len(), 1, "nothing applied while refused");
+    assert!(
+        h.dead_letters().await.is_empty(),
+        "events dead-lettered during the outage"
+    );
+
+    sql(format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let applied = h.expect_applied(6).await;
+    let mut ids: Vec<Uuid> = applied.iter().map(|(id, ..)| *id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "each event applied once");
+    let attempts = h.behavior.attempts.lock().unwrap().clone();
+    assert!(
+        attempts.iter().all(|(_, _, attempt)| *attempt == 1),
+        "an attempt was charged for the outage: {attempts:?}"
+    );
+    assert!(h.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_refused_connections_holds_its_events_without_charging_them() {
+    connections_refused_to_the_consumer(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a PostgreSQL server with the de_DE.UTF-8 locale (.ci/install-tools generates it); run: cargo test -p shop-messaging --test it message_language -- --ignored"]
+async fn a_consumer_refused_connections_in_another_message_language_holds_its_events_too() {
+    connections_refused_to_the_consumer(Some("de_DE.UTF-8")).await;
+}
+
+/// SQLSTATE 57014 (a statement cancelled by an administrator, or by the
+/// server's `statement_timeout`) is an outage too; the session survives it,
+/// so only the error tells (in another language, it was charged to the
+/// event before the sessions pinned their message language).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_cancelled_under_the_handler_is_an_outage_not_the_events_fault() {
+    let message = interrupted_under_the_handler("pg_cancel_backend", None).await;
+    assert!(
+        message.contains("canceling statement due to user request"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a PostgreSQL server with the de_DE.UTF-8 locale (.ci/install-tools generates it); run: cargo test -p shop-messaging --test it message_language -- --ignored"]
+async fn a_statement_cancelled_under_the_handler_is_an_outage_whatever_the_servers_message_language() {
+    interrupted_under_the_handler("pg_cancel_backend", Some("de_DE.UTF-8")).await;
 }

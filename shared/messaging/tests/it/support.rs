@@ -56,6 +56,15 @@ pub struct Behavior {
     pub release: tokio::sync::Notify,
     /// Calls so far.
     pub calls: AtomicU32,
+    /// The first call for this user id, after recording its attempt, waits
+    /// inside the transaction for the advisory lock with this key (which
+    /// the test holds): a handler whose statement is running.
+    pub lock_user: std::sync::Mutex<Option<(String, i64)>>,
+    /// What that statement ended with, if it failed.
+    pub lock_error: std::sync::Mutex<Option<String>>,
+    /// Every call: (user id, version, whether the broker said the delivery
+    /// was a redelivery).
+    pub deliveries: std::sync::Mutex<Vec<(String, i64, bool)>>,
 }
 
 /// Records each application in `applied`, failing as told.
@@ -71,6 +80,11 @@ impl Recorder {
         meta: &EventMeta,
     ) -> Result<(), HandlerError> {
         self.0.calls.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .deliveries
+            .lock()
+            .unwrap()
+            .push((user_id.to_owned(), version, meta.redelivered));
         let hold = {
             let mut held = self.0.hold_user.lock().unwrap();
             let hold = held.as_deref() == Some(user_id);
@@ -93,6 +107,24 @@ impl Recorder {
             .lock()
             .unwrap()
             .push((user_id.to_owned(), version, meta.attempt));
+        let lock = {
+            let mut lock = self.0.lock_user.lock().unwrap();
+            if lock.as_ref().is_some_and(|(user, _)| user == user_id) {
+                lock.take().map(|(_, key)| key)
+            } else {
+                None
+            }
+        };
+        if let Some(lock) = lock {
+            let locked = diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<diesel::sql_types::BigInt, _>(lock)
+                .execute(conn)
+                .await;
+            if let Err(error) = locked {
+                *self.0.lock_error.lock().unwrap() = Some(error.to_string());
+                return Err(error.into());
+            }
+        }
         if meta.attempt == 1 && self.0.fail_first_attempt.lock().unwrap().contains(&key) {
             return Err(HandlerError::transient(anyhow::anyhow!(
                 "failing the first attempt on purpose: {user_id} v{version}"
@@ -365,6 +397,43 @@ impl Harness {
                 .unwrap()
                 .unwrap();
         }
+    }
+
+    /// Ends the consumer as a killed process ends: its task is dropped
+    /// wherever it waits (a handler inside its transaction included), no
+    /// clean-up, nothing acknowledged or committed. (Its sockets close when
+    /// the runtime drops them; a test that needs them gone at once cuts
+    /// them at a proxy.)
+    pub async fn crash(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            consumer.abort();
+            let ended = tokio::time::timeout(Duration::from_secs(10), consumer)
+                .await
+                .expect("the aborted consumer ends");
+            assert!(
+                ended.is_err_and(|error| error.is_cancelled()),
+                "the consumer was killed, not stopped"
+            );
+        }
+    }
+
+    /// Sessions of the test's database inside a transaction, doing nothing
+    /// (`idle in transaction`): a handler holding its transaction open.
+    pub async fn sessions_in_transaction(&self) -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.pool.get().await.unwrap();
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+        )
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap()
+        .n
     }
 
     /// Starts the consumer again, as it was started last.
