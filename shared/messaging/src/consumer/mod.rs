@@ -106,8 +106,9 @@
 //! `consumer_remembered_positions{queue}`,
 //! `consumer_position_conflicts_total{queue}`,
 //! `consumer_unauthenticated_events_total{queue, cause}`,
-//! `consumer_unsigned_events_total{queue}` and
-//! `consumer_connected{queue}`.
+//! `consumer_unsigned_events_total{queue}`, `consumer_connected{queue}`
+//! and `consumer_fenced{queue}` (1 while this replica has given up its
+//! partitions because its heartbeats failed for the member timeout).
 //!
 //! An event that would park while the group already holds
 //! [`ConsumerConfig::max_parked_per_aggregate`] parked events of its

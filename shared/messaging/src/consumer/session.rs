@@ -227,6 +227,8 @@ async fn session(
     // takes its share again at the first heartbeat that succeeds.
     let mut last_beat = tokio::time::Instant::now();
     let mut fenced = false;
+    let fenced_gauge = metrics::gauge!("consumer_fenced", "queue" => queue.to_string());
+    fenced_gauge.set(0.0);
     // A worker ends on shutdown, on a hand-over or on an error of its own
     // channel; a lost connection is reported on the connection's events (a
     // worker waiting on an acknowledgement of the dead connection would
@@ -249,6 +251,7 @@ async fn session(
                         last_beat = tokio::time::Instant::now();
                         if fenced {
                             fenced = false;
+                            fenced_gauge.set(0.0);
                             tracing::info!(queue = %queue, "consumer heartbeat succeeds again; consuming this replica's share of the partitions");
                         }
                     }
@@ -260,6 +263,7 @@ async fn session(
                         }
                         if !fenced && last_beat.elapsed() >= shared.config.member_timeout {
                             fenced = true;
+                            fenced_gauge.set(1.0);
                             let given_up = partitions.fence();
                             tracing::warn!(
                                 queue = %queue,
