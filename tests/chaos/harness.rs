@@ -303,6 +303,14 @@ impl Chaos {
                     .fault_problems
                     .push(format!("{fault:?}: no command acknowledged within 60 s after it")),
             }
+            // A fault after which the consumer never applied another event
+            // within a minute did not heal: the run fails rather than print
+            // a missing recovery time.
+            if recovered.is_none() {
+                chaos
+                    .fault_problems
+                    .push(format!("{fault:?}: no event applied within 60 s after it ended"));
+            }
             chaos.faults_injected.push((*fault, took, recovered));
             println!(
                 "chaos: {fault:?} at {:?} took {took:?}; first event applied {recovered:?} after it ended",
