@@ -362,6 +362,13 @@ pub async fn settle_and_reconcile(
     let (user_duplicates, user_violations) = wire_order(&user_wire);
     let (order_duplicates, order_violations) = wire_order(&order_wire);
     let seen_orders: HashSet<&str> = order_wire.iter().map(|s| s.id.as_str()).collect();
+    // The user-event tap saw every event of the user outbox: the wire's
+    // order check is then about all of them, not whatever reached the tap.
+    let seen_users: HashSet<&str> = user_wire.iter().map(|s| s.id.as_str()).collect();
+    let unseen_user_events = user_events
+        .iter()
+        .filter(|id| !seen_users.contains(id.as_str()))
+        .count();
     let order_events: Vec<String> = texts(&orders, "SELECT event_id::text FROM outbox", &[]).await;
     let lost_order_events = order_events
         .iter()
@@ -472,6 +479,14 @@ pub async fn settle_and_reconcile(
     check(
         lost_order_events == 0,
         format!("{lost_order_events} order events never published"),
+    );
+    check(
+        unseen_user_events == 0 && !user_wire.is_empty(),
+        format!(
+            "{unseen_user_events} of {} user events never seen on the wire (the tap saw {})",
+            user_events.len(),
+            user_wire.len()
+        ),
     );
     check(
         user_violations + order_violations == 0,
