@@ -40,6 +40,10 @@ pub struct Outcome {
     pub acknowledged: u64,
     pub refused: u64,
     pub failed: u64,
+    /// The failed commands by the code they ended with (after the client's
+    /// retries): outages answer `Unavailable`, a process killed under a call
+    /// `Unknown` or `Cancelled`; never `Internal`.
+    pub failed_by_code: std::collections::BTreeMap<String, u64>,
     /// (user id, version) of every acknowledged user command.
     pub user_effects: Vec<(String, i64)>,
     /// Ids of acknowledged orders.
@@ -188,8 +192,13 @@ fn record(model: &Mutex<Model>, outcome: Result<(), &Error>) {
     model.outcome.sent += 1;
     match outcome {
         Ok(()) => model.outcome.acknowledged += 1,
-        Err(Error::Unavailable(_) | Error::DeadlineExceeded(_) | Error::Server { .. }) => {
-            model.outcome.failed += 1
+        Err(error @ (Error::Unavailable(_) | Error::DeadlineExceeded(_) | Error::Server { .. })) => {
+            model.outcome.failed += 1;
+            *model
+                .outcome
+                .failed_by_code
+                .entry(format!("{:?}", error.code()))
+                .or_default() += 1;
         }
         Err(_) => model.outcome.refused += 1,
     }

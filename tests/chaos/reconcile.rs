@@ -480,6 +480,11 @@ pub async fn settle_and_reconcile(
         lost_order_events == 0,
         format!("{lost_order_events} order events never published"),
     );
+    let internal = outcome.failed_by_code.get("Internal").copied().unwrap_or(0);
+    check(
+        internal == 0,
+        format!("{internal} commands answered INTERNAL: an outage must answer UNAVAILABLE"),
+    );
     check(
         unseen_user_events == 0 && !user_wire.is_empty(),
         format!(
@@ -554,6 +559,10 @@ pub async fn settle_and_reconcile(
                 "{} / {} / {} / {}",
                 outcome.sent, outcome.acknowledged, outcome.refused, outcome.failed
             ),
+        ),
+        (
+            "failed commands by code (after the client's retries)".to_owned(),
+            format!("{:?}", outcome.failed_by_code),
         ),
         (format!("faults injected ({})", faults.len()), faults.join(", ")),
         (
