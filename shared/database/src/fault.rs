@@ -226,4 +226,99 @@ mod tests {
             assert_eq!(Fault::of(error), Fault::Failure, "{error:?}");
         }
     }
+
+    #[test]
+    fn a_sqlstate_diesel_names_decides_whatever_the_message_says() {
+        // The kind decides; the message is read only for the kinds diesel
+        // does not name (here each message would say the opposite).
+        assert_eq!(
+            Fault::of(&database_error(
+                DatabaseErrorKind::SerializationFailure,
+                "serialization failure"
+            )),
+            Fault::Conflict
+        );
+        assert_eq!(
+            Fault::of(&database_error(
+                DatabaseErrorKind::UniqueViolation,
+                "duplicate key value: connection reset by the application"
+            )),
+            Fault::Failure
+        );
+        assert_eq!(
+            Fault::of(&database_error(DatabaseErrorKind::ClosedConnection, "gone")),
+            Fault::Outage
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_is_classed_by_its_commit_error_not_its_rollback() {
+        let outage = Error::RollbackErrorOnCommit {
+            rollback_error: Box::new(Error::NotFound),
+            commit_error: Box::new(database_error(DatabaseErrorKind::ClosedConnection, "closed")),
+        };
+        assert_eq!(Fault::of(&outage), Fault::Outage);
+        let failure = Error::RollbackErrorOnCommit {
+            rollback_error: Box::new(Error::BrokenTransactionManager),
+            commit_error: Box::new(database_error(DatabaseErrorKind::CheckViolation, "check")),
+        };
+        assert_eq!(Fault::of(&failure), Fault::Failure);
+    }
+
+    #[test]
+    fn outages_and_conflicts_are_retried_failures_are_not() {
+        assert!(Fault::Outage.is_retryable());
+        assert!(Fault::Conflict.is_retryable());
+        assert!(!Fault::Failure.is_retryable());
+        let outage = database_error(DatabaseErrorKind::ReadOnlyTransaction, "read-only");
+        let conflict = database_error(DatabaseErrorKind::SerializationFailure, "conflict");
+        let failure = database_error(DatabaseErrorKind::CheckViolation, "check");
+        assert!(is_outage(&outage));
+        assert!(!is_outage(&conflict));
+        assert!(!is_outage(&failure));
+    }
+
+    /// A unique violation's information with its constraint's name, as
+    /// PostgreSQL reports it.
+    #[derive(Debug)]
+    struct Violation(&'static str);
+
+    impl diesel::result::DatabaseErrorInformation for Violation {
+        fn message(&self) -> &str {
+            "duplicate key value violates unique constraint"
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            Some(self.0)
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_unique_violation_is_told_by_its_constraint() {
+        let email = Error::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            Box::new(Violation("users_email_key")),
+        );
+        assert!(is_unique_violation(&email, "users_email_key"));
+        assert!(!is_unique_violation(&email, "users_pkey"));
+        let check = Error::DatabaseError(
+            DatabaseErrorKind::CheckViolation,
+            Box::new(Violation("users_email_key")),
+        );
+        assert!(!is_unique_violation(&check, "users_email_key"));
+    }
 }
