@@ -109,9 +109,9 @@ impl Fault {
             },
             Error::BrokenTransactionManager => Self::Outage,
             Error::RollbackErrorOnCommit { commit_error, .. } => Self::of(commit_error),
-            Error::RollbackTransaction | Error::AlreadyInTransaction | Error::NotInTransaction => {
-                Self::Failure
-            }
+            // The rest, transaction misuse (`RollbackTransaction`,
+            // `AlreadyInTransaction`, `NotInTransaction`) included, is the
+            // call's own failure.
             _ => Self::Failure,
         }
     }
