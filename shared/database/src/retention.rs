@@ -131,3 +131,38 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|layer| layer as _)
+        }
+    }
+
+    #[test]
+    fn a_failed_sweep_is_logged_with_every_cause() {
+        let error = Layer(
+            "sweep of outbox",
+            Some(Box::new(Layer(
+                "connection reset",
+                Some(Box::new(Layer("broken pipe", None))),
+            ))),
+        );
+        assert_eq!(
+            error_chain(&error),
+            "sweep of outbox: connection reset: broken pipe"
+        );
+    }
+}
