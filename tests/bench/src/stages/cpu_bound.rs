@@ -4,7 +4,8 @@
 //! event in the same run.
 //!
 //! Four raw stages, each alone on the machine, flat out for `--cpu-secs`
-//! with the concurrency the pipeline has:
+//! with the concurrency the pipeline has (the calls in flight at the steady
+//! step, the relay's lanes, the group's partition queues):
 //!
 //! - a gRPC unary call that does nothing: `CreateUser` of the same bytes to
 //!   a server that answers at once ([`crate::noop`], a process of its own);
@@ -60,10 +61,13 @@ use crate::cpu::{self, CLIENT, Meter, Processes, Spent};
 use crate::env::Bench;
 use crate::report::{Report, Row};
 
-/// Calls in flight in the raw gRPC stage.
-const GRPC_CONCURRENCY: usize = 8;
-/// Connections of the raw command stage and of the commit ceiling.
+/// Connections of the commit ceiling.
 const COMMAND_CONNECTIONS: usize = 8;
+/// Connections of the raw projection stage: at the steady state's rates the
+/// consumer's transactions seldom overlap (a few hundred a second, each
+/// well under a millisecond), so one, not one per partition, whose commits
+/// would share WAL flushes the pipeline's do not.
+const PROJECTION_CONNECTIONS: usize = 1;
 /// The CPU of the no-op gRPC server.
 const NOOP_SERVER: &str = "no-op server";
 
@@ -156,9 +160,9 @@ impl Raw {
     }
 }
 
-/// (a) `CreateUser` to the no-op server from [`GRPC_CONCURRENCY`] tasks on
-/// one channel, with the token the load sends.
-async fn grpc_noop(bench: &Bench, options: &Options) -> anyhow::Result<Raw> {
+/// (a) `CreateUser` to the no-op server from `concurrency` tasks on one
+/// channel, with the token the load sends.
+async fn grpc_noop(bench: &Bench, options: &Options, concurrency: usize) -> anyhow::Result<Raw> {
     let mut server = bench.spawn_noop().await?;
     let processes = Processes::new(vec![(NOOP_SERVER, server.pid().unwrap_or(0))]).with_own(CLIENT);
     let channel = crate::env::with_token(
@@ -170,7 +174,7 @@ async fn grpc_noop(bench: &Bench, options: &Options) -> anyhow::Result<Raw> {
     let measuring = crate::marker::measuring("cpu grpc no-op");
     let meter = Meter::start(&processes);
     let started = Instant::now();
-    let tasks: Vec<_> = (0..GRPC_CONCURRENCY)
+    let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let mut client = UserServiceClient::new(channel.clone());
             tokio::spawn(async move {
@@ -203,22 +207,23 @@ async fn grpc_noop(bench: &Bench, options: &Options) -> anyhow::Result<Raw> {
     })
 }
 
-/// (b) The command transaction from [`COMMAND_CONNECTIONS`] connections,
-/// each after the token check.
-async fn command(bench: &Bench, options: &Options, servers: &[(&'static str, u32)]) -> anyhow::Result<Raw> {
+/// (b) The command transaction from `connections` connections, each after
+/// the token check.
+async fn command(
+    bench: &Bench,
+    options: &Options,
+    servers: &[(&'static str, u32)],
+    connections: usize,
+) -> anyhow::Result<Raw> {
     let check = Arc::new(TokenCheck::new()?);
     check.check()?;
     bench.reset_tables().await?;
     let processes = Processes::new(only(servers, cpu::POSTGRESQL)).with_own(CLIENT);
     let measuring = crate::marker::measuring("cpu command");
     let meter = Meter::start(&processes);
-    let sample = super::create_user::raw_load_on(
-        &bench.user_db,
-        COMMAND_CONNECTIONS,
-        options.cpu_duration(),
-        Some(check),
-    )
-    .await?;
+    let sample =
+        super::create_user::raw_load_on(&bench.user_db, connections, options.cpu_duration(), Some(check))
+            .await?;
     let spent = meter.per_event(sample.latencies.len());
     drop(measuring);
     Ok(Raw {
@@ -419,21 +424,15 @@ async fn broker(
 }
 
 /// (d) The projection's upsert of new users, `consumer_batch` (mean) a
-/// transaction, from one connection per partition (the consumer's workers).
+/// transaction, from [`PROJECTION_CONNECTIONS`].
 async fn projection(
     bench: &Bench,
     options: &Options,
     servers: &[(&'static str, u32)],
     consumer_batch: f64,
 ) -> anyhow::Result<Raw> {
-    let connections = usize::from(
-        bench
-            .consumer_config(options.prefetch)
-            .topology()
-            .partition_count(),
-    );
     let mut clients = Vec::new();
-    for _ in 0..connections {
+    for _ in 0..PROJECTION_CONNECTIONS {
         let (client, connection) = tokio_postgres::connect(&bench.order_db, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         clients.push(client);
@@ -552,13 +551,16 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let servers = cpu::servers(options);
     let (relay_batch, consumer_batch) = steady.map_or((1.0, 1.0), |s| (s.batches.relay, s.batches.consumer));
+    // The calls in flight at the steady state (sampled every millisecond),
+    // so the raw calls and commits coalesce no more than the pipeline's do.
+    let concurrency = steady.map_or(1, |s| (s.in_flight.round() as usize).max(1));
     let sizes_from = if steady.is_some() {
         "the steady state's highest step that kept up"
     } else {
         "assumed (no steady state in this run)"
     };
 
-    let grpc = grpc_noop(bench, options).await?;
+    let grpc = grpc_noop(bench, options, concurrency).await?;
     report.add(Row {
         figure: "raw CPU: gRPC unary call that does nothing".to_owned(),
         value: format!(
@@ -567,19 +569,19 @@ pub(crate) async fn run(
             grpc.spent.us_per_event.get(CLIENT).copied().unwrap_or(f64::NAN)
         ),
         raw: format!(
-            "CreateUser's bytes, {GRPC_CONCURRENCY} in flight, {:.0} calls/s, machine {:.0} % busy",
+            "CreateUser's bytes, {concurrency} in flight, {:.0} calls/s, machine {:.0} % busy",
             grpc.rate(),
             grpc.spent.machine_busy * 100.0
         ),
         ratio: None,
         numbers: grpc.numbers(),
     });
-    let command = command(bench, options, &servers).await?;
+    let command = command(bench, options, &servers, concurrency).await?;
     report.add(Row {
         figure: "raw CPU: the command transaction from a plain client".to_owned(),
         value: format!("{:.0} µs per command ({})", command.counted(), command.spent.spelled()),
         raw: format!(
-            "token check + user and outbox rows in one transaction, {COMMAND_CONNECTIONS} connections, {:.0}/s, machine {:.0} % busy",
+            "token check + user and outbox rows in one transaction, {concurrency} connection(s), {:.0}/s, machine {:.0} % busy",
             command.rate(),
             command.spent.machine_busy * 100.0
         ),
@@ -607,7 +609,7 @@ pub(crate) async fn run(
             projection.spent.spelled()
         ),
         raw: format!(
-            "{consumer_batch:.1} users a transaction, {:.0}/s, machine {:.0} % busy",
+            "{consumer_batch:.1} users a transaction, {PROJECTION_CONNECTIONS} connection, {:.0}/s, machine {:.0} % busy",
             projection.rate(),
             projection.spent.machine_busy * 100.0
         ),
@@ -629,7 +631,7 @@ pub(crate) async fn run(
         .join(" + ");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let bound = cores * 1e6 / raw_us;
-    let batches = json!({"relay": relay_batch, "consumer": consumer_batch, "from": sizes_from});
+    let batches = json!({"relay": relay_batch, "consumer": consumer_batch, "in_flight": concurrency, "from": sizes_from});
     match steady {
         Some(steady) => {
             let system_us: f64 = steady

@@ -56,6 +56,8 @@ struct Step {
     cpu_us_per_event: BTreeMap<&'static str, f64>,
     /// The batches the pipeline formed (measured once the step drained).
     batches: Option<Batches>,
+    /// Calls in flight on average.
+    in_flight: f64,
 }
 
 /// The mean batch sizes of a step: what the relay published per batch
@@ -120,9 +122,17 @@ impl Step {
     }
 }
 
-/// Offers CreateUser at `rate` a second for `duration`; returns the calls
-/// that succeeded and the time taken.
-async fn offer(endpoint: &str, rate: f64, duration: Duration) -> anyhow::Result<(usize, Duration)> {
+/// What [`offer`] did.
+struct Offered {
+    succeeded: usize,
+    elapsed: Duration,
+    /// Calls in flight, on average over the time (sampled every
+    /// millisecond).
+    in_flight: f64,
+}
+
+/// Offers CreateUser at `rate` a second for `duration`.
+async fn offer(endpoint: &str, rate: f64, duration: Duration) -> anyhow::Result<Offered> {
     let channel = crate::env::with_token(
         tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect()
@@ -132,6 +142,7 @@ async fn offer(endpoint: &str, rate: f64, duration: Duration) -> anyhow::Result<
     let mut calls = tokio::task::JoinSet::new();
     let mut succeeded = 0;
     let mut sent = 0_u64;
+    let (mut samples, mut in_flight) = (0_u64, 0_u64);
     while started.elapsed() < duration {
         // The calls due by now at the offered rate, whatever the timer's
         // granularity.
@@ -151,12 +162,18 @@ async fn offer(endpoint: &str, rate: f64, duration: Duration) -> anyhow::Result<
         while let Some(done) = calls.try_join_next() {
             succeeded += usize::from(done.unwrap_or(false));
         }
+        samples += 1;
+        in_flight += calls.len() as u64;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     while let Some(done) = calls.join_next().await {
         succeeded += usize::from(done.unwrap_or(false));
     }
-    Ok((succeeded, started.elapsed()))
+    Ok(Offered {
+        succeeded,
+        elapsed: started.elapsed(),
+        in_flight: in_flight as f64 / samples.max(1) as f64,
+    })
 }
 
 /// Outbox rows not yet published plus users not yet in the projection.
@@ -214,6 +231,8 @@ pub(crate) struct Sustained {
     pub(crate) cpu_us_per_event: BTreeMap<&'static str, f64>,
     /// The batches the relay and the consumer formed.
     pub(crate) batches: Batches,
+    /// CreateUser calls in flight on average.
+    pub(crate) in_flight: f64,
 }
 
 /// Returns the highest step that kept up, if any.
@@ -246,7 +265,11 @@ pub(crate) async fn run(
         let began = database_now(&bench.user_db).await?;
         let meter = cpu::Meter::start(&processes);
         let measuring = crate::marker::measuring(&format!("steady {rate:.0}/s"));
-        let (succeeded, elapsed) = offer(&endpoint, rate, duration).await?;
+        let Offered {
+            succeeded,
+            elapsed,
+            in_flight,
+        } = offer(&endpoint, rate, duration).await?;
         drop(measuring);
         created += succeeded;
         let backlog = backlog(bench, created).await?;
@@ -258,6 +281,7 @@ pub(crate) async fn run(
             backlog,
             cpu_us_per_event: spent.us_per_event,
             batches: None,
+            in_flight,
         };
         if !step.kept_up() {
             steps.push(step);
@@ -319,6 +343,7 @@ pub(crate) async fn run(
                 "cpu_us_per_event_total": step.total_us(),
                 "relay_batch": step.batches.map(|b| b.relay),
                 "consumer_batch": step.batches.map(|b| b.consumer),
+                "in_flight": step.in_flight,
             })).collect::<Vec<_>>(),
         }),
     });
@@ -336,6 +361,7 @@ pub(crate) async fn run(
             rate: step.rate(),
             cpu_us_per_event: step.cpu_us_per_event.clone(),
             batches: step.batches?,
+            in_flight: step.in_flight,
         })
     }))
 }
