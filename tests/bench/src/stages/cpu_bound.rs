@@ -132,6 +132,17 @@ struct Raw {
     events: usize,
     elapsed: Duration,
     spent: Spent,
+    /// The counted CPU per event of every round, when this is the median.
+    rounds: Vec<f64>,
+}
+
+/// The median of `runs` by their counted CPU per event, with every run's.
+fn median(mut runs: Vec<Raw>) -> Raw {
+    runs.sort_by(|a, b| a.counted().total_cmp(&b.counted()));
+    let rounds: Vec<f64> = runs.iter().map(Raw::counted).collect();
+    let mut median = runs.swap_remove(runs.len() / 2);
+    median.rounds = rounds;
+    median
 }
 
 impl Raw {
@@ -156,6 +167,7 @@ impl Raw {
             "cpu_us_per_event": self.spent.us_per_event,
             "counted_us_per_event": self.counted(),
             "machine_busy": self.spent.machine_busy,
+            "rounds_counted_us_per_event": self.rounds,
         })
     }
 }
@@ -204,6 +216,7 @@ async fn grpc_noop(bench: &Bench, options: &Options, concurrency: usize) -> anyh
         events,
         elapsed,
         spent,
+        rounds: Vec::new(),
     })
 }
 
@@ -230,6 +243,7 @@ async fn command(
         events: sample.latencies.len(),
         elapsed: sample.elapsed,
         spent,
+        rounds: Vec::new(),
     })
 }
 
@@ -420,6 +434,7 @@ async fn broker(
         events,
         elapsed,
         spent,
+        rounds: Vec::new(),
     })
 }
 
@@ -482,6 +497,7 @@ async fn projection(
         events,
         elapsed,
         spent,
+        rounds: Vec::new(),
     })
 }
 
@@ -514,6 +530,7 @@ async fn ceiling_once(
         events: sample.latencies.len(),
         elapsed: sample.elapsed,
         spent: meter.per_event(sample.latencies.len()),
+        rounds: Vec::new(),
     })
 }
 
@@ -560,7 +577,17 @@ pub(crate) async fn run(
         "assumed (no steady state in this run)"
     };
 
-    let grpc = grpc_noop(bench, options, concurrency).await?;
+    // Rounds go through the four stages in turn (the machine drifts within
+    // minutes; each stage's median round is kept).
+    let (mut grpcs, mut commands, mut brokers, mut projections) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..options.rounds.max(1) {
+        grpcs.push(grpc_noop(bench, options, concurrency).await?);
+        commands.push(command(bench, options, &servers, concurrency).await?);
+        brokers.push(broker(bench, options, &servers, (relay_batch, consumer_batch)).await?);
+        projections.push(projection(bench, options, &servers, consumer_batch).await?);
+    }
+    let [grpc, command, broker, projection] = [grpcs, commands, brokers, projections].map(median);
     report.add(Row {
         figure: "raw CPU: gRPC unary call that does nothing".to_owned(),
         value: format!(
@@ -576,7 +603,6 @@ pub(crate) async fn run(
         ratio: None,
         numbers: grpc.numbers(),
     });
-    let command = command(bench, options, &servers, concurrency).await?;
     report.add(Row {
         figure: "raw CPU: the command transaction from a plain client".to_owned(),
         value: format!("{:.0} µs per command ({})", command.counted(), command.spent.spelled()),
@@ -588,7 +614,6 @@ pub(crate) async fn run(
         ratio: None,
         numbers: command.numbers(),
     });
-    let broker = broker(bench, options, &servers, (relay_batch, consumer_batch)).await?;
     report.add(Row {
         figure: "raw CPU: publish + confirm + deliver + ack, relay's routing".to_owned(),
         value: format!("{:.0} µs per event ({})", broker.counted(), broker.spent.spelled()),
@@ -600,7 +625,6 @@ pub(crate) async fn run(
         ratio: None,
         numbers: broker.numbers(),
     });
-    let projection = projection(bench, options, &servers, consumer_batch).await?;
     report.add(Row {
         figure: "raw CPU: the projection transaction".to_owned(),
         value: format!(
@@ -645,7 +669,7 @@ pub(crate) async fn run(
                 value: format!("Σ raw {raw_us:.0} µs ({spelled})"),
                 raw: format!("system {system_us:.0} µs (services, PostgreSQL, RabbitMQ; not the load)"),
                 ratio: Some(raw_us / system_us),
-                numbers: json!({"raw_us_per_event": raw_us, "system_us_per_event": system_us, "batches": batches}),
+                numbers: json!({"raw_us_per_event": raw_us, "system_us_per_event": system_us, "batches": batches, "rounds": options.rounds}),
             });
             report.add(Row {
                 figure: "steady state against the CPU bound".to_owned(),
