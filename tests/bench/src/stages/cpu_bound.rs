@@ -678,6 +678,53 @@ pub(crate) async fn run(
                 ratio: Some(steady.rate / bound),
                 numbers: json!({"rate": steady.rate, "cpu_bound": bound, "cores": cores, "raw_us_per_event": raw_us}),
             });
+            // Where the difference is: each server against the raw stages'
+            // use of it, the services against the raw clients (the no-op
+            // server being the gRPC server's raw side).
+            let raw_of = |name: &str| -> f64 {
+                parts
+                    .iter()
+                    .filter_map(|(_, raw)| raw.spent.us_per_event.get(name))
+                    .sum()
+            };
+            let system_of = |name: &str| steady.cpu_us_per_event.get(name).copied().unwrap_or(0.0);
+            let services = system_of("user-service") + system_of("order-service");
+            let clients = raw_us - raw_of(cpu::POSTGRESQL) - raw_of(cpu::RABBITMQ);
+            let split = [
+                (
+                    cpu::POSTGRESQL,
+                    system_of(cpu::POSTGRESQL),
+                    raw_of(cpu::POSTGRESQL),
+                ),
+                (cpu::RABBITMQ, system_of(cpu::RABBITMQ), raw_of(cpu::RABBITMQ)),
+                ("services", services, clients),
+            ];
+            report.add(Row {
+                figure: "CPU per event, system against raw, by side".to_owned(),
+                value: split
+                    .iter()
+                    .map(|(name, system, _)| format!("{name} {system:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                raw: format!(
+                    "raw: {} µs (services: the raw clients and the no-op server)",
+                    split
+                        .iter()
+                        .map(|(name, _, raw)| format!("{name} {raw:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                ratio: None,
+                numbers: json!(
+                    split
+                        .iter()
+                        .map(|(name, system, raw)| (
+                            (*name).to_owned(),
+                            json!({"system": system, "raw": raw})
+                        ))
+                        .collect::<serde_json::Map<_, _>>()
+                ),
+            });
         }
         None => report.add(Row {
             figure: "CPU bound (no steady state in this run)".to_owned(),
