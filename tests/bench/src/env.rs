@@ -159,6 +159,17 @@ impl Bench {
         .await
     }
 
+    /// The gRPC server that does nothing ([`crate::noop`]) as a child
+    /// process.
+    pub(crate) async fn spawn_noop(&self) -> anyhow::Result<ServiceProcess> {
+        ServiceProcess::start_with_args(
+            &std::env::current_exe()?.to_string_lossy(),
+            &["serve", "noop"],
+            &self.keys.envs(),
+        )
+        .await
+    }
+
     /// The order service as a child process, with authentication on.
     pub(crate) async fn spawn_order_service(&self, prefetch: u16) -> anyhow::Result<ServiceProcess> {
         ServiceProcess::start_with_args(
@@ -214,8 +225,10 @@ impl Bench {
         if let Ok(connection) =
             lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
         {
+            let raw = crate::stages::raw_topology(self, 1);
             let mut queues = self.consumer_config(1).queue_names();
             queues.extend(crate::stages::raw_queues(self));
+            queues.extend(raw.queue_names());
             for queue in queues {
                 if let Ok(channel) = connection.create_channel().await {
                     let _ = channel
@@ -224,7 +237,12 @@ impl Bench {
                 }
             }
             let mut exchanges = self.consumer_config(1).topology().exchange_names();
-            exchanges.extend([self.user_exchange.clone(), self.order_exchange.clone()]);
+            exchanges.extend(raw.exchange_names());
+            exchanges.extend([
+                self.user_exchange.clone(),
+                self.order_exchange.clone(),
+                raw.exchange.clone(),
+            ]);
             for exchange in &exchanges {
                 if let Ok(channel) = connection.create_channel().await {
                     let _ = channel
@@ -257,5 +275,8 @@ pub(crate) fn with_token(channel: tonic::transport::Channel) -> shop_testkit::Au
 /// `bench serve user|order`: one service, configured from the environment
 /// like its own binary.
 pub(crate) async fn serve(service: &str) -> anyhow::Result<()> {
+    if service == "noop" {
+        return crate::noop::serve().await;
+    }
     shop_cli::up::serve(service).await
 }

@@ -2,8 +2,10 @@
 //! same machine, in one run. See `cargo run --release -p bench -- --help`.
 #![allow(clippy::print_stdout)] // the report is the point
 
+mod cpu;
 mod env;
 mod marker;
+mod noop;
 mod report;
 mod stages;
 mod stats;
@@ -34,7 +36,7 @@ enum Command {
     /// processes of itself, so their memory is theirs alone).
     #[command(hide = true)]
     Serve {
-        /// `user` or `order`.
+        /// `user`, `order`, or `noop` (a gRPC server that does nothing).
         service: String,
     },
 }
@@ -61,17 +63,23 @@ pub(crate) struct Options {
     #[arg(long, global = true, default_value = "target/bench-results.json")]
     pub(crate) out: std::path::PathBuf,
     /// Stages to run: create-user, relay, consumer, ordered, end-to-end,
-    /// latency, steady, replicas, signing (consumer drains what relay
-    /// published, so it needs relay; steady's bound needs create-user,
-    /// relay and consumer; signing puts its cost beside relay's and
+    /// latency, steady, cpu-bound, replicas, signing (consumer drains what
+    /// relay published, so it needs relay; steady's rate bound needs
+    /// create-user, relay and consumer; cpu-bound measures the raw stages
+    /// at the batch sizes steady formed and compares with its CPU per
+    /// event, so it needs steady; signing puts its cost beside relay's and
     /// steady's when they ran).
     #[arg(
         long,
         global = true,
         value_delimiter = ',',
-        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,steady,replicas,signing"
+        default_value = "create-user,relay,consumer,ordered,end-to-end,latency,steady,cpu-bound,replicas,signing"
     )]
     pub(crate) stages: Vec<String>,
+    /// Seconds of each raw stage of the CPU bound (and of each commit
+    /// ceiling round).
+    #[arg(long, global = true, default_value_t = 5)]
+    pub(crate) cpu_secs: u64,
     /// Seconds of each steady-state rate step.
     #[arg(long, global = true, default_value_t = 10)]
     pub(crate) steady_secs: u64,
@@ -119,6 +127,11 @@ impl Options {
         Duration::from_secs(self.duration_secs)
     }
 
+    /// How long each raw stage of the CPU bound runs.
+    pub(crate) fn cpu_duration(&self) -> Duration {
+        Duration::from_secs(self.cpu_secs)
+    }
+
     fn smoke(mut self) -> Self {
         if self.smoke {
             self.duration_secs = 1;
@@ -126,6 +139,7 @@ impl Options {
             self.events = 500;
             self.latency_secs = 2;
             self.steady_secs = 1;
+            self.cpu_secs = 1;
             self.steady_start = 50.0;
             self.rounds = 1;
         }

@@ -90,7 +90,7 @@ async fn raw_load(url: &str, concurrency: usize, duration: Duration) -> anyhow::
     counts.push(most);
     let mut best: Option<(Sample, usize)> = None;
     for connections in counts {
-        let sample = raw_load_on(url, connections, duration).await?;
+        let sample = raw_load_on(url, connections, duration, None).await?;
         if best
             .as_ref()
             .is_none_or(|(fastest, _)| sample.rate() > fastest.rate())
@@ -102,8 +102,15 @@ async fn raw_load(url: &str, concurrency: usize, duration: Duration) -> anyhow::
 }
 
 /// The same transaction (user row + outbox row) issued directly with
-/// tokio-postgres, one task per connection, prepared statements.
-async fn raw_load_on(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Sample> {
+/// tokio-postgres, one task per connection, prepared statements; each
+/// preceded by `check` when given (the caller's token checked as the
+/// service checks it).
+pub(crate) async fn raw_load_on(
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+    check: Option<Arc<super::cpu_bound::TokenCheck>>,
+) -> anyhow::Result<Sample> {
     RUN.fetch_add(1, Ordering::Relaxed);
     let mut clients = Vec::new();
     let mut connections = Vec::new();
@@ -118,6 +125,7 @@ async fn raw_load_on(url: &str, concurrency: usize, duration: Duration) -> anyho
         .into_iter()
         .enumerate()
         .map(|(task, mut client)| {
+            let check = check.clone();
             tokio::spawn(async move {
                 let insert_user = client
                     .prepare(
@@ -139,6 +147,9 @@ async fn raw_load_on(url: &str, concurrency: usize, duration: Duration) -> anyho
                     let id = uuid::Uuid::now_v7();
                     let body = super::user_created_body(&id.to_string());
                     let at = Instant::now();
+                    if let Some(check) = &check {
+                        check.check()?;
+                    }
                     let transaction = client.transaction().await?;
                     transaction
                         .execute(&insert_user, &[&id, &email(task, i), &"Bench User"])

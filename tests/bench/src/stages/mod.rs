@@ -1,6 +1,7 @@
 //! The stages of a run, each measured beside its raw limit.
 
 mod consumer;
+mod cpu_bound;
 mod create_user;
 mod end_to_end;
 mod latency;
@@ -10,6 +11,7 @@ mod replicas;
 mod signing;
 mod steady;
 
+pub(crate) use cpu_bound::raw_topology;
 pub(crate) use create_user::SERVICE_POOL;
 
 use std::time::Duration;
@@ -53,8 +55,14 @@ pub(crate) async fn run_all(bench: &Bench, options: &Options, report: &mut Repor
     if wanted("latency") {
         latency::run(bench, options, report).await?;
     }
+    let mut sustained = None;
     if wanted("steady") {
-        steady::run(bench, options, report).await?;
+        sustained = steady::run(bench, options, report).await?;
+    }
+    // After the steady state: its batch sizes and CPU per event are what
+    // the raw stages are measured at and compared with.
+    if wanted("cpu-bound") {
+        cpu_bound::run(bench, options, report, sustained.as_ref()).await?;
     }
     if wanted("replicas") {
         replicas::run(bench, options, report).await?;
