@@ -784,18 +784,22 @@ mod tests {
     }
 
     #[test]
-    fn a_key_made_by_openssl_reads_with_the_public_key_openssl_prints() {
-        // A test fixture, made with `openssl genpkey -algorithm ed25519`
-        // (PKCS#8 v1, no public key inside); its public key as the
-        // documented command prints it.
-        let pem = "-----BEGIN PRIVATE KEY-----\n\
-                   MC4CAQAwBQYDK2VwBCIEIMc0jn5IfUdCb4yCRct9Me1oUhzl+D531ybJMslMSJRS\n\
-                   -----END PRIVATE KEY-----\n";
-        let key = PrivateKey::parse(pem.as_bytes()).unwrap();
-        assert_eq!(
-            STANDARD.encode(key.public_key()),
-            "omO4+wBOD0dYtKguDF4CtoBQu85vM4GFeZ6NsJFpIwI="
-        );
+    fn a_key_in_the_form_openssl_writes_reads_with_the_public_key_of_its_seed() {
+        // `openssl genpkey -algorithm ed25519` writes PKCS#8 v1 with no
+        // public key inside: this fixed DER prefix and the 32-byte seed. The
+        // key is made here, from a fresh seed, and its public key is the
+        // seed's as ring derives it.
+        use secrecy::ExposeSecret as _;
+        const OPENSSL_PKCS8_V1_PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+        ];
+        let mut seed = [0_u8; KEY_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).unwrap();
+        let der = [OPENSSL_PKCS8_V1_PREFIX.as_slice(), seed.as_slice()].concat();
+        let pem = pem_private_key(&der);
+        let key = PrivateKey::parse(pem.expose_secret().as_bytes()).unwrap();
+        let expected = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        assert_eq!(key.public_key(), expected.public_key().as_ref());
     }
 
     #[test]
