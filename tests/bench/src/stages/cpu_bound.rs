@@ -136,6 +136,27 @@ struct Raw {
     rounds: Vec<f64>,
 }
 
+impl Raw {
+    /// One run's figures (no rounds of its own).
+    fn new(events: usize, elapsed: Duration, spent: Spent) -> Self {
+        Self {
+            events,
+            elapsed,
+            spent,
+            rounds: Vec::new(),
+        }
+    }
+}
+
+/// The events the tasks of a raw stage handled, in all.
+async fn handled(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<usize>>>) -> anyhow::Result<usize> {
+    let mut events = 0;
+    for task in tasks {
+        events += task.await??;
+    }
+    Ok(events)
+}
+
 /// The median of `runs` by their counted CPU per event, with every run's.
 fn median(mut runs: Vec<Raw>) -> Raw {
     runs.sort_by(|a, b| a.counted().total_cmp(&b.counted()));
@@ -204,20 +225,12 @@ async fn grpc_noop(bench: &Bench, options: &Options, concurrency: usize) -> anyh
             })
         })
         .collect();
-    let mut events = 0;
-    for task in tasks {
-        events += task.await??;
-    }
+    let events = handled(tasks).await?;
     let elapsed = started.elapsed();
     let spent = meter.per_event(events);
     drop(measuring);
     server.terminate().await?;
-    Ok(Raw {
-        events,
-        elapsed,
-        spent,
-        rounds: Vec::new(),
-    })
+    Ok(Raw::new(events, elapsed, spent))
 }
 
 /// (b) The command transaction from `connections` connections, each after
@@ -239,12 +252,7 @@ async fn command(
             .await?;
     let spent = meter.per_event(sample.latencies.len());
     drop(measuring);
-    Ok(Raw {
-        events: sample.latencies.len(),
-        elapsed: sample.elapsed,
-        spent,
-        rounds: Vec::new(),
-    })
+    Ok(Raw::new(sample.latencies.len(), sample.elapsed, spent))
 }
 
 fn only(servers: &[(&'static str, u32)], name: &str) -> Vec<(&'static str, u32)> {
@@ -430,12 +438,7 @@ async fn broker(
     );
     let _ = publishing.close(200, "done".into()).await;
     let _ = consuming.close(200, "done".into()).await;
-    Ok(Raw {
-        events,
-        elapsed,
-        spent,
-        rounds: Vec::new(),
-    })
+    Ok(Raw::new(events, elapsed, spent))
 }
 
 /// (d) The projection's upsert of new users, `consumer_batch` (mean) a
@@ -485,20 +488,12 @@ async fn projection(
             })
         })
         .collect();
-    let mut events = 0;
-    for task in tasks {
-        events += task.await??;
-    }
+    let events = handled(tasks).await?;
     let elapsed = started.elapsed();
     let spent = meter.per_event(events);
     drop(measuring);
     bench.reset_tables().await?;
-    Ok(Raw {
-        events,
-        elapsed,
-        spent,
-        rounds: Vec::new(),
-    })
+    Ok(Raw::new(events, elapsed, spent))
 }
 
 /// Enables or disables the outbox's `NOTIFY` trigger in the benchmark's
@@ -526,12 +521,11 @@ async fn ceiling_once(
     let sample =
         super::create_user::raw_load_on(&bench.user_db, COMMAND_CONNECTIONS, options.cpu_duration(), None)
             .await?;
-    Ok(Raw {
-        events: sample.latencies.len(),
-        elapsed: sample.elapsed,
-        spent: meter.per_event(sample.latencies.len()),
-        rounds: Vec::new(),
-    })
+    Ok(Raw::new(
+        sample.latencies.len(),
+        sample.elapsed,
+        meter.per_event(sample.latencies.len()),
+    ))
 }
 
 /// The commit ceiling with the trigger and without, rounds alternating, the
