@@ -45,6 +45,18 @@ impl UserGrpc {
 
 #[tonic::async_trait]
 impl UserService for UserGrpc {
+    // Placeholder of the contract branch: replaced by the resync work.
+    type ResyncUsersStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ResyncUsersProgress, Status>> + Send + 'static>,
+    >;
+
+    async fn resync_users(
+        &self,
+        _request: Request<pb::ResyncUsersRequest>,
+    ) -> Result<Response<Self::ResyncUsersStream>, Status> {
+        Err(Status::unimplemented("ResyncUsers is not built yet"))
+    }
+
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,
