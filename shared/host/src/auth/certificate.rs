@@ -75,10 +75,7 @@ impl PermissionMap {
                     name => Permission::from_name(name)
                         .map(|permission| [permission].into_iter().collect())
                         .ok_or_else(|| {
-                            format!(
-                                "unknown permission {name:?}: expected users:read, users:write, \
-                                 orders:read, orders:write or *"
-                            )
+format!("unknown permission {name:?}: expected one of {} or *", Permission::names())
                         }),
                 })
                 .try_fold(Permissions::default(), |all, one| {
