@@ -85,8 +85,8 @@ async fn users_resync_without_the_permission_or_with_a_bad_selection_exits_with_
         .output()
         .unwrap();
 
-    assert_eq!(denied.status.code(), Some(shop_cli::EXIT_DENIED), "{denied:?}");
-    assert_eq!(invalid.status.code(), Some(shop_cli::EXIT_USAGE), "{invalid:?}");
+    assert_eq!(denied.status.code(), Some(i32::from(shop_cli::EXIT_DENIED)), "{denied:?}");
+    assert_eq!(invalid.status.code(), Some(i32::from(shop_cli::EXIT_USAGE)), "{invalid:?}");
     let error: Value = serde_json::from_slice(&invalid.stdout).unwrap();
     assert_eq!(error["error"]["violations"][0]["field"], "users.ids[0]");
     assert_eq!(nothing.status.code(), Some(2), "{nothing:?}");
@@ -94,7 +94,7 @@ async fn users_resync_without_the_permission_or_with_a_bad_selection_exits_with_
 }
 
 #[test]
-fn users_resync_help_names_every_selection_and_a_token_may_carry_users_resync() {
+fn users_resync_help_names_every_selection_and_the_permission() {
     let help = Command::cargo_bin("shop")
         .unwrap()
         .args(["users", "resync", "--help"])
@@ -104,32 +104,4 @@ fn users_resync_help_names_every_selection_and_a_token_may_carry_users_resync() 
     for flag in ["--all", "--user <ID>", "--changed-since <RFC3339>", "--max-per-second <N>", "users:resync"] {
         assert!(text.contains(flag), "{flag} in {text}");
     }
-
-    let dir = std::env::temp_dir().join(format!("shop-cli-resync-{}", uuid::Uuid::new_v4().simple()));
-    let keygen = Command::cargo_bin("shop")
-        .unwrap()
-        .env("SHOP_STATE_DIR", &dir)
-        .args(["token", "keygen"])
-        .output()
-        .unwrap();
-    assert!(keygen.status.success(), "{keygen:?}");
-    let issued = Command::cargo_bin("shop")
-        .unwrap()
-        .env("SHOP_STATE_DIR", &dir)
-        .args(["token", "issue", "--subject", "service:ops", "--permission", "users:resync"])
-        .output()
-        .unwrap();
-    let verifier = shop_host::auth::jwt::TokenVerifier::new(
-        dir.join("jwt-keys.json"),
-        "shop".to_owned(),
-        "shop".to_owned(),
-        Duration::from_secs(30),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(issued.status.success(), "{issued:?}");
-    let principal = verifier
-        .unwrap()
-        .verify(String::from_utf8(issued.stdout).unwrap().trim())
-        .unwrap();
-    assert_eq!(principal.permissions().to_scope(), "users:resync");
 }

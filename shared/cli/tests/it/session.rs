@@ -224,6 +224,8 @@ fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subje
         "service:ops",
         "--permission",
         "users:read,orders:read",
+        "--permission",
+        "users:resync",
         "--ttl",
         "10m",
     ]);
@@ -254,7 +256,7 @@ fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subje
         principal.identity(),
         &shop_host::auth::Identity::Service("ops".into())
     );
-    assert_eq!(principal.permissions().to_scope(), "users:read orders:read");
+    assert_eq!(principal.permissions().to_scope(), "users:read orders:read users:resync");
     assert!(!refused.status.success(), "a subject the services would refuse");
 }
 
