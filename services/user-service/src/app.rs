@@ -79,7 +79,7 @@ impl shop_host::Service for UserService {
         let grpc = UserServiceServer::new(
             UserGrpc::new(host.pool().clone()).with_resync_max_per_second(config.resync_max_per_second),
         )
-            .max_decoding_message_size(host.config().grpc.max_message_size());
+        .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);
         // Present from the start, so a dashboard shows 0 before a resync.
         metrics::counter!("user_resync_snapshots_total").increment(0);

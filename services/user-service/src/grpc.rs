@@ -74,9 +74,7 @@ impl UserService for UserGrpc {
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
         // Its own task, in this call's span (so the snapshots carry the
         // call's trace): it notices between batches that the caller left.
-        tokio::spawn(
-            resync::run(self.pool.clone(), resync, sender).instrument(tracing::Span::current()),
-        );
+        tokio::spawn(resync::run(self.pool.clone(), resync, sender).instrument(tracing::Span::current()));
         let stream = futures::stream::unfold(receiver, async |mut receiver| {
             receiver.recv().await.map(|progress| (progress, receiver))
         });

@@ -153,7 +153,11 @@ async fn drive(pool: &Pool, resync: &Resync, progress: &mpsc::Sender<Progress>) 
         let message = pb::ResyncUsersProgress {
             written,
             total,
-            unknown_ids: if last { unknown_ids.take().unwrap_or_default() } else { Vec::new() },
+            unknown_ids: if last {
+                unknown_ids.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
         };
         if !send(progress, Ok(message)).await {
             tracing::info!(written, total, "resync stopped: the caller is gone");

@@ -184,7 +184,10 @@ pub fn resync(request: &pb::ResyncUsersRequest, server_max: u32) -> Result<Resyn
         }
         Some(Requested::Users(users)) => Selection::Ids(resync_ids(&users.ids, &mut violations)),
         Some(Requested::ChangedSince(since)) => {
-            let since = chrono::DateTime::from_timestamp(since.seconds, u32::try_from(since.nanos).unwrap_or(u32::MAX));
+            let since = chrono::DateTime::from_timestamp(
+                since.seconds,
+                u32::try_from(since.nanos).unwrap_or(u32::MAX),
+            );
             Selection::ChangedSince(since.unwrap_or_else(|| {
                 violations.add("changed_since", "must be a valid timestamp");
                 chrono::DateTime::UNIX_EPOCH
@@ -192,7 +195,10 @@ pub fn resync(request: &pb::ResyncUsersRequest, server_max: u32) -> Result<Resyn
         }
         Some(Requested::All(true)) => Selection::All,
         Some(Requested::All(false)) => {
-            violations.add("all", "must be true when set (or set users or changed_since instead)");
+            violations.add(
+                "all",
+                "must be true when set (or set users or changed_since instead)",
+            );
             Selection::All
         }
     };
@@ -218,7 +224,10 @@ fn resync_ids(ids: &[String], violations: &mut FieldViolations) -> Vec<Uuid> {
         violations.add("users.ids", "must name at least one user");
     }
     if ids.len() > RESYNC_MAX_IDS {
-        violations.add("users.ids", format!("must name at most {RESYNC_MAX_IDS} users (use changed_since or all for more)"));
+        violations.add(
+            "users.ids",
+            format!("must name at most {RESYNC_MAX_IDS} users (use changed_since or all for more)"),
+        );
         return Vec::new();
     }
     let mut seen = std::collections::HashMap::with_capacity(ids.len());

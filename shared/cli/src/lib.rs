@@ -152,7 +152,9 @@ async fn users(connection: &args::Connection, command: UsersCommand, output: &Ou
                 (false, None) => ResyncSelection::Users(args.users),
             };
             let last = client
-                .resync_users(selection, args.max_per_second, |progress| output.resync_progress(progress))
+                .resync_users(selection, args.max_per_second, |progress| {
+                    output.resync_progress(progress)
+                })
                 .await?;
             output.resync_done(&last);
         }

@@ -88,7 +88,10 @@ impl Output {
         }
         println!("resync done: {} snapshots written", last.written);
         if !last.unknown_ids.is_empty() {
-            println!("unknown users (never known to the service): {}", last.unknown_ids.join(", "));
+            println!(
+                "unknown users (never known to the service): {}",
+                last.unknown_ids.join(", ")
+            );
         }
     }
 

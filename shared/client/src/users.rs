@@ -170,7 +170,11 @@ impl UserClient {
             max_per_second,
         };
         let deadline = self.config.timeout;
-        let late = || Error::from(tonic::Status::deadline_exceeded("no progress from the resync within the deadline"));
+        let late = || {
+            Error::from(tonic::Status::deadline_exceeded(
+                "no progress from the resync within the deadline",
+            ))
+        };
         let mut client = self.inner.clone();
         let mut stream = tokio::time::timeout(deadline, client.resync_users(request))
             .await

@@ -136,6 +136,9 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
         .unwrap()
         .into_inner();
     while progress.message().await.unwrap().is_some() {}
-    assert_eq!(metric(&scrape().await, "user_resync_snapshots_total", &[]), Some(3.0));
+    assert_eq!(
+        metric(&scrape().await, "user_resync_snapshots_total", &[]),
+        Some(3.0)
+    );
     service.terminate().await.unwrap();
 }

@@ -33,7 +33,10 @@ fn ids(ids: &[&str]) -> Selection {
 }
 
 /// Every progress message of a resync, to its end.
-async fn resync(app: &TestApp, request: pb::ResyncUsersRequest) -> Result<Vec<pb::ResyncUsersProgress>, tonic::Status> {
+async fn resync(
+    app: &TestApp,
+    request: pb::ResyncUsersRequest,
+) -> Result<Vec<pb::ResyncUsersProgress>, tonic::Status> {
     tokio::time::timeout(WAIT, async {
         let mut stream = app.client.clone().resync_users(request).await?.into_inner();
         let mut progress = Vec::new();
@@ -128,7 +131,9 @@ async fn resync_of_listed_users_writes_one_snapshot_each_at_its_current_version_
     let untouched = app.create_user("carl@example.com", "Carl").await;
     let stranger = uuid::Uuid::now_v7().to_string();
 
-    let progress = resync(&app, request(ids(&[&stranger, &bob.id, &ada.id]))).await.unwrap();
+    let progress = resync(&app, request(ids(&[&stranger, &bob.id, &ada.id])))
+        .await
+        .unwrap();
 
     let last = progress.last().expect("at least one progress message");
     assert_eq!((last.written, last.total), (2, 2));
@@ -151,10 +156,17 @@ async fn resync_of_listed_users_writes_one_snapshot_each_at_its_current_version_
         ])
     );
     let of_ada = snapshots.iter().find(|s| s.user_id == ada.id).unwrap();
-    assert_eq!((of_ada.email.as_str(), of_ada.name.as_str()), ("ada@example.com", "Ada Lovelace"));
+    assert_eq!(
+        (of_ada.email.as_str(), of_ada.name.as_str()),
+        ("ada@example.com", "Ada Lovelace")
+    );
     assert!(of_ada.occurred_at.is_some());
     let of_bob = snapshots.iter().find(|s| s.user_id == bob.id).unwrap();
-    assert_eq!((of_bob.email.as_str(), of_bob.name.as_str()), ("", ""), "no personal data of a deleted user");
+    assert_eq!(
+        (of_bob.email.as_str(), of_bob.name.as_str()),
+        ("", ""),
+        "no personal data of a deleted user"
+    );
     assert!(snapshots.iter().all(|s| s.user_id != untouched.id));
 }
 
@@ -167,7 +179,9 @@ async fn resync_of_all_users_and_of_users_changed_since_a_time_select_live_and_d
     delete(&app, &gone).await;
     let since = recent.created_at.unwrap();
 
-    let changed = resync(&app, request(Selection::ChangedSince(since))).await.unwrap();
+    let changed = resync(&app, request(Selection::ChangedSince(since)))
+        .await
+        .unwrap();
 
     assert_eq!(changed.last().map(|p| (p.written, p.total)), Some((2, 2)));
     assert_eq!(
@@ -184,7 +198,11 @@ async fn resync_of_all_users_and_of_users_changed_since_a_time_select_live_and_d
 
     assert_eq!(all.last().map(|p| (p.written, p.total)), Some((3, 3)));
     let all_snapshots = snapshots(&app).await;
-    assert_eq!(all_snapshots.len(), 5, "two from the first call, three from the second");
+    assert_eq!(
+        all_snapshots.len(),
+        5,
+        "two from the first call, three from the second"
+    );
     let mut expected = vec![
         (old.id.clone(), 2, false),
         (recent.id.clone(), 1, false),
@@ -245,7 +263,12 @@ async fn invalid_resync_requests_are_refused_with_every_violation_and_write_noth
         let status = resync(&app, request.clone()).await.unwrap_err();
 
         assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
-        assert_eq!(violated_fields(&status), fields, "{request:?}: {}", status.message());
+        assert_eq!(
+            violated_fields(&status),
+            fields,
+            "{request:?}: {}",
+            status.message()
+        );
     }
     assert!(snapshots(&app).await.is_empty());
 }
@@ -279,7 +302,11 @@ async fn resync_needs_the_resync_permission_and_refuses_user_tokens() {
         .unwrap()
         .into_inner();
     while stream.message().await.unwrap().is_some() {}
-    assert_eq!(snapshots(&app).await.len(), 1, "a caller with users:resync resyncs");
+    assert_eq!(
+        snapshots(&app).await.len(),
+        1,
+        "a caller with users:resync resyncs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -321,7 +348,10 @@ async fn a_resync_is_paced_to_its_rate_and_reports_progress_after_every_batch() 
             .iter()
             .take_while(|t| **t < *start + chrono::Duration::seconds(1))
             .count();
-        assert!(within <= 50 + batch, "{within} snapshots within a second from {start}");
+        assert!(
+            within <= 50 + batch,
+            "{within} snapshots within a second from {start}"
+        );
     }
 }
 
@@ -370,7 +400,11 @@ async fn a_snapshot_waits_for_a_concurrent_update_and_follows_it_in_the_outbox_a
         })
         .await
         .unwrap();
-    let last = tokio::time::timeout(WAIT, resyncing).await.unwrap().unwrap().unwrap();
+    let last = tokio::time::timeout(WAIT, resyncing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 
     assert_eq!(last.map(|p| p.written), Some(1));
     let versions: Vec<(String, i64)> = app
@@ -439,7 +473,10 @@ async fn updates_during_a_resync_of_all_users_keep_each_users_outbox_rows_in_ver
     }
     for (id, rows) in by_user {
         let versions: Vec<i64> = rows.iter().map(|(_, v)| *v).collect();
-        assert!(versions.windows(2).all(|pair| pair[0] <= pair[1]), "{id}: {rows:?}");
+        assert!(
+            versions.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{id}: {rows:?}"
+        );
         // A snapshot repeats the version of the event before it, never
         // another.
         for pair in rows.windows(2) {
@@ -463,7 +500,10 @@ async fn a_snapshot_is_published_signed_with_the_aggregate_headers_at_the_users_
     let delivery = &deliveries[2];
     assert_eq!(delivery.routing_key.as_str(), pb::UserSnapshot::ROUTING_KEY);
     let properties = &delivery.properties;
-    assert_eq!(properties.kind().as_ref().unwrap().as_str(), pb::UserSnapshot::TYPE_NAME);
+    assert_eq!(
+        properties.kind().as_ref().unwrap().as_str(),
+        pb::UserSnapshot::TYPE_NAME
+    );
     let headers = properties.headers().as_ref().unwrap();
     assert_eq!(header_str(headers, "aggregate_type"), Some("user"));
     assert_eq!(header_str(headers, "aggregate_id"), Some(ada.id.as_str()));

@@ -25,7 +25,9 @@ fn shop_with(system: &System, permissions: &[Permission]) -> Command {
 
 fn create_user(system: &System, email: &str) -> String {
     let output = shop_with(system, &[Permission::UsersWrite])
-        .args(["--json", "users", "create", "--email", email, "--name", "Resynced"])
+        .args([
+            "--json", "users", "create", "--email", email, "--name", "Resynced",
+        ])
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -56,7 +58,10 @@ async fn users_resync_streams_progress_as_json_lines_and_as_text_and_names_unkno
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     let last = lines.last().unwrap();
-    assert_eq!((last["written"].as_i64(), last["total"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (last["written"].as_i64(), last["total"].as_i64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(last["unknown_ids"], serde_json::json!([stranger]));
     assert!(all.status.success(), "{all:?}");
     let text = String::from_utf8(all.stdout).unwrap();
@@ -81,12 +86,26 @@ async fn users_resync_without_the_permission_or_with_a_bad_selection_exits_with_
         .output()
         .unwrap();
     let both = shop_with(&system, &[Permission::UsersResync])
-        .args(["users", "resync", "--all", "--changed-since", "2026-12-01T00:00:00Z"])
+        .args([
+            "users",
+            "resync",
+            "--all",
+            "--changed-since",
+            "2026-12-01T00:00:00Z",
+        ])
         .output()
         .unwrap();
 
-    assert_eq!(denied.status.code(), Some(i32::from(shop_cli::EXIT_DENIED)), "{denied:?}");
-    assert_eq!(invalid.status.code(), Some(i32::from(shop_cli::EXIT_USAGE)), "{invalid:?}");
+    assert_eq!(
+        denied.status.code(),
+        Some(i32::from(shop_cli::EXIT_DENIED)),
+        "{denied:?}"
+    );
+    assert_eq!(
+        invalid.status.code(),
+        Some(i32::from(shop_cli::EXIT_USAGE)),
+        "{invalid:?}"
+    );
     let error: Value = serde_json::from_slice(&invalid.stdout).unwrap();
     assert_eq!(error["error"]["violations"][0]["field"], "users.ids[0]");
     assert_eq!(nothing.status.code(), Some(2), "{nothing:?}");
@@ -101,7 +120,13 @@ fn users_resync_help_names_every_selection_and_the_permission() {
         .output()
         .unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
-    for flag in ["--all", "--user <ID>", "--changed-since <RFC3339>", "--max-per-second <N>", "users:resync"] {
+    for flag in [
+        "--all",
+        "--user <ID>",
+        "--changed-since <RFC3339>",
+        "--max-per-second <N>",
+        "users:resync",
+    ] {
         assert!(text.contains(flag), "{flag} in {text}");
     }
 }

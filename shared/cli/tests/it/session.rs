@@ -256,7 +256,10 @@ fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subje
         principal.identity(),
         &shop_host::auth::Identity::Service("ops".into())
     );
-    assert_eq!(principal.permissions().to_scope(), "users:read orders:read users:resync");
+    assert_eq!(
+        principal.permissions().to_scope(),
+        "users:read orders:read users:resync"
+    );
     assert!(!refused.status.success(), "a subject the services would refuse");
 }
 

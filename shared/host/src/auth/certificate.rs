@@ -75,7 +75,10 @@ impl PermissionMap {
                     name => Permission::from_name(name)
                         .map(|permission| [permission].into_iter().collect())
                         .ok_or_else(|| {
-format!("unknown permission {name:?}: expected one of {} or *", Permission::names())
+                            format!(
+                                "unknown permission {name:?}: expected one of {} or *",
+                                Permission::names()
+                            )
                         }),
                 })
                 .try_fold(Permissions::default(), |all, one| {
