@@ -26,6 +26,14 @@ fn request(selection: Selection) -> pb::ResyncUsersRequest {
     }
 }
 
+/// Every user, at most `max_per_second` a second.
+fn every_user_at(max_per_second: i32) -> pb::ResyncUsersRequest {
+    pb::ResyncUsersRequest {
+        selection: Some(Selection::All(true)),
+        max_per_second: Some(max_per_second),
+    }
+}
+
 fn ids(ids: &[&str]) -> Selection {
     Selection::Users(pb::UserIds {
         ids: ids.iter().map(|id| (*id).to_owned()).collect(),
@@ -316,15 +324,7 @@ async fn a_resync_is_paced_to_its_rate_and_reports_progress_after_every_batch() 
         app.create_user(&format!("user{n}@example.com"), "Paced").await;
     }
 
-    let progress = resync(
-        &app,
-        pb::ResyncUsersRequest {
-            selection: Some(Selection::All(true)),
-            max_per_second: Some(50),
-        },
-    )
-    .await
-    .unwrap();
+    let progress = resync(&app, every_user_at(50)).await.unwrap();
 
     assert!(progress.len() >= 4, "{} progress messages", progress.len());
     assert!(progress.windows(2).all(|pair| pair[0].written < pair[1].written));
@@ -455,15 +455,7 @@ async fn updates_during_a_resync_of_all_users_keep_each_users_outbox_rows_in_ver
         })
     };
 
-    let progress = resync(
-        &app,
-        pb::ResyncUsersRequest {
-            selection: Some(Selection::All(true)),
-            max_per_second: Some(100),
-        },
-    )
-    .await
-    .unwrap();
+    let progress = resync(&app, every_user_at(100)).await.unwrap();
     assert_eq!(updating.await.unwrap(), 180);
 
     assert_eq!(progress.last().unwrap().written, 60);

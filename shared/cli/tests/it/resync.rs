@@ -12,14 +12,8 @@ use crate::system::{System, start};
 
 /// `shop` against `system` with a token of `permissions` only.
 fn shop_with(system: &System, permissions: &[Permission]) -> Command {
-    let mut command = Command::cargo_bin("shop").unwrap();
-    command
-        .env("SHOP_USER_ENDPOINT", format!("http://{}", system.user_addr))
-        .env("SHOP_ORDER_ENDPOINT", format!("http://{}", system.order_addr))
-        .env("SHOP_STATE_DIR", "/nonexistent/shop-state")
-        .env_remove("SHOP_TOKEN_FILE")
-        .env("SHOP_TOKEN", TestKeys::shared().token_with(permissions))
-        .timeout(Duration::from_secs(60));
+    let mut command = crate::session::anonymous(system);
+    command.env("SHOP_TOKEN", TestKeys::shared().token_with(permissions));
     command
 }
 

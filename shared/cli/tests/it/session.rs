@@ -18,7 +18,7 @@ fn shop(system: &System) -> Command {
 }
 
 /// `shop` against `system` without credentials.
-fn anonymous(system: &System) -> Command {
+pub(crate) fn anonymous(system: &System) -> Command {
     let mut command = Command::cargo_bin("shop").unwrap();
     command
         .env("SHOP_USER_ENDPOINT", format!("http://{}", system.user_addr))
