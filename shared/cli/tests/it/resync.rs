@@ -1,8 +1,6 @@
 //! `shop users resync`: progress for people and scripts, and the
 //! permission it needs.
 
-use std::time::Duration;
-
 use assert_cmd::Command;
 use serde_json::Value;
 use shop_host::auth::Permission;
