@@ -70,6 +70,16 @@ fn declared_events(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::
                 )),
             }
         };
+        let flag = |field: &str| -> Result<String, String> {
+            match declared.get_field_by_name(field).as_deref() {
+                Some(Value::Bool(value)) => Ok(value.to_string()),
+                None => Ok("false".to_owned()),
+                Some(_) => Err(format!(
+                    "{EVENT_OPTION} on {}: {field} is not a bool",
+                    message.full_name()
+                )),
+            }
+        };
         let row = [
             ("type_name", message.full_name().to_owned()),
             ("default_exchange", text("default_exchange")?),
@@ -77,7 +87,16 @@ fn declared_events(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::
             ("aggregate_type", text("aggregate_type")?),
             ("aggregate_id_field", text("aggregate_id_field")?),
             ("aggregate_version_field", text("aggregate_version_field")?),
+            ("state_carrying", flag("state_carrying")?),
+            ("snapshot", flag("snapshot")?),
         ];
+        if row[7].1 == "true" && row[6].1 != "true" {
+            return Err(format!(
+                "{}: a snapshot event must also be state_carrying",
+                message.full_name()
+            )
+            .into());
+        }
         for (field, kind) in [
             (&row[4].1, prost_reflect::Kind::String),
             (&row[5].1, prost_reflect::Kind::Int64),
@@ -103,7 +122,11 @@ fn declared_events(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::
     for row in rows {
         out.push_str("    DeclaredEvent {\n");
         for (field, value) in row {
-            writeln!(out, "        {field}: {value:?},")?;
+            if matches!(field, "state_carrying" | "snapshot") {
+                writeln!(out, "        {field}: {value},")?;
+            } else {
+                writeln!(out, "        {field}: {value:?},")?;
+            }
         }
         out.push_str("    },\n");
     }

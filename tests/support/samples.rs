@@ -74,6 +74,17 @@ pub fn all() -> Vec<Sample> {
             }
         ),
         sample!(
+            user::UserSnapshot,
+            user::UserSnapshot {
+                user_id: USER_ID.to_owned(),
+                version: 2,
+                email: "ada@example.org".to_owned(),
+                name: "Ada King".to_owned(),
+                deleted: false,
+                occurred_at: at(1_764_000_090),
+            }
+        ),
+        sample!(
             order::OrderCreated,
             order::OrderCreated {
                 order_id: ORDER_ID.to_owned(),

@@ -478,7 +478,8 @@ at a time (the next only after the broker confirmed the previous one). Events of
 aggregates are not ordered. The broker keeps that order within one queue; retries, several \
 consumers or several queues can reorder, so a consumer that needs order keeps, per aggregate, \
 the last version it applied: it applies version n+1, drops a version ≤ n as a repeat, and holds \
-a version > n+1 until the ones before it arrived.
+a version > n+1 until the ones before it arrived. A snapshot (see *carries*) is the exception: \
+it may repeat the version of the event before it, and one above n+1 is a jump, not a gap.
 
 **Partitioning.** `partition` is FNV-1a (32-bit: offset basis 2166136261, prime 16777619, over \
 the UTF-8 bytes of `aggregate_id`) modulo {partitions}, sent as a signed 16-bit integer (`s`). \
@@ -749,6 +750,8 @@ pub fn asyncapi(events: &[EventDoc]) -> String {
                         ("type", s(event.declared.aggregate_type)),
                         ("idField", s(event.declared.aggregate_id_field)),
                         ("versionField", s(event.declared.aggregate_version_field)),
+                        ("stateCarrying", Yaml::Bool(event.declared.state_carrying)),
+                        ("snapshot", Yaml::Bool(event.declared.snapshot)),
                     ]),
                 ),
                 (
@@ -863,23 +866,39 @@ pub fn events_page(events: &[EventDoc]) -> String {
          `envelopes/` (one golden message per event type: body, its canonical JSON, properties, and the \
          header table with its AMQP types, as encoded bytes too). `docs/consuming.md` (in the \
          repository) walks through a consumer, step by step.\n\n## Events\n\n\
-         | type (AMQP `type`) | exchange (default) | routing key | producer (`app_id`) | aggregate | id field | version field |\n\
-         |---|---|---|---|---|---|---|\n",
+         | type (AMQP `type`) | exchange (default) | routing key | producer (`app_id`) | aggregate | id field | version field | carries |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for e in events {
         writeln!(
             out,
-            "| `{}` | `{}` | `{}` | `{}` | `{}` | `{}` | `{}` |",
+            "| `{}` | `{}` | `{}` | `{}` | `{}` | `{}` | `{}` | {} |",
             e.declared.type_name,
             e.declared.default_exchange,
             e.declared.routing_key,
             e.producer,
             e.declared.aggregate_type,
             e.declared.aggregate_id_field,
-            e.declared.aggregate_version_field
+            e.declared.aggregate_version_field,
+            if e.declared.snapshot {
+                "snapshot"
+            } else if e.declared.state_carrying {
+                "state"
+            } else {
+                "change"
+            }
         )
         .unwrap();
     }
+    out.push_str(
+        "\n*carries* (the `.proto` options `state_carrying` and `snapshot`): `change`, the event says \
+         what changed, and applies only on top of the version before it; `state`, the event holds the \
+         aggregate's whole state at its version, so its effect does not depend on the versions before \
+         it; `snapshot`, a state-carrying event republished on request (the user service's \
+         `ResyncUsers`), not a change: take one above your position as \"jump to this version with this \
+         state\", one at or below it as a repeat. A snapshot may repeat a version another event already \
+         had, with its own event id.\n",
+    );
     out.push_str(
         "\nExchanges are durable topic exchanges; each producer's setting (`USER_EVENTS_EXCHANGE`, \
          `ORDER_EVENTS_EXCHANGE`) may name another one. Bind your queue with the routing keys you want \

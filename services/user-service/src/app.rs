@@ -34,6 +34,16 @@ pub struct UserConfig {
         default_value = <shop_contracts::user::UserCreated as shop_contracts::Event>::DEFAULT_EXCHANGE
     )]
     pub events_exchange: String,
+    /// Most `UserSnapshot`s a `ResyncUsers` call writes per second: its
+    /// default, and the most a caller may ask for.
+    #[arg(
+        long = "resync-max-per-second",
+        env = "RESYNC_MAX_PER_SECOND",
+        value_name = "N",
+        default_value_t = crate::resync::DEFAULT_MAX_PER_SECOND,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    pub resync_max_per_second: u32,
 }
 
 /// The whole configuration of the user service.
@@ -59,16 +69,20 @@ impl shop_host::Service for UserService {
         &config.events_exchange
     }
 
-    fn start(_config: &UserConfig, host: &mut Host) -> anyhow::Result<()> {
+    fn start(config: &UserConfig, host: &mut Host) -> anyhow::Result<()> {
         host.retain(Retention {
             table: "create_user_requests",
             column: "created_at",
             window: host.config().request_id_retention,
             consumer: None,
         });
-        let grpc = UserServiceServer::new(UserGrpc::new(host.pool().clone()))
-            .max_decoding_message_size(host.config().grpc.max_message_size());
+        let grpc = UserServiceServer::new(
+            UserGrpc::new(host.pool().clone()).with_resync_max_per_second(config.resync_max_per_second),
+        )
+        .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);
+        // Present from the start, so a dashboard shows 0 before a resync.
+        metrics::counter!("user_resync_snapshots_total").increment(0);
         Ok(())
     }
 }

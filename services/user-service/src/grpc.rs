@@ -11,7 +11,10 @@ use shop_database::Pool;
 use shop_host::auth::principal;
 use tonic::{Request, Response, Status};
 
+use tracing::Instrument as _;
+
 use crate::error::Error;
+use crate::resync;
 use crate::store::{self, NewUser, UserChange};
 use crate::validate::{self, Deletion, Page};
 
@@ -19,6 +22,7 @@ use crate::validate::{self, Deletion, Page};
 #[derive(Clone)]
 pub struct UserGrpc {
     pool: Pool,
+    resync_max_per_second: u32,
 }
 
 impl std::fmt::Debug for UserGrpc {
@@ -28,9 +32,21 @@ impl std::fmt::Debug for UserGrpc {
 }
 
 impl UserGrpc {
-    /// Handlers using `pool`.
+    /// Handlers using `pool`, resyncs bound to
+    /// [`resync::DEFAULT_MAX_PER_SECOND`].
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            resync_max_per_second: resync::DEFAULT_MAX_PER_SECOND,
+        }
+    }
+
+    /// The same handlers with resyncs bound to `max_per_second` snapshots
+    /// a second (`RESYNC_MAX_PER_SECOND`): the default and the most a
+    /// caller may ask for.
+    pub fn with_resync_max_per_second(mut self, max_per_second: u32) -> Self {
+        self.resync_max_per_second = max_per_second.max(1);
+        self
     }
 
     /// Runs `work` on a pooled connection within the database deadline
@@ -45,6 +61,26 @@ impl UserGrpc {
 
 #[tonic::async_trait]
 impl UserService for UserGrpc {
+    type ResyncUsersStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ResyncUsersProgress, Status>> + Send + 'static>,
+    >;
+
+    #[tracing::instrument(name = "resync_users", skip_all, err)]
+    async fn resync_users(
+        &self,
+        request: Request<pb::ResyncUsersRequest>,
+    ) -> Result<Response<Self::ResyncUsersStream>, Status> {
+        let resync = validate::resync(request.get_ref(), self.resync_max_per_second).map_err(Error::from)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        // Its own task, in this call's span (so the snapshots carry the
+        // call's trace): it notices between batches that the caller left.
+        tokio::spawn(resync::run(self.pool.clone(), resync, sender).instrument(tracing::Span::current()));
+        let stream = futures::stream::unfold(receiver, async |mut receiver| {
+            receiver.recv().await.map(|progress| (progress, receiver))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,

@@ -21,3 +21,14 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    /// What is kept of a deleted user (no personal data).
+    user_tombstones (id) {
+        id -> Uuid,
+        version -> BigInt,
+        deleted_at -> Timestamptz,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(users, user_tombstones);

@@ -12,7 +12,7 @@ use shop_host::grpc::StaleVersion;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::schema::{create_user_requests, users};
+use crate::schema::{create_user_requests, user_tombstones, users};
 
 /// A stored user.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -189,20 +189,32 @@ pub async fn update_user(conn: &mut AsyncPgConnection, change: &UserChange) -> R
     .await
 }
 
-/// Deletes a user and writes `UserDeleted` (at the version after the last
-/// change).
+/// Deletes a user, keeps its tombstone (id, version, when) and writes
+/// `UserDeleted` (at the version after the last change).
 #[tracing::instrument(name = "db.delete_user", skip_all, fields(db.system = "postgresql", user.id = %id))]
 pub async fn delete_user(conn: &mut AsyncPgConnection, id: Uuid, expected_version: i64) -> Result<(), Error> {
     conn.transaction(async |conn| {
         let current = lock(conn, id, expected_version).await?;
+        let now = Utc::now();
         let event = pb::UserDeleted {
             user_id: id.to_string(),
             version: current.version + 1,
-            occurred_at: Some(timestamp(Utc::now())),
+            occurred_at: Some(timestamp(now)),
         };
+        // The tombstone keeps the version the deletion has, so that a
+        // resync can still tell a consumer that missed `UserDeleted`.
         let delete = diesel::delete(users::table.find(id)).execute(&mut &*conn);
-        let (deleted, enqueued) = futures::join!(delete, shop_outbox::enqueue(&*conn, &event));
+        let tombstone = diesel::insert_into(user_tombstones::table)
+            .values((
+                user_tombstones::id.eq(id),
+                user_tombstones::version.eq(event.version),
+                user_tombstones::deleted_at.eq(now),
+            ))
+            .execute(&mut &*conn);
+        let (deleted, buried, enqueued) =
+            futures::join!(delete, tombstone, shop_outbox::enqueue(&*conn, &event));
         deleted?;
+        buried?;
         enqueued?;
         Ok(())
     })
@@ -247,4 +259,151 @@ pub async fn list(conn: &mut AsyncPgConnection, after: Option<Uuid>, limit: i64)
         query = query.filter(users::id.gt(after));
     }
     Ok(query.load(conn).await?)
+}
+
+/// Which users a resync republishes (a validated
+/// `shop.user.v1.ResyncUsersRequest` selection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These ids, sorted, without duplicates.
+    Ids(Vec<Uuid>),
+    /// Users (live or deleted) whose last change is at or after this time.
+    ChangedSince(DateTime<Utc>),
+    /// Every user the service has known, deleted ones included.
+    All,
+}
+
+/// The ids of `ids` the service knows, as a user or a tombstone, in id
+/// order.
+pub async fn known(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, Error> {
+    let mut known: Vec<Uuid> = users::table
+        .filter(users::id.eq_any(ids))
+        .select(users::id)
+        .load(conn)
+        .await?;
+    let buried: Vec<Uuid> = user_tombstones::table
+        .filter(user_tombstones::id.eq_any(ids))
+        .select(user_tombstones::id)
+        .load(conn)
+        .await?;
+    known.extend(buried);
+    known.sort_unstable();
+    Ok(known)
+}
+
+/// How many users (live ones created by `created_by`, and tombstones)
+/// changed at or after `since` (`None`: every one).
+pub async fn count_changed(
+    conn: &mut AsyncPgConnection,
+    since: Option<DateTime<Utc>>,
+    created_by: DateTime<Utc>,
+) -> Result<i64, Error> {
+    let mut live = users::table
+        .filter(users::created_at.le(created_by))
+        .count()
+        .into_boxed();
+    let mut buried = user_tombstones::table.count().into_boxed();
+    if let Some(since) = since {
+        live = live.filter(users::updated_at.ge(since));
+        buried = buried.filter(user_tombstones::deleted_at.ge(since));
+    }
+    let live: i64 = live.get_result(conn).await?;
+    let buried: i64 = buried.get_result(conn).await?;
+    Ok(live + buried)
+}
+
+/// Up to `limit` ids, after `after` in id order, of the users (live ones
+/// created by `created_by`, and tombstones) changed at or after `since`
+/// (`None`: every one). Keyset pagination: each page is an index range
+/// scan of both tables, however far the resync has come.
+pub async fn changed_ids(
+    conn: &mut AsyncPgConnection,
+    since: Option<DateTime<Utc>>,
+    created_by: DateTime<Utc>,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    let mut live = users::table
+        .select(users::id)
+        .filter(users::created_at.le(created_by))
+        .order(users::id.asc())
+        .limit(limit)
+        .into_boxed();
+    let mut buried = user_tombstones::table
+        .select(user_tombstones::id)
+        .order(user_tombstones::id.asc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(since) = since {
+        live = live.filter(users::updated_at.ge(since));
+        buried = buried.filter(user_tombstones::deleted_at.ge(since));
+    }
+    if let Some(after) = after {
+        live = live.filter(users::id.gt(after));
+        buried = buried.filter(user_tombstones::id.gt(after));
+    }
+    // The first `limit` of the union are among the first `limit` of each.
+    let mut ids: Vec<Uuid> = live.load(conn).await?;
+    ids.extend(buried.load::<Uuid>(conn).await?);
+    ids.sort_unstable();
+    ids.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok(ids)
+}
+
+/// Writes one `UserSnapshot` per user of `ids` to the outbox, in one
+/// transaction: a live user's whole state at its version, a deleted user's
+/// tombstone as `deleted` at the version of its deletion. Returns how many
+/// it wrote (an id that is neither, it skips).
+///
+/// The users' rows are locked (`FOR SHARE`) before their snapshots are
+/// written, and read under that lock: an `UpdateUser` or `DeleteUser`
+/// running meanwhile either committed before (its event is in the outbox
+/// first, the snapshot has its version) or waits for this transaction (its
+/// event follows the snapshot, at the next version). So the outbox keeps
+/// each user's events in version order. A user deleted while the lock was
+/// awaited has its tombstone by the time the tombstones are read.
+#[tracing::instrument(name = "db.write_snapshots", skip_all, fields(db.system = "postgresql", users = ids.len()))]
+pub async fn write_snapshots(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<u64, Error> {
+    conn.transaction(async |conn| {
+        let live: Vec<User> = users::table
+            .filter(users::id.eq_any(ids))
+            .select(User::as_select())
+            .order(users::id.asc())
+            .for_share()
+            .load(conn)
+            .await?;
+        let buried: Vec<(Uuid, i64)> = user_tombstones::table
+            .filter(user_tombstones::id.eq_any(ids))
+            .select((user_tombstones::id, user_tombstones::version))
+            .load(conn)
+            .await?;
+        let taken_at = Some(timestamp(Utc::now()));
+        let snapshots: Vec<pb::UserSnapshot> = live
+            .into_iter()
+            .map(|user| pb::UserSnapshot {
+                user_id: user.id.to_string(),
+                version: user.version,
+                email: user.email,
+                name: user.name,
+                deleted: false,
+                occurred_at: taken_at,
+            })
+            .chain(buried.into_iter().map(|(id, version)| pb::UserSnapshot {
+                user_id: id.to_string(),
+                version,
+                deleted: true,
+                occurred_at: taken_at,
+                ..pb::UserSnapshot::default()
+            }))
+            .collect();
+        // Sent together, answered together: one round trip for the batch.
+        futures::future::try_join_all(
+            snapshots
+                .iter()
+                .map(|snapshot| shop_outbox::enqueue(&*conn, snapshot)),
+        )
+        .await?;
+        Ok(snapshots.len() as u64)
+    })
+    .await
 }

@@ -12,7 +12,8 @@ pub use shop_host::validate::{
 };
 use uuid::Uuid;
 
-use crate::store::{NewUser, UserChange};
+use crate::resync::Resync;
+use crate::store::{NewUser, Selection, UserChange};
 
 /// Longest email address (RFC 5321 path limit).
 pub const EMAIL_MAX: usize = 254;
@@ -163,6 +164,92 @@ pub fn get_user(request: &pb::GetUserRequest) -> Result<Uuid, FieldViolations> {
     let mut violations = FieldViolations::new();
     let id = uuid("id", &request.id, &mut violations);
     violations.check().map(|()| id)
+}
+
+/// Most ids one `ResyncUsers` may name.
+pub const RESYNC_MAX_IDS: usize = 1000;
+
+/// Checks a `ResyncUsers`: exactly one selection; `users.ids` 1 to
+/// [`RESYNC_MAX_IDS`] UUIDs, none twice; `changed_since` a valid
+/// timestamp; `max_per_second`, when set, 1 to `server_max` (unset:
+/// `server_max`).
+pub fn resync(request: &pb::ResyncUsersRequest, server_max: u32) -> Result<Resync, FieldViolations> {
+    use pb::resync_users_request::Selection as Requested;
+
+    let mut violations = FieldViolations::new();
+    let selection = match &request.selection {
+        None => {
+            violations.add("selection", "set exactly one of users, changed_since or all");
+            Selection::All
+        }
+        Some(Requested::Users(users)) => Selection::Ids(resync_ids(&users.ids, &mut violations)),
+        Some(Requested::ChangedSince(since)) => {
+            let since = chrono::DateTime::from_timestamp(
+                since.seconds,
+                u32::try_from(since.nanos).unwrap_or(u32::MAX),
+            );
+            Selection::ChangedSince(since.unwrap_or_else(|| {
+                violations.add("changed_since", "must be a valid timestamp");
+                chrono::DateTime::UNIX_EPOCH
+            }))
+        }
+        Some(Requested::All(true)) => Selection::All,
+        Some(Requested::All(false)) => {
+            violations.add(
+                "all",
+                "must be true when set (or set users or changed_since instead)",
+            );
+            Selection::All
+        }
+    };
+    let max_per_second = match request.max_per_second {
+        None => server_max,
+        Some(asked) => match u32::try_from(asked) {
+            Ok(asked) if (1..=server_max).contains(&asked) => asked,
+            _ => {
+                violations.add("max_per_second", format!("must be between 1 and {server_max}"));
+                server_max
+            }
+        },
+    };
+    violations.check().map(|()| Resync {
+        selection,
+        max_per_second,
+    })
+}
+
+/// The ids of a resync's `users`, sorted.
+fn resync_ids(ids: &[String], violations: &mut FieldViolations) -> Vec<Uuid> {
+    if ids.is_empty() {
+        violations.add("users.ids", "must name at least one user");
+    }
+    if ids.len() > RESYNC_MAX_IDS {
+        violations.add(
+            "users.ids",
+            format!("must name at most {RESYNC_MAX_IDS} users (use changed_since or all for more)"),
+        );
+        return Vec::new();
+    }
+    let mut seen = std::collections::HashMap::with_capacity(ids.len());
+    let mut parsed = Vec::with_capacity(ids.len());
+    for (at, value) in ids.iter().enumerate() {
+        let field = format!("users.ids[{at}]");
+        let mut wrong = FieldViolations::new();
+        let id = uuid(&field, value, &mut wrong);
+        if !wrong.is_empty() {
+            violations.add(field, "must be a UUID");
+            continue;
+        }
+        match seen.get(&id) {
+            Some(first) => violations.add(field, format!("repeats users.ids[{first}]")),
+            None => {
+                seen.insert(id, at);
+                parsed.push(id);
+            }
+        }
+    }
+    parsed.sort_unstable();
+    parsed
 }
 
 #[cfg(test)]

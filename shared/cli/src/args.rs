@@ -33,6 +33,7 @@ Examples:
   shop users create --email ada@example.com --name 'Ada Lovelace'
   shop users list --all
   shop users update <id> --version 1 --name 'Ada King'
+  shop users resync --changed-since 2026-12-01T00:00:00Z --max-per-second 200
   shop orders create --user <user id> --item sku-1:2 --item sku-7:1
   shop orders cancel <order id> --version 1
   shop --json orders list --user <user id> | jq '.orders[].status'
@@ -334,6 +335,36 @@ pub enum UsersCommand {
         #[command(flatten)]
         page: PageArgs,
     },
+    /// Republish users' current state as snapshot events, so that a
+    /// consumer that missed events catches up (needs users:resync). Prints
+    /// progress after every batch.
+    Resync(ResyncArgs),
+}
+
+/// Which users `shop users resync` republishes, and how fast.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["all", "users", "changed_since"])))]
+pub struct ResyncArgs {
+    /// Every user, deleted ones included.
+    #[arg(long)]
+    pub all: bool,
+    /// These users (ids; repeat or separate with commas, at most 1000).
+    #[arg(long = "user", value_name = "ID", value_delimiter = ',', num_args = 1..)]
+    pub users: Vec<String>,
+    /// Users created, updated or deleted at or after this time (RFC 3339,
+    /// e.g. 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "RFC3339", value_parser = rfc3339)]
+    pub changed_since: Option<std::time::SystemTime>,
+    /// At most this many snapshots a second (unset: the service's bound,
+    /// RESYNC_MAX_PER_SECOND).
+    #[arg(long, value_name = "N")]
+    pub max_per_second: Option<i32>,
+}
+
+fn rfc3339(value: &str) -> Result<std::time::SystemTime, String> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(std::time::SystemTime::from)
+        .map_err(|error| format!("{value:?} is not an RFC 3339 time such as 2026-12-01T00:00:00Z: {error}"))
 }
 
 /// One item of an order on the command line: `product_id:quantity`.

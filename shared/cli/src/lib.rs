@@ -23,8 +23,8 @@ pub mod up;
 
 use std::process::ExitCode;
 
-pub use args::{Cli, Command, DlqCommand, OrdersCommand, UsersCommand};
-use shop_client::{ClientConfig, Error, OrderClient, UserClient, UserUpdate};
+pub use args::{Cli, Command, DlqCommand, OrdersCommand, ResyncArgs, UsersCommand};
+use shop_client::{ClientConfig, Error, OrderClient, ResyncSelection, UserClient, UserUpdate};
 
 use crate::output::Output;
 
@@ -144,6 +144,19 @@ async fn users(connection: &args::Connection, command: UsersCommand, output: &Ou
                 }
             }
             output.users(&users, &token);
+        }
+        UsersCommand::Resync(args) => {
+            let selection = match (args.all, args.changed_since) {
+                (true, _) => ResyncSelection::All,
+                (false, Some(since)) => ResyncSelection::ChangedSince(since),
+                (false, None) => ResyncSelection::Users(args.users),
+            };
+            let last = client
+                .resync_users(selection, args.max_per_second, |progress| {
+                    output.resync_progress(progress)
+                })
+                .await?;
+            output.resync_done(&last);
         }
     }
     Ok(())

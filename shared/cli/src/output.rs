@@ -2,7 +2,7 @@
 
 use comfy_table::Table;
 use serde_json::json;
-use shop_client::{Error, Order, User};
+use shop_client::{Error, Order, ResyncProgress, User};
 
 use crate::Failure;
 use crate::records::{ORDER_HEADER, USER_HEADER, order_json, order_row, user_json, user_row};
@@ -65,6 +65,33 @@ impl Output {
         println!("{}", table(&ORDER_HEADER, orders.iter().map(order_row)));
         if !next_page_token.is_empty() {
             println!("more: --page-token {next_page_token}");
+        }
+    }
+
+    /// One progress message of a resync: a JSON line, or a line for
+    /// people.
+    pub(crate) fn resync_progress(&self, progress: &ResyncProgress) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"written": progress.written, "total": progress.total, "unknown_ids": progress.unknown_ids})
+            );
+        } else {
+            println!("written {} of {} snapshots", progress.written, progress.total);
+        }
+    }
+
+    /// The end of a resync (in JSON, the last progress line said it all).
+    pub(crate) fn resync_done(&self, last: &ResyncProgress) {
+        if self.json {
+            return;
+        }
+        println!("resync done: {} snapshots written", last.written);
+        if !last.unknown_ids.is_empty() {
+            println!(
+                "unknown users (never known to the service): {}",
+                last.unknown_ids.join(", ")
+            );
         }
     }
 

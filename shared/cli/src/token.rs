@@ -89,7 +89,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub subject: String,
     /// What it may do, comma-separated or repeated: users:read,
-    /// users:write, orders:read, orders:write.
+    /// users:write, orders:read, orders:write, users:resync.
     #[arg(long = "permission", value_delimiter = ',', required = true, value_parser = permission)]
     pub permissions: Vec<Permission>,
     /// How long it is valid.
@@ -108,7 +108,7 @@ pub struct IssueArgs {
 
 fn permission(name: &str) -> Result<Permission, String> {
     Permission::from_name(name.trim())
-        .ok_or_else(|| format!("expected users:read, users:write, orders:read or orders:write, not {name:?}"))
+        .ok_or_else(|| format!("expected one of {}, not {name:?}", Permission::names()))
 }
 
 /// Runs `shop token …`; what it prints goes to stdout.

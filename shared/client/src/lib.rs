@@ -69,8 +69,8 @@ pub use error::{Error, FieldViolation};
 pub use orders::OrderClient;
 pub use secrecy::SecretString;
 pub use shop_contracts::order::{Order, OrderItem, OrderStatus};
-pub use shop_contracts::user::User;
-pub use users::{UserClient, UserUpdate};
+pub use shop_contracts::user::{ResyncUsersProgress as ResyncProgress, User};
+pub use users::{ResyncSelection, UserClient, UserUpdate};
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,7 +5,7 @@ use shop_contracts::user::user_service_client::UserServiceClient;
 use uuid::Uuid;
 
 use crate::retry::{Repeat, TracedChannel, channel, with_retries};
-use crate::{ClientConfig, Error, Page, User};
+use crate::{ClientConfig, Error, Page, ResyncProgress, User};
 
 /// What an update changes; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,6 +124,73 @@ impl UserClient {
         Ok(Page {
             items: response.users,
             next_page_token: response.next_page_token,
+        })
+    }
+}
+
+/// Which users [`UserClient::resync_users`] republishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResyncSelection {
+    /// These users (at most 1000, none twice); deleted ones get a deleted
+    /// snapshot.
+    Users(Vec<String>),
+    /// Users created, updated or deleted at or after this time.
+    ChangedSince(std::time::SystemTime),
+    /// Every user, deleted ones included.
+    All,
+}
+
+impl UserClient {
+    /// Republishes the current state of the selected users as
+    /// `UserSnapshot` events (needs the `users:resync` permission), at most
+    /// `max_per_second` a second (`None`: the server's bound), calling
+    /// `on_progress` with each progress message; returns the last one,
+    /// which carries the ids the service never knew.
+    ///
+    /// The call runs as long as the resync does: the deadline
+    /// ([`ClientConfig::timeout`]) bounds the wait for each message, not
+    /// the whole call. It is not retried (what it wrote stays written, and
+    /// a repeat writes every snapshot again): call it again to go on.
+    /// Dropping the future cancels the resync between two batches.
+    pub async fn resync_users(
+        &self,
+        selection: ResyncSelection,
+        max_per_second: Option<i32>,
+        mut on_progress: impl FnMut(&ResyncProgress),
+    ) -> Result<ResyncProgress, Error> {
+        use pb::resync_users_request::Selection;
+
+        let selection = match selection {
+            ResyncSelection::Users(ids) => Selection::Users(pb::UserIds { ids }),
+            ResyncSelection::ChangedSince(since) => Selection::ChangedSince(since.into()),
+            ResyncSelection::All => Selection::All(true),
+        };
+        let request = pb::ResyncUsersRequest {
+            selection: Some(selection),
+            max_per_second,
+        };
+        let deadline = self.config.timeout;
+        let late = || {
+            Error::from(tonic::Status::deadline_exceeded(
+                "no progress from the resync within the deadline",
+            ))
+        };
+        let mut client = self.inner.clone();
+        let mut stream = tokio::time::timeout(deadline, client.resync_users(request))
+            .await
+            .map_err(|_| late())??
+            .into_inner();
+        let mut last = None;
+        while let Some(progress) = tokio::time::timeout(deadline, stream.message())
+            .await
+            .map_err(|_| late())??
+        {
+            on_progress(&progress);
+            last = Some(progress);
+        }
+        last.ok_or_else(|| Error::Server {
+            code: tonic::Code::Internal,
+            message: "the resync ended without progress".to_owned(),
         })
     }
 }

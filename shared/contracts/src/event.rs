@@ -1,7 +1,7 @@
 //! Event metadata bound to the generated messages.
 
 use crate::order::{OrderCancelled, OrderCreated};
-use crate::user::{UserCreated, UserDeleted, UserUpdated};
+use crate::user::{UserCreated, UserDeleted, UserSnapshot, UserUpdated};
 
 /// A protobuf message that is published as an event.
 ///
@@ -20,6 +20,15 @@ pub trait Event: prost::Message + prost::Name + Default + Clone + Send + Sync + 
     /// Topic exchange the producer publishes it to unless a setting names
     /// another one, e.g. `user.events`: taken from the `.proto` option.
     const DEFAULT_EXCHANGE: &'static str;
+    /// The event carries the aggregate's whole state at its version (the
+    /// `.proto` option `state_carrying`): its effect does not depend on the
+    /// versions before it, so a consumer may apply it past a gap.
+    const STATE_CARRYING: bool;
+    /// The event is a snapshot (the `.proto` option `snapshot`): the whole
+    /// state at its version, republished on request. A consumer takes one
+    /// above its position as a jump to that version; it may repeat a version
+    /// with a new event id without being a conflict.
+    const SNAPSHOT: bool;
 
     /// Id of the aggregate (the user, the order) the event is about.
     fn aggregate_id(&self) -> &str;
@@ -59,6 +68,8 @@ pub struct EventType {
     pub type_name: &'static str,
     /// See [`Event::ROUTING_KEY`].
     pub routing_key: &'static str,
+    /// See [`Event::SNAPSHOT`].
+    pub snapshot: bool,
 }
 
 /// One event as its `.proto` declares it (the option
@@ -79,6 +90,10 @@ pub struct DeclaredEvent {
     pub aggregate_id_field: &'static str,
     /// Field holding the aggregate version.
     pub aggregate_version_field: &'static str,
+    /// See [`Event::STATE_CARRYING`].
+    pub state_carrying: bool,
+    /// See [`Event::SNAPSHOT`].
+    pub snapshot: bool,
 }
 
 include!(concat!(env!("OUT_DIR"), "/declared_events.rs"));
@@ -137,6 +152,8 @@ macro_rules! events {
                 const ROUTING_KEY: &'static str = $key;
                 const AGGREGATE_TYPE: &'static str = $agg;
                 const DEFAULT_EXCHANGE: &'static str = declared($name).default_exchange;
+                const STATE_CARRYING: bool = declared($name).state_carrying;
+                const SNAPSHOT: bool = declared($name).snapshot;
 
                 fn aggregate_id(&self) -> &str {
                     &self.$id
@@ -157,7 +174,8 @@ macro_rules! events {
 
         /// Every event type of the system.
         pub fn all_event_types() -> &'static [EventType] {
-            &[$(EventType { type_name: $name, routing_key: $key }),*]
+            const TYPES: &[EventType] = &[$(EventType { type_name: $name, routing_key: $key, snapshot: declared($name).snapshot }),*];
+            TYPES
         }
 
         /// A readable rendering of an encoded event of type `type_name`, for
@@ -199,6 +217,8 @@ macro_rules! events {
                     aggregate_type: $agg,
                     aggregate_id_field: stringify!($id),
                     aggregate_version_field: stringify!($version),
+                    state_carrying: <$ty as Event>::STATE_CARRYING,
+                    snapshot: <$ty as Event>::SNAPSHOT,
                 }),*];
                 let mut rows = rows.to_vec();
                 rows.sort_by_key(|row| row.type_name);
@@ -225,6 +245,7 @@ events! {
     UserCreated { type_name: "shop.user.v1.UserCreated", routing_key: "user.created", aggregate: "user", id: user_id, version: version }
     UserUpdated { type_name: "shop.user.v1.UserUpdated", routing_key: "user.updated", aggregate: "user", id: user_id, version: version }
     UserDeleted { type_name: "shop.user.v1.UserDeleted", routing_key: "user.deleted", aggregate: "user", id: user_id, version: version }
+    UserSnapshot { type_name: "shop.user.v1.UserSnapshot", routing_key: "user.snapshot", aggregate: "user", id: user_id, version: version }
     OrderCreated { type_name: "shop.order.v1.OrderCreated", routing_key: "order.created", aggregate: "order", id: order_id, version: version }
     OrderCancelled { type_name: "shop.order.v1.OrderCancelled", routing_key: "order.cancelled", aggregate: "order", id: order_id, version: version }
 }

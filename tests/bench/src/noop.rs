@@ -57,6 +57,15 @@ impl UserService for Noop {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
+
+    type ResyncUsersStream = futures::stream::Empty<Result<pb::ResyncUsersProgress, Status>>;
+
+    async fn resync_users(
+        &self,
+        _: Request<pb::ResyncUsersRequest>,
+    ) -> Result<Response<Self::ResyncUsersStream>, Status> {
+        Err(Status::unimplemented("noop"))
+    }
 }
 
 /// Serves on `GRPC_ADDR` (`127.0.0.1:0` by default) until SIGTERM or

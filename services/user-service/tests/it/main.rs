@@ -15,6 +15,7 @@ mod limits;
 mod metrics;
 mod properties;
 mod relay;
+mod resync;
 mod retention;
 mod rpc;
 mod server;

@@ -124,5 +124,21 @@ async fn metrics_count_calls_and_events_and_the_outbox_depth_follows_the_broker(
     );
     let (status, health) = http_get(admin, "/health").await.unwrap();
     assert_eq!(status, 200, "{health}");
+
+    // A resync counts the snapshots it writes.
+    assert_eq!(metric(&metrics, "user_resync_snapshots_total", &[]), Some(0.0));
+    let mut progress = client
+        .resync_users(pb::ResyncUsersRequest {
+            selection: Some(pb::resync_users_request::Selection::All(true)),
+            max_per_second: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while progress.message().await.unwrap().is_some() {}
+    assert_eq!(
+        metric(&scrape().await, "user_resync_snapshots_total", &[]),
+        Some(3.0)
+    );
     service.terminate().await.unwrap();
 }

@@ -8,6 +8,7 @@ mod system;
 
 mod dlq;
 mod identities;
+mod resync;
 mod session;
 mod up;
 mod up_keys;

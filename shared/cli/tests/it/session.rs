@@ -18,7 +18,7 @@ fn shop(system: &System) -> Command {
 }
 
 /// `shop` against `system` without credentials.
-fn anonymous(system: &System) -> Command {
+pub(crate) fn anonymous(system: &System) -> Command {
     let mut command = Command::cargo_bin("shop").unwrap();
     command
         .env("SHOP_USER_ENDPOINT", format!("http://{}", system.user_addr))
@@ -224,6 +224,8 @@ fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subje
         "service:ops",
         "--permission",
         "users:read,orders:read",
+        "--permission",
+        "users:resync",
         "--ttl",
         "10m",
     ]);
@@ -254,7 +256,10 @@ fn an_issued_token_verifies_against_the_key_set_keygen_wrote_and_names_its_subje
         principal.identity(),
         &shop_host::auth::Identity::Service("ops".into())
     );
-    assert_eq!(principal.permissions().to_scope(), "users:read orders:read");
+    assert_eq!(
+        principal.permissions().to_scope(),
+        "users:read orders:read users:resync"
+    );
     assert!(!refused.status.success(), "a subject the services would refuse");
 }
 

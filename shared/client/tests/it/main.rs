@@ -84,6 +84,15 @@ impl UserService for Flaky {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         self.inner.list_users(request).await
     }
+
+    type ResyncUsersStream = <UserGrpc as UserService>::ResyncUsersStream;
+
+    async fn resync_users(
+        &self,
+        request: Request<pb::ResyncUsersRequest>,
+    ) -> Result<Response<Self::ResyncUsersStream>, Status> {
+        self.inner.resync_users(request).await
+    }
 }
 
 struct Server {

@@ -76,8 +76,8 @@ impl PermissionMap {
                         .map(|permission| [permission].into_iter().collect())
                         .ok_or_else(|| {
                             format!(
-                                "unknown permission {name:?}: expected users:read, users:write, \
-                                 orders:read, orders:write or *"
+                                "unknown permission {name:?}: expected one of {} or *",
+                                Permission::names()
                             )
                         }),
                 })

@@ -62,6 +62,7 @@
 //! | `shop.user.v1.UserService/UpdateUser` | `users:write` | itself only |
 //! | `shop.user.v1.UserService/DeleteUser` | `users:write` | itself only |
 //! | `shop.user.v1.UserService/ListUsers` | `users:read` | refused (it lists every user's email) |
+//! | `shop.user.v1.UserService/ResyncUsers` | `users:resync` | refused (it republishes every user) |
 //! | `shop.order.v1.OrderService/CreateOrder` | `orders:write` | its own orders only |
 //! | `shop.order.v1.OrderService/GetOrder` | `orders:read` | its own orders only |
 //! | `shop.order.v1.OrderService/ListOrders` | `orders:read` | its own orders only |
@@ -133,15 +134,20 @@ pub enum Permission {
     OrdersRead,
     /// `orders:write`: CreateOrder, CancelOrder.
     OrdersWrite,
+    /// `users:resync`: ResyncUsers (republishing users' state is an
+    /// operator's repair, not a write: a token that may write users may not
+    /// flood the outbox).
+    UsersResync,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::UsersRead,
         Self::UsersWrite,
         Self::OrdersRead,
         Self::OrdersWrite,
+        Self::UsersResync,
     ];
 
     /// Its name in tokens and settings (`users:read`).
@@ -151,7 +157,13 @@ impl Permission {
             Self::UsersWrite => "users:write",
             Self::OrdersRead => "orders:read",
             Self::OrdersWrite => "orders:write",
+            Self::UsersResync => "users:resync",
         }
+    }
+
+    /// Every permission's name, for messages: `users:read, …`.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
     }
 
     /// The permission named `name`, if any.
@@ -165,6 +177,7 @@ impl Permission {
             Self::UsersWrite => 2,
             Self::OrdersRead => 4,
             Self::OrdersWrite => 8,
+            Self::UsersResync => 16,
         }
     }
 }
@@ -256,6 +269,11 @@ pub const METHODS: &[(&str, Permission, Callers)] = &[
     (
         "/shop.user.v1.UserService/ListUsers",
         Permission::UsersRead,
+        Callers::ServicesOnly,
+    ),
+    (
+        "/shop.user.v1.UserService/ResyncUsers",
+        Permission::UsersResync,
         Callers::ServicesOnly,
     ),
     (

@@ -1,0 +1,2 @@
+DROP INDEX users_updated_at;
+DROP TABLE user_tombstones;
