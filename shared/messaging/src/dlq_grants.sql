@@ -11,3 +11,4 @@
 GRANT USAGE ON SCHEMA public TO {role};
 GRANT SELECT, INSERT, UPDATE ON inbox_sequence TO {role};
 GRANT SELECT, UPDATE, DELETE ON inbox_parked TO {role};
+GRANT SELECT ON inbox_conflicts TO {role};
