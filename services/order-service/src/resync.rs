@@ -22,11 +22,7 @@ pub struct ResyncConfig {
     /// for TLS checked against Mozilla's roots) to ask for snapshots of the
     /// users stuck behind a gap (gap policy `resync`, the default once this
     /// is set). Unset: no resync.
-    #[arg(
-        long = "consumer-resync-url",
-        env = "CONSUMER_RESYNC_URL",
-        value_name = "URL"
-    )]
+    #[arg(long = "consumer-resync-url", env = "CONSUMER_RESYNC_URL", value_name = "URL")]
     pub url: Option<String>,
     /// A file holding the bearer token the order service calls
     /// `ResyncUsers` with (its own principal, with the `users:resync`

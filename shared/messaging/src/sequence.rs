@@ -39,6 +39,53 @@
 //! are not sequenced: the inbox alone keeps them from being applied twice,
 //! in whatever order they arrive.
 //!
+//! # Snapshots
+//!
+//! A subscribed type whose contract marks it a snapshot
+//! (`shop_contracts::Event::SNAPSHOT`: the aggregate's whole state at its
+//! version, republished on request) is decided by
+//! [`Position::decide_event`]: above the position it is applied and the
+//! position **jumps** to its version, whatever lies between, in the same
+//! statement that forgets the events parked at or below it (they are never
+//! applied: a released copy on its way back arrives as a duplicate),
+//! clears a dead letter at or below it and releases the parked next
+//! version; at or below the position it is a duplicate. A snapshot never
+//! parks. A dead letter always holds the version right after the position
+//! ([`mark_dead_letter`]), so a snapshot above the position is never behind
+//! one: it passes it, and the letter, replayed later, is a duplicate. The
+//! move keeps its condition on the version decided from (`WHERE
+//! last_version = from`): replicas racing over the aggregate are caught as
+//! for any move.
+//!
+//! # Version conflicts
+//!
+//! Each position records the event id that made its last version
+//! (`last_event`; none when an operator moved it). An event at exactly the
+//! last version with another id, not a snapshot, means the producer used
+//! the version twice (a restore from a backup): it is not applied, but
+//! counted (`consumer_version_conflicts_total{queue}`), logged and recorded
+//! in `inbox_conflicts` ([`conflicts`]; kept `INBOX_RETENTION`), which
+//! `shop dlq list` shows. The check reads `last_event` only for a batch
+//! holding a repeat of some last version (redeliveries), with the
+//! aggregates locked. What it cannot see: a reused version below the
+//! position (no id is kept for it: a duplicate), and the first reused
+//! version above it (applied). The way out is to set the position back
+//! ([`set_position`], `shop dlq set-position`) and resync the aggregate:
+//! its snapshot applies above the position.
+//!
+//! # The gap policy
+//!
+//! Past `CONSUMER_GAP_TIMEOUT`, the sweep claims the aggregates stuck
+//! behind a gap ([`claim_stuck_gaps`]: parked longer than the timeout, the
+//! next version not parked, no dead letter, no action taken within the
+//! timeout), recording the action and its time on the position, and acts
+//! by [`GapPolicy`]: `wait` only counts; `resync` asks the producer for
+//! snapshots of those aggregates ([`crate::resync`]); `apply-next` gives
+//! up the missing versions ([`release`]) when the first parked event is
+//! state-carrying, which then applies, and waits otherwise. Each action is
+//! counted in `consumer_gap_actions_total{queue, policy, outcome}` and its
+//! outcome recorded ([`gap_action`]) for `shop dlq list`.
+//!
 //! A sweep, every few seconds, sends again what was released but never
 //! confirmed sent back (the process died between its commit and the
 //! publish, or the publish failed; `inbox_parked.sent_at` records each
@@ -50,15 +97,20 @@
 //! The tables and the function (each consuming service's migrations create
 //! them; see `migrations/order-service/…_sequence_consumption`,
 //! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates`,
-//! `…_mark_positions_with_parked_events` and
-//! `…_record_parked_events_sent_back`):
+//! `…_mark_positions_with_parked_events`,
+//! `…_record_parked_events_sent_back` and `…_resync_and_version_conflicts`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     last_version BIGINT NOT NULL DEFAULT 0, dead_letter_event UUID, dead_letter_version BIGINT,
 //!     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
 //!     parked_until BIGINT, -- the highest version parked behind the position, if any
+//!     last_event UUID, -- the event that made last_version (version conflicts)
+//!     gap_action TEXT, gap_action_outcome TEXT, gap_action_at TIMESTAMPTZ, -- the gap policy
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id));
+//! CREATE TABLE inbox_conflicts (consumer TEXT, event_id UUID, aggregate_type TEXT,
+//!     aggregate_id TEXT, aggregate_version BIGINT, applied_event UUID, event_type TEXT,
+//!     seen_at TIMESTAMPTZ, PRIMARY KEY (consumer, event_id));
 //! CREATE TABLE inbox_parked (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
 //!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
@@ -966,7 +1018,11 @@ async fn create(
     moves: &[Move<'_>],
 ) -> QueryResult<Vec<ShortMoved>> {
     let MoveColumns {
-        kinds, ids, to, events, ..
+        kinds,
+        ids,
+        to,
+        events,
+        ..
     } = MoveColumns::of(moves);
     prepared(
         diesel::sql_query(
@@ -1005,8 +1061,7 @@ async fn advance_all(
         events,
     } = MoveColumns::of(moves);
     let rows: Vec<Option<String>> = moves.iter().map(|m| m.row.map(|row| row.to_string())).collect();
-    const MOVES: &str =
-        "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::uuid[]) AS a(t, i, f, v, r, e)";
+    const MOVES: &str = "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::uuid[]) AS a(t, i, f, v, r, e)";
     const KEY: &str = "s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i";
     let found: Vec<AdvanceRow> = prepared(diesel::sql_query(format!(
         "WITH by_row AS ( \

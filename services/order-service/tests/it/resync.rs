@@ -81,7 +81,10 @@ impl UserService for Producer {
         Err(Status::unimplemented("stand-in"))
     }
 
-    async fn get_user(&self, _: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
+    async fn get_user(
+        &self,
+        _: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
 
@@ -209,14 +212,21 @@ async fn a_stuck_gap_asks_the_user_service_for_the_user_as_the_order_service_and
         metric(
             &metrics,
             "consumer_gap_actions_total",
-            &[("queue", queue.as_str()), ("policy", "resync"), ("outcome", "requested")],
+            &[
+                ("queue", queue.as_str()),
+                ("policy", "resync"),
+                ("outcome", "requested"),
+            ],
         )
         .filter(|count| *count >= 1.0)
     })
     .await;
     assert!(requested >= 1.0);
     let held = app.held().await;
-    let action = held[0].gap_action.clone().expect("the action recorded for the listing");
+    let action = held[0]
+        .gap_action
+        .clone()
+        .expect("the action recorded for the listing");
     assert_eq!(
         (action.action.as_str(), action.outcome.as_deref()),
         ("resync", Some("requested"))
@@ -235,7 +245,8 @@ async fn a_stuck_gap_asks_the_user_service_for_the_user_as_the_order_service_and
     app.wait_for_user_version(user, 3).await;
     shop_testkit::eventually("the gap healed", WAIT, || async {
         let metrics = shop_testkit::http_get(app.admin, "/metrics").await.ok()?.1;
-        let healed = gauge(&metrics, "consumer_stuck_gaps", &queue) == Some(0.0) && app.held().await.is_empty();
+        let healed =
+            gauge(&metrics, "consumer_stuck_gaps", &queue) == Some(0.0) && app.held().await.is_empty();
         healed.then_some(())
     })
     .await;
@@ -283,7 +294,10 @@ fn the_resync_settings_are_checked_at_start() {
 
     config.resync.url = Some("http://user-service:50051".to_owned());
     let error = OrderService::validate(&config).unwrap_err();
-    assert!(error.contains("https://"), "a token in plaintext over the network: {error}");
+    assert!(
+        error.contains("https://"),
+        "a token in plaintext over the network: {error}"
+    );
 
     config.resync.url = Some("https://user-service:50051".to_owned());
     config.resync.token_file = Some(token.0.with_extension("missing"));

@@ -165,9 +165,14 @@ async fn send_back(shared: &Shared, channel: &Channel, events: &[sequence::Parke
     {
         Ok(Ok(())) => super::worker::mark_sent(shared, events).await,
         Ok(Err(error)) => {
-            tracing::warn!(error = format!("{error:#}"), "could not send a released event back; the sweep sends it again");
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "could not send a released event back; the sweep sends it again"
+            );
         }
-        Err(error) => tracing::warn!(%error, "could not send a released event back; the sweep sends it again"),
+        Err(error) => {
+            tracing::warn!(%error, "could not send a released event back; the sweep sends it again")
+        }
     }
 }
 
@@ -193,9 +198,21 @@ async fn resync(shared: &Shared, stuck: Vec<StuckGap>) {
             let requested = tokio::time::timeout(deadline, producer.request(&kind, &ids)).await;
             let outcome = match requested {
                 Ok(Ok(Requested::Written { written, unknown_ids })) => {
-                    tracing::info!(queue, kind, aggregates = ids.len(), written, unknown = unknown_ids.len(), "gap policy resync: the producer republished the stuck aggregates");
+                    tracing::info!(
+                        queue,
+                        kind,
+                        aggregates = ids.len(),
+                        written,
+                        unknown = unknown_ids.len(),
+                        "gap policy resync: the producer republished the stuck aggregates"
+                    );
                     if !unknown_ids.is_empty() {
-                        tracing::warn!(queue, kind, ?unknown_ids, "gap policy resync: the producer has never known these aggregates");
+                        tracing::warn!(
+                            queue,
+                            kind,
+                            ?unknown_ids,
+                            "gap policy resync: the producer has never known these aggregates"
+                        );
                         let unknown: Vec<Aggregate> = chunk
                             .iter()
                             .filter(|aggregate| unknown_ids.contains(&aggregate.id))
@@ -214,15 +231,31 @@ async fn resync(shared: &Shared, stuck: Vec<StuckGap>) {
                     continue;
                 }
                 Ok(Ok(Requested::Unsupported)) => {
-                    tracing::warn!(queue, kind, "gap policy resync: the producer cannot resync this aggregate type; waiting");
+                    tracing::warn!(
+                        queue,
+                        kind,
+                        "gap policy resync: the producer cannot resync this aggregate type; waiting"
+                    );
                     "unsupported"
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(queue, kind, aggregates = ids.len(), error = format!("{error:#}"), "gap policy resync failed; tried again after CONSUMER_GAP_TIMEOUT");
+                    tracing::warn!(
+                        queue,
+                        kind,
+                        aggregates = ids.len(),
+                        error = format!("{error:#}"),
+                        "gap policy resync failed; tried again after CONSUMER_GAP_TIMEOUT"
+                    );
                     "failed"
                 }
                 Err(_) => {
-                    tracing::warn!(queue, kind, aggregates = ids.len(), deadline_ms = deadline.as_millis() as u64, "gap policy resync timed out; tried again after CONSUMER_GAP_TIMEOUT");
+                    tracing::warn!(
+                        queue,
+                        kind,
+                        aggregates = ids.len(),
+                        deadline_ms = deadline.as_millis() as u64,
+                        "gap policy resync timed out; tried again after CONSUMER_GAP_TIMEOUT"
+                    );
                     "failed"
                 }
             };

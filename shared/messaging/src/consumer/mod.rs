@@ -105,6 +105,9 @@
 //! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}`,
 //! `consumer_remembered_positions{queue}`,
 //! `consumer_position_conflicts_total{queue}`,
+//! `consumer_version_conflicts_total{queue}` (an event at its aggregate's
+//! last version with another id: see [`crate::sequence`]),
+//! `consumer_gap_actions_total{queue, policy, outcome}` (the gap policy),
 //! `consumer_unauthenticated_events_total{queue, cause}`,
 //! `consumer_unsigned_events_total{queue}`, `consumer_connected{queue}`
 //! and `consumer_fenced{queue}` (1 while this replica has given up its

@@ -1040,7 +1040,13 @@ async fn version_conflicts(
             applied_event = %applied,
             "version conflict: another event was applied at this version; not applied (see `shop dlq list`)"
         );
-        conflicts.push(((*aggregate).clone(), *version, item.meta.event_id, item.meta.type_name.as_str(), applied));
+        conflicts.push((
+            (*aggregate).clone(),
+            *version,
+            item.meta.event_id,
+            item.meta.type_name.as_str(),
+            applied,
+        ));
     }
     sequence::record_conflicts(conn, queue, &conflicts).await
 }

@@ -141,7 +141,11 @@ async fn a_version_reused_with_another_event_id_is_a_conflict_recorded_once_and_
     })
     .await;
     let applied = h.expect_applied(2).await;
-    assert_eq!(seen_by_user(&applied)["a"], [1, 2], "the reused version is not applied");
+    assert_eq!(
+        seen_by_user(&applied)["a"],
+        [1, 2],
+        "the reused version is not applied"
+    );
     let mut conn = h.pool.get().await.unwrap();
     let conflicts_after = sequence::conflicts(&mut conn, &h.queue).await.unwrap();
     assert_eq!(conflicts_after.len(), 1, "recorded once: {conflicts_after:?}");
@@ -231,10 +235,7 @@ struct Republisher {
 #[async_trait::async_trait]
 impl Resync for Republisher {
     async fn request(&self, kind: &str, ids: &[String]) -> anyhow::Result<Requested> {
-        self.asked
-            .lock()
-            .unwrap()
-            .push((kind.to_owned(), ids.to_vec()));
+        self.asked.lock().unwrap().push((kind.to_owned(), ids.to_vec()));
         for id in ids {
             self.publisher
                 .publish(&self.exchange, &snapshot(id, 3), Uuid::now_v7())
