@@ -29,6 +29,23 @@ fn count(shared: &Shared, policy: GapPolicy, outcome: &'static str, count: usize
     .increment(count as u64);
 }
 
+/// The outcomes of each policy's actions.
+fn outcomes(policy: GapPolicy) -> &'static [&'static str] {
+    match policy {
+        GapPolicy::Wait => &["waited"],
+        GapPolicy::Resync => &["requested", "unknown", "unsupported", "failed"],
+        GapPolicy::ApplyNext => &["applied", "not-state-carrying", "failed"],
+    }
+}
+
+/// Exports `consumer_gap_actions_total` of the policy in force at 0, so
+/// that an alert's `increase()` sees the first action.
+pub(super) fn register(shared: &Shared) {
+    for outcome in outcomes(shared.gap_policy) {
+        count(shared, shared.gap_policy, outcome, 0);
+    }
+}
+
 /// Claims the stuck gaps no action was taken on within the gap timeout and
 /// acts on them by the policy; a failure is logged, and the next sweep
 /// after the timeout tries again.

@@ -64,6 +64,7 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         .increment(0);
     metrics::counter!("consumer_version_conflicts_total", "queue" => shared.config.queue.clone())
         .increment(0);
+    super::gaps::register(&shared);
     metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(0);
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
     // Registered at 0, so that an alert's increase() sees the first one.
