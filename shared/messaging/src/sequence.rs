@@ -1221,13 +1221,24 @@ pub async fn release(
     .await
 }
 
-/// The position of `aggregate` for `consumer` (none yet: 0).
-pub async fn position(
+/// An aggregate's row of `inbox_sequence`, as [`position`] and
+/// [`gap_action`] read it.
+type SequenceRow = (
+    i64,
+    Option<Uuid>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<Timestamp>,
+);
+
+/// `aggregate`'s row for `consumer`, if it has one.
+async fn sequence_row(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     aggregate: &Aggregate,
-) -> QueryResult<Position> {
-    let row: Option<(i64, Option<Uuid>, Option<i64>)> = inbox_sequence::table
+) -> QueryResult<Option<SequenceRow>> {
+    inbox_sequence::table
         .filter(inbox_sequence::consumer.eq(consumer))
         .filter(inbox_sequence::aggregate_type.eq(&aggregate.kind))
         .filter(inbox_sequence::aggregate_id.eq(&aggregate.id))
@@ -1235,6 +1246,9 @@ pub async fn position(
             inbox_sequence::last_version,
             inbox_sequence::dead_letter_event,
             inbox_sequence::dead_letter_version,
+            inbox_sequence::gap_action,
+            inbox_sequence::gap_action_outcome,
+            inbox_sequence::gap_action_at,
         ))
         .first(conn)
         .await
@@ -1242,9 +1256,18 @@ pub async fn position(
         .or_else(|error| match error {
             diesel::result::Error::NotFound => Ok(None),
             other => Err(other),
-        })?;
+        })
+}
+
+/// The position of `aggregate` for `consumer` (none yet: 0).
+pub async fn position(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Position> {
+    let row = sequence_row(conn, consumer, aggregate).await?;
     Ok(
-        row.map_or_else(Position::default, |(last_version, event, version)| Position {
+        row.map_or_else(Position::default, |(last_version, event, version, ..)| Position {
             last_version,
             dead_letter: event.zip(version),
         }),
@@ -1862,23 +1885,8 @@ pub async fn gap_action(
     consumer: &str,
     aggregate: &Aggregate,
 ) -> QueryResult<Option<GapAction>> {
-    let row: Option<(Option<String>, Option<String>, Option<Timestamp>)> = inbox_sequence::table
-        .filter(inbox_sequence::consumer.eq(consumer))
-        .filter(inbox_sequence::aggregate_type.eq(&aggregate.kind))
-        .filter(inbox_sequence::aggregate_id.eq(&aggregate.id))
-        .select((
-            inbox_sequence::gap_action,
-            inbox_sequence::gap_action_outcome,
-            inbox_sequence::gap_action_at,
-        ))
-        .first(conn)
-        .await
-        .map(Some)
-        .or_else(|error| match error {
-            diesel::result::Error::NotFound => Ok(None),
-            other => Err(other),
-        })?;
-    Ok(row.and_then(|(action, outcome, at)| {
+    let row = sequence_row(conn, consumer, aggregate).await?;
+    Ok(row.and_then(|(.., action, outcome, at)| {
         Some(GapAction {
             action: action?,
             outcome,

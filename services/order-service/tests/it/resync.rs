@@ -169,12 +169,7 @@ async fn a_stuck_gap_asks_the_user_service_for_the_user_as_the_order_service_and
         settings.service.resync.timeout = Duration::from_secs(10);
     })
     .await;
-    shop_testkit::eventually("the order service's consumer to serve", WAIT, || async {
-        shop_host::healthcheck::check_at(app.addr, order_service::app::CONSUMER_HEALTH)
-            .await
-            .ok()
-    })
-    .await;
+    app.wait_for_consumer().await;
     let queue = app.settings.service.user_events_queue.clone();
     let user = app.known_user_id().await;
     shop_testkit::eventually("consumer_stuck_gaps 0", WAIT, || async {

@@ -91,10 +91,20 @@ pub(super) async fn act(shared: &Arc<Shared>, channel: &Channel) {
             // must go on beating meanwhile.
             let shared = shared.clone();
             tokio::spawn(async move {
+                // Cleared however the request ends (a panic included).
+                let _done = Resyncing(shared.resyncing.clone());
                 resync(&shared, stuck).await;
-                shared.resyncing.store(false, Ordering::SeqCst);
             });
         }
+    }
+}
+
+/// Clears the flag of a resync under way when dropped.
+struct Resyncing(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Resyncing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

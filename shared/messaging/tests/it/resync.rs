@@ -6,42 +6,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shop_messaging::resync::{Requested, Resync};
-use shop_messaging::sequence::{self, Aggregate, GapPolicy, Held};
+use shop_messaging::sequence::{self, GapPolicy};
 use shop_testkit::TestPublisher;
 use uuid::Uuid;
 
+use crate::ordered::{held, user, wait_parked};
 use crate::support::{Harness, created, harness, harness_with, seen_by_user, snapshot, updated};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn user(id: &str) -> Aggregate {
-    Aggregate {
-        kind: "user".to_owned(),
-        id: id.to_owned(),
-    }
-}
-
-async fn held(h: &Harness) -> Vec<Held> {
-    let mut conn = h.pool.get().await.unwrap();
-    sequence::held(&mut conn, &h.queue).await.unwrap()
-}
-
 async fn position(h: &Harness, id: &str) -> sequence::Position {
     let mut conn = h.pool.get().await.unwrap();
     sequence::position(&mut conn, &h.queue, &user(id)).await.unwrap()
-}
-
-/// Waits until `user` has exactly `versions` parked.
-async fn wait_parked(h: &Harness, user_id: &str, versions: &[i64]) -> Held {
-    shop_testkit::eventually(&format!("{user_id} parked at {versions:?}"), WAIT, || async {
-        let held = held(h)
-            .await
-            .into_iter()
-            .find(|held| held.aggregate.id == user_id)?;
-        let parked: Vec<i64> = held.parked.iter().map(|p| p.version).collect();
-        (parked == versions).then_some(held)
-    })
-    .await
 }
 
 /// Waits until the handler has seen `user`'s `versions`, in order.
