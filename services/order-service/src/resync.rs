@@ -43,6 +43,17 @@ pub struct ResyncConfig {
         value_parser = shop_config::duration
     )]
     pub timeout: Duration,
+    /// Send the token over plaintext (`http://`) to a host that is not this
+    /// machine, where anyone on the path could read and replay it: only on
+    /// a network you trust (a compose network without TLS).
+    #[arg(
+        long = "consumer-resync-allow-plaintext-token",
+        env = "CONSUMER_RESYNC_ALLOW_PLAINTEXT_TOKEN",
+        value_name = "BOOL",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub allow_plaintext_token: bool,
 }
 
 impl ResyncConfig {
@@ -67,10 +78,11 @@ impl ResyncConfig {
         let host = endpoint.uri().host().unwrap_or_default();
         match scheme {
             Some("https") => {}
-            Some("http") if is_loopback(host) => {}
+            Some("http") if is_loopback(host) || self.allow_plaintext_token => {}
             Some("http") => {
                 return Err(
-                    "CONSUMER_RESYNC_URL: the token is sent over TLS (https://) or to this machine only"
+                    "CONSUMER_RESYNC_URL: the token is sent over TLS (https://) or to this machine only, \
+                     unless CONSUMER_RESYNC_ALLOW_PLAINTEXT_TOKEN=true"
                         .to_owned(),
                 );
             }
