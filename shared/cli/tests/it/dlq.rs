@@ -148,6 +148,29 @@ fn updated(user: &str, version: i64) -> shop_contracts::user::UserUpdated {
     }
 }
 
+/// Publishes a new user's creation and its version 3 (version 2 never
+/// comes: 3 parks behind a gap); returns the user's id.
+async fn user_with_a_gap(system: &System, publisher: &TestPublisher) -> String {
+    let exchange = &system.order_settings.service.user_events_exchange;
+    let user = Uuid::now_v7().to_string();
+    publisher
+        .publish(
+            exchange,
+            &UserCreated {
+                user_id: user.clone(),
+                version: 1,
+                email: format!("{user}@example.com"),
+                name: "First".to_owned(),
+                occurred_at: None,
+            },
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+    publish_user_event(system, publisher, &updated(&user, 3), true).await;
+    user
+}
+
 /// `shop dlq list` until its text contains `needle`.
 async fn wait_for_listing(system: &System, needle: &str) -> String {
     shop_testkit::eventually(
@@ -280,22 +303,7 @@ async fn a_gap_past_the_gap_timeout_is_counted_stuck_listed_and_released_by_the_
 
     let exchange = &system.order_settings.service.user_events_exchange;
     let publisher = TestPublisher::connect(exchange).await.unwrap();
-    let user = Uuid::now_v7().to_string();
-    publisher
-        .publish(
-            exchange,
-            &UserCreated {
-                user_id: user.clone(),
-                version: 1,
-                email: format!("{user}@example.com"),
-                name: "First".to_owned(),
-                occurred_at: None,
-            },
-            Uuid::now_v7(),
-        )
-        .await
-        .unwrap();
-    publish_user_event(&system, &publisher, &updated(&user, 3), true).await;
+    let user = user_with_a_gap(&system, &publisher).await;
 
     // Parked behind the gap, and not yet stuck.
     let queue = &system.order_settings.service.user_events_queue;
@@ -389,22 +397,7 @@ async fn the_gap_policys_action_and_a_version_conflict_are_counted_and_listed_an
     .await;
     let exchange = &system.order_settings.service.user_events_exchange;
     let publisher = TestPublisher::connect(exchange).await.unwrap();
-    let user = Uuid::now_v7().to_string();
-    publisher
-        .publish(
-            exchange,
-            &UserCreated {
-                user_id: user.clone(),
-                version: 1,
-                email: format!("{user}@example.com"),
-                name: "First".to_owned(),
-                occurred_at: None,
-            },
-            Uuid::now_v7(),
-        )
-        .await
-        .unwrap();
-    publish_user_event(&system, &publisher, &updated(&user, 3), true).await;
+    let user = user_with_a_gap(&system, &publisher).await;
 
     let listed = wait_for_listing(&system, "gap policy wait: waited").await;
     assert!(
