@@ -3,7 +3,7 @@
 //! has a gRPC health name of its own ([`CONSUMER_HEALTH`]).
 
 use shop_contracts::order::order_service_server::OrderServiceServer;
-use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
+use shop_contracts::user::{UserCreated, UserDeleted, UserSnapshot, UserUpdated};
 use shop_database::Pool;
 use shop_database::retention::Retention;
 use shop_host::{Host, ServiceDefaults};
@@ -79,6 +79,9 @@ pub struct OrderConfig {
     /// How the user events are consumed.
     #[command(flatten)]
     pub consumer: ConsumerConfig,
+    /// Where to ask for the users the consumer misses.
+    #[command(flatten)]
+    pub resync: crate::resync::ResyncConfig,
 }
 
 impl OrderConfig {
@@ -127,6 +130,16 @@ impl shop_host::Service for OrderService {
                     .to_owned(),
             );
         }
+        config.resync.validate()?;
+        if config.consumer.gap_policy == Some(shop_messaging::sequence::GapPolicy::Resync)
+            && config.resync.url.is_none()
+        {
+            return Err(
+                "CONSUMER_GAP_POLICY=resync needs CONSUMER_RESYNC_URL (the user service to ask for \
+                 snapshots) and CONSUMER_RESYNC_TOKEN_FILE"
+                    .to_owned(),
+            );
+        }
         Ok(())
     }
 
@@ -143,7 +156,7 @@ impl shop_host::Service for OrderService {
             window: config.consumer.inbox_retention,
             consumer: Some(config.user_events_queue.clone()),
         });
-        let consumer = user_events_consumer(config, host.pool().clone(), host.config().amqp.clone());
+        let consumer = user_events_consumer(config, host.pool().clone(), host.config().amqp.clone())?;
         let connected = consumer.connected();
         host.report(
             format!("rabbitmq (consumer {})", config.user_events_queue),
@@ -163,10 +176,17 @@ impl shop_host::Service for OrderService {
     }
 }
 
-/// The consumer of `user.events` that keeps the users projection.
-pub fn user_events_consumer(config: &OrderConfig, pool: Pool, amqp: AmqpConfig) -> Consumer {
-    Consumer::new(config.consumer(), pool, amqp)
+/// The consumer of `user.events` that keeps the users projection, asking
+/// the user service for snapshots of the users stuck behind a gap when
+/// `CONSUMER_RESYNC_URL` is set.
+pub fn user_events_consumer(config: &OrderConfig, pool: Pool, amqp: AmqpConfig) -> anyhow::Result<Consumer> {
+    let consumer = Consumer::new(config.consumer(), pool, amqp)
         .subscribe::<UserCreated, _>(UserProjection)
         .subscribe::<UserUpdated, _>(UserProjection)
         .subscribe::<UserDeleted, _>(UserProjection)
+        .subscribe::<UserSnapshot, _>(UserProjection);
+    Ok(match config.resync.client()? {
+        Some(client) => consumer.resync(std::sync::Arc::new(client)),
+        None => consumer,
+    })
 }

@@ -8,7 +8,9 @@
 //! - An order can only be placed for a user the projection knows and has not
 //!   seen deleted: `known_users`, fed by `user.created`, `user.updated` and
 //!   `user.deleted` through a typed consumer with an inbox, retries and
-//!   dead-lettering ([`projection`], `shop_messaging::consumer`).
+//!   dead-lettering ([`projection`], `shop_messaging::consumer`), and by
+//!   `user.snapshot`, which the consumer's gap policy asks the user service
+//!   for when events are missing ([`resync`]).
 //! - [`app::OrderService`] tells the service host (`shop-host`) what is the
 //!   order service's own: its settings, migrations, gRPC service and
 //!   consumer; the host does the rest.
@@ -18,6 +20,7 @@ pub mod app;
 pub mod error;
 pub mod grpc;
 pub mod projection;
+pub mod resync;
 pub mod schema;
 pub mod store;
 pub mod validate;

@@ -19,14 +19,15 @@ use diesel::query_dsl::methods::FilterDsl as _;
 use diesel::sql_types::{self, Array, BigInt};
 use diesel::upsert::excluded;
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
-use shop_contracts::user::{UserCreated, UserDeleted, UserUpdated};
+use shop_contracts::user::{UserCreated, UserDeleted, UserSnapshot, UserUpdated};
 use shop_database::prepared;
 use shop_messaging::consumer::{EventMeta, Handler, HandlerError};
 use uuid::Uuid;
 
 use crate::schema::known_users;
 
-/// Applies `user.created`, `user.updated` and `user.deleted` to `known_users`.
+/// Applies `user.created`, `user.updated`, `user.deleted` and
+/// `user.snapshot` to `known_users`.
 ///
 /// Batches are applied with one statement per run of events: within a run
 /// only the highest version of each user matters (the version guard would
@@ -199,6 +200,60 @@ impl Handler<UserDeleted> for UserProjection {
             .filter(known_users::version.lt(excluded(known_users::version)))
             .execute(conn)
             .await?;
+        Ok(())
+    }
+}
+
+/// A snapshot is the user's whole state at its version: the row moves to
+/// it, deleted or not as the snapshot says (a snapshot the consumer takes
+/// past a gap, or after missed events, sets what they would have). The
+/// version guard keeps a lower snapshot from moving anything back.
+#[async_trait::async_trait]
+impl Handler<UserSnapshot> for UserProjection {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: UserSnapshot,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        self.handle_batch(conn, vec![(event, meta.clone())]).await
+    }
+
+    #[tracing::instrument(name = "projection.snapshot_user", skip_all, fields(db.system = "postgresql", users = events.len()))]
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        events: Vec<(UserSnapshot, EventMeta)>,
+    ) -> Result<(), HandlerError> {
+        let snapshots: Vec<(Uuid, i64, bool)> = events
+            .into_iter()
+            .map(|(event, _)| {
+                Ok((
+                    user_id(&event.user_id, event.version)?,
+                    event.version,
+                    event.deleted,
+                ))
+            })
+            .collect::<Result<_, HandlerError>>()?;
+        let snapshots = latest(snapshots, |(id, version, _)| (*id, *version));
+        let ids: Vec<Uuid> = snapshots.iter().map(|(id, _, _)| *id).collect();
+        let versions: Vec<i64> = snapshots.iter().map(|(_, version, _)| *version).collect();
+        let deleted: Vec<bool> = snapshots.iter().map(|(_, _, deleted)| *deleted).collect();
+        prepared(
+            diesel::sql_query(
+                "INSERT INTO known_users (user_id, version, deleted) \
+                 SELECT u.id, u.version, u.deleted \
+                 FROM unnest($1::uuid[], $2::bigint[], $3::bool[]) AS u(id, version, deleted) \
+                 ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted, \
+                   updated_at = now() \
+                 WHERE known_users.version < excluded.version",
+            )
+            .bind::<Array<sql_types::Uuid>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&versions)
+            .bind::<Array<sql_types::Bool>, _>(&deleted),
+        )
+        .execute(conn)
+        .await?;
         Ok(())
     }
 }

@@ -471,6 +471,18 @@ pub enum DlqCommand {
         /// The aggregate, TYPE/ID as `shop dlq list` prints it.
         aggregate: String,
     },
+    /// Set an aggregate's position to VERSION, back or forth: the way out
+    /// of a version conflict after the producer's database was restored
+    /// (set it below the reused versions, then resync the aggregate from
+    /// the producer: its snapshot applies). Parked events at or below it
+    /// are forgotten; the next one is released.
+    SetPosition {
+        /// The aggregate, TYPE/ID as `shop dlq list` prints it.
+        aggregate: String,
+        /// The version it counts as having applied (0: none).
+        #[arg(value_parser = clap::value_parser!(i64).range(0..))]
+        version: i64,
+    },
     /// Delete every dead letter; refused (nothing deleted) while an
     /// aggregate waits on one of them: replay or skip those first.
     Purge {

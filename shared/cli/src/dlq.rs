@@ -46,9 +46,12 @@ async fn execute(
             for (type_name, count) in &summary.by_type {
                 text.push_str(&format!("\n  type {type_name}: {count}"));
             }
-            let held = match consumer_database(database).await {
-                Ok(mut conn) => Ok(sequence::held(&mut conn, queue).await?),
-                Err(error) => Err(error),
+            let (held, conflicts) = match consumer_database(database).await {
+                Ok(mut conn) => (
+                    Ok(sequence::held(&mut conn, queue).await?),
+                    Ok(sequence::conflicts(&mut conn, queue).await?),
+                ),
+                Err(error) => (Err(anyhow::anyhow!("{error:#}")), Err(error)),
             };
             let parked_json = match &held {
                 Ok(held) => {
@@ -67,6 +70,19 @@ async fn execute(
                     json!(null)
                 }
             };
+            let conflicts_json = match &conflicts {
+                Ok(conflicts) => {
+                    text.push_str(&format!("\nversion conflicts: {}", conflicts.len()));
+                    for conflict in conflicts {
+                        text.push_str(&format!("\n  {}", describe_conflict(conflict)));
+                    }
+                    json!(conflicts.iter().map(conflict_json).collect::<Vec<_>>())
+                }
+                Err(error) => {
+                    text.push_str(&format!("\nversion conflicts: unknown ({error:#})"));
+                    json!(null)
+                }
+            };
             output.value(
                 json!({
                     "queue": dead_letters.name(),
@@ -74,6 +90,7 @@ async fn execute(
                     "by_reason": summary.by_reason,
                     "by_type": summary.by_type,
                     "parked": parked_json,
+                    "version_conflicts": conflicts_json,
                 }),
                 &text,
             );
@@ -147,6 +164,21 @@ async fn execute(
                 &text,
             );
         }
+        DlqCommand::SetPosition { aggregate, version } => {
+            let aggregate: Aggregate = aggregate.parse().map_err(anyhow::Error::msg)?;
+            let mut conn = consumer_database(database).await?;
+            let (before, released) = sequence::set_position(&mut conn, queue, &aggregate, version).await?;
+            dead_letters.send_back(&released).await?;
+            sequence::mark_sent(&mut conn, queue, &released).await?;
+            output.value(
+                json!({"aggregate": aggregate.to_string(), "from_version": before.last_version, "version": version, "released": released.len()}),
+                &format!(
+                    "{aggregate}: position set from version {} to {version}; released {} parked event(s)",
+                    before.last_version,
+                    released.len()
+                ),
+            );
+        }
         DlqCommand::Purge { yes } => {
             anyhow::ensure!(yes, "purge deletes every dead letter; pass --yes to confirm");
             let mut conn = consumer_database(database).await?;
@@ -185,12 +217,45 @@ fn describe_held(held: &Held) -> String {
         Some((event, version)) => format!("behind dead letter {event} (version {version})"),
         None => format!("waiting for version {} (a gap)", held.position.last_version + 1),
     };
+    let action = held.gap_action.as_ref().map_or_else(String::new, |action| {
+        format!(
+            "; gap policy {}: {} {}s ago",
+            action.action,
+            action.outcome.as_deref().unwrap_or("started"),
+            (chrono::Utc::now() - action.at).num_seconds()
+        )
+    });
     format!(
-        "{} at version {}, {holder}: version(s) {} parked{since}",
+        "{} at version {}, {holder}: version(s) {} parked{since}{action}",
         held.aggregate,
         held.position.last_version,
         versions.join(", ")
     )
+}
+
+/// One line: the aggregate, the version both events claim, which was
+/// applied and which was not.
+fn describe_conflict(conflict: &sequence::Conflict) -> String {
+    format!(
+        "{} version {}: {} {} not applied, {} was applied at that version ({}s ago)",
+        conflict.aggregate,
+        conflict.version,
+        conflict.event_type,
+        conflict.event_id,
+        conflict.applied_event,
+        (chrono::Utc::now() - conflict.seen_at).num_seconds()
+    )
+}
+
+fn conflict_json(conflict: &sequence::Conflict) -> serde_json::Value {
+    json!({
+        "aggregate": conflict.aggregate.to_string(),
+        "version": conflict.version,
+        "message_id": conflict.event_id.to_string(),
+        "type": conflict.event_type,
+        "applied_message_id": conflict.applied_event.to_string(),
+        "seen_at": conflict.seen_at.to_rfc3339(),
+    })
 }
 
 fn held_json(held: &Held) -> serde_json::Value {
@@ -198,6 +263,7 @@ fn held_json(held: &Held) -> serde_json::Value {
         "aggregate": held.aggregate.to_string(),
         "last_version": held.position.last_version,
         "dead_letter": held.position.dead_letter.map(|(event, version)| json!({"message_id": event.to_string(), "version": version})),
+        "gap_action": held.gap_action.as_ref().map(|action| json!({"policy": action.action, "outcome": action.outcome, "at": action.at.to_rfc3339()})),
         "parked": held.parked.iter().map(|p| json!({
             "version": p.version,
             "message_id": p.event_id.to_string(),

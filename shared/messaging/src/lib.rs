@@ -14,7 +14,8 @@
 //! - [`consumer`]: typed subscriptions (`subscribe::<UserCreated>(handler)`)
 //!   applied with an [`inbox`] in batches, delayed retries and dead letters,
 //!   each aggregate's events once and in order ([`sequence`]), over
-//!   partition queues the replicas share ([`membership`]).
+//!   partition queues the replicas share ([`membership`]); a gap past its
+//!   timeout asks the producer for snapshots through [`resync`].
 #![forbid(unsafe_code)]
 
 pub mod connection;
@@ -22,6 +23,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod inbox;
 pub mod membership;
+pub mod resync;
 pub mod seal;
 pub mod sequence;
 pub mod signing;

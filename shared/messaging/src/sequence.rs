@@ -39,6 +39,53 @@
 //! are not sequenced: the inbox alone keeps them from being applied twice,
 //! in whatever order they arrive.
 //!
+//! # Snapshots
+//!
+//! A subscribed type whose contract marks it a snapshot
+//! (`shop_contracts::Event::SNAPSHOT`: the aggregate's whole state at its
+//! version, republished on request) is decided by
+//! [`Position::decide_event`]: above the position it is applied and the
+//! position **jumps** to its version, whatever lies between, in the same
+//! statement that forgets the events parked at or below it (they are never
+//! applied: a released copy on its way back arrives as a duplicate),
+//! clears a dead letter at or below it and releases the parked next
+//! version; at or below the position it is a duplicate. A snapshot never
+//! parks. A dead letter always holds the version right after the position
+//! ([`mark_dead_letter`]), so a snapshot above the position is never behind
+//! one: it passes it, and the letter, replayed later, is a duplicate. The
+//! move keeps its condition on the version decided from (`WHERE
+//! last_version = from`): replicas racing over the aggregate are caught as
+//! for any move.
+//!
+//! # Version conflicts
+//!
+//! Each position records the event id that made its last version
+//! (`last_event`; none when an operator moved it). An event at exactly the
+//! last version with another id, not a snapshot, means the producer used
+//! the version twice (a restore from a backup): it is not applied, but
+//! counted (`consumer_version_conflicts_total{queue}`), logged and recorded
+//! in `inbox_conflicts` ([`conflicts`]; kept `INBOX_RETENTION`), which
+//! `shop dlq list` shows. The check reads `last_event` only for a batch
+//! holding a repeat of some last version (redeliveries), with the
+//! aggregates locked. What it cannot see: a reused version below the
+//! position (no id is kept for it: a duplicate), and the first reused
+//! version above it (applied). The way out is to set the position back
+//! ([`set_position`], `shop dlq set-position`) and resync the aggregate:
+//! its snapshot applies above the position.
+//!
+//! # The gap policy
+//!
+//! Past `CONSUMER_GAP_TIMEOUT`, the sweep claims the aggregates stuck
+//! behind a gap ([`claim_stuck_gaps`]: parked longer than the timeout, the
+//! next version not parked, no dead letter, no action taken within the
+//! timeout), recording the action and its time on the position, and acts
+//! by [`GapPolicy`]: `wait` only counts; `resync` asks the producer for
+//! snapshots of those aggregates ([`crate::resync`]); `apply-next` gives
+//! up the missing versions ([`release`]) when the first parked event is
+//! state-carrying, which then applies, and waits otherwise. Each action is
+//! counted in `consumer_gap_actions_total{queue, policy, outcome}` and its
+//! outcome recorded ([`gap_action`]) for `shop dlq list`.
+//!
 //! A sweep, every few seconds, sends again what was released but never
 //! confirmed sent back (the process died between its commit and the
 //! publish, or the publish failed; `inbox_parked.sent_at` records each
@@ -50,15 +97,20 @@
 //! The tables and the function (each consuming service's migrations create
 //! them; see `migrations/order-service/…_sequence_consumption`,
 //! `…_lock_positions_in_one_round_trip`, `…_leave_room_for_hot_updates`,
-//! `…_mark_positions_with_parked_events` and
-//! `…_record_parked_events_sent_back`):
+//! `…_mark_positions_with_parked_events`,
+//! `…_record_parked_events_sent_back` and `…_resync_and_version_conflicts`):
 //!
 //! ```sql
 //! CREATE TABLE inbox_sequence (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     last_version BIGINT NOT NULL DEFAULT 0, dead_letter_event UUID, dead_letter_version BIGINT,
 //!     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
 //!     parked_until BIGINT, -- the highest version parked behind the position, if any
+//!     last_event UUID, -- the event that made last_version (version conflicts)
+//!     gap_action TEXT, gap_action_outcome TEXT, gap_action_at TIMESTAMPTZ, -- the gap policy
 //!     PRIMARY KEY (consumer, aggregate_type, aggregate_id));
+//! CREATE TABLE inbox_conflicts (consumer TEXT, event_id UUID, aggregate_type TEXT,
+//!     aggregate_id TEXT, aggregate_version BIGINT, applied_event UUID, event_type TEXT,
+//!     seen_at TIMESTAMPTZ, PRIMARY KEY (consumer, event_id));
 //! CREATE TABLE inbox_parked (consumer TEXT, aggregate_type TEXT, aggregate_id TEXT,
 //!     aggregate_version BIGINT, event_id UUID NOT NULL, event_type TEXT NOT NULL,
 //!     payload BYTEA NOT NULL, properties JSONB NOT NULL,
@@ -103,6 +155,25 @@ diesel::table! {
         dead_letter_version -> Nullable<BigInt>,
         updated_at -> Timestamptz,
         parked_until -> Nullable<BigInt>,
+        last_event -> Nullable<Uuid>,
+        gap_action -> Nullable<Text>,
+        gap_action_outcome -> Nullable<Text>,
+        gap_action_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Events that arrived at their aggregate's last version with another
+    /// event id than the one applied there: version conflicts.
+    inbox_conflicts (consumer, event_id) {
+        consumer -> Text,
+        event_id -> Uuid,
+        aggregate_type -> Text,
+        aggregate_id -> Text,
+        aggregate_version -> BigInt,
+        applied_event -> Uuid,
+        event_type -> Text,
+        seen_at -> Timestamptz,
     }
 }
 
@@ -219,11 +290,20 @@ impl ParkReason {
 }
 
 impl Position {
-    /// What to do with version `version`; an applied one moves the position.
+    /// What to do with version `version` of a change; an applied one moves
+    /// the position.
     pub fn decide(&mut self, version: i64) -> Decision {
+        self.decide_event(version, false)
+    }
+
+    /// What to do with version `version` of an event, a `snapshot` or not:
+    /// a snapshot above the position applies whatever lies between (the
+    /// position jumps to it, past a gap or a dead letter); at or below it,
+    /// it is a duplicate like any event.
+    pub fn decide_event(&mut self, version: i64, snapshot: bool) -> Decision {
         if version <= self.last_version {
             Decision::Duplicate
-        } else if version == self.last_version + 1 {
+        } else if version == self.last_version + 1 || snapshot {
             self.last_version = version;
             self.dead_letter = self.dead_letter.filter(|(_, held)| *held > version);
             Decision::Apply
@@ -740,6 +820,9 @@ pub(crate) struct Move<'a> {
     pub(crate) from: i64,
     pub(crate) to: i64,
     pub(crate) row: Option<RowId>,
+    /// The event applied at `to` (recorded as the position's `last_event`,
+    /// to tell a version conflict); none when an operator moves it.
+    pub(crate) event: Option<Uuid>,
 }
 
 /// What [`advance`] did.
@@ -776,7 +859,7 @@ struct AdvanceRow {
 
 /// How a moved position's row is updated: the same in each of [`advance`]'s
 /// updates.
-const MOVE_SET: &str = "last_version = a.v, \
+const MOVE_SET: &str = "last_version = a.v, last_event = a.e, \
      dead_letter_event = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_event END, \
      dead_letter_version = CASE WHEN s.dead_letter_version <= a.v THEN NULL ELSE s.dead_letter_version END, \
      parked_until = CASE WHEN s.parked_until <= a.v THEN NULL ELSE s.parked_until END, \
@@ -859,6 +942,7 @@ struct MoveColumns<'a> {
     ids: Vec<&'a str>,
     from: Vec<i64>,
     to: Vec<i64>,
+    events: Vec<Option<Uuid>>,
 }
 
 impl<'a> MoveColumns<'a> {
@@ -870,6 +954,7 @@ impl<'a> MoveColumns<'a> {
             ids,
             from: moves.iter().map(|m| m.from).collect(),
             to: moves.iter().map(|m| m.to).collect(),
+            events: moves.iter().map(|m| m.event).collect(),
         }
     }
 }
@@ -894,15 +979,21 @@ async fn move_by_row(
     consumer: &str,
     moves: &[Move<'_>],
 ) -> QueryResult<Vec<ShortMoved>> {
-    let MoveColumns { kinds, ids, from, to } = MoveColumns::of(moves);
+    let MoveColumns {
+        kinds,
+        ids,
+        from,
+        to,
+        events,
+    } = MoveColumns::of(moves);
     let rows: Vec<String> = moves
         .iter()
         .map(|m| m.row.map(|row| row.to_string()).unwrap_or_default())
         .collect();
     prepared(
         diesel::sql_query(
-            "UPDATE inbox_sequence s SET last_version = a.v, updated_at = now() \
-             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS a(t, i, f, v, r) \
+            "UPDATE inbox_sequence s SET last_version = a.v, last_event = a.e, updated_at = now() \
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::uuid[]) AS a(t, i, f, v, r, e) \
              WHERE s.ctid = a.r::tid AND s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i \
                AND s.last_version = a.f AND a.v > a.f AND s.dead_letter_version IS NULL AND s.parked_until IS NULL \
              RETURNING s.aggregate_type, s.aggregate_id, s.ctid::text AS row_id",
@@ -912,7 +1003,8 @@ async fn move_by_row(
         .bind::<Array<Text>, _>(&ids)
         .bind::<Array<BigInt>, _>(&from)
         .bind::<Array<BigInt>, _>(&to)
-        .bind::<Array<Text>, _>(&rows),
+        .bind::<Array<Text>, _>(&rows)
+        .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(&events),
     )
     .load(conn)
     .await
@@ -925,20 +1017,27 @@ async fn create(
     consumer: &str,
     moves: &[Move<'_>],
 ) -> QueryResult<Vec<ShortMoved>> {
-    let MoveColumns { kinds, ids, to, .. } = MoveColumns::of(moves);
+    let MoveColumns {
+        kinds,
+        ids,
+        to,
+        events,
+        ..
+    } = MoveColumns::of(moves);
     prepared(
         diesel::sql_query(
-            "INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
-             SELECT $1, a.t, a.i, a.v FROM unnest($2::text[], $3::text[], $4::bigint[]) AS a(t, i, v) WHERE a.v > 0 \
+            "INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version, last_event) \
+             SELECT $1, a.t, a.i, a.v, a.e FROM unnest($2::text[], $3::text[], $4::bigint[], $5::uuid[]) AS a(t, i, v, e) WHERE a.v > 0 \
              ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE \
-             SET last_version = excluded.last_version, updated_at = now() \
+             SET last_version = excluded.last_version, last_event = excluded.last_event, updated_at = now() \
              WHERE s.last_version = 0 AND s.dead_letter_version IS NULL AND s.parked_until IS NULL \
              RETURNING s.aggregate_type, s.aggregate_id, s.ctid::text AS row_id",
         )
         .bind::<Text, _>(consumer)
         .bind::<Array<Text>, _>(&kinds)
         .bind::<Array<Text>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&to),
+        .bind::<Array<BigInt>, _>(&to)
+        .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(&events),
     )
     .load(conn)
     .await
@@ -954,10 +1053,15 @@ async fn advance_all(
     if moves.is_empty() {
         return Ok(Advanced::default());
     }
-    let MoveColumns { kinds, ids, from, to } = MoveColumns::of(moves);
+    let MoveColumns {
+        kinds,
+        ids,
+        from,
+        to,
+        events,
+    } = MoveColumns::of(moves);
     let rows: Vec<Option<String>> = moves.iter().map(|m| m.row.map(|row| row.to_string())).collect();
-    const MOVES: &str =
-        "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS a(t, i, f, v, r)";
+    const MOVES: &str = "unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::uuid[]) AS a(t, i, f, v, r, e)";
     const KEY: &str = "s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i";
     let found: Vec<AdvanceRow> = prepared(diesel::sql_query(format!(
         "WITH by_row AS ( \
@@ -969,10 +1073,10 @@ async fn advance_all(
            WHERE a.r IS NULL AND a.f > 0 AND a.v > a.f AND {KEY} AND s.last_version = a.f \
            RETURNING s.aggregate_type, s.aggregate_id, s.last_version, s.ctid::text AS row_id), \
          created AS ( \
-           INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
-           SELECT $1, a.t, a.i, a.v FROM {MOVES} WHERE a.f = 0 AND a.v > 0 \
+           INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version, last_event) \
+           SELECT $1, a.t, a.i, a.v, a.e FROM {MOVES} WHERE a.f = 0 AND a.v > 0 \
            ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
-             last_version = excluded.last_version, \
+             last_version = excluded.last_version, last_event = excluded.last_event, \
              dead_letter_event = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_event END, \
              dead_letter_version = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_version END, \
              parked_until = CASE WHEN s.parked_until <= excluded.last_version THEN NULL ELSE s.parked_until END, \
@@ -999,7 +1103,8 @@ async fn advance_all(
     .bind::<Array<Text>, _>(&ids)
     .bind::<Array<BigInt>, _>(&from)
     .bind::<Array<BigInt>, _>(&to)
-    .bind::<Array<Nullable<Text>>, _>(&rows))
+    .bind::<Array<Nullable<Text>>, _>(&rows)
+    .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(&events))
     .load(conn)
     .await?;
     let mut advanced = Advanced::default();
@@ -1099,6 +1204,7 @@ pub async fn release(
                 from: before.last_version,
                 to: through,
                 row: None,
+                event: None,
             }],
         )
         .await?;
@@ -1115,13 +1221,24 @@ pub async fn release(
     .await
 }
 
-/// The position of `aggregate` for `consumer` (none yet: 0).
-pub async fn position(
+/// An aggregate's row of `inbox_sequence`, as [`position`] and
+/// [`gap_action`] read it.
+type SequenceRow = (
+    i64,
+    Option<Uuid>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<Timestamp>,
+);
+
+/// `aggregate`'s row for `consumer`, if it has one.
+async fn sequence_row(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     aggregate: &Aggregate,
-) -> QueryResult<Position> {
-    let row: Option<(i64, Option<Uuid>, Option<i64>)> = inbox_sequence::table
+) -> QueryResult<Option<SequenceRow>> {
+    inbox_sequence::table
         .filter(inbox_sequence::consumer.eq(consumer))
         .filter(inbox_sequence::aggregate_type.eq(&aggregate.kind))
         .filter(inbox_sequence::aggregate_id.eq(&aggregate.id))
@@ -1129,6 +1246,9 @@ pub async fn position(
             inbox_sequence::last_version,
             inbox_sequence::dead_letter_event,
             inbox_sequence::dead_letter_version,
+            inbox_sequence::gap_action,
+            inbox_sequence::gap_action_outcome,
+            inbox_sequence::gap_action_at,
         ))
         .first(conn)
         .await
@@ -1136,9 +1256,18 @@ pub async fn position(
         .or_else(|error| match error {
             diesel::result::Error::NotFound => Ok(None),
             other => Err(other),
-        })?;
+        })
+}
+
+/// The position of `aggregate` for `consumer` (none yet: 0).
+pub async fn position(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Position> {
+    let row = sequence_row(conn, consumer, aggregate).await?;
     Ok(
-        row.map_or_else(Position::default, |(last_version, event, version)| Position {
+        row.map_or_else(Position::default, |(last_version, event, version, ..)| Position {
             last_version,
             dead_letter: event.zip(version),
         }),
@@ -1404,6 +1533,8 @@ pub struct Held {
     pub position: Position,
     /// Its parked events, by version.
     pub parked: Vec<Parked>,
+    /// The gap policy's last action on it, if any.
+    pub gap_action: Option<GapAction>,
 }
 
 /// Every aggregate of `consumer` with parked events, oldest first.
@@ -1455,14 +1586,363 @@ pub async fn held(conn: &mut AsyncPgConnection, consumer: &str) -> QueryResult<V
     let mut held = Vec::with_capacity(by_aggregate.len());
     for (aggregate, parked) in by_aggregate {
         let position = position(conn, consumer, &aggregate).await?;
+        let gap_action = gap_action(conn, consumer, &aggregate).await?;
         held.push(Held {
             aggregate,
             position,
             parked,
+            gap_action,
         });
     }
     held.sort_by_key(|h| h.parked.as_slice().first().map(|p| p.parked_at));
     Ok(held)
+}
+
+/// The event applied at each of `aggregates`' last version, where one is
+/// recorded: (last version, its event id). Read in the consumer's
+/// transaction, with the aggregates locked, only for a batch that holds a
+/// repeat of some last version (a candidate version conflict).
+pub(crate) async fn last_events(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregates: &[&Aggregate],
+) -> QueryResult<HashMap<Aggregate, (i64, Uuid)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        aggregate_type: String,
+        #[diesel(sql_type = Text)]
+        aggregate_id: String,
+        #[diesel(sql_type = BigInt)]
+        last_version: i64,
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        last_event: Uuid,
+    }
+    if aggregates.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (kinds, ids) = columns(aggregates);
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT s.aggregate_type, s.aggregate_id, s.last_version, s.last_event FROM inbox_sequence s \
+         JOIN unnest($2::text[], $3::text[]) AS a(t, i) ON s.aggregate_type = a.t AND s.aggregate_id = a.i \
+         WHERE s.consumer = $1 AND s.last_event IS NOT NULL",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&ids)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            (
+                Aggregate {
+                    kind: row.aggregate_type,
+                    id: row.aggregate_id,
+                },
+                (row.last_version, row.last_event),
+            )
+        })
+        .collect())
+}
+
+/// An event that arrived at its aggregate's last version with another
+/// event id than the one applied there (see the module docs, "Version
+/// conflicts"): not applied, recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The aggregate.
+    pub aggregate: Aggregate,
+    /// The version both events claim.
+    pub version: i64,
+    /// The event that arrived and was not applied.
+    pub event_id: Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// The event applied at that version.
+    pub applied_event: Uuid,
+    /// When it was first seen.
+    pub seen_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Records `conflicts` (a repeat of one recorded before is left as it is);
+/// returns how many are new.
+pub(crate) async fn record_conflicts(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    conflicts: &[(Aggregate, i64, Uuid, &str, Uuid)],
+) -> QueryResult<usize> {
+    if conflicts.is_empty() {
+        return Ok(0);
+    }
+    let rows: Vec<_> = conflicts
+        .iter()
+        .map(|(aggregate, version, event_id, event_type, applied)| {
+            (
+                inbox_conflicts::consumer.eq(consumer),
+                inbox_conflicts::event_id.eq(*event_id),
+                inbox_conflicts::aggregate_type.eq(&aggregate.kind),
+                inbox_conflicts::aggregate_id.eq(&aggregate.id),
+                inbox_conflicts::aggregate_version.eq(*version),
+                inbox_conflicts::applied_event.eq(*applied),
+                inbox_conflicts::event_type.eq(*event_type),
+            )
+        })
+        .collect();
+    diesel::insert_into(inbox_conflicts::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await
+}
+
+/// The version conflicts recorded for `consumer`, oldest first.
+pub async fn conflicts(conn: &mut AsyncPgConnection, consumer: &str) -> QueryResult<Vec<Conflict>> {
+    let rows: Vec<(String, String, i64, Uuid, String, Uuid, Timestamp)> = inbox_conflicts::table
+        .filter(inbox_conflicts::consumer.eq(consumer))
+        .order(inbox_conflicts::seen_at)
+        .select((
+            inbox_conflicts::aggregate_type,
+            inbox_conflicts::aggregate_id,
+            inbox_conflicts::aggregate_version,
+            inbox_conflicts::event_id,
+            inbox_conflicts::event_type,
+            inbox_conflicts::applied_event,
+            inbox_conflicts::seen_at,
+        ))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(kind, id, version, event_id, event_type, applied_event, seen_at)| Conflict {
+                aggregate: Aggregate { kind, id },
+                version,
+                event_id,
+                event_type,
+                applied_event,
+                seen_at,
+            },
+        )
+        .collect())
+}
+
+/// Deletes the conflicts of `consumer` recorded more than `retention` ago.
+pub(crate) async fn forget_conflicts(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    retention: std::time::Duration,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM inbox_conflicts WHERE consumer = $1 AND seen_at < now() - make_interval(secs => $2)",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Double, _>(retention.as_secs_f64())
+    .execute(conn)
+    .await
+}
+
+/// What a consumer does about a gap older than `CONSUMER_GAP_TIMEOUT`
+/// (`CONSUMER_GAP_POLICY`; see the module docs, "The gap policy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GapPolicy {
+    /// Wait for the missing versions (or an operator): only counted.
+    Wait,
+    /// Ask the producer to republish the aggregate's state (a snapshot).
+    Resync,
+    /// Apply the first parked event past the gap, when its type carries
+    /// the whole state; otherwise wait.
+    ApplyNext,
+}
+
+impl GapPolicy {
+    /// The setting's value and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wait => "wait",
+            Self::Resync => "resync",
+            Self::ApplyNext => "apply-next",
+        }
+    }
+}
+
+impl std::fmt::Display for GapPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An aggregate stuck behind a gap, claimed for the gap policy's action.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct StuckGap {
+    /// `aggregate_type`.
+    #[diesel(sql_type = Text)]
+    pub aggregate_type: String,
+    /// `aggregate_id`.
+    #[diesel(sql_type = Text)]
+    pub aggregate_id: String,
+    /// Its position.
+    #[diesel(sql_type = BigInt)]
+    pub last_version: i64,
+    /// The first version parked past the gap.
+    #[diesel(sql_type = BigInt)]
+    pub first_parked: i64,
+    /// That event's type.
+    #[diesel(sql_type = Text)]
+    pub first_type: String,
+}
+
+impl StuckGap {
+    /// The aggregate.
+    pub fn aggregate(&self) -> Aggregate {
+        Aggregate {
+            kind: self.aggregate_type.clone(),
+            id: self.aggregate_id.clone(),
+        }
+    }
+}
+
+/// Claims up to `limit` aggregates of `consumer` stuck behind a gap (an
+/// event parked more than `timeout` ago, the next version not parked, no
+/// dead letter) on which no action was taken within `timeout`: each is
+/// marked with `action` (outcome `started`) now, so that no replica acts on
+/// it again before `timeout` has passed. Rows another transaction holds
+/// are skipped.
+pub(crate) async fn claim_stuck_gaps(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    timeout: std::time::Duration,
+    action: &str,
+    limit: i64,
+) -> QueryResult<Vec<StuckGap>> {
+    diesel::sql_query(
+        "WITH stuck AS ( \
+           SELECT s.aggregate_type, s.aggregate_id FROM inbox_sequence s \
+           WHERE s.consumer = $1 AND s.dead_letter_event IS NULL \
+             AND (s.gap_action_at IS NULL OR s.gap_action_at < now() - make_interval(secs => $2)) \
+             AND (s.aggregate_type, s.aggregate_id) IN ( \
+               SELECT p.aggregate_type, p.aggregate_id FROM inbox_parked p \
+               WHERE p.consumer = $1 AND p.parked_at < now() - make_interval(secs => $2)) \
+             AND NOT EXISTS (SELECT 1 FROM inbox_parked n WHERE n.consumer = $1 \
+               AND n.aggregate_type = s.aggregate_type AND n.aggregate_id = s.aggregate_id \
+               AND n.aggregate_version <= s.last_version + 1) \
+           ORDER BY s.aggregate_type, s.aggregate_id LIMIT $4 FOR UPDATE OF s SKIP LOCKED) \
+         UPDATE inbox_sequence s SET gap_action = $3, gap_action_outcome = 'started', gap_action_at = now() \
+         FROM stuck WHERE s.consumer = $1 AND s.aggregate_type = stuck.aggregate_type AND s.aggregate_id = stuck.aggregate_id \
+         RETURNING s.aggregate_type, s.aggregate_id, s.last_version, \
+           (SELECT p.aggregate_version FROM inbox_parked p WHERE p.consumer = $1 AND p.aggregate_type = s.aggregate_type \
+              AND p.aggregate_id = s.aggregate_id ORDER BY p.aggregate_version LIMIT 1) AS first_parked, \
+           (SELECT p.event_type FROM inbox_parked p WHERE p.consumer = $1 AND p.aggregate_type = s.aggregate_type \
+              AND p.aggregate_id = s.aggregate_id ORDER BY p.aggregate_version LIMIT 1) AS first_type",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Double, _>(timeout.as_secs_f64())
+    .bind::<Text, _>(action)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// Records how the gap policy's action on `aggregates` went.
+pub(crate) async fn record_gap_outcome(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregates: &[Aggregate],
+    outcome: &str,
+) -> QueryResult<()> {
+    if aggregates.is_empty() {
+        return Ok(());
+    }
+    let refs: Vec<&Aggregate> = aggregates.iter().collect();
+    let (kinds, ids) = columns(&refs);
+    diesel::sql_query(
+        "UPDATE inbox_sequence s SET gap_action_outcome = $4 FROM unnest($2::text[], $3::text[]) AS a(t, i) \
+         WHERE s.consumer = $1 AND s.aggregate_type = a.t AND s.aggregate_id = a.i",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Text>, _>(&ids)
+    .bind::<Text, _>(outcome)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The gap policy's last action on an aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GapAction {
+    /// The policy that acted (`wait`, `resync`, `apply-next`).
+    pub action: String,
+    /// How it went (`waited`, `requested`, `applied`, `failed`, …).
+    pub outcome: Option<String>,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The gap policy's last action on `aggregate`, if any.
+pub async fn gap_action(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+) -> QueryResult<Option<GapAction>> {
+    let row = sequence_row(conn, consumer, aggregate).await?;
+    Ok(row.and_then(|(.., action, outcome, at)| {
+        Some(GapAction {
+            action: action?,
+            outcome,
+            at: at?,
+        })
+    }))
+}
+
+/// Sets `aggregate`'s position to `version` (`shop dlq set-position`), in
+/// either direction, in a transaction of its own: the way out of a version
+/// conflict after the producer's database was restored (set it back below
+/// the reused versions, then resync: the snapshot applies). A dead letter
+/// at or below `version` stops holding it; parked events at or below it
+/// are forgotten, and the one at `version + 1`, if any, is released and
+/// returned for the caller to [`send_back`]. Returns the position before.
+pub async fn set_position(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    aggregate: &Aggregate,
+    version: i64,
+) -> QueryResult<(Position, Vec<ParkedEvent>)> {
+    use diesel_async::AsyncConnection as _;
+    conn.transaction(async |conn| {
+        let before = lock(conn, consumer, &[aggregate])
+            .await?
+            .remove(aggregate)
+            .unwrap_or_default();
+        diesel::sql_query(
+            "INSERT INTO inbox_sequence AS s (consumer, aggregate_type, aggregate_id, last_version) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, aggregate_type, aggregate_id) DO UPDATE SET \
+               last_version = excluded.last_version, last_event = NULL, \
+               dead_letter_event = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_event END, \
+               dead_letter_version = CASE WHEN s.dead_letter_version <= excluded.last_version THEN NULL ELSE s.dead_letter_version END, \
+               parked_until = CASE WHEN s.parked_until <= excluded.last_version THEN NULL ELSE s.parked_until END, \
+               updated_at = now()",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Text, _>(&aggregate.kind)
+        .bind::<Text, _>(&aggregate.id)
+        .bind::<BigInt, _>(version)
+        .execute(conn)
+        .await?;
+        diesel::sql_query(
+            "DELETE FROM inbox_parked WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+             AND aggregate_version <= $4",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Text, _>(&aggregate.kind)
+        .bind::<Text, _>(&aggregate.id)
+        .bind::<BigInt, _>(version)
+        .execute(conn)
+        .await?;
+        let released = release_next(conn, consumer, aggregate).await?;
+        Ok((before, released))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -67,12 +67,7 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 /// user events published from now on reach it).
 pub async fn spawn_app() -> TestApp {
     let app = spawn_app_with(|_| {}).await;
-    shop_testkit::eventually("the order service's consumer to serve", WAIT, || async {
-        shop_host::healthcheck::check_at(app.addr, order_service::app::CONSUMER_HEALTH)
-            .await
-            .ok()
-    })
-    .await;
+    app.wait_for_consumer().await;
     app
 }
 
@@ -123,6 +118,16 @@ pub struct KnownUser {
 }
 
 impl TestApp {
+    /// Waits until the consumer serves (its queue declared and bound).
+    pub async fn wait_for_consumer(&self) {
+        shop_testkit::eventually("the order service's consumer to serve", WAIT, || async {
+            shop_host::healthcheck::check_at(self.addr, order_service::app::CONSUMER_HEALTH)
+                .await
+                .ok()
+        })
+        .await;
+    }
+
     pub async fn publish_user_event<E: Event>(&self, event: &E) -> Uuid {
         let id = Uuid::now_v7();
         self.publish_user_event_with_id(event, id).await;

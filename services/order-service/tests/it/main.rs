@@ -8,6 +8,7 @@ mod helpers;
 mod metrics;
 mod projection;
 mod properties;
+mod resync;
 mod retention;
 mod rpc;
 mod server;

@@ -148,6 +148,29 @@ fn updated(user: &str, version: i64) -> shop_contracts::user::UserUpdated {
     }
 }
 
+/// Publishes a new user's creation and its version 3 (version 2 never
+/// comes: 3 parks behind a gap); returns the user's id.
+async fn user_with_a_gap(system: &System, publisher: &TestPublisher) -> String {
+    let exchange = &system.order_settings.service.user_events_exchange;
+    let user = Uuid::now_v7().to_string();
+    publisher
+        .publish(
+            exchange,
+            &UserCreated {
+                user_id: user.clone(),
+                version: 1,
+                email: format!("{user}@example.com"),
+                name: "First".to_owned(),
+                occurred_at: None,
+            },
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+    publish_user_event(system, publisher, &updated(&user, 3), true).await;
+    user
+}
+
 /// `shop dlq list` until its text contains `needle`.
 async fn wait_for_listing(system: &System, needle: &str) -> String {
     shop_testkit::eventually(
@@ -280,22 +303,7 @@ async fn a_gap_past_the_gap_timeout_is_counted_stuck_listed_and_released_by_the_
 
     let exchange = &system.order_settings.service.user_events_exchange;
     let publisher = TestPublisher::connect(exchange).await.unwrap();
-    let user = Uuid::now_v7().to_string();
-    publisher
-        .publish(
-            exchange,
-            &UserCreated {
-                user_id: user.clone(),
-                version: 1,
-                email: format!("{user}@example.com"),
-                name: "First".to_owned(),
-                occurred_at: None,
-            },
-            Uuid::now_v7(),
-        )
-        .await
-        .unwrap();
-    publish_user_event(&system, &publisher, &updated(&user, 3), true).await;
+    let user = user_with_a_gap(&system, &publisher).await;
 
     // Parked behind the gap, and not yet stuck.
     let queue = &system.order_settings.service.user_events_queue;
@@ -360,4 +368,89 @@ async fn a_gap_past_the_gap_timeout_is_counted_stuck_listed_and_released_by_the_
         .await
         .unwrap();
     assert_eq!(position.last_version, 3, "version 3 applied after the release");
+}
+
+/// A counter of the order service's consumer of user events (None before
+/// it is exported).
+fn consumer_counter(system: &System, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let metrics = shop_host::admin::metrics_handle().unwrap().render();
+    let queue = system.order_settings.service.user_events_queue.as_str();
+    let mut labels = labels.to_vec();
+    labels.push(("queue", queue));
+    shop_testkit::metric(&metrics, name, &labels)
+}
+
+/// The gap policy's action and a version conflict, as an operator sees
+/// them: counted, and listed by `shop dlq list`; then `shop dlq
+/// set-position` moves the stuck user past the gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gap_policys_action_and_a_version_conflict_are_counted_and_listed_and_set_position_frees_the_user()
+ {
+    let system = crate::system::start_with(crate::system::Options {
+        adjust_order: Some(Box::new(|settings: &mut order_service::Config| {
+            settings.service.consumer.gap_timeout = shop_config::duration("1s").unwrap();
+            settings.service.consumer.sweep_interval = Duration::from_millis(100);
+            settings.service.consumer.gap_policy = Some(shop_messaging::sequence::GapPolicy::Wait);
+        })),
+        ..crate::system::Options::default()
+    })
+    .await;
+    let exchange = &system.order_settings.service.user_events_exchange;
+    let publisher = TestPublisher::connect(exchange).await.unwrap();
+    let user = user_with_a_gap(&system, &publisher).await;
+
+    let listed = wait_for_listing(&system, "gap policy wait: waited").await;
+    assert!(
+        listed.contains(&format!(
+            "user/{user} at version 1, waiting for version 2 (a gap)"
+        )),
+        "{listed}"
+    );
+    shop_testkit::eventually("the wait counted", Duration::from_secs(10), || async {
+        consumer_counter(
+            &system,
+            "consumer_gap_actions_total",
+            &[("policy", "wait"), ("outcome", "waited")],
+        )
+        .filter(|count| *count >= 1.0)
+    })
+    .await;
+    assert_eq!(
+        consumer_counter(&system, "consumer_version_conflicts_total", &[]),
+        Some(0.0)
+    );
+
+    // Another event claiming version 1, which the creation holds.
+    let reused = publish_user_event(&system, &publisher, &updated(&user, 1), true).await;
+    let listed = wait_for_listing(&system, "version conflicts: 1").await;
+    assert!(
+        listed.contains(&format!(
+            "user/{user} version 1: shop.user.v1.UserUpdated {reused} not applied"
+        )),
+        "{listed}"
+    );
+    assert_eq!(
+        consumer_counter(&system, "consumer_version_conflicts_total", &[]),
+        Some(1.0)
+    );
+
+    let (ok, set, stderr) = dlq(&system, &["set-position", &format!("user/{user}"), "2"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        set.contains("position set from version 1 to 2; released 1 parked event(s)"),
+        "{set}"
+    );
+    wait_for_listing(&system, "parked: 0 aggregate(s), 0 event(s)").await;
+    let mut order_db = shop_database::establish(&system.order_settings.host.database)
+        .await
+        .unwrap();
+    let aggregate: shop_messaging::sequence::Aggregate = format!("user/{user}").parse().unwrap();
+    let position = shop_messaging::sequence::position(
+        &mut order_db,
+        &system.order_settings.service.user_events_queue,
+        &aggregate,
+    )
+    .await
+    .unwrap();
+    assert_eq!(position.last_version, 3, "version 3 applied after the move");
 }

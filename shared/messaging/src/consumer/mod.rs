@@ -105,6 +105,9 @@
 //! `consumer_batch_size{queue}`, `consumer_apply_seconds{queue}`,
 //! `consumer_remembered_positions{queue}`,
 //! `consumer_position_conflicts_total{queue}`,
+//! `consumer_version_conflicts_total{queue}` (an event at its aggregate's
+//! last version with another id: see [`crate::sequence`]),
+//! `consumer_gap_actions_total{queue, policy, outcome}` (the gap policy),
 //! `consumer_unauthenticated_events_total{queue, cause}`,
 //! `consumer_unsigned_events_total{queue}`, `consumer_connected{queue}`
 //! and `consumer_fenced{queue}` (1 while this replica has given up its
@@ -125,6 +128,7 @@
 //! reconnects with backoff and declares its topology again; unacknowledged
 //! messages are redelivered and the positions absorb the repeats.
 
+mod gaps;
 mod session;
 mod worker;
 
@@ -202,6 +206,21 @@ pub struct ConsumerConfig {
         value_parser = shop_config::duration
     )]
     pub gap_timeout: Duration,
+    /// What the sweep does about a gap older than `CONSUMER_GAP_TIMEOUT`,
+    /// once per aggregate per timeout: `wait` (only count it), `resync`
+    /// (ask the producer for a snapshot of the aggregate; needs a producer
+    /// to ask, [`Consumer::resync`]) or `apply-next` (apply the first
+    /// parked event past the gap when its type carries the whole state,
+    /// otherwise wait). Unset: `resync` where the service has a producer to
+    /// ask, else `wait`.
+    #[arg(
+        id = "consumer_gap_policy",
+        long = "consumer-gap-policy",
+        env = "CONSUMER_GAP_POLICY",
+        value_name = "POLICY",
+        value_enum
+    )]
+    pub gap_policy: Option<crate::sequence::GapPolicy>,
     /// Aggregates whose last committed position each replica remembers, so
     /// that their next versions are decided without reading the position
     /// (checked when it moves): between N and 2N recent aggregates, up to
@@ -774,6 +793,10 @@ pub fn inspect_any(data: &[u8]) -> Vec<crate::wire::DeadLetterReason> {
 /// types by name.
 #[async_trait::async_trait]
 trait ErasedHandler: Send + Sync {
+    /// The event type is a snapshot ([`Event::SNAPSHOT`]).
+    fn snapshot(&self) -> bool;
+    /// The event type carries the whole state ([`Event::STATE_CARRYING`]).
+    fn state_carrying(&self) -> bool;
     fn decode(&self, body: &[u8]) -> Result<(Decoded, shop_contracts::EventIdentity), prost::DecodeError>;
     async fn handle_batch(
         &self,
@@ -789,6 +812,14 @@ struct Typed<E, H> {
 
 #[async_trait::async_trait]
 impl<E: Event, H: Handler<E>> ErasedHandler for Typed<E, H> {
+    fn snapshot(&self) -> bool {
+        E::SNAPSHOT
+    }
+
+    fn state_carrying(&self) -> bool {
+        E::STATE_CARRYING || E::SNAPSHOT
+    }
+
     fn decode(&self, body: &[u8]) -> Result<(Decoded, shop_contracts::EventIdentity), prost::DecodeError> {
         let event = E::decode(body)?;
         let identity = event.identity();
@@ -825,6 +856,7 @@ pub struct Consumer {
     handlers: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     routing_keys: Vec<String>,
     connected: watch::Sender<bool>,
+    resync: Option<Arc<dyn crate::resync::Resync>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -846,7 +878,28 @@ impl Consumer {
             handlers: HashMap::new(),
             routing_keys: Vec::new(),
             connected: watch::Sender::new(false),
+            resync: None,
         }
+    }
+
+    /// Asks `producer` for snapshots of the aggregates stuck behind a gap
+    /// (gap policy `resync`, the default once set; see
+    /// [`crate::resync`]).
+    #[must_use]
+    pub fn resync(mut self, producer: Arc<dyn crate::resync::Resync>) -> Self {
+        self.resync = Some(producer);
+        self
+    }
+
+    /// The gap policy in force: the setting, else `resync` with a producer
+    /// to ask and `wait` without.
+    pub fn gap_policy(&self) -> crate::sequence::GapPolicy {
+        use crate::sequence::GapPolicy;
+        self.config.gap_policy.unwrap_or(if self.resync.is_some() {
+            GapPolicy::Resync
+        } else {
+            GapPolicy::Wait
+        })
     }
 
     /// Routes events of type `E` (by AMQP `type`) to `handler` and binds the
@@ -890,6 +943,11 @@ impl Consumer {
         anyhow::ensure!(
             !self.config.trusted_keys.is_empty() || self.config.accept_unsigned_until.is_some(),
             "the consumer of {} trusts no producer key: every event would be refused as unauthenticated",
+            self.config.queue
+        );
+        anyhow::ensure!(
+            self.gap_policy() != crate::sequence::GapPolicy::Resync || self.resync.is_some(),
+            "the consumer of {}: CONSUMER_GAP_POLICY=resync needs a producer to ask (CONSUMER_RESYNC_URL)",
             self.config.queue
         );
         session::run(self, shutdown).await

@@ -25,12 +25,14 @@ const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyhow::Result<()> {
     let topology = consumer.topology();
+    let gap_policy = consumer.gap_policy();
     let Consumer {
         config,
         pool,
         amqp,
         handlers,
         connected,
+        resync,
         ..
     } = consumer;
     let remembered = crate::sequence::Remembered::new(config.remembered_positions);
@@ -50,6 +52,9 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
         remembered: std::sync::Mutex::new(remembered),
         checks,
         seal,
+        gap_policy,
+        resync,
+        resyncing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
     let mut backoff = shared.config.backoff.start();
     tracing::info!(queue = %shared.config.queue, member = %shared.member, partitions = shared.topology.partition_count(), "consumer started");
@@ -57,6 +62,9 @@ pub(super) async fn run(consumer: Consumer, shutdown: CancellationToken) -> anyh
     // zero (their first increase is then seen by `increase()`).
     metrics::counter!("consumer_position_conflicts_total", "queue" => shared.config.queue.clone())
         .increment(0);
+    metrics::counter!("consumer_version_conflicts_total", "queue" => shared.config.queue.clone())
+        .increment(0);
+    super::gaps::register(&shared);
     metrics::counter!("task_restarts_total", "task" => "consumer worker").increment(0);
     let connected_gauge = metrics::gauge!("consumer_connected", "queue" => shared.config.queue.clone());
     // Registered at 0, so that an alert's increase() sees the first one.
@@ -279,6 +287,7 @@ async fn session(
                 let sampled = tokio::select! {
                     sampled = async {
                         sweep_parked(shared, &sweeper).await;
+                        super::gaps::act(shared, &sweeper).await;
                         report_depths(shared, &sweeper).await
                     } => sampled,
                     error = connection_error(events.as_mut()) => break Err(error),
@@ -504,6 +513,7 @@ async fn sweep_parked(shared: &Shared, channel: &Channel) {
         .run(async |conn| {
             let ready = sequence::take_ready(conn, queue, RELEASE_GRACE, 500).await?;
             sequence::forget_applied(conn, queue).await?;
+            sequence::forget_conflicts(conn, queue, shared.config.inbox_retention).await?;
             let stats = sequence::stats(conn, queue, gap_timeout).await?;
             Ok::<_, shop_database::RunError>((ready, stats))
         })

@@ -49,6 +49,12 @@ pub(super) struct Shared {
     pub(super) checks: DeliveryChecks,
     /// The consumer group's seal ([`crate::seal`]).
     pub(super) seal: SealKey,
+    /// What the sweep does about a stuck gap.
+    pub(super) gap_policy: sequence::GapPolicy,
+    /// The producer to ask for snapshots (gap policy `resync`).
+    pub(super) resync: Option<Arc<dyn crate::resync::Resync>>,
+    /// A resync request is under way (one at a time).
+    pub(super) resyncing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Shared {
@@ -160,6 +166,8 @@ struct Applied {
     /// The positions of the batch's aggregates, to remember once committed,
     /// with where the rows of those it moved are.
     positions: HashMap<Aggregate, (sequence::Position, Option<sequence::RowId>)>,
+    /// Version conflicts recorded for the first time.
+    conflicts: usize,
 }
 
 impl Worker {
@@ -463,6 +471,10 @@ impl Worker {
         metrics::histogram!("consumer_apply_seconds", "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("consumer_batch_size", "queue" => queue.clone()).record(incoming.len() as f64);
+        if done.conflicts > 0 {
+            metrics::counter!("consumer_version_conflicts_total", "queue" => queue.clone())
+                .increment(done.conflicts as u64);
+        }
         for (outcome, count) in [
             ("applied", done.applied),
             ("duplicate", done.duplicates),
@@ -520,9 +532,27 @@ impl Worker {
             let before: HashMap<Aggregate, i64> =
                 positions.iter().map(|(aggregate, position)| (aggregate.clone(), position.last_version)).collect();
             let mut decisions = Vec::with_capacity(incoming.len());
+            // The event each aggregate's last version was applied by in this
+            // batch, and the repeats of a last version (candidate conflicts).
+            let mut applied_by: HashMap<(&Aggregate, i64), Uuid> = HashMap::new();
+            let mut repeats: Vec<(&Incoming, &Aggregate, i64)> = Vec::new();
             for (item, sequenced) in incoming.iter().zip(&sequenced) {
                 decisions.push(match sequenced {
-                    Some((aggregate, version)) => positions.entry(aggregate.clone()).or_default().decide(*version),
+                    Some((aggregate, version)) => {
+                        let snapshot = item.handler.snapshot();
+                        let position = positions.entry(aggregate.clone()).or_default();
+                        let decision = position.decide_event(*version, snapshot);
+                        match decision {
+                            Decision::Apply => {
+                                applied_by.insert((aggregate, *version), item.meta.event_id);
+                            }
+                            Decision::Duplicate if !snapshot && *version == position.last_version => {
+                                repeats.push((item, aggregate, *version));
+                            }
+                            _ => {}
+                        }
+                        decision
+                    }
                     None => Decision::Apply,
                 });
                 if let Decision::Park(reason) = decisions.last().copied().unwrap_or(Decision::Apply) {
@@ -543,6 +573,9 @@ impl Worker {
             let fresh = if ids.is_empty() { HashSet::new() } else { inbox::record(conn, queue, &ids).await? };
 
             let mut done = Applied::default();
+            if !repeats.is_empty() {
+                done.conflicts = version_conflicts(conn, queue, &repeats, &applied_by).await?;
+            }
             let mut applied_ids = HashSet::with_capacity(ids.len());
             let mut to_park: Vec<(ParkedEvent, usize)> = Vec::new();
             let mut ledger_rows = Vec::new();
@@ -622,6 +655,7 @@ impl Worker {
                     from: before.get(aggregate).copied().unwrap_or(0),
                     to: position.last_version,
                     row: recalled.get(aggregate).and_then(|(_, row)| *row),
+                    event: applied_by.get(&(aggregate, position.last_version)).copied(),
                 })
                 .filter(|change| change.to > change.from)
                 .collect();
@@ -966,6 +1000,55 @@ fn process_span(queue: &str, delivery: &Delivery) -> tracing::Span {
     let parent = wire::extract_trace(delivery.properties.headers().as_ref());
     let _ = span.set_parent(parent);
     span
+}
+
+/// The version conflicts among `repeats` (events of a batch at their
+/// aggregate's last version, not snapshots): those whose event id is not
+/// the one applied at that version, by this batch (`applied_by`) or before
+/// (the position's `last_event`, read with the aggregates locked). Each is
+/// logged and recorded (a repeat of one recorded before is not counted
+/// again); none is applied. Returns how many are new.
+async fn version_conflicts(
+    conn: &mut AsyncPgConnection,
+    queue: &str,
+    repeats: &[(&Incoming, &Aggregate, i64)],
+    applied_by: &HashMap<(&Aggregate, i64), Uuid>,
+) -> diesel::QueryResult<usize> {
+    let unknown: Vec<&Aggregate> = repeats
+        .iter()
+        .filter(|(_, aggregate, version)| !applied_by.contains_key(&(*aggregate, *version)))
+        .map(|(_, aggregate, _)| *aggregate)
+        .collect();
+    let recorded = sequence::last_events(conn, queue, &unknown).await?;
+    let mut conflicts = Vec::new();
+    for (item, aggregate, version) in repeats {
+        let applied = applied_by.get(&(*aggregate, *version)).copied().or_else(|| {
+            recorded
+                .get(*aggregate)
+                .filter(|(last, _)| last == version)
+                .map(|(_, event)| *event)
+        });
+        let Some(applied) = applied.filter(|applied| *applied != item.meta.event_id) else {
+            continue;
+        };
+        tracing::warn!(
+            parent: &item.span,
+            queue,
+            %aggregate,
+            version,
+            event_id = %item.meta.event_id,
+            applied_event = %applied,
+            "version conflict: another event was applied at this version; not applied (see `shop dlq list`)"
+        );
+        conflicts.push((
+            (*aggregate).clone(),
+            *version,
+            item.meta.event_id,
+            item.meta.type_name.as_str(),
+            applied,
+        ));
+    }
+    sequence::record_conflicts(conn, queue, &conflicts).await
 }
 
 /// Header values stay small: error texts are cut at 1 KiB.

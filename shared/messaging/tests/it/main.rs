@@ -7,6 +7,7 @@ mod consumer;
 mod dead_letters;
 mod faults;
 mod ordered;
+mod resync;
 mod routing;
 mod support;
 mod trust;

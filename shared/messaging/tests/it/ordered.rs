@@ -17,7 +17,7 @@ use crate::support::{Harness, created, harness, harness_with, seen_by_user, upda
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn user(id: &str) -> Aggregate {
+pub(crate) fn user(id: &str) -> Aggregate {
     Aggregate {
         kind: "user".to_owned(),
         id: id.to_owned(),
@@ -48,13 +48,13 @@ async fn expect_seen(h: &Harness, expected: &[(&str, &[i64])]) {
     assert_eq!(seen_by_user(&h.applied().await), expected);
 }
 
-async fn held(h: &Harness) -> Vec<Held> {
+pub(crate) async fn held(h: &Harness) -> Vec<Held> {
     let mut conn = h.pool.get().await.unwrap();
     sequence::held(&mut conn, &h.queue).await.unwrap()
 }
 
 /// Waits until `user` has exactly `versions` parked.
-async fn wait_parked(h: &Harness, user_id: &str, versions: &[i64]) -> Held {
+pub(crate) async fn wait_parked(h: &Harness, user_id: &str, versions: &[i64]) -> Held {
     shop_testkit::eventually(&format!("{user_id} parked at {versions:?}"), WAIT, || async {
         let held = held(h)
             .await

@@ -10,7 +10,7 @@ use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
 use lapin::BasicProperties;
 use shop_contracts::Event;
-use shop_contracts::user::{UserCreated, UserUpdated};
+use shop_contracts::user::{UserCreated, UserSnapshot, UserUpdated};
 use shop_messaging::AmqpConfig;
 use shop_messaging::consumer::{Consumer, ConsumerConfig, EventMeta, Handler, HandlerError};
 use shop_testkit::{TestBroker, TestDatabase, TestPublisher};
@@ -188,6 +188,18 @@ impl Handler<UserUpdated> for Recorder {
     }
 }
 
+#[async_trait::async_trait]
+impl Handler<UserSnapshot> for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        event: UserSnapshot,
+        meta: &EventMeta,
+    ) -> Result<(), HandlerError> {
+        self.record(conn, &event.user_id, event.version, meta).await
+    }
+}
+
 pub struct Harness {
     pub behavior: Arc<Behavior>,
     pub exchange: String,
@@ -205,6 +217,8 @@ pub struct Harness {
     pub consumer_pool: shop_database::Pool,
     pub broker: TestBroker,
     pub db: TestDatabase,
+    /// The producer the consumer asks for snapshots (gap policy `resync`).
+    pub resync: Option<Arc<dyn shop_messaging::resync::Resync>>,
 }
 
 impl Drop for Harness {
@@ -263,6 +277,7 @@ pub async fn harness_with(adjust: impl FnOnce(ConsumerConfig, &TestBroker) -> Co
         pool,
         broker,
         db,
+        resync: None,
     }
 }
 
@@ -285,9 +300,15 @@ impl Harness {
     /// A consumer of this harness's queue whose applications are recorded
     /// as `instance`.
     pub fn consumer(&self, instance: &str, amqp: AmqpConfig) -> Consumer {
-        Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp)
+        let consumer = Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp);
+        let consumer = match &self.resync {
+            Some(producer) => consumer.resync(producer.clone()),
+            None => consumer,
+        };
+        consumer
             .subscribe::<UserCreated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
             .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
+            .subscribe::<UserSnapshot, _>(Recorder(self.behavior.clone(), instance.to_owned()))
     }
 
     /// Another replica of the consumer, running until its token is
@@ -513,6 +534,17 @@ pub fn updated(user_id: &str, version: i64) -> UserUpdated {
         version,
         email: format!("{user_id}@example.com"),
         name: format!("Version {version}"),
+        occurred_at: None,
+    }
+}
+
+pub fn snapshot(user_id: &str, version: i64) -> UserSnapshot {
+    UserSnapshot {
+        user_id: user_id.to_owned(),
+        version,
+        email: format!("{user_id}@example.com"),
+        name: format!("Snapshot {version}"),
+        deleted: false,
         occurred_at: None,
     }
 }
