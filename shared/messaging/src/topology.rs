@@ -173,9 +173,9 @@ impl ConsumerTopology {
         self.partitions.clamp(1, PARTITIONS.unsigned_abs())
     }
 
-    /// Name of partition queue `index`: `<group>.partition.<index>`.
+    /// Name of partition queue `index`: `<group>.ordered.<index>`.
     pub fn partition_queue(&self, index: u16) -> String {
-        format!("{}.partition.{index}", self.queue)
+        format!("{}.ordered.{index}", self.queue)
     }
 
     /// The partition queue that receives events of wire partition
@@ -368,11 +368,12 @@ impl ConsumerTopology {
     }
 
     /// The arguments of a partition queue.
-    fn partition_queue_args(&self) -> FieldTable {
-        // Whatever the broker itself dead-letters (a message redelivered
-        // more than the delivery limit because it crashes every consumer)
-        // goes to the dead-letter queue too, at least once, through the
-        // group's own exchange (not the default one: see the module docs).
+    pub fn partition_queue_args(&self) -> FieldTable {
+        // Whatever the broker itself dead-letters goes to the dead-letter
+        // queue too, at least once, through the group's own exchange (not
+        // the default one: see the module docs). Nothing should get there
+        // (see `x-delivery-limit` below); it is where a message would land
+        // if an operator's policy set a limit anyway.
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -390,9 +391,17 @@ impl ConsumerTopology {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
+        // The broker's delivery limit is no poison rule here: every return
+        // counts towards it (a hand-over, a self-fencing replica, a crash
+        // all return the whole prefetch), so it would dead-letter innocent
+        // events. A limit no message reaches, the same on RabbitMQ 3.x
+        // (where an absent limit is none, but a negative one is 0) and 4.x
+        // (where an absent limit is 20): see the module docs. The consumer
+        // counts the handlings a crash ended itself
+        // ([`crate::consumer`], `inbox_crashes`).
         args.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(MAIN_QUEUE_DELIVERY_LIMIT),
+            AMQPValue::LongInt(PARTITION_QUEUE_DELIVERY_LIMIT),
         );
         // One consumer at a time takes from a partition, whatever the
         // number of replicas.
@@ -421,6 +430,9 @@ impl ConsumerTopology {
             .collect();
         retired.push(self.queue.clone());
         retired.extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.p{index}", self.queue)));
+        retired.extend(
+            (0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.partition.{index}", self.queue)),
+        );
         retired.extend(
             (self.partition_count()..PARTITIONS.unsigned_abs()).map(|index| self.partition_queue(index)),
         );
@@ -632,11 +644,11 @@ pub fn queues_exchange(queue: &str) -> String {
     format!("{queue}.queues")
 }
 
-/// How many times the broker delivers a message of a partition queue before
-/// it dead-letters it itself: only a message that kills its consumer every
-/// time gets there, since handler failures are retried through the delay
-/// queues.
-pub const MAIN_QUEUE_DELIVERY_LIMIT: i32 = 20;
+/// The `x-delivery-limit` of a partition queue: the largest the argument
+/// takes, which no message reaches (2^31 returns), so the broker never
+/// dead-letters by it. Not absent (RabbitMQ 4 applies 20 then), not `-1`
+/// (unlimited on RabbitMQ 4, but 0 on 3.x: dropped at the first return).
+pub const PARTITION_QUEUE_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// Declares a durable quorum queue (replicated across the nodes of a
 /// cluster, and at-least-once in every dead-lettering step).

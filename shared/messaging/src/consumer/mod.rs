@@ -125,6 +125,7 @@
 //! reconnects with backoff and declares its topology again; unacknowledged
 //! messages are redelivered and the positions absorb the repeats.
 
+mod crashes;
 mod session;
 mod worker;
 
