@@ -85,8 +85,10 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeBindOptions,
     ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -500,40 +502,47 @@ impl ConsumerTopology {
                 )
                 .await?;
         }
-        let mut moved = 0;
-        while let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        // `basic.get` is refused on a quorum queue with a single active
+        // consumer (the partition queues): consume what is ready instead,
+        // until it is all moved or nothing comes (a replica of the old
+        // layout still active on it keeps its messages).
+        let ready = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
             .await?
-        {
-            let delivery = &message.delivery;
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-            if wire::header_i64(&headers, wire::PARTITION).is_none()
-                && let Some(aggregate_id) = wire::header_str(&headers, wire::AGGREGATE_ID)
-            {
-                let partition = wire::partition_of(aggregate_id);
-                headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
-            }
-            let confirm = channel
-                .basic_publish(
-                    self.router().as_str().into(),
-                    delivery.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &delivery.data,
-                    wire::sent_by(delivery.properties.clone().with_headers(headers), user),
-                )
-                .await?
+            .message_count();
+        let mut moved = 0;
+        if ready > 0 {
+            channel
+                .basic_qos(200, BasicQosOptions { global: false })
                 .await?;
-            match confirm {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
-                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
-                    anyhow::bail!("moving a message of {queue} to {} failed", self.router())
-                }
+            let tag = format!("{queue}.retiring");
+            let mut messages = channel
+                .basic_consume(
+                    queue.into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            while moved < ready as usize {
+                let delivery = match tokio::time::timeout(RETIRE_IDLE, messages.next()).await {
+                    Ok(Some(delivery)) => delivery?,
+                    Ok(None) | Err(_) => break,
+                };
+                self.move_to_router(&channel, queue, &delivery, user).await?;
+                delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+                moved += 1;
             }
-            delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
-            moved += 1;
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: false })
+                .await?;
         }
         // Quorum queues refuse `if-empty` and `if-unused` deletes (a hard
         // error that closes the connection): look first. Nothing routes to
@@ -576,6 +585,44 @@ impl ConsumerTopology {
             tracing::info!(queue, moved, router = %self.router(), "moved the messages of a retired queue to the partitions");
         }
         Ok(moved)
+    }
+
+    /// Re-publishes `delivery` of retired `queue` to the group's router,
+    /// with its `partition` header (set from its aggregate id when missing)
+    /// and `user` as its `user_id`, and waits for the confirm.
+    async fn move_to_router(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        delivery: &lapin::message::Delivery,
+        user: &str,
+    ) -> anyhow::Result<()> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if wire::header_i64(&headers, wire::PARTITION).is_none()
+            && let Some(aggregate_id) = wire::header_str(&headers, wire::AGGREGATE_ID)
+        {
+            let partition = wire::partition_of(aggregate_id);
+            headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+        }
+        let confirm = channel
+            .basic_publish(
+                self.router().as_str().into(),
+                delivery.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &delivery.data,
+                wire::sent_by(delivery.properties.clone().with_headers(headers), user),
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
+                anyhow::bail!("moving a message of {queue} to {} failed", self.router())
+            }
+        }
     }
 }
 
@@ -643,6 +690,11 @@ pub fn dead_letter_queue(queue: &str) -> String {
 pub fn queues_exchange(queue: &str) -> String {
     format!("{queue}.queues")
 }
+
+/// How long moving a retired queue waits for its next message before it
+/// leaves the rest for a later start (a replica of the old layout is still
+/// the queue's active consumer).
+const RETIRE_IDLE: Duration = Duration::from_secs(2);
 
 /// The `x-delivery-limit` of a partition queue: the largest the argument
 /// takes, which no message reaches (2^31 returns), so the broker never
