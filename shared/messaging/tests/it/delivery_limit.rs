@@ -390,3 +390,81 @@ async fn count(h: &crate::support::Harness, query: &str) -> i64 {
         .unwrap()
         .n
 }
+
+/// The case: a replica killed and restarted 25 times (more than the
+/// old limit of 20) with a backlog in its prefetch, while its database is
+/// locked (the positions and the crash counts, so nothing can be applied or
+/// counted): every kill returns the whole backlog to the broker. Once the
+/// lock goes, everything is applied and nothing was dead-lettered, by the
+/// broker or by the consumer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_25_times_with_a_backlog_and_its_database_locked_loses_nothing_to_a_delivery_limit() {
+    use diesel_async::RunQueryDsl as _;
+    let mut h = harness_with(|mut config, _| {
+        config.partitions = 1;
+        config
+    })
+    .await;
+    let broker_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
+    // Held for the whole test: the pool's idle-in-transaction timeout
+    // would end it.
+    let mut locker = h.pool.get().await.unwrap();
+    diesel::sql_query("SET idle_in_transaction_session_timeout = 0")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    diesel::sql_query("BEGIN").execute(&mut locker).await.unwrap();
+    diesel::sql_query("LOCK TABLE inbox_sequence, inbox_crashes IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    h.start_with(AmqpConfig::new(broker_proxy.url_for(&amqp_url())))
+        .await;
+    h.publish(&created("backlog", 1), Uuid::now_v7()).await;
+    for version in 2..=30 {
+        h.publish(&updated("backlog", version), Uuid::now_v7()).await;
+    }
+
+    for kill in 0..25 {
+        shop_testkit::eventually(
+            &format!("the backlog in the prefetch before kill {kill}"),
+            Duration::from_secs(20),
+            || async { (h.waiting().await == 0).then_some(()) },
+        )
+        .await;
+        h.crash().await;
+        broker_proxy.cut();
+        database_proxy.cut();
+        shop_testkit::eventually(
+            &format!("the backlog returned by kill {kill}"),
+            Duration::from_secs(20),
+            || async {
+                let waiting = h.waiting().await;
+                (waiting == 30).then_some(())
+            },
+        )
+        .await;
+        h.restart().await;
+    }
+    assert!(h.applied().await.is_empty(), "nothing applied while locked");
+    diesel::sql_query("ROLLBACK").execute(&mut locker).await.unwrap();
+
+    let applied = h.expect_applied(30).await;
+    let versions: Vec<i64> = applied.iter().map(|(_, _, version)| *version).collect();
+    assert_eq!(versions, (1..=30).collect::<Vec<i64>>());
+    assert!(h.dead_letters().await.is_empty());
+    assert!(
+        h.behavior
+            .deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(_, _, redelivered)| *redelivered),
+        "handled after the broker had them back"
+    );
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM inbox_crashes").await, 0);
+}
