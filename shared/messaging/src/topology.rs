@@ -41,12 +41,12 @@
 //! partition 0:
 //!
 //! ```text
-//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.partition.<k % P> ──► one active consumer
-//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.partition.<k % P>
-//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.partition.0
+//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.ordered.<k % P> ──► one active consumer
+//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.ordered.<k % P>
+//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.ordered.0
 //!
-//! <group>.partition.<i> ──handler fails──► <group>.queues ──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
-//! <group>.partition.<i> ──never succeeds / N attempts──► <group>.queues ──► <group>.dlq
+//! <group>.ordered.<i> ──handler fails──► <group>.queues ──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
+//! <group>.ordered.<i> ──never succeeds / N attempts / N crashes──► <group>.queues ──► <group>.dlq
 //! ```
 //!
 //! Why exchanges fed by the relay's hash, not the consistent-hash exchange:
@@ -62,6 +62,21 @@
 //! producers that do not set `CC`. Every partition queue is a quorum queue
 //! with `x-single-active-consumer`, so even while replicas hand partitions
 //! over, one consumer at a time takes from it.
+//!
+//! # The broker's delivery limit
+//!
+//! A quorum queue counts the returns of each message and dead-letters it
+//! past its `x-delivery-limit`. That is no poison rule for a partition
+//! queue: before RabbitMQ 4.3 every return counts (4.3 and later still
+//! count a closed channel), and hand-overs, self-fencing replicas and
+//! restarts return the whole prefetch, so innocent events would be
+//! dead-lettered, without the headers and the hold on their aggregate's
+//! later events the consumer's own dead letters have. An absent limit is
+//! none on 3.x but 20 on 4.x (also for queues declared before the
+//! upgrade); `-1` is none on 4.x but 0 on 3.x. So partition queues carry
+//! [`PARTITION_QUEUE_DELIVERY_LIMIT`], the largest the argument takes,
+//! the same on both and never reached; the consumer counts the handlings a
+//! crash ended itself ([`crate::consumer`]). See `docs/consumer.md`.
 //!
 //! Changing the number of partitions re-binds the queues at the next start;
 //! messages of queues beyond the new count are moved back through the
@@ -81,15 +96,18 @@
 //! - `<group>.p<i>`: partition queues that dead-lettered through the default
 //!   exchange, which every consumer's user then had to be allowed to write
 //!   to (replaced by `<group>.partition.<i>`, dead-lettering through
-//!   `<group>.queues`).
+//!   `<group>.queues`);
+//! - `<group>.partition.<i>`: partition queues with a broker delivery limit
+//!   of 20, which hand-overs used up (replaced by `<group>.ordered.<i>`;
+//!   see above).
 
 use std::time::Duration;
 
 use futures::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeBindOptions,
-    ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeUnbindOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ExchangeKind};
@@ -415,8 +433,9 @@ impl ConsumerTopology {
     /// the group's exchange and deletes those queues: the layouts retired
     /// (see the module docs: the single queue before partitions, `<group>`
     /// and its delay queues `<group>.retry.<ms>ms`; the partition queues
-    /// `<group>.p<i>` that dead-lettered through the default exchange), and
-    /// partition queues beyond the current count. Each message is
+    /// `<group>.p<i>` that dead-lettered through the default exchange; the
+    /// partition queues `<group>.partition.<i>` with a delivery limit of
+    /// 20), and partition queues beyond the current count. Each message is
     /// re-published with its `partition` header (set from its aggregate id
     /// when missing) and `user_id` set to `user`, the connection's (the
     /// broker refuses any other), confirmed, then acknowledged. Returns how
@@ -432,9 +451,8 @@ impl ConsumerTopology {
             .collect();
         retired.push(self.queue.clone());
         retired.extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.p{index}", self.queue)));
-        retired.extend(
-            (0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.partition.{index}", self.queue)),
-        );
+        retired
+            .extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.partition.{index}", self.queue)));
         retired.extend(
             (self.partition_count()..PARTITIONS.unsigned_abs()).map(|index| self.partition_queue(index)),
         );
@@ -506,22 +524,10 @@ impl ConsumerTopology {
         // consumer (the partition queues): consume what is ready instead,
         // until it is all moved or nothing comes (a replica of the old
         // layout still active on it keeps its messages).
-        let ready = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
+        let ready = look(&channel, queue).await?.message_count();
         let mut moved = 0;
         if ready > 0 {
-            channel
-                .basic_qos(200, BasicQosOptions { global: false })
-                .await?;
+            channel.basic_qos(200, BasicQosOptions { global: false }).await?;
             let tag = format!("{queue}.retiring");
             let mut messages = channel
                 .basic_consume(
@@ -549,16 +555,7 @@ impl ConsumerTopology {
         // the queue any more, so empty now stays empty; a replica of the old
         // layout still consuming it (its unacknowledged messages would be
         // lost) keeps it for a later start.
-        let state = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let state = look(&channel, queue).await?;
         if state.message_count() == 0 && state.consumer_count() == 0 {
             channel
                 .queue_delete(
@@ -652,6 +649,21 @@ async fn bind_or_unbind(
             .queue_unbind(queue.into(), exchange.into(), key.into(), args)
             .await
     }
+}
+
+/// `queue` as the broker has it (messages ready, consumers), by a passive
+/// declare: a missing queue closes `channel`.
+async fn look(channel: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Binds `queue` to the group's `<group>.queues` exchange by its own name.

@@ -19,7 +19,7 @@ use shop_messaging::wire;
 use shop_testkit::{TcpProxy, TestBroker, TestPublisher, amqp_url};
 use uuid::Uuid;
 
-use crate::support::{created, harness_with, updated};
+use crate::support::{Harness, created, depth, harness_with, updated};
 
 /// A group of one partition queue, declared, with its producer's exchange.
 async fn declared(broker: &TestBroker) -> (ConsumerTopology, Connection, TestPublisher) {
@@ -37,24 +37,6 @@ async fn declared(broker: &TestBroker) -> (ConsumerTopology, Connection, TestPub
     let channel = connection.create_channel().await.unwrap();
     topology.declare(&channel).await.unwrap();
     (topology, connection, publisher)
-}
-
-/// (messages, consumers) of `queue`.
-async fn depth(connection: &Connection, queue: &str) -> Option<u32> {
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = channel.close(200, "looked".into()).await;
-    Some(declared.message_count())
 }
 
 /// Declares `queue` again as a quorum queue with `args`: the broker refuses
@@ -120,7 +102,11 @@ async fn thirty_hand_overs_with_messages_in_the_prefetch_dead_letter_nothing() {
     let queue = topology.partition_queue(0);
     for user in 0..5 {
         publisher
-            .publish(&topology.exchange, &created(&format!("hand-over-{user}"), 1), Uuid::now_v7())
+            .publish(
+                &topology.exchange,
+                &created(&format!("hand-over-{user}"), 1),
+                Uuid::now_v7(),
+            )
             .await
             .unwrap();
     }
@@ -149,7 +135,11 @@ async fn thirty_hand_overs_with_messages_in_the_prefetch_dead_letter_nothing() {
                 _ => break,
             }
         }
-        assert_eq!(taken.len(), 5, "round {round}: the messages are all still in the queue");
+        assert_eq!(
+            taken.len(),
+            5,
+            "round {round}: the messages are all still in the queue"
+        );
         delivery_counts.push(
             taken
                 .iter()
@@ -181,8 +171,8 @@ async fn thirty_hand_overs_with_messages_in_the_prefetch_dead_letter_nothing() {
         delivery_counts.last().copied().unwrap_or(0) >= 29,
         "returns counted: {delivery_counts:?}"
     );
-    assert_eq!(depth(&connection, &queue).await, Some(5));
-    assert_eq!(depth(&connection, &topology.dead_letter_queue()).await, Some(0));
+    assert_eq!(depth(&queue).await, Some(5));
+    assert_eq!(depth(&topology.dead_letter_queue()).await, Some(0));
 }
 
 /// The layout before: `<group>.partition.<i>` with a delivery limit of
@@ -242,9 +232,11 @@ async fn a_partition_queue_of_the_layout_with_a_delivery_limit_is_moved_over_in_
             .await
             .unwrap();
     }
-    shop_testkit::eventually("the backlog in the old queue", Duration::from_secs(10), || async {
-        (depth(&connection, &old).await == Some(10)).then_some(())
-    })
+    shop_testkit::eventually(
+        "the backlog in the old queue",
+        Duration::from_secs(10),
+        || async { (depth(&old).await == Some(10)).then_some(()) },
+    )
     .await;
 
     topology.declare(&channel).await.unwrap();
@@ -252,7 +244,7 @@ async fn a_partition_queue_of_the_layout_with_a_delivery_limit_is_moved_over_in_
     let moved = topology.retire(&connection, &user).await.unwrap();
 
     assert_eq!(moved, 10);
-    assert_eq!(depth(&connection, &old).await, None, "{old} is deleted");
+    assert_eq!(depth(&old).await, None, "{old} is deleted");
     let consuming = connection.create_channel().await.unwrap();
     let mut consumer = consuming
         .basic_consume(
@@ -292,11 +284,7 @@ async fn an_event_that_kills_its_consumer_every_time_is_dead_lettered_by_the_con
         config
     })
     .await;
-    let broker_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
-        .await
-        .unwrap();
-    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
+    let (broker_proxy, database_proxy) = killable(&mut h).await;
     *h.behavior.hang_user.lock().unwrap() = Some("poison".to_owned());
     h.start_with(AmqpConfig::new(broker_proxy.url_for(&amqp_url())))
         .await;
@@ -342,7 +330,10 @@ async fn an_event_that_kills_its_consumer_every_time_is_dead_lettered_by_the_con
     }
 
     let letters = h.expect_dead_letters(1).await;
-    assert_eq!(letters[0].message_id.as_deref(), Some(poison.to_string().as_str()));
+    assert_eq!(
+        letters[0].message_id.as_deref(),
+        Some(poison.to_string().as_str())
+    );
     assert_eq!(letters[0].reason, "crashed");
     assert!(
         letters[0]
@@ -358,10 +349,34 @@ async fn an_event_that_kills_its_consumer_every_time_is_dead_lettered_by_the_con
     assert_eq!(handlings(&h.behavior, "poison"), 4);
     let applied = h.expect_applied(1).await;
     assert_eq!(applied[0].1, "innocent");
-    let parked = count(&h, "SELECT count(*) AS n FROM inbox_parked WHERE aggregate_id = 'poison'").await;
+    let parked = count(
+        &h,
+        "SELECT count(*) AS n FROM inbox_parked WHERE aggregate_id = 'poison'",
+    )
+    .await;
     assert_eq!(parked, 1, "poison v2 waits behind its dead letter");
-    assert_eq!(count(&h, "SELECT count(*) AS n FROM inbox_crashes").await, 0, "counts forgotten");
-    assert_eq!(std::sync::atomic::AtomicU32::load(&h.behavior.calls, Ordering::SeqCst), 5, "4 poison, 1 innocent");
+    assert_eq!(
+        count(&h, "SELECT count(*) AS n FROM inbox_crashes").await,
+        0,
+        "counts forgotten"
+    );
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&h.behavior.calls, Ordering::SeqCst),
+        5,
+        "4 poison, 1 innocent"
+    );
+}
+
+/// Proxies to the broker and to the database for the consumer of `h`,
+/// whose connections the test cuts when it kills the consumer (as a killed
+/// process's go).
+async fn killable(h: &mut Harness) -> (TcpProxy, TcpProxy) {
+    let broker_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
+    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
+    (broker_proxy, database_proxy)
 }
 
 /// Handler calls for `user` so far.
@@ -376,7 +391,7 @@ fn handlings(behavior: &crate::support::Behavior, user: &str) -> usize {
 }
 
 /// The single `n` of `query`, on the test's own connection.
-async fn count(h: &crate::support::Harness, query: &str) -> i64 {
+async fn count(h: &Harness, query: &str) -> i64 {
     use diesel_async::RunQueryDsl as _;
     #[derive(diesel::QueryableByName)]
     struct Count {
@@ -398,25 +413,24 @@ async fn count(h: &crate::support::Harness, query: &str) -> i64 {
 /// lock goes, everything is applied and nothing was dead-lettered, by the
 /// broker or by the consumer.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_replica_killed_25_times_with_a_backlog_and_its_database_locked_loses_nothing_to_a_delivery_limit() {
+async fn a_replica_killed_25_times_with_a_backlog_and_its_database_locked_loses_nothing_to_a_delivery_limit()
+{
     use diesel_async::RunQueryDsl as _;
     let mut h = harness_with(|mut config, _| {
         config.partitions = 1;
+        // The killed replica's partition moves to its successor after this.
+        config.member_timeout = Duration::from_millis(500);
         config
     })
     .await;
-    let broker_proxy = TcpProxy::start(shop_testkit::amqp_addr().await).await.unwrap();
-    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
-        .await
-        .unwrap();
-    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
-    // Held for the whole test: the pool's idle-in-transaction timeout
-    // would end it.
-    let mut locker = h.pool.get().await.unwrap();
-    diesel::sql_query("SET idle_in_transaction_session_timeout = 0")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let (broker_proxy, database_proxy) = killable(&mut h).await;
+    // A connection of its own, outside the pools (whose
+    // idle-in-transaction timeout would end the lock), closed with the test
+    // even when it fails.
+    let mut locker =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(h.db.url())
+            .await
+            .unwrap();
     diesel::sql_query("BEGIN").execute(&mut locker).await.unwrap();
     diesel::sql_query("LOCK TABLE inbox_sequence, inbox_crashes IN ACCESS EXCLUSIVE MODE")
         .execute(&mut locker)

@@ -536,3 +536,24 @@ pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeM
 pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
     TestPublisher::signable(kind, id, user, version)
 }
+
+/// Messages ready in `queue`, `None` when it does not exist.
+pub async fn depth(queue: &str) -> Option<u32> {
+    let connection =
+        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    let _ = connection.close(200, "counted".into()).await;
+    declared.ok().map(|queue| queue.message_count())
+}
