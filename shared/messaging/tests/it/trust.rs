@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::AMQPValue;
 use prost::Message as _;
 use shop_contracts::Event as _;
 use shop_contracts::user::{UserCreated, UserUpdated};
