@@ -156,6 +156,14 @@ impl shop_host::Service for OrderService {
             window: config.consumer.inbox_retention,
             consumer: Some(config.user_events_queue.clone()),
         });
+        // Crash counts a crash left for events that never came back
+        // (shop_messaging::consumer, `inbox_crashes`).
+        host.retain(Retention {
+            table: "inbox_crashes",
+            column: "counted_at",
+            window: config.consumer.inbox_retention,
+            consumer: Some(config.user_events_queue.clone()),
+        });
         let consumer = user_events_consumer(config, host.pool().clone(), host.config().amqp.clone())?;
         let connected = consumer.connected();
         host.report(

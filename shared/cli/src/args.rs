@@ -445,7 +445,8 @@ pub enum DlqCommand {
     /// in order.
     Replay {
         /// Only this reason: too-large, unauthenticated, missing-message-id,
-        /// unknown-type, undecodable, rejected, max-attempts, park-limit.
+        /// unknown-type, undecodable, rejected, max-attempts, park-limit,
+        /// crashed.
         #[arg(long)]
         reason: Option<String>,
         /// Only this type, e.g. shop.user.v1.UserCreated.

@@ -41,12 +41,12 @@
 //! partition 0:
 //!
 //! ```text
-//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.partition.<k % P> ──► one active consumer
-//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.partition.<k % P>
-//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.partition.0
+//! user.events ──routing keys──► <group>.route ──CC partition.k──► <group>.ordered.<k % P> ──► one active consumer
+//!  (topic)                       (direct)  └─alternate─► <group>.partitions ──partition=k──► <group>.ordered.<k % P>
+//!                                                          (headers)    └─alternate─► <group>.unpartitioned ──► <group>.ordered.0
 //!
-//! <group>.partition.<i> ──handler fails──► <group>.queues ──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
-//! <group>.partition.<i> ──never succeeds / N attempts──► <group>.queues ──► <group>.dlq
+//! <group>.ordered.<i> ──handler fails──► <group>.queues ──► <group>.delay.<ms> (TTL) ──► <group>.partitions (back to its partition)
+//! <group>.ordered.<i> ──never succeeds / N attempts / N crashes──► <group>.queues ──► <group>.dlq
 //! ```
 //!
 //! Why exchanges fed by the relay's hash, not the consistent-hash exchange:
@@ -62,6 +62,21 @@
 //! producers that do not set `CC`. Every partition queue is a quorum queue
 //! with `x-single-active-consumer`, so even while replicas hand partitions
 //! over, one consumer at a time takes from it.
+//!
+//! # The broker's delivery limit
+//!
+//! A quorum queue counts the returns of each message and dead-letters it
+//! past its `x-delivery-limit`. That is no poison rule for a partition
+//! queue: before RabbitMQ 4.3 every return counts (4.3 and later still
+//! count a closed channel), and hand-overs, self-fencing replicas and
+//! restarts return the whole prefetch, so innocent events would be
+//! dead-lettered, without the headers and the hold on their aggregate's
+//! later events the consumer's own dead letters have. An absent limit is
+//! none on 3.x but 20 on 4.x (also for queues declared before the
+//! upgrade); `-1` is none on 4.x but 0 on 3.x. So partition queues carry
+//! [`PARTITION_QUEUE_DELIVERY_LIMIT`], the largest the argument takes,
+//! the same on both and never reached; the consumer counts the handlings a
+//! crash ended itself ([`crate::consumer`]). See `docs/consumer.md`.
 //!
 //! Changing the number of partitions re-binds the queues at the next start;
 //! messages of queues beyond the new count are moved back through the
@@ -81,13 +96,18 @@
 //! - `<group>.p<i>`: partition queues that dead-lettered through the default
 //!   exchange, which every consumer's user then had to be allowed to write
 //!   to (replaced by `<group>.partition.<i>`, dead-lettering through
-//!   `<group>.queues`).
+//!   `<group>.queues`);
+//! - `<group>.partition.<i>`: partition queues with a broker delivery limit
+//!   of 20, which hand-overs used up (replaced by `<group>.ordered.<i>`;
+//!   see above).
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions,
-    ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeUnbindOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ExchangeKind};
@@ -173,9 +193,9 @@ impl ConsumerTopology {
         self.partitions.clamp(1, PARTITIONS.unsigned_abs())
     }
 
-    /// Name of partition queue `index`: `<group>.partition.<index>`.
+    /// Name of partition queue `index`: `<group>.ordered.<index>`.
     pub fn partition_queue(&self, index: u16) -> String {
-        format!("{}.partition.{index}", self.queue)
+        format!("{}.ordered.{index}", self.queue)
     }
 
     /// The partition queue that receives events of wire partition
@@ -368,11 +388,12 @@ impl ConsumerTopology {
     }
 
     /// The arguments of a partition queue.
-    fn partition_queue_args(&self) -> FieldTable {
-        // Whatever the broker itself dead-letters (a message redelivered
-        // more than the delivery limit because it crashes every consumer)
-        // goes to the dead-letter queue too, at least once, through the
-        // group's own exchange (not the default one: see the module docs).
+    pub fn partition_queue_args(&self) -> FieldTable {
+        // Whatever the broker itself dead-letters goes to the dead-letter
+        // queue too, at least once, through the group's own exchange (not
+        // the default one: see the module docs). Nothing should get there
+        // (see `x-delivery-limit` below); it is where a message would land
+        // if an operator's policy set a limit anyway.
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -390,9 +411,17 @@ impl ConsumerTopology {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
+        // The broker's delivery limit is no poison rule here: every return
+        // counts towards it (a hand-over, a self-fencing replica, a crash
+        // all return the whole prefetch), so it would dead-letter innocent
+        // events. A limit no message reaches, the same on RabbitMQ 3.x
+        // (where an absent limit is none, but a negative one is 0) and 4.x
+        // (where an absent limit is 20): see the module docs. The consumer
+        // counts the handlings a crash ended itself
+        // ([`crate::consumer`], `inbox_crashes`).
         args.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(MAIN_QUEUE_DELIVERY_LIMIT),
+            AMQPValue::LongInt(PARTITION_QUEUE_DELIVERY_LIMIT),
         );
         // One consumer at a time takes from a partition, whatever the
         // number of replicas.
@@ -404,8 +433,9 @@ impl ConsumerTopology {
     /// the group's exchange and deletes those queues: the layouts retired
     /// (see the module docs: the single queue before partitions, `<group>`
     /// and its delay queues `<group>.retry.<ms>ms`; the partition queues
-    /// `<group>.p<i>` that dead-lettered through the default exchange), and
-    /// partition queues beyond the current count. Each message is
+    /// `<group>.p<i>` that dead-lettered through the default exchange; the
+    /// partition queues `<group>.partition.<i>` with a delivery limit of
+    /// 20), and partition queues beyond the current count. Each message is
     /// re-published with its `partition` header (set from its aggregate id
     /// when missing) and `user_id` set to `user`, the connection's (the
     /// broker refuses any other), confirmed, then acknowledged. Returns how
@@ -421,6 +451,8 @@ impl ConsumerTopology {
             .collect();
         retired.push(self.queue.clone());
         retired.extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.p{index}", self.queue)));
+        retired
+            .extend((0..PARTITIONS.unsigned_abs()).map(|index| format!("{}.partition.{index}", self.queue)));
         retired.extend(
             (self.partition_count()..PARTITIONS.unsigned_abs()).map(|index| self.partition_queue(index)),
         );
@@ -488,56 +520,42 @@ impl ConsumerTopology {
                 )
                 .await?;
         }
+        // `basic.get` is refused on a quorum queue with a single active
+        // consumer (the partition queues): consume what is ready instead,
+        // until it is all moved or nothing comes (a replica of the old
+        // layout still active on it keeps its messages).
+        let ready = look(&channel, queue).await?.message_count();
         let mut moved = 0;
-        while let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
-            let delivery = &message.delivery;
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-            if wire::header_i64(&headers, wire::PARTITION).is_none()
-                && let Some(aggregate_id) = wire::header_str(&headers, wire::AGGREGATE_ID)
-            {
-                let partition = wire::partition_of(aggregate_id);
-                headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
-            }
-            let confirm = channel
-                .basic_publish(
-                    self.router().as_str().into(),
-                    delivery.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &delivery.data,
-                    wire::sent_by(delivery.properties.clone().with_headers(headers), user),
+        if ready > 0 {
+            channel.basic_qos(200, BasicQosOptions { global: false }).await?;
+            let tag = format!("{queue}.retiring");
+            let mut messages = channel
+                .basic_consume(
+                    queue.into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
                 )
-                .await?
                 .await?;
-            match confirm {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
-                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
-                    anyhow::bail!("moving a message of {queue} to {} failed", self.router())
-                }
+            while moved < ready as usize {
+                let delivery = match tokio::time::timeout(RETIRE_IDLE, messages.next()).await {
+                    Ok(Some(delivery)) => delivery?,
+                    Ok(None) | Err(_) => break,
+                };
+                self.move_to_router(&channel, queue, &delivery, user).await?;
+                delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
+                moved += 1;
             }
-            delivery.acker.ack(BasicAckOptions { multiple: false }).await?;
-            moved += 1;
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: false })
+                .await?;
         }
         // Quorum queues refuse `if-empty` and `if-unused` deletes (a hard
         // error that closes the connection): look first. Nothing routes to
         // the queue any more, so empty now stays empty; a replica of the old
         // layout still consuming it (its unacknowledged messages would be
         // lost) keeps it for a later start.
-        let state = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let state = look(&channel, queue).await?;
         if state.message_count() == 0 && state.consumer_count() == 0 {
             channel
                 .queue_delete(
@@ -564,6 +582,44 @@ impl ConsumerTopology {
             tracing::info!(queue, moved, router = %self.router(), "moved the messages of a retired queue to the partitions");
         }
         Ok(moved)
+    }
+
+    /// Re-publishes `delivery` of retired `queue` to the group's router,
+    /// with its `partition` header (set from its aggregate id when missing)
+    /// and `user` as its `user_id`, and waits for the confirm.
+    async fn move_to_router(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        delivery: &lapin::message::Delivery,
+        user: &str,
+    ) -> anyhow::Result<()> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if wire::header_i64(&headers, wire::PARTITION).is_none()
+            && let Some(aggregate_id) = wire::header_str(&headers, wire::AGGREGATE_ID)
+        {
+            let partition = wire::partition_of(aggregate_id);
+            headers.insert(wire::PARTITION.into(), AMQPValue::ShortInt(partition));
+        }
+        let confirm = channel
+            .basic_publish(
+                self.router().as_str().into(),
+                delivery.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &delivery.data,
+                wire::sent_by(delivery.properties.clone().with_headers(headers), user),
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
+                anyhow::bail!("moving a message of {queue} to {} failed", self.router())
+            }
+        }
     }
 }
 
@@ -593,6 +649,21 @@ async fn bind_or_unbind(
             .queue_unbind(queue.into(), exchange.into(), key.into(), args)
             .await
     }
+}
+
+/// `queue` as the broker has it (messages ready, consumers), by a passive
+/// declare: a missing queue closes `channel`.
+async fn look(channel: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Binds `queue` to the group's `<group>.queues` exchange by its own name.
@@ -632,11 +703,16 @@ pub fn queues_exchange(queue: &str) -> String {
     format!("{queue}.queues")
 }
 
-/// How many times the broker delivers a message of a partition queue before
-/// it dead-letters it itself: only a message that kills its consumer every
-/// time gets there, since handler failures are retried through the delay
-/// queues.
-pub const MAIN_QUEUE_DELIVERY_LIMIT: i32 = 20;
+/// How long moving a retired queue waits for its next message before it
+/// leaves the rest for a later start (a replica of the old layout is still
+/// the queue's active consumer).
+const RETIRE_IDLE: Duration = Duration::from_secs(2);
+
+/// The `x-delivery-limit` of a partition queue: the largest the argument
+/// takes, which no message reaches (2^31 returns), so the broker never
+/// dead-letters by it. Not absent (RabbitMQ 4 applies 20 then), not `-1`
+/// (unlimited on RabbitMQ 4, but 0 on 3.x: dropped at the first return).
+pub const PARTITION_QUEUE_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// Declares a durable quorum queue (replicated across the nodes of a
 /// cluster, and at-least-once in every dead-lettering step).

@@ -657,11 +657,16 @@ pub enum DeadLetterReason {
     /// Ahead of its aggregate's next version while the consumer already
     /// holds as many parked events as it may (per aggregate or in all).
     ParkLimit,
+    /// Its handling ended without an outcome (the process died: an abort,
+    /// a kill, out of memory) more times than the consumer's attempt
+    /// limit: counted by the consumer in its database, since a crash
+    /// writes no header.
+    Crashed,
 }
 
 impl DeadLetterReason {
     /// Every reason.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::TooLarge,
         Self::Unauthenticated,
         Self::MissingMessageId,
@@ -670,6 +675,7 @@ impl DeadLetterReason {
         Self::Rejected,
         Self::MaxAttempts,
         Self::ParkLimit,
+        Self::Crashed,
     ];
 
     /// The header value.
@@ -683,6 +689,7 @@ impl DeadLetterReason {
             Self::Rejected => "rejected",
             Self::MaxAttempts => "max-attempts",
             Self::ParkLimit => "park-limit",
+            Self::Crashed => "crashed",
         }
     }
 }

@@ -92,6 +92,15 @@
 //! 5. When the database itself is unreachable the batch is held, unacked,
 //!    and retried with backoff: an outage is not the message's fault and does
 //!    not use up its attempts.
+//! 6. A delivery the broker marks `redelivered` may be one that took the
+//!    process down while it was handled (a crash writes no `attempt`
+//!    header): its batch is applied one message per transaction, and the
+//!    start of each redelivered one's handling is counted first, in a
+//!    committed statement of its own (`inbox_crashes`). Past
+//!    [`ConsumerConfig::max_attempts`] counted starts without an outcome,
+//!    it is dead-lettered as `crashed`, holding its aggregate's later
+//!    events. The broker's own delivery limit is set out of reach, since
+//!    every hand-over's returns count towards it ([`crate::topology`]).
 //!
 //! With [`ConsumerConfig::ledger`], every application is also appended to
 //! `inbox_ledger` in the same transaction: what the handlers were given, in
@@ -128,6 +137,7 @@
 //! reconnects with backoff and declares its topology again; unacknowledged
 //! messages are redelivered and the positions absorb the repeats.
 
+mod crashes;
 mod gaps;
 mod session;
 mod worker;

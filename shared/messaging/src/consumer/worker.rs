@@ -236,6 +236,12 @@ impl Worker {
 
         let mut backoff =
             shop_backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).start();
+        // A redelivery may be a message that took the process down while
+        // it was handled: handled alone, each start counted
+        // ([`super::crashes`]), so only the culprit's count grows.
+        if ready.iter().any(|incoming| incoming.delivery.redelivered) {
+            return self.one_by_one(&ready, None, &mut backoff, stop).await;
+        }
         let first_failure = loop {
             match self.apply(&ready).await {
                 Ok(Applied {
@@ -273,9 +279,40 @@ impl Worker {
 
         // A batch of one failed for its own reason; a larger batch is split to
         // find the culprit, one transaction per message.
-        let mut known_failure = (ready.len() == 1).then_some(first_failure);
-        for incoming in &ready {
+        let known_failure = (ready.len() == 1).then_some(first_failure);
+        self.one_by_one(&ready, known_failure, &mut backoff, stop).await
+    }
+
+    /// Applies `ready` one message per transaction (`known_failure`: the
+    /// first one's, already known), retrying, dead-lettering and
+    /// acknowledging each; a redelivered one's start is counted first
+    /// ([`super::crashes`]).
+    async fn one_by_one(
+        &self,
+        ready: &[Incoming],
+        mut known_failure: Option<HandlerError>,
+        backoff: &mut Delays,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        for incoming in ready {
+            let mut counted = false;
             loop {
+                if incoming.delivery.redelivered && !counted && known_failure.is_none() {
+                    match self.count_start(incoming).await {
+                        Ok(Some(times)) => {
+                            self.dead_letter_crashed(incoming, times).await?;
+                            self.ack(&incoming.delivery, false).await?;
+                            break;
+                        }
+                        Ok(None) => counted = true,
+                        Err(error) => {
+                            if !self.wait_for_database(&error, backoff, stop).await {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                    }
+                }
                 let outcome = match known_failure.take() {
                     Some(error) => Err(ApplyError::Failed(error)),
                     None => self.apply(std::slice::from_ref(incoming)).await,
@@ -292,7 +329,12 @@ impl Worker {
                         break;
                     }
                     Err(ApplyError::Unavailable(error)) => {
-                        if !self.wait_for_database(&error, &mut backoff, stop).await {
+                        if counted {
+                            // Held for the outage, not the message's fault.
+                            self.uncount(incoming, true).await;
+                            counted = false;
+                        }
+                        if !self.wait_for_database(&error, backoff, stop).await {
                             return Ok(());
                         }
                     }
@@ -304,7 +346,11 @@ impl Worker {
                         if matches!(error, HandlerError::Transient(_))
                             && !shop_database::probe(&self.shared.pool).await
                         {
-                            if !self.wait_for_database(&error.into(), &mut backoff, stop).await {
+                            if counted {
+                                self.uncount(incoming, true).await;
+                                counted = false;
+                            }
+                            if !self.wait_for_database(&error.into(), backoff, stop).await {
                                 return Ok(());
                             }
                             continue;
@@ -315,7 +361,78 @@ impl Worker {
                     }
                 }
             }
+            if counted {
+                self.uncount(incoming, false).await;
+            }
         }
+        Ok(())
+    }
+
+    /// Counts the start of a handling of redelivered `incoming`; `Some`
+    /// (how many handlings a crash ended) when it is past the consumer's
+    /// attempt limit and must not be handled again. An error is the
+    /// database's outage; a statement that fails otherwise (a missing
+    /// table) is logged and the message handled uncounted.
+    async fn count_start(&self, incoming: &Incoming) -> Result<Option<u32>, anyhow::Error> {
+        let queue = self.shared.config.queue.as_str();
+        let event_id = incoming.meta.event_id;
+        let counted = self
+            .shared
+            .pool
+            .run(async |conn| {
+                super::crashes::start(conn, queue, event_id)
+                    .await
+                    .map_err(ApplyError::from)
+            })
+            .await;
+        match counted {
+            Ok(handlings) if handlings > self.shared.config.max_attempts => Ok(Some(handlings)),
+            Ok(_) => Ok(None),
+            Err(ApplyError::Unavailable(error)) => Err(error),
+            Err(ApplyError::Failed(error)) => {
+                tracing::warn!(parent: &incoming.span, error = format!("{:#}", anyhow::Error::from(error)), "could not count the handling of a redelivered event; handling it uncounted");
+                Ok(None)
+            }
+            Err(ApplyError::Moved) => Ok(None),
+        }
+    }
+
+    /// Forgets the count of `incoming` (its handling ended with an outcome)
+    /// or, with `give_back`, takes back the start just counted (held for an
+    /// outage). Best effort: a count left behind is swept by retention.
+    async fn uncount(&self, incoming: &Incoming, give_back: bool) {
+        let queue = self.shared.config.queue.as_str();
+        let event_id = incoming.meta.event_id;
+        let done = self
+            .shared
+            .pool
+            .run(async |conn| {
+                if give_back {
+                    super::crashes::give_back(conn, queue, event_id).await
+                } else {
+                    super::crashes::forget(conn, queue, event_id).await
+                }
+                .map_err(shop_database::RunError::from)
+            })
+            .await;
+        if let Err(error) = done {
+            tracing::debug!(%error, %event_id, "could not update the crash count of an event; retention sweeps it");
+        }
+    }
+
+    /// Dead-letters `incoming`, whose handlings a crash ended `times` times,
+    /// as `crashed`: its aggregate's later events park behind it.
+    async fn dead_letter_crashed(&self, incoming: &Incoming, times: u32) -> anyhow::Result<()> {
+        self.dead_letter(
+            &incoming.delivery,
+            DeadLetterReason::Crashed,
+            &super::crashes::reason(times),
+            times,
+            &incoming.span,
+            incoming.copy(),
+        )
+        .await?;
+        self.uncount(incoming, false).await;
         Ok(())
     }
 

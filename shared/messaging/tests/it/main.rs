@@ -5,6 +5,7 @@
 
 mod consumer;
 mod dead_letters;
+mod delivery_limit;
 mod faults;
 mod ordered;
 mod resync;

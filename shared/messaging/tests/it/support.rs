@@ -65,6 +65,9 @@ pub struct Behavior {
     /// Every call: (user id, version, whether the broker said the delivery
     /// was a redelivery).
     pub deliveries: std::sync::Mutex<Vec<(String, i64, bool)>>,
+    /// Every call for this user id never returns (inside the transaction):
+    /// a message that takes its consumer down, once the test kills it.
+    pub hang_user: std::sync::Mutex<Option<String>>,
 }
 
 /// Records each application in `applied`, failing as told.
@@ -85,6 +88,9 @@ impl Recorder {
             .lock()
             .unwrap()
             .push((user_id.to_owned(), version, meta.redelivered));
+        if self.0.hang_user.lock().unwrap().as_deref() == Some(user_id) {
+            std::future::pending::<()>().await;
+        }
         let hold = {
             let mut held = self.0.hold_user.lock().unwrap();
             let hold = held.as_deref() == Some(user_id);
@@ -561,4 +567,25 @@ pub fn seen_by_user(applied: &[(Uuid, String, i64)]) -> std::collections::BTreeM
 /// See [`TestPublisher::signable`].
 pub fn signable(kind: &str, id: &str, user: &str, version: i64) -> BasicProperties {
     TestPublisher::signable(kind, id, user, version)
+}
+
+/// Messages ready in `queue`, `None` when it does not exist.
+pub async fn depth(queue: &str) -> Option<u32> {
+    let connection =
+        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    let _ = connection.close(200, "counted".into()).await;
+    declared.ok().map(|queue| queue.message_count())
 }

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::AMQPValue;
 use prost::Message as _;
 use shop_contracts::Event as _;
 use shop_contracts::user::{UserCreated, UserUpdated};
@@ -271,24 +271,7 @@ async fn a_signed_event_one_byte_over_the_size_cap_is_dead_lettered_as_too_large
 
 /// Messages in `queue` (ready).
 async fn depth(queue: &str) -> u32 {
-    let connection =
-        lapin::Connection::connect(&shop_testkit::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "counted".into()).await;
-    declared.message_count()
+    crate::support::depth(queue).await.expect("the queue exists")
 }
 
 /// The reason of the first few dead letters, read without taking them.
