@@ -51,13 +51,53 @@ pub fn state_dir() -> anyhow::Result<PathBuf> {
 pub enum TokenCommand {
     /// Make the signing key if there is none, and write its public key set
     /// (JWKS) for the services' GRPC_JWT_KEYS.
-    Keygen(KeyDirs),
+    Keygen(KeygenArgs),
     /// Make a new signing key; the public key set holds it and the previous
     /// one, so tokens of both verify until the old ones expire. Rotate again
     /// to drop the previous key.
     Rotate(KeyDirs),
     /// Print a token signed with the signing key.
     Issue(IssueArgs),
+}
+
+/// `shop token keygen`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeygenArgs {
+    #[command(flatten)]
+    pub dirs: KeyDirs,
+    /// Also write a service's own token, anew at every run (valid 30 days,
+    /// readable by its owner only): NAME:PERMISSION[,PERMISSION…]=FILE, the
+    /// subject `service:NAME`. E.g.
+    /// `order-service:users:resync=/credentials/order-service/token`, what
+    /// the order service asks the user service for snapshots with.
+    #[arg(long = "service-token", value_name = "NAME:PERMISSIONS=FILE", value_parser = service_token)]
+    pub service_tokens: Vec<ServiceToken>,
+}
+
+/// A service's token to write ([`KeygenArgs::service_tokens`]).
+#[derive(Debug, Clone)]
+pub struct ServiceToken {
+    /// `service:NAME`.
+    pub subject: String,
+    /// What it may do.
+    pub permissions: Vec<Permission>,
+    /// Where it is written.
+    pub file: PathBuf,
+}
+
+fn service_token(value: &str) -> Result<ServiceToken, String> {
+    const EXPECTED: &str = "expected NAME:PERMISSION[,PERMISSION…]=FILE";
+    let (token, file) = value.split_once('=').ok_or(EXPECTED)?;
+    let (name, permissions) = token.split_once(':').ok_or(EXPECTED)?;
+    let subject = format!("service:{name}");
+    if shop_host::auth::jwt::identity(&subject).is_none() || file.is_empty() {
+        return Err(format!("{value:?}: {EXPECTED}"));
+    }
+    Ok(ServiceToken {
+        subject,
+        permissions: permissions.split(',').map(permission).collect::<Result<_, _>>()?,
+        file: PathBuf::from(file),
+    })
 }
 
 /// Where the keys are.
@@ -114,9 +154,24 @@ fn permission(name: &str) -> Result<Permission, String> {
 /// Runs `shop token …`; what it prints goes to stdout.
 pub(crate) fn run(command: TokenCommand) -> anyhow::Result<String> {
     match command {
-        TokenCommand::Keygen(dirs) => {
-            let key = ensure_key(&dirs.private()?, &dirs.public()?)?;
-            Ok(format!("signing key {} ready\n", key.kid()))
+        TokenCommand::Keygen(args) => {
+            let key = ensure_key(&args.dirs.private()?, &args.dirs.public()?)?;
+            let mut said = format!("signing key {} ready\n", key.kid());
+            for token in &args.service_tokens {
+                let mut request =
+                    TokenRequest::new(&token.subject, token.permissions.iter().copied().collect());
+                request.lifetime = Duration::from_secs(30 * 24 * 3600);
+                write_private(
+                    &token.file,
+                    format!("{}\n", key.issue(&request)?.expose_secret()).as_bytes(),
+                )?;
+                said.push_str(&format!(
+                    "token for {} written to {}\n",
+                    token.subject,
+                    token.file.display()
+                ));
+            }
+            Ok(said)
         }
         TokenCommand::Rotate(dirs) => {
             let key = rotate(&dirs.private()?, &dirs.public()?)?;
@@ -210,20 +265,46 @@ fn create_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))
 }
 
+/// The order service's own token in the state directory of `shop up`:
+/// `service:order-service` with `users:resync` only, for its gap policy.
+pub const ORDER_SERVICE_TOKEN: &str = "order-service.token";
+
+/// What `shop up` runs with ([`development_credentials`]).
+#[derive(Debug, Clone)]
+pub(crate) struct DevelopmentCredentials {
+    /// The public key set the services verify tokens with.
+    pub key_set: PathBuf,
+    /// The order service's token for asking the user service for
+    /// snapshots ([`ORDER_SERVICE_TOKEN`]).
+    pub order_service_token: PathBuf,
+}
+
 /// What `shop up` runs with: the signing key of the state directory (made
-/// at the first start), its key set for the services, and a token for the
-/// CLI (a service with every permission, valid for 30 days, written anew at
-/// every start).
-pub(crate) fn development_credentials(dir: &Path) -> anyhow::Result<PathBuf> {
+/// at the first start), its key set for the services, a token for the CLI
+/// (a service with every permission) and one for the order service
+/// (`service:order-service`, `users:resync` only: what its gap policy asks
+/// the user service with), each valid for 30 days and written anew at every
+/// start.
+pub(crate) fn development_credentials(dir: &Path) -> anyhow::Result<DevelopmentCredentials> {
     let key = ensure_key(dir, dir)?;
-    let mut request = TokenRequest::new("service:shop-cli", Permissions::all());
-    request.lifetime = Duration::from_secs(30 * 24 * 3600);
-    let token = key.issue(&request)?;
-    write_private(
-        &dir.join(TOKEN),
-        format!("{}\n", token.expose_secret()).as_bytes(),
-    )?;
-    Ok(dir.join(KEY_SET))
+    let tokens = [
+        (TOKEN, "service:shop-cli", Permissions::all()),
+        (
+            ORDER_SERVICE_TOKEN,
+            "service:order-service",
+            [Permission::UsersResync].into_iter().collect(),
+        ),
+    ];
+    for (file, subject, permissions) in tokens {
+        let mut request = TokenRequest::new(subject, permissions);
+        request.lifetime = Duration::from_secs(30 * 24 * 3600);
+        let token = key.issue(&request)?;
+        write_private(&dir.join(file), format!("{}\n", token.expose_secret()).as_bytes())?;
+    }
+    Ok(DevelopmentCredentials {
+        key_set: dir.join(KEY_SET),
+        order_service_token: dir.join(ORDER_SERVICE_TOKEN),
+    })
 }
 
 #[cfg(test)]
@@ -258,6 +339,54 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn keygen_writes_a_services_own_token_that_verifies_with_only_its_permissions() {
+        let dir = std::env::temp_dir().join(format!("shop-service-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("order-service").join("token");
+        let token = service_token(&format!("order-service:users:resync={}", file.display())).unwrap();
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+
+        let said = run(TokenCommand::Keygen(KeygenArgs {
+            dirs: KeyDirs {
+                dir: Some(dir.clone()),
+                public_dir: None,
+            },
+            service_tokens: vec![token],
+        }))
+        .unwrap();
+
+        assert!(
+            said.contains("token for service:order-service written to"),
+            "{said}"
+        );
+        let verifier = shop_host::auth::jwt::TokenVerifier::new(
+            dir.join(KEY_SET),
+            "shop".to_owned(),
+            "shop".to_owned(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let written = std::fs::read_to_string(&file).unwrap();
+        let principal = verifier.verify(written.trim()).unwrap();
+        assert_eq!(principal.identity().to_string(), "service order-service");
+        assert_eq!(principal.permissions().to_scope(), "users:resync");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for refused in [
+            "order-service:users:resync",
+            "order-service=f",
+            ":users:read=f",
+            "a:users:nope=f",
+        ] {
+            assert!(service_token(refused).is_err(), "{refused} accepted");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

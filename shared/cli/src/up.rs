@@ -7,10 +7,16 @@
 //! start (`jwt-signing-key.pem`, readable by its owner only), its public key
 //! set, which both services verify tokens with (`GRPC_JWT_KEYS`), and a
 //! token for the other `shop` commands (`token`: a service with every
-//! permission, valid for 30 days, written anew at every start).
+//! permission, valid for 30 days, written anew at every start). The order
+//! service gets a token of its own (`order-service.token`:
+//! `service:order-service`, `users:resync` only) and the user service's
+//! address, so a gap its consumer cannot fill is healed by asking the user
+//! service for the user's snapshot (gap policy `resync`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 
 use shop_host::shutdown::{self, TaskGroup};
 use shop_host::{CancellationToken, Service};
@@ -104,16 +110,24 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = state_dir(args.state_dir)?;
     let credentials = development_credentials(&state)?;
     let keys = LocalKeys::ensure(&state)?;
+    let user_grpc_addr = args.user_grpc_addr.clone().unwrap_or_else(|| {
+        <user_service::UserService as Service>::DEFAULTS
+            .grpc_addr
+            .to_owned()
+    });
     let mut user_flags =
         flags::<user_service::UserService>(args.user_database_url, args.user_grpc_addr, args.user_admin_addr);
-    user_flags.extend(credentials.iter().cloned());
+    user_flags.extend(credentials.iter().flat_map(auth_flags));
     user_flags.extend(LocalKeys::flags(&keys.user));
     let mut order_flags = flags::<order_service::OrderService>(
         args.order_database_url,
         args.order_grpc_addr,
         args.order_admin_addr,
     );
-    order_flags.extend(credentials.iter().cloned());
+    if let Some(credentials) = &credentials {
+        order_flags.extend(auth_flags(credentials));
+        order_flags.extend(resync_flags(credentials, &user_grpc_addr)?);
+    }
     order_flags.extend(LocalKeys::flags(&keys.order));
     order_flags.push(OsString::from(format!(
         "--user-events-keys-file={}",
@@ -141,11 +155,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// of the state directory, made as needed (see the module docs); none when
 /// `GRPC_AUTH` is set, which then configures both services as it does their
 /// binaries.
-fn development_credentials(dir: &Path) -> anyhow::Result<Vec<OsString>> {
+fn development_credentials(dir: &Path) -> anyhow::Result<Option<crate::token::DevelopmentCredentials>> {
     if std::env::var_os("GRPC_AUTH").is_some() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    let keys = crate::token::development_credentials(dir)?;
+    let credentials = crate::token::development_credentials(dir)?;
     // Before telemetry is set up: said on stderr, once.
     #[allow(clippy::print_stderr)]
     {
@@ -154,9 +168,35 @@ fn development_credentials(dir: &Path) -> anyhow::Result<Vec<OsString>> {
             dir.display()
         );
     }
-    Ok(vec![
+    Ok(Some(credentials))
+}
+
+/// The flags that turn authentication on for both services.
+fn auth_flags(credentials: &crate::token::DevelopmentCredentials) -> [OsString; 2] {
+    [
         OsString::from("--grpc-auth=jwt"),
-        OsString::from(format!("--grpc-jwt-keys={}", keys.display())),
+        OsString::from(format!("--grpc-jwt-keys={}", credentials.key_set.display())),
+    ]
+}
+
+/// The flags that let the order service's gap policy ask the user service
+/// of this process for snapshots of the users it misses, as
+/// `service:order-service` (the default policy, `resync`, once these are
+/// set): the user service's gRPC port on this machine.
+fn resync_flags(
+    credentials: &crate::token::DevelopmentCredentials,
+    user_grpc_addr: &str,
+) -> anyhow::Result<[OsString; 2]> {
+    let port = user_grpc_addr
+        .parse::<std::net::SocketAddr>()
+        .map(|addr| addr.port())
+        .with_context(|| format!("the user service's gRPC address {user_grpc_addr:?} is not HOST:PORT"))?;
+    Ok([
+        OsString::from(format!("--consumer-resync-url=http://127.0.0.1:{port}")),
+        OsString::from(format!(
+            "--consumer-resync-token-file={}",
+            credentials.order_service_token.display()
+        )),
     ])
 }
 
