@@ -66,7 +66,7 @@ impl shop_host::Service for UserService {
             window: host.config().request_id_retention,
             consumer: None,
         });
-        let grpc = UserServiceServer::new(UserGrpc::new(host.pool().clone()))
+        let grpc = UserServiceServer::new(UserGrpc::new(host.pool().clone(), host.outbox_wake().clone()))
             .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);
         Ok(())

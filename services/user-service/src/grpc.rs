@@ -9,6 +9,7 @@ use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::UserService;
 use shop_database::Pool;
 use shop_host::auth::principal;
+use shop_outbox::Wake;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -19,6 +20,9 @@ use crate::validate::{self, Deletion, Page};
 #[derive(Clone)]
 pub struct UserGrpc {
     pool: Pool,
+    /// Told of every committed event, after its commit, so the relays
+    /// publish it at once.
+    wake: Wake,
 }
 
 impl std::fmt::Debug for UserGrpc {
@@ -28,9 +32,9 @@ impl std::fmt::Debug for UserGrpc {
 }
 
 impl UserGrpc {
-    /// Handlers using `pool`.
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    /// Handlers using `pool`, waking the relays through `wake`.
+    pub fn new(pool: Pool, wake: Wake) -> Self {
+        Self { pool, wake }
     }
 
     /// Runs `work` on a pooled connection within the database deadline
@@ -53,6 +57,7 @@ impl UserService for UserGrpc {
         let user = self
             .run(async |conn| store::create_user(conn, &new).await)
             .await?;
+        self.wake.committed(&user.id.to_string());
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user.into()),
         }))
@@ -83,6 +88,7 @@ impl UserService for UserGrpc {
         let user = self
             .run(async |conn| store::update_user(conn, &change).await)
             .await?;
+        self.wake.committed(&user.id.to_string());
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some(user.into()),
         }))
@@ -97,6 +103,7 @@ impl UserService for UserGrpc {
         principal.check_owner(deletion.id)?;
         self.run(async |conn| store::delete_user(conn, deletion.id, deletion.expected_version).await)
             .await?;
+        self.wake.committed(&deletion.id.to_string());
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
 
