@@ -152,7 +152,6 @@ impl Wake {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         use diesel_async::RunQueryDsl as _;
-        let sent = metrics::counter!("outbox_announcements_total");
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -172,11 +171,8 @@ impl Wake {
                         .map_err(crate::RelayError::from)
                     })
                     .await;
-                match outcome {
-                    Ok(_) => sent.increment(1),
-                    Err(error) => {
-                        tracing::debug!(error = %shop_telemetry::error_chain(&error), "outbox announcement failed; relays elsewhere find the events at their next poll");
-                    }
+                if let Err(error) = outcome {
+                    tracing::debug!(error = %shop_telemetry::error_chain(&error), "outbox announcement failed; relays elsewhere find the events at their next poll");
                 }
             }
             tokio::select! {
