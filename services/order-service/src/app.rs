@@ -173,7 +173,7 @@ impl shop_host::Service for OrderService {
         host.health_status(CONSUMER_HEALTH, connected);
         let shutdown = host.shutdown().clone();
         host.spawn("user events consumer", consumer.run(shutdown));
-        let grpc = OrderServiceServer::new(OrderGrpc::new(host.pool().clone()))
+        let grpc = OrderServiceServer::new(OrderGrpc::new(host.pool().clone(), host.outbox_wake().clone()))
             .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);
         Ok(())

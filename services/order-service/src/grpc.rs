@@ -11,6 +11,7 @@ use shop_contracts::order as pb;
 use shop_contracts::order::order_service_server::OrderService;
 use shop_database::Pool;
 use shop_host::auth::{Principal, principal};
+use shop_outbox::Wake;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -21,6 +22,9 @@ use crate::validate::{self, Cancellation, OrdersPage};
 #[derive(Clone)]
 pub struct OrderGrpc {
     pool: Pool,
+    /// Told of every committed event, after its commit, so the relays
+    /// publish it at once.
+    wake: Wake,
 }
 
 impl std::fmt::Debug for OrderGrpc {
@@ -30,9 +34,9 @@ impl std::fmt::Debug for OrderGrpc {
 }
 
 impl OrderGrpc {
-    /// Handlers using `pool`.
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    /// Handlers using `pool`, waking the relays through `wake`.
+    pub fn new(pool: Pool, wake: Wake) -> Self {
+        Self { pool, wake }
     }
 
     /// Runs `work` on a pooled connection within the database deadline
@@ -71,6 +75,7 @@ impl OrderService for OrderGrpc {
         let order = self
             .run(async |conn| store::create_order(conn, &new).await)
             .await?;
+        self.wake.committed(&order.row.id.to_string());
         Ok(Response::new(pb::CreateOrderResponse {
             order: Some(order.into()),
         }))
@@ -125,6 +130,7 @@ impl OrderService for OrderGrpc {
         let order = self
             .run(async |conn| store::cancel_order(conn, cancellation.id, cancellation.expected_version).await)
             .await?;
+        self.wake.committed(&cancellation.id.to_string());
         Ok(Response::new(pb::CancelOrderResponse {
             order: Some(order.into()),
         }))

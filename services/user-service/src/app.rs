@@ -77,7 +77,8 @@ impl shop_host::Service for UserService {
             consumer: None,
         });
         let grpc = UserServiceServer::new(
-            UserGrpc::new(host.pool().clone()).with_resync_max_per_second(config.resync_max_per_second),
+            UserGrpc::new(host.pool().clone(), host.outbox_wake().clone())
+                .with_resync_max_per_second(config.resync_max_per_second),
         )
         .max_decoding_message_size(host.config().grpc.max_message_size());
         host.add_grpc_service(grpc);

@@ -9,6 +9,7 @@ use shop_contracts::user as pb;
 use shop_contracts::user::user_service_server::UserService;
 use shop_database::Pool;
 use shop_host::auth::principal;
+use shop_outbox::Wake;
 use tonic::{Request, Response, Status};
 
 use tracing::Instrument as _;
@@ -23,6 +24,9 @@ use crate::validate::{self, Deletion, Page};
 pub struct UserGrpc {
     pool: Pool,
     resync_max_per_second: u32,
+    /// Told of every committed event, after its commit, so the relays
+    /// publish it at once.
+    wake: Wake,
 }
 
 impl std::fmt::Debug for UserGrpc {
@@ -32,12 +36,13 @@ impl std::fmt::Debug for UserGrpc {
 }
 
 impl UserGrpc {
-    /// Handlers using `pool`, resyncs bound to
-    /// [`resync::DEFAULT_MAX_PER_SECOND`].
-    pub fn new(pool: Pool) -> Self {
+    /// Handlers using `pool`, waking the relays through `wake`, resyncs
+    /// bound to [`resync::DEFAULT_MAX_PER_SECOND`].
+    pub fn new(pool: Pool, wake: Wake) -> Self {
         Self {
             pool,
             resync_max_per_second: resync::DEFAULT_MAX_PER_SECOND,
+            wake,
         }
     }
 
@@ -74,7 +79,10 @@ impl UserService for UserGrpc {
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
         // Its own task, in this call's span (so the snapshots carry the
         // call's trace): it notices between batches that the caller left.
-        tokio::spawn(resync::run(self.pool.clone(), resync, sender).instrument(tracing::Span::current()));
+        tokio::spawn(
+            resync::run(self.pool.clone(), self.wake.clone(), resync, sender)
+                .instrument(tracing::Span::current()),
+        );
         let stream = futures::stream::unfold(receiver, async |mut receiver| {
             receiver.recv().await.map(|progress| (progress, receiver))
         });
@@ -89,6 +97,7 @@ impl UserService for UserGrpc {
         let user = self
             .run(async |conn| store::create_user(conn, &new).await)
             .await?;
+        self.wake.committed(&user.id.to_string());
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user.into()),
         }))
@@ -119,6 +128,7 @@ impl UserService for UserGrpc {
         let user = self
             .run(async |conn| store::update_user(conn, &change).await)
             .await?;
+        self.wake.committed(&user.id.to_string());
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some(user.into()),
         }))
@@ -133,6 +143,7 @@ impl UserService for UserGrpc {
         principal.check_owner(deletion.id)?;
         self.run(async |conn| store::delete_user(conn, deletion.id, deletion.expected_version).await)
             .await?;
+        self.wake.committed(&deletion.id.to_string());
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
 

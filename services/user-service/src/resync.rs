@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use shop_contracts::user as pb;
 use shop_database::Pool;
+use shop_outbox::Wake;
 use tokio::sync::mpsc;
 use tonic::Status;
 use uuid::Uuid;
@@ -62,8 +63,8 @@ pub type Progress = Result<pb::ResyncUsersProgress, Status>;
 /// Runs `resync` over `pool`, sending a progress message to `progress`
 /// after each batch, until every selected user's snapshot is written, a
 /// batch fails (its status is sent last), or `progress` is closed.
-pub async fn run(pool: Pool, resync: Resync, progress: mpsc::Sender<Progress>) {
-    if let Err(error) = drive(&pool, &resync, &progress).await {
+pub async fn run(pool: Pool, wake: Wake, resync: Resync, progress: mpsc::Sender<Progress>) {
+    if let Err(error) = drive(&pool, &wake, &resync, &progress).await {
         tracing::warn!(error = %error, "resync failed");
         let _ = send(&progress, Err(error.into())).await;
     }
@@ -103,7 +104,12 @@ impl Cursor {
     }
 }
 
-async fn drive(pool: &Pool, resync: &Resync, progress: &mpsc::Sender<Progress>) -> Result<(), Error> {
+async fn drive(
+    pool: &Pool,
+    wake: &Wake,
+    resync: &Resync,
+    progress: &mpsc::Sender<Progress>,
+) -> Result<(), Error> {
     let started = tokio::time::Instant::now();
     let created_by = Utc::now();
     let (mut cursor, total, unknown_ids) = match &resync.selection {
@@ -144,6 +150,10 @@ async fn drive(pool: &Pool, resync: &Resync, progress: &mpsc::Sender<Progress>) 
             let count = pool
                 .run(async |conn| store::write_snapshots(conn, &ids).await)
                 .await?;
+            // Committed: the relays publish the batch at once.
+            for id in &ids {
+                wake.committed(&id.to_string());
+            }
             metrics::counter!("user_resync_snapshots_total").increment(count);
             written += count as i64;
             batch = cursor.next(pool, batch_size).await?;

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use shop_database::Pool;
 use shop_database::retention::Retention;
-use shop_outbox::Relay;
+use shop_outbox::{Relay, Wake};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -112,6 +112,8 @@ impl<S: Service> App<S> {
             admin_addr,
         } = self;
         let health = DependencyHealth::default();
+        // What the commands call after their commits, for the relays.
+        let wake = Wake::new();
         // The database was reached and migrated a moment ago.
         let (database_ready, database) = watch::channel(true);
         let mut tasks = TaskGroup::new(shutdown.clone());
@@ -135,6 +137,7 @@ impl<S: Service> App<S> {
             statuses: Vec::new(),
             retentions: vec![outbox_retention(&config)],
             shutdown: shutdown.clone(),
+            wake: wake.clone(),
         };
         S::start(&config.service, &mut host)?;
         let Host {
@@ -163,8 +166,17 @@ impl<S: Service> App<S> {
                 database,
             ),
         );
+        // Relays of other processes (replicas, a relay of its own) hear of
+        // this process's commits from these announcements.
+        if !config.host.relay.notify_interval.is_zero() {
+            tasks.spawn(
+                "outbox announcements",
+                wake.clone()
+                    .announce(pool.clone(), config.host.relay.notify_interval, shutdown.clone()),
+            );
+        }
         if config.host.relay_enabled {
-            let relay = relay(&config, pool)?;
+            let relay = relay(&config, pool)?.waking(wake);
             health.follow(
                 "rabbitmq (outbox relay)".to_owned(),
                 relay.connected(),
@@ -260,6 +272,7 @@ pub struct Host {
     statuses: Vec<(Vec<&'static str>, watch::Receiver<bool>)>,
     retentions: Vec<Retention>,
     shutdown: CancellationToken,
+    wake: Wake,
 }
 
 impl std::fmt::Debug for Host {
@@ -279,6 +292,12 @@ impl Host {
     /// The service's database pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// What the service's commands call after a commit that wrote events
+    /// ([`Wake::committed`]), so the relays publish them at once.
+    pub fn outbox_wake(&self) -> &Wake {
+        &self.wake
     }
 
     /// Cancelled when the service is to stop.

@@ -12,10 +12,10 @@
 //!
 //! Rows are spread over [`PARTITIONS`] partitions by a stable hash of their
 //! aggregate id, so all events of one aggregate share a partition. A relay
-//! batch runs in one transaction that first takes
-//! `pg_try_advisory_xact_lock(namespace, partition)` for every partition it
-//! can get, then reads the unpublished rows of those partitions in `seq`
-//! order, publishes them in that order on one channel, waits for the
+//! batch runs in one transaction whose first round trip (the SQL function
+//! `outbox_claim`) takes `pg_try_advisory_xact_lock(namespace, partition)`
+//! for every partition it can get, then reads the unpublished rows of those
+//! partitions in `seq` order with a snapshot taken after the locks, publishes them in that order on one channel, waits for the
 //! confirms, marks the confirmed rows and commits, which releases the locks.
 //!
 //! - Two relays never hold the same partition at once, so in normal operation
@@ -101,16 +101,24 @@
 //!
 //! # Waking up
 //!
-//! An `AFTER INSERT` statement trigger on `outbox` runs `NOTIFY outbox`; the
-//! relay `LISTEN`s on a dedicated connection and wakes at each commit, with
-//! [`RelayConfig::poll_interval`] as the fallback when notifications are lost
-//! (the listening connection dropped, or a relay in another process).
+//! There is no trigger on `outbox`: a `NOTIFY` at every command's commit
+//! serialised the database's commits. A command calls
+//! [`Wake::committed`] after its commit, which wakes the lane of this
+//! process's relay that owns the event's partition, and the service host
+//! runs [`Wake::announce`], which tells the relays of other processes (at
+//! most one `NOTIFY outbox` per `OUTBOX_NOTIFY_INTERVAL`, naming the
+//! partitions). The relay `LISTEN`s on a dedicated connection for those, and
+//! looks every [`RelayConfig::poll_interval`] whatever it heard: an event
+//! written by a process that announces nothing is published within the
+//! poll interval (see [`Wake`]).
 #![forbid(unsafe_code)]
 
 mod relay;
 pub mod schema;
+mod wake;
 
 pub use relay::{BatchOutcome, BrokerError, Relay, RelayConfig, RelayError, Unroutable};
+pub use wake::Wake;
 
 use diesel::{ExpressionMethods as _, QueryResult};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};

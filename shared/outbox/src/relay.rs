@@ -4,10 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use diesel::sql_types::{Integer, SmallInt};
-use diesel::{
-    ExpressionMethods as _, QueryDsl as _, Queryable, QueryableByName, Selectable, SelectableHelper as _,
-};
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Integer};
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -24,7 +22,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
 use crate::PARTITIONS;
-use crate::schema::outbox::dsl;
+use crate::wake::{Counts, Wake, lane_mask, woken};
 
 /// Namespace (first key) of the relay's advisory locks; the second key is the
 /// partition.
@@ -66,7 +64,9 @@ pub struct RelayConfig {
         value_parser = shop_config::duration
     )]
     pub batch_time: Duration,
-    /// How long to wait without a notification before looking anyway.
+    /// How long to wait without a wake-up before looking anyway: how late
+    /// an event written by a process that announces nothing (another
+    /// writer of the outbox, a lost announcement) is published at most.
     #[arg(
         id = "relay_poll_interval",
         long = "relay-poll-interval",
@@ -76,6 +76,20 @@ pub struct RelayConfig {
         value_parser = shop_config::duration
     )]
     pub poll_interval: Duration,
+    /// How often at most a process that commits events announces them to
+    /// the relays of other processes (one `NOTIFY outbox` naming the
+    /// partitions committed since the last; see [`crate::Wake`]); `0s`
+    /// announces nothing, for a single process whose own relay is woken
+    /// in memory.
+    #[arg(
+        id = "outbox_notify_interval",
+        long = "outbox-notify-interval",
+        env = "OUTBOX_NOTIFY_INTERVAL",
+        value_name = "DURATION",
+        default_value = "10ms",
+        value_parser = shop_config::duration
+    )]
+    pub notify_interval: Duration,
     /// How long a broker confirm may take before the batch counts as failed.
     #[arg(
         id = "relay_confirm_timeout",
@@ -242,7 +256,7 @@ pub struct BatchOutcome {
 }
 
 /// One outbox row, as the relay reads it.
-#[derive(Debug, Queryable, Selectable)]
+#[derive(Debug, QueryableByName)]
 #[diesel(table_name = crate::schema::outbox)]
 #[diesel(check_for_backend(diesel::pg::Pg))]
 struct PendingEvent {
@@ -257,14 +271,6 @@ struct PendingEvent {
     payload: Vec<u8>,
     trace_context: serde_json::Value,
     created_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, QueryableByName)]
-struct HeldPartition {
-    #[diesel(sql_type = SmallInt)]
-    partition: i16,
-    #[diesel(sql_type = diesel::sql_types::Bool)]
-    read_only: bool,
 }
 
 /// A confirm-mode channel on its own connection.
@@ -285,7 +291,9 @@ pub struct Relay {
     amqp: AmqpConfig,
     config: RelayConfig,
     publisher: Option<Publisher>,
-    wake: watch::Receiver<u64>,
+    /// Wakes the lanes when events are committed (in this process, or
+    /// announced by another).
+    wake: Wake,
     connected: std::sync::Arc<watch::Sender<bool>>,
     /// This relay's lane: (index, count); (0, 1) covers every partition.
     lane: (usize, usize),
@@ -303,7 +311,8 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// A relay over the outbox in `pool`'s database, signing every event
     /// with `key`. `database` is the same database, for the dedicated
-    /// `LISTEN` connection.
+    /// `LISTEN` connection. It has a [`Wake`] of its own; [`Relay::waking`]
+    /// gives it the one the process's commands call.
     pub fn new(
         pool: Pool,
         database: DatabaseConfig,
@@ -318,10 +327,18 @@ impl Relay {
             amqp,
             config,
             publisher: None,
-            wake: watch::channel(0).1,
+            wake: Wake::new(),
             connected: std::sync::Arc::new(watch::Sender::new(false)),
             lane: (0, 1),
         }
+    }
+
+    /// The relay woken by `wake`: the one the commands of this process call
+    /// [`Wake::committed`] on.
+    #[must_use]
+    pub fn waking(mut self, wake: Wake) -> Self {
+        self.wake = wake;
+        self
     }
 
     /// Whether the relay's last batch reached the broker (for health
@@ -414,9 +431,8 @@ impl Relay {
     /// the database is away, and deletes published rows past retention. A
     /// batch under way when shutdown comes is finished first.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (wake_tx, wake) = watch::channel(0_u64);
         let listener = tokio::spawn(
-            listen(self.database.clone(), wake_tx, shutdown.clone())
+            listen(self.database.clone(), self.wake.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("outbox.listen")),
         );
         let depth = tokio::spawn(watch_depth(
@@ -440,7 +456,7 @@ impl Relay {
             amqp: self.amqp.clone(),
             config: self.config.clone(),
             publisher: None,
-            wake: wake.clone(),
+            wake: self.wake.clone(),
             connected: self.connected.clone(),
             lane: (index, lanes),
         };
@@ -494,9 +510,14 @@ impl Relay {
         let mut backoff = self.config.backoff.start();
         let mut unroutable = Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).start();
         let mut blocked_reported = false;
+        let owned = lane_mask(self.lane);
+        let mut wakes = self.wake.subscribe();
         while !shutdown.is_cancelled() {
             // A fault point for the tests: a lane that dies.
             fail::fail_point!("relay-lane");
+            // Taken before the batch reads: a commit woken after this is
+            // looked for again, one before it is seen by the read.
+            let seen: Counts = *wakes.borrow_and_update();
             let result = self.run_once().await;
             self.connected.send_replace(self.publisher.is_some());
             let wait = match result {
@@ -570,14 +591,11 @@ impl Relay {
                 }
             };
             let sleep = wait.unwrap_or(self.config.poll_interval);
+            // Woken only for a partition this lane owns; the sender lives
+            // in `self.wake`, so the wait ends only by a wake-up.
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                changed = self.wake.changed(), if wait.is_none() => {
-                    if changed.is_err() {
-                        // No listener any more: the poll interval takes over.
-                        tokio::time::sleep(sleep).await;
-                    }
-                }
+                _ = wakes.wait_for(|now| woken(owned, &seen, now)), if wait.is_none() => {}
                 () = tokio::time::sleep(sleep) => {}
             }
         }
@@ -639,45 +657,41 @@ async fn publish_batch(
     key: &SigningKey,
     (lane, lanes): (usize, usize),
 ) -> Result<(BatchOutcome, Option<RelayError>), RelayError> {
-    // Claim, then read, in two statements. One statement would save a round
-    // trip but read with a snapshot taken before its locks: a partition freed
-    // by a relay committing in between would be read as it was before that
-    // commit, and its rows published a second time. In READ COMMITTED each
-    // statement sees every commit made before it starts.
-    //
-    // The claim also says whether the session takes writes: publishing rows
-    // that cannot be marked would only publish them again and again.
-    let claimed = shop_database::prepared(
+    // Claim and read in one round trip: `outbox_claim` (migration
+    // `wake_relays_without_a_trigger`) takes the lane's free partitions,
+    // then reads their oldest unpublished rows with a snapshot taken after
+    // its locks (a statement of its own inside the function: a single
+    // statement would read with a snapshot from before its locks, and a
+    // partition freed by a relay committing in between would be read as it
+    // was and its rows published a second time). It refuses a read-only
+    // session (rows published there could not be marked) and turns off
+    // the wait for the WAL flush at this transaction's commit: a mark lost
+    // in a crash of the database server only publishes those events again.
+    let rows: Vec<PendingEvent> = shop_database::prepared(
         diesel::sql_query(
-            "SELECT p::smallint AS partition, \
-             current_setting('transaction_read_only') = 'on' AS read_only \
-             FROM generate_series($1, $2 - 1, $3) AS p \
-             WHERE pg_try_advisory_xact_lock($4, p)",
+            "SELECT seq, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
+             routing_key, partition_key, payload, trace_context, created_at \
+             FROM outbox_claim($1, $2, $3, $4, $5)",
         )
         .bind::<Integer, _>(i32::try_from(lane).unwrap_or(0))
-        .bind::<Integer, _>(i32::from(PARTITIONS))
         .bind::<Integer, _>(i32::try_from(lanes).unwrap_or(1).max(1))
-        .bind::<Integer, _>(LOCK_NAMESPACE),
+        .bind::<Integer, _>(i32::from(PARTITIONS))
+        .bind::<Integer, _>(LOCK_NAMESPACE)
+        .bind::<BigInt, _>(config.batch_size),
     )
-    .load::<HeldPartition>(conn)
-    .await?;
-    if claimed.iter().any(|row| row.read_only) {
-        return Err(RelayError::ReadOnly);
-    }
-    let held: Vec<i16> = claimed.into_iter().map(|row| row.partition).collect();
-    let mut outcome = BatchOutcome::default();
-    if held.is_empty() {
-        return Ok((outcome, None));
-    }
-    let rows: Vec<PendingEvent> = dsl::outbox
-        .filter(dsl::published_at.is_null())
-        .filter(dsl::partition_key.eq_any(&held))
-        .order(dsl::seq.asc())
-        .limit(config.batch_size)
-        .select(PendingEvent::as_select())
-        .load(conn)
-        .await?;
-    outcome.claimed = rows.len();
+    .load(conn)
+    .await
+    .map_err(|error| {
+        if is_read_only(&error) {
+            RelayError::ReadOnly
+        } else {
+            RelayError::Database(error)
+        }
+    })?;
+    let mut outcome = BatchOutcome {
+        claimed: rows.len(),
+        ..BatchOutcome::default()
+    };
     if rows.is_empty() {
         return Ok((outcome, None));
     }
@@ -704,6 +718,18 @@ async fn publish_batch(
     outcome.unroutable = unroutable;
     outcome.cut_short = cut_short;
     Ok((outcome, failure))
+}
+
+/// Whether `error` is the refusal of a read-only session (`25006`: raised
+/// by `outbox_claim`, or by a write).
+fn is_read_only(error: &diesel::result::Error) -> bool {
+    match error {
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ReadOnlyTransaction, _) => {
+            true
+        }
+        diesel::result::Error::DatabaseError(_, info) => info.message().contains("read-only transaction"),
+        _ => false,
+    }
 }
 
 /// What [`publish_in_order`] did.
@@ -948,9 +974,10 @@ fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
 /// How long the `LISTEN` session may stay quiet before it is pinged.
 const LISTEN_PING_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps a `LISTEN outbox` connection open and turns each notification into
-/// a wake-up of the relay loop; reconnects with backoff when it drops.
-async fn listen(database: DatabaseConfig, wake: watch::Sender<u64>, shutdown: CancellationToken) {
+/// Keeps a `LISTEN outbox` connection open and turns each announcement of
+/// another process into a wake-up of the lanes owning its partitions;
+/// reconnects with backoff when it drops.
+async fn listen(database: DatabaseConfig, wake: Wake, shutdown: CancellationToken) {
     let mut backoff = Backoff::default().start();
     while !shutdown.is_cancelled() {
         match listen_once(&database, &wake, &shutdown).await {
@@ -969,7 +996,7 @@ async fn listen(database: DatabaseConfig, wake: watch::Sender<u64>, shutdown: Ca
 
 async fn listen_once(
     database: &DatabaseConfig,
-    wake: &watch::Sender<u64>,
+    wake: &Wake,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let deadline = database.statement_timeout;
@@ -978,7 +1005,7 @@ async fn listen_once(
         .await
         .map_err(|_| shop_database::Timeout(deadline))??;
     // Rows may have been committed while nobody listened.
-    wake.send_modify(|n| *n = n.wrapping_add(1));
+    wake.wake_all();
     loop {
         {
             // A session that only listens sends nothing: a silent connection
@@ -992,8 +1019,8 @@ async fn listen_once(
                     () = shutdown.cancelled() => return Ok(()),
                     () = &mut quiet => break,
                     next = notifications.next() => match next {
-                        Some(Ok(_)) => {
-                            wake.send_modify(|n| *n = n.wrapping_add(1));
+                        Some(Ok(notification)) => {
+                            wake.heard(&notification.payload);
                             quiet.as_mut().reset(tokio::time::Instant::now() + LISTEN_PING_INTERVAL);
                         }
                         Some(Err(error)) => return Err(error.into()),

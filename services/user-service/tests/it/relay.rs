@@ -654,3 +654,126 @@ async fn one_aggregates_deep_backlog_drains_once_in_order_within_the_batch_deadl
     );
     assert_eq!(versions, (1..=EVENTS).collect::<Vec<_>>(), "in version order");
 }
+
+/// No trigger on the outbox: a burst of commands wakes the relays of other
+/// processes with a few announcements (at most one `NOTIFY outbox` per
+/// `OUTBOX_NOTIFY_INTERVAL`, naming the partitions), not one notification
+/// per commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_commands_is_announced_in_fewer_notifications_than_commits() {
+    use diesel_async::RunQueryDsl as _;
+    use futures::StreamExt as _;
+    const COMMANDS: usize = 40;
+    let app = spawn_app_with(|settings| {
+        settings.host.relay_enabled = false;
+        settings.host.relay.notify_interval = Duration::from_secs(1);
+    })
+    .await;
+    let mut listener = shop_database::establish(&app.db.config()).await.unwrap();
+    diesel::sql_query("LISTEN outbox")
+        .execute(&mut listener)
+        .await
+        .unwrap();
+
+    let app = &app;
+    futures::future::join_all(
+        (0..COMMANDS)
+            .map(|i| async move { app.create_user(&format!("burst-{i}@example.com"), "Burst").await }),
+    )
+    .await;
+
+    let mut notifications = std::pin::pin!(listener.notifications_stream());
+    let first = tokio::time::timeout(WAIT, notifications.next())
+        .await
+        .expect("the burst announced")
+        .unwrap()
+        .unwrap();
+    assert!(!first.payload.is_empty(), "an announcement names its partitions");
+    // Whatever else comes until the announcements have been quiet for a
+    // while (the interval is a second): a collection window, not a check.
+    let mut heard = 1;
+    while let Ok(Some(notification)) =
+        tokio::time::timeout(Duration::from_secs(3), notifications.next()).await
+    {
+        notification.unwrap();
+        heard += 1;
+    }
+    assert!(
+        heard < COMMANDS,
+        "{heard} notifications for {COMMANDS} commits: one per commit"
+    );
+}
+
+/// A relay of another process (here one the test runs beside an app without
+/// its own) hears of each commit from the app's announcement, long before
+/// its poll: the outbox's trigger is gone, so nothing else tells it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_in_another_process_publishes_each_command_without_waiting_for_its_poll() {
+    let app = spawn_app_without_relay().await;
+    let mut probe = app.broker.probe(&app.exchange, "#").await.unwrap();
+    let mut settings = helpers::settings(&app.db, &app.broker);
+    settings.host.relay.poll_interval = Duration::from_secs(3600);
+    let relay = shop_host::relay(&settings, app.pool.clone()).unwrap();
+    let mut running = Running::spawn(|shutdown| relay.run(shutdown));
+
+    // Each command is published before the next is made: after the first,
+    // the relay's start-up batch is over, and only a wake-up is left.
+    for i in 0..3 {
+        app.create_user(&format!("elsewhere-{i}@example.com"), "Elsewhere")
+            .await;
+        wait_until_all_published(&app).await;
+    }
+    running.stop().await.unwrap();
+    probe.expect(3, WAIT).await;
+}
+
+/// The relay's claim and read run in one round trip, and its transaction
+/// commits without waiting for the WAL flush (a mark lost in a crash of the
+/// database only publishes again), while the next transaction on the same
+/// pooled connection, a command's, waits for it as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relays_claim_reads_the_rows_and_makes_only_its_own_commit_asynchronous() {
+    use diesel::QueryableByName;
+    use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        synchronous_commit: String,
+    }
+    #[derive(QueryableByName)]
+    struct Claimed {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        aggregate_id: String,
+    }
+    async fn setting(conn: &mut diesel_async::AsyncPgConnection) -> String {
+        diesel::sql_query("SHOW synchronous_commit")
+            .get_result::<Setting>(conn)
+            .await
+            .unwrap()
+            .synchronous_commit
+    }
+    let app = spawn_app_without_relay().await;
+    let user = app.create_user("claimed@example.com", "Claimed").await;
+    let mut conn = app.pool.get().await.unwrap();
+
+    let (claimed, inside) = conn
+        .transaction::<_, diesel::result::Error, _>(async |conn| {
+            let claimed = diesel::sql_query("SELECT aggregate_id FROM outbox_claim(0, 1, 32, 1, 10)")
+                .load::<Claimed>(conn)
+                .await?;
+            Ok((claimed, setting(conn).await))
+        })
+        .await
+        .unwrap();
+    let after = setting(&mut conn).await;
+
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|row| row.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        [user.id.as_str()]
+    );
+    assert_eq!(inside, "off", "the relay's batch commits asynchronously");
+    assert_eq!(after, "on", "the next transaction on the connection is durable");
+}

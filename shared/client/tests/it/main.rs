@@ -113,7 +113,7 @@ async fn server(fail_before: u32, fail_after: u32) -> Server {
     .unwrap();
     let pool = db.pool();
     let flaky = std::sync::Arc::new(Flaky {
-        inner: UserGrpc::new(pool.clone()),
+        inner: UserGrpc::new(pool.clone(), shop_outbox::Wake::new()),
         fail_before: AtomicU32::new(fail_before),
         fail_after: AtomicU32::new(fail_after),
         request_ids: Mutex::default(),
