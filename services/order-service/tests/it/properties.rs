@@ -141,9 +141,22 @@ async fn any_order_request_gets_a_documented_code() {
     // items and request ids (a few, so that they are reused) are generated
     // often enough to be accepted, and garbage beside them.
     let user = prop_oneof![2 => Just(known.clone()), 1 => text()];
-    let product = prop_oneof![3 => "sku-[0-9]{1,2}", 1 => text()];
+    // Nearly valid product ids and quantities beside garbage: a space, a
+    // tab or a control character in an id, a repeated id (ten names), a
+    // quantity at either edge.
+    let product = prop_oneof![
+        4 => "sku-[0-9]",
+        1 => "sku[ \t\x7f\u{85}-][0-9]",
+        1 => text(),
+    ];
+    let quantity = prop_oneof![
+        4 => 1..=1000i32,
+        1 => -1..=1i32,
+        1 => 999..=1001i32,
+        1 => any::<i32>(),
+    ];
     let item = move || {
-        (product.clone(), prop_oneof![3 => 1..=1000i32, 1 => any::<i32>()])
+        (product.clone(), quantity.clone())
             .prop_map(|(product_id, quantity)| pb::OrderItem { product_id, quantity })
     };
     let items = prop_oneof![
