@@ -195,7 +195,9 @@ impl Chaos {
     /// run: every user event the broker took so far, at this moment (a
     /// passive declaration's count, not the broker's periodic statistics).
     async fn tapped(&self) -> Option<u32> {
-        let connection = shop_messaging::connection::connect(&self.amqp, "chaos tap count").await.ok()?;
+        let connection = shop_messaging::connection::connect(&self.amqp, "chaos tap count")
+            .await
+            .ok()?;
         let channel = connection.create_channel().await.ok()?;
         let queue = channel
             .queue_declare(
@@ -250,7 +252,10 @@ impl Chaos {
     /// Waits (up to a minute) until every user event written before
     /// `before` is in the consumer's ledger.
     async fn everything_written_before_applied(&self, before: chrono::DateTime<chrono::Utc>) -> bool {
-        let (Ok(users), Ok(orders)) = (connect(self.user_db.url()).await, connect(self.order_db.url()).await) else {
+        let (Ok(users), Ok(orders)) = (
+            connect(self.user_db.url()).await,
+            connect(self.order_db.url()).await,
+        ) else {
             return false;
         };
         let Ok(rows) = users
@@ -344,7 +349,8 @@ mod tests {
 
     #[test]
     fn samples_are_summed_by_name_and_label() {
-        let text = "# TYPE x counter\nx{a=\"1\",outcome=\"retried\"} 2\nx{outcome=\"applied\"} 5\nxy 7\nx 1\n";
+        let text =
+            "# TYPE x counter\nx{a=\"1\",outcome=\"retried\"} 2\nx{outcome=\"applied\"} 5\nxy 7\nx 1\n";
         assert!((sum_samples(text, "x", Some("outcome=\"retried\"")) - 2.0).abs() < f64::EPSILON);
         assert!((sum_samples(text, "x", None) - 8.0).abs() < f64::EPSILON);
     }

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use base64::Engine as _;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use shop_contracts::Event as _;
@@ -172,7 +172,10 @@ async fn any_order_request_gets_a_documented_code() {
     ];
     let known_uuid = uuid::Uuid::try_parse(&known).unwrap();
     // Each request id accepted, and the user and items it was accepted for.
-    let used = std::sync::Mutex::new(std::collections::HashMap::<uuid::Uuid, (uuid::Uuid, Vec<(String, i32)>)>::new());
+    let used = std::sync::Mutex::new(std::collections::HashMap::<
+        uuid::Uuid,
+        (uuid::Uuid, Vec<(String, i32)>),
+    >::new());
     let accepted = std::sync::Mutex::new(0_u32);
     run_in_order(
         96,
@@ -211,11 +214,21 @@ async fn any_order_request_gets_a_documented_code() {
                 prop_assert_eq!(&read_back(&app, &order.id), order);
                 *accepted.lock().unwrap() += 1;
                 if let (Some(user), Some(request)) = (user_uuid, request_uuid) {
-                    used.lock().unwrap().entry(request).or_insert((user, lines.clone()));
+                    used.lock()
+                        .unwrap()
+                        .entry(request)
+                        .or_insert((user, lines.clone()));
                 }
             }
             let code = outcome.err().map_or(Code::Ok, |status| status.code());
-            prop_assert_eq!(code, expected, "CreateOrder for {:?} with {:?}, request id {:?}", user_id, lines, request_id);
+            prop_assert_eq!(
+                code,
+                expected,
+                "CreateOrder for {:?} with {:?}, request id {:?}",
+                user_id,
+                lines,
+                request_id
+            );
             Ok(())
         },
     );
@@ -282,13 +295,25 @@ async fn any_order_request_gets_a_documented_code() {
         prop_assert_eq!(&before, &state(&db), "a read changed the database");
         if let Ok(page) = &outcome {
             *listed.lock().unwrap() += 1;
-            prop_assert!(page.get_ref().orders.len() <= usize::try_from(page_size.unwrap_or(50)).unwrap_or(0));
+            prop_assert!(
+                page.get_ref().orders.len() <= usize::try_from(page_size.unwrap_or(50)).unwrap_or(0)
+            );
         }
         let code = outcome.err().map_or(Code::Ok, |status| status.code());
-        prop_assert_eq!(code, expected, "ListOrders {:?} size {:?} token {:?}", user_id, page_size, page_token);
+        prop_assert_eq!(
+            code,
+            expected,
+            "ListOrders {:?} size {:?} token {:?}",
+            user_id,
+            page_size,
+            page_token
+        );
         Ok(())
     });
-    assert!(*listed.lock().unwrap() > 0, "valid pages were generated and listed");
+    assert!(
+        *listed.lock().unwrap() > 0,
+        "valid pages were generated and listed"
+    );
     // CancelOrder: a malformed id or a version under 1 is INVALID_ARGUMENT;
     // then an unknown order NOT_FOUND; then a cancelled one
     // FAILED_PRECONDITION whatever the version; then a version that is not

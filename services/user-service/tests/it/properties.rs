@@ -448,9 +448,18 @@ async fn any_get_update_or_delete_gets_the_one_code_its_request_calls_for_and_li
             prop_assert!(page.get_ref().users.len() <= usize::try_from(page_size.unwrap_or(50)).unwrap_or(0));
         }
         let code = outcome.err().map_or(Code::Ok, |status| status.code());
-        prop_assert_eq!(code, expected, "ListUsers size {:?} token {:?}", page_size, page_token);
+        prop_assert_eq!(
+            code,
+            expected,
+            "ListUsers size {:?} token {:?}",
+            page_size,
+            page_token
+        );
         Ok(())
     });
-    assert!(*listed.lock().unwrap() > 0, "valid pages were generated and listed");
+    assert!(
+        *listed.lock().unwrap() > 0,
+        "valid pages were generated and listed"
+    );
     app.create_user("after@example.com", "Still serving").await;
 }
