@@ -305,17 +305,25 @@ fn sum_samples(text: &str, name: &str, labels: Option<&str>) -> f64 {
         .sum()
 }
 
+/// The rows `rabbitmqctl <command> <columns…>` prints for the machine's
+/// broker, without headers (nothing when it cannot run).
+async fn rabbitmqctl_rows(command_and_columns: &[&str]) -> String {
+    let (command, columns) = command_and_columns.split_at(1);
+    tokio::process::Command::new("rabbitmqctl")
+        .args(command)
+        .args(["-q", "--no-table-headers"])
+        .args(columns)
+        .output()
+        .await
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Connections the machine's broker lists as blocked (a resource alarm in
 /// force, and they tried to publish).
 async fn blocked_connections() -> usize {
-    let Ok(output) = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "--no-table-headers", "state"])
-        .output()
+    rabbitmqctl_rows(&["list_connections", "state"])
         .await
-    else {
-        return 0;
-    };
-    String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.trim() == "blocked")
         .count()
@@ -325,14 +333,8 @@ async fn blocked_connections() -> usize {
 /// as `rabbitmqctl list_queues` tells them (its statistics, some seconds
 /// old).
 async fn queue_messages(queues: &[&str]) -> u64 {
-    let Ok(output) = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "messages"])
-        .output()
+    rabbitmqctl_rows(&["list_queues", "name", "messages"])
         .await
-    else {
-        return 0;
-    };
-    String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();

@@ -285,7 +285,13 @@ impl Harness {
     /// A consumer of this harness's queue whose applications are recorded
     /// as `instance`.
     pub fn consumer(&self, instance: &str, amqp: AmqpConfig) -> Consumer {
-        Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp)
+        self.consumer_on(instance, self.consumer_pool.clone(), amqp)
+    }
+
+    /// [`Harness::consumer`] over `pool` (another replica's own database
+    /// link).
+    pub fn consumer_on(&self, instance: &str, pool: shop_database::Pool, amqp: AmqpConfig) -> Consumer {
+        Consumer::new(self.config.clone(), pool, amqp)
             .subscribe::<UserCreated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
             .subscribe::<UserUpdated, _>(Recorder(self.behavior.clone(), instance.to_owned()))
     }
