@@ -53,8 +53,9 @@ pub struct Outcome {
     pub cancelled: Vec<String>,
     /// CreateOrder calls whose outcome is unknown (they may have applied).
     pub unknown_order_creates: u64,
-    /// When each command was answered, and how: the run tells the rate it
-    /// achieved outside the faults, and the codes each fault caused.
+    /// When each command was sent, and how it was answered: the run tells
+    /// the rate it achieved outside the faults, and the codes each fault
+    /// caused (a command belongs to the window it was sent in).
     pub answers: Vec<(Instant, Answer)>,
 }
 
@@ -124,6 +125,9 @@ impl Load {
         let driver_model = model.clone();
         let running = Running::spawn(move |stop| async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+            // A tick missed is skipped, not made up in a burst: the load
+            // never offers more than its nominal rate.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let in_flight = Arc::new(Semaphore::new(64));
             while !stop.is_cancelled() {
                 tokio::select! {
@@ -136,10 +140,10 @@ impl Load {
                 let users = users[rand::random_range(0..users.len())].clone();
                 let orders = orders[rand::random_range(0..orders.len())].clone();
                 let model = driver_model.clone();
-                tokio::spawn(async move {
+                tokio::spawn(SENT.scope(Instant::now(), async move {
                     command(&users, &orders, &model, max_users).await;
                     drop(permit);
-                });
+                }));
             }
             // Let the commands under way finish.
             let _ = tokio::time::timeout(Duration::from_secs(30), in_flight.acquire_many(64)).await;
@@ -244,6 +248,11 @@ impl Load {
     }
 }
 
+tokio::task_local! {
+    /// When the command under way was sent.
+    static SENT: Instant;
+}
+
 fn record(model: &Mutex<Model>, outcome: Result<(), &Error>) {
     let mut model = model.lock().unwrap();
     model.outcome.sent += 1;
@@ -263,7 +272,8 @@ fn record(model: &Mutex<Model>, outcome: Result<(), &Error>) {
             Answer::Refused
         }
     };
-    model.outcome.answers.push((Instant::now(), answer));
+    let sent = SENT.try_with(|sent| *sent).unwrap_or_else(|_| Instant::now());
+    model.outcome.answers.push((sent, answer));
 }
 
 async fn command(users: &UserClient, orders: &OrderClient, model: &Mutex<Model>, max_users: usize) {
