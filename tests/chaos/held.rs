@@ -44,10 +44,22 @@ impl Chaos {
             }
         }
         self.failures_by_fault.push(format!("between faults {between:?}"));
-        let covered: Duration = windows
+        // The union of the windows: a fault's window may reach into the
+        // next one's.
+        let mut spans: Vec<(Instant, Instant)> = windows
             .iter()
-            .map(|(_, from, to)| (*to).min(stopped).saturating_duration_since(*from))
-            .sum();
+            .map(|(_, from, to)| (*from, (*to).min(stopped)))
+            .collect();
+        spans.sort();
+        let mut covered = Duration::ZERO;
+        let mut reached = started;
+        for (from, to) in spans {
+            let from = from.max(reached);
+            if to > from {
+                covered += to - from;
+                reached = to;
+            }
+        }
         let total = stopped.saturating_duration_since(started);
         let outside = total.saturating_sub(covered);
         if outside < Duration::from_secs(5) {
