@@ -46,7 +46,19 @@ impl Options {
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
         };
+        // `<PREFIX>_FAULTS=ReadOnlyOrderDatabase,Duplicates`: only these of
+        // the run's faults (to try one fault, or a change to one, quickly).
+        let faults = match std::env::var(format!("{prefix}_FAULTS")) {
+            Ok(names) => defaults
+                .faults
+                .iter()
+                .copied()
+                .filter(|fault| names.split(',').any(|name| name.trim() == format!("{fault:?}")))
+                .collect(),
+            Err(_) => defaults.faults.clone(),
+        };
         Self {
+            faults,
             duration: var("DURATION_SECS").map_or(defaults.duration, Duration::from_secs),
             rate: var("RATE").map_or(defaults.rate, |r| u32::try_from(r).unwrap_or(u32::MAX)),
             users: var("USERS").map_or(defaults.users, |u| usize::try_from(u).unwrap_or(usize::MAX)),
@@ -78,12 +90,17 @@ pub enum Fault {
     /// bytes without being closed (a NAT or firewall forgot the flows);
     /// new connections work.
     FreezeConnections,
-    /// Both databases turn read-only (a failover onto a standby) for
-    /// longer than the consumer's whole retry schedule.
-    ReadOnlyDatabases,
-    /// RabbitMQ raises a memory alarm and blocks every publishing
-    /// connection for longer than the relay's confirm wait.
-    BrokerAlarm,
+    /// Three faults overlapping: the order database alone turns read-only
+    /// (a failover onto a standby) for longer than the consumer's whole
+    /// retry schedule while user commands keep flowing, so user events pile
+    /// up in the consumer's queues and must be held, not charged (no
+    /// attempt, no dead letter, from the consumer's metrics); three seconds
+    /// in, events not applied yet are replayed beside applied ones; then
+    /// RabbitMQ raises a memory alarm until just before the database comes
+    /// back: the user relay's publishes block (its `broker_blocked` gauge)
+    /// while commands are still acknowledged, and the events written
+    /// meanwhile go out only once it lifts (their `published_at`).
+    ReadOnlyOrderDatabase,
     /// Two faults at once: the database refuses connections while the
     /// broker connections are cut and refused too; the broker comes back
     /// first.
@@ -248,6 +265,12 @@ pub struct Chaos {
     pub evidence: Vec<String>,
     /// A fault that did not happen, or after which nothing moved again.
     pub fault_problems: Vec<String>,
+    /// Each fault's window: from its injection until commands were
+    /// acknowledged again after it, and two seconds more.
+    pub fault_windows: Vec<(Fault, Instant, Instant)>,
+    /// The codes of the commands that failed in each fault's window, and
+    /// between faults (no client retries hide them).
+    pub failures_by_fault: Vec<String>,
     /// The consumer's whole retry schedule: the sum of its delays over
     /// every attempt; an outage held longer would dead-letter every event
     /// it held if it were charged to them.
@@ -295,6 +318,8 @@ impl Chaos {
                 }
                 answered
             };
+            let window_end = ended + answered.unwrap_or_default() + Duration::from_secs(2);
+            chaos.fault_windows.push((*fault, began, window_end));
             match answered {
                 Some(after) => chaos.evidence.push(format!(
                     "{fault:?}: commands acknowledged again {after:.1?} after it"
@@ -319,20 +344,9 @@ impl Chaos {
         }
         tokio::time::sleep_until(started + chaos.options.duration).await;
         let loaded_memory = chaos.memory();
+        let stopped = Instant::now();
         let outcome = load.stop().await;
-        // The load itself: at least a fifth of the commands it was to send
-        // acknowledged, or the faults were not tried under load.
-        let expected = u64::from(chaos.options.rate) * chaos.options.duration.as_secs() / 5;
-        chaos.evidence.push(format!(
-            "load: {} commands acknowledged (at least {expected} required)",
-            outcome.acknowledged
-        ));
-        if outcome.acknowledged < expected {
-            chaos.fault_problems.push(format!(
-                "only {} commands acknowledged, fewer than {expected}",
-                outcome.acknowledged
-            ));
-        }
+        chaos.judge_the_load(&outcome, started, stopped);
         chaos.restore().await;
         if chaos.cluster.is_some() {
             chaos.check_quorum_membership("after the faults").await;
@@ -500,6 +514,8 @@ impl Chaos {
             faults_injected: Vec::new(),
             evidence: Vec::new(),
             fault_problems: Vec::new(),
+            fault_windows: Vec::new(),
+            failures_by_fault: Vec::new(),
             retry_budget,
             _broker: broker,
             user_db,
@@ -606,11 +622,14 @@ impl Chaos {
                 node.start().await;
             }
             Fault::Duplicates => {
-                let replayed = load.replay_sample(self).await;
+                let replay = load.replay_sample(&self.order_db).await;
                 self.expect(
                     fault,
-                    replayed > 0,
-                    format!("{replayed} past events published again"),
+                    replay.applied > 0,
+                    format!(
+                        "{} past events published again, {} of them applied already",
+                        replay.replayed, replay.applied
+                    ),
                 );
             }
             Fault::FreezeConnections => {
@@ -618,25 +637,7 @@ impl Chaos {
                 println!("chaos: froze {frozen} connections");
                 self.expect(fault, frozen > 0, format!("{frozen} connections frozen"));
             }
-            Fault::ReadOnlyDatabases => {
-                // Longer than the consumer's whole retry schedule: were the
-                // outage charged to the events it holds, they would all be
-                // dead letters by the end of it.
-                let held = self.retry_budget + Duration::from_secs(2);
-                self.user_db.set_read_only(true).await.unwrap();
-                self.order_db.set_read_only(true).await.unwrap();
-                tokio::time::sleep(held).await;
-                self.user_db.set_read_only(false).await.unwrap();
-                self.order_db.set_read_only(false).await.unwrap();
-                self.evidence.push(format!(
-                    "{fault:?}: held {held:.1?}, the retry schedule is {:.1?}",
-                    self.retry_budget
-                ));
-            }
-            Fault::BrokerAlarm => {
-                let _alarm = MemoryAlarm::raise().await;
-                tokio::time::sleep(Duration::from_secs(12)).await;
-            }
+            Fault::ReadOnlyOrderDatabase => self.read_only_order_database_under_alarm(fault, load).await,
             Fault::DatabaseAndBrokerAtOnce => {
                 self.pg_proxy.refuse(true);
                 self.pg_proxy.cut();
@@ -777,10 +778,10 @@ impl Chaos {
 
 /// A memory alarm on the shared broker, lifted when dropped, even when the
 /// run fails (the watermark goes back to RabbitMQ's default, 0.4).
-struct MemoryAlarm;
+pub(crate) struct MemoryAlarm;
 
 impl MemoryAlarm {
-    async fn raise() -> Self {
+    pub(crate) async fn raise() -> Self {
         rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1000000"]).await;
         Self
     }

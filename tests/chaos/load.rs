@@ -8,6 +8,7 @@ use rand::seq::SliceRandom as _;
 use shop_client::{ClientConfig, Error, OrderClient, RetryPolicy, UserClient, UserUpdate};
 use shop_testkit::Running;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::harness::Chaos;
 
@@ -52,6 +53,32 @@ pub struct Outcome {
     pub cancelled: Vec<String>,
     /// CreateOrder calls whose outcome is unknown (they may have applied).
     pub unknown_order_creates: u64,
+    /// When each command was sent, and how it was answered: the run tells
+    /// the rate it achieved outside the faults, and the codes each fault
+    /// caused (a command belongs to the window it was sent in).
+    pub answers: Vec<(Instant, Answer)>,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Acknowledged,
+    /// Answered with a documented refusal (a stale version, a deleted
+    /// user): the service did its work.
+    Refused,
+    /// Not answered by the service's work: the gRPC code it ended with.
+    Failed(String),
+}
+
+/// What a replay of past events published.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Replayed {
+    pub replayed: usize,
+    /// Already in the consumer's ledger when replayed.
+    pub applied: usize,
+    /// Not applied yet when replayed: the copy may arrive before the
+    /// original is applied.
+    pub unapplied: usize,
 }
 
 /// The running load.
@@ -64,10 +91,9 @@ pub struct Load {
 }
 
 fn clients(chaos: &Chaos) -> (Vec<UserClient>, Vec<OrderClient>) {
-    let retry = RetryPolicy {
-        max_attempts: 8,
-        backoff: shop_client::Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
-    };
+    // No retries: every UNAVAILABLE a fault causes is an answer the run
+    // counts, not one the client hides by trying again.
+    let retry = RetryPolicy::none();
     let config = |addr: std::net::SocketAddr| {
         ClientConfig::new(format!("http://{addr}"))
             .with_token(shop_client::SecretString::from(
@@ -99,6 +125,9 @@ impl Load {
         let driver_model = model.clone();
         let running = Running::spawn(move |stop| async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+            // A tick missed is skipped, not made up in a burst: the load
+            // never offers more than its nominal rate.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let in_flight = Arc::new(Semaphore::new(64));
             while !stop.is_cancelled() {
                 tokio::select! {
@@ -111,10 +140,10 @@ impl Load {
                 let users = users[rand::random_range(0..users.len())].clone();
                 let orders = orders[rand::random_range(0..orders.len())].clone();
                 let model = driver_model.clone();
-                tokio::spawn(async move {
+                tokio::spawn(SENT.scope(Instant::now(), async move {
                     command(&users, &orders, &model, max_users).await;
                     drop(permit);
-                });
+                }));
             }
             // Let the commands under way finish.
             let _ = tokio::time::timeout(Duration::from_secs(30), in_flight.acquire_many(64)).await;
@@ -139,19 +168,23 @@ impl Load {
         self.model.lock().unwrap().outcome.clone()
     }
 
-    /// Publishes again up to 30 past user events, shuffled: duplicates, out
-    /// of order. Returns how many.
-    pub async fn replay_sample(&self, _chaos: &Chaos) -> usize {
+    /// Publishes again 30 past user events, shuffled: duplicates, out of
+    /// order. Half are the oldest the sample tap still holds, half the
+    /// newest: once the consumer is held back, those are events it has not
+    /// applied yet, so a copy may come before its original. Takes every
+    /// event the tap holds (the next replay samples newer ones) and tells,
+    /// from the consumer's ledger, how many were applied already.
+    pub async fn replay_sample(&self, order_db: &shop_testkit::TestDatabase) -> Replayed {
         use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
         let Ok(connection) = shop_messaging::connection::connect(&self.amqp, "chaos replay").await else {
-            return 0;
+            return Replayed::default();
         };
         let Ok(channel) = connection.create_channel().await else {
-            return 0;
+            return Replayed::default();
         };
         let _ = channel.confirm_select(ConfirmSelectOptions::default()).await;
-        let mut sample = Vec::new();
-        while sample.len() < 30 {
+        let mut held = Vec::new();
+        while held.len() < 50_000 {
             match channel
                 .basic_get(
                     self.sample_queue.as_str().into(),
@@ -161,11 +194,32 @@ impl Load {
             {
                 Ok(Some(message)) => {
                     let _ = message.delivery.ack(BasicAckOptions::default()).await;
-                    sample.push(message.delivery);
+                    held.push(message.delivery);
                 }
                 _ => break,
             }
         }
+        let newest = held.split_off(held.len().saturating_sub(15));
+        held.truncate(15);
+        let mut sample = held;
+        sample.extend(newest);
+        let ids: Vec<String> = sample
+            .iter()
+            .filter_map(|d| d.properties.message_id().as_ref().map(ToString::to_string))
+            .collect();
+        let applied = match tokio_postgres::connect(order_db.url(), tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+                    .query_one(
+                        "SELECT count(DISTINCT event_id) FROM inbox_ledger WHERE event_id::text = ANY($1)",
+                        &[&ids],
+                    )
+                    .await
+                    .map_or(0, |row| usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            }
+            Err(_) => 0,
+        };
         sample.shuffle(&mut rand::rng());
         for delivery in &sample {
             if let Ok(confirm) = channel
@@ -181,27 +235,45 @@ impl Load {
                 let _ = confirm.await;
             }
         }
-        println!("chaos: republished {} user events, shuffled", sample.len());
+        println!(
+            "chaos: republished {} user events, shuffled ({applied} already applied)",
+            sample.len()
+        );
         let _ = connection.close(200, "replayed".into()).await;
-        sample.len()
+        Replayed {
+            replayed: sample.len(),
+            applied,
+            unapplied: sample.len().saturating_sub(applied),
+        }
     }
+}
+
+tokio::task_local! {
+    /// When the command under way was sent.
+    static SENT: Instant;
 }
 
 fn record(model: &Mutex<Model>, outcome: Result<(), &Error>) {
     let mut model = model.lock().unwrap();
     model.outcome.sent += 1;
-    match outcome {
-        Ok(()) => model.outcome.acknowledged += 1,
+    let answer = match outcome {
+        Ok(()) => {
+            model.outcome.acknowledged += 1;
+            Answer::Acknowledged
+        }
         Err(error @ (Error::Unavailable(_) | Error::DeadlineExceeded(_) | Error::Server { .. })) => {
             model.outcome.failed += 1;
-            *model
-                .outcome
-                .failed_by_code
-                .entry(format!("{:?}", error.code()))
-                .or_default() += 1;
+            let code = format!("{:?}", error.code());
+            *model.outcome.failed_by_code.entry(code.clone()).or_default() += 1;
+            Answer::Failed(code)
         }
-        Err(_) => model.outcome.refused += 1,
-    }
+        Err(_) => {
+            model.outcome.refused += 1;
+            Answer::Refused
+        }
+    };
+    let sent = SENT.try_with(|sent| *sent).unwrap_or_else(|_| Instant::now());
+    model.outcome.answers.push((sent, answer));
 }
 
 async fn command(users: &UserClient, orders: &OrderClient, model: &Mutex<Model>, max_users: usize) {

@@ -21,6 +21,7 @@
 
 mod cluster;
 mod harness;
+mod held;
 mod load;
 mod reconcile;
 
@@ -46,10 +47,9 @@ async fn under_faults_nothing_is_lost_nothing_is_applied_twice_and_projections_m
             Fault::RefuseDatabase,
             Fault::FreezeConnections,
             Fault::KillOrderService,
-            Fault::ReadOnlyDatabases,
+            Fault::ReadOnlyOrderDatabase,
             Fault::RestartBroker,
             Fault::DatabaseAndBrokerAtOnce,
-            Fault::BrokerAlarm,
             Fault::EveryInstanceDown,
         ],
         cluster: false,

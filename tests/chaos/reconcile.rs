@@ -561,8 +561,12 @@ pub async fn settle_and_reconcile(
             ),
         ),
         (
-            "failed commands by code (after the client's retries)".to_owned(),
+            "failed commands by code (no client retries)".to_owned(),
             format!("{:?}", outcome.failed_by_code),
+        ),
+        (
+            "failed commands in each fault's window".to_owned(),
+            chaos.failures_by_fault.join("; "),
         ),
         (format!("faults injected ({})", faults.len()), faults.join(", ")),
         (

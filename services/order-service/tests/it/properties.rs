@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use proptest::prelude::*;
@@ -58,12 +59,6 @@ fn block<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
 
-fn check(outcome: Result<(), tonic::Status>, allowed: &[Code]) -> Result<(), TestCaseError> {
-    let code = outcome.err().map_or(Code::Ok, |status| status.code());
-    prop_assert!(allowed.contains(&code), "code {code:?} is not one of {allowed:?}");
-    Ok(())
-}
-
 /// What a call may change: a digest of every order, item and remembered
 /// request id, and the number of outbox rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +103,21 @@ fn check_effect(accepted: bool, before: &State, after: &State) -> Result<(), Tes
     Ok(())
 }
 
+/// Whether an order's items meet the documented rules: 1 to 100 items,
+/// each product id 1 to 100 characters without whitespace or control
+/// characters and named once, each quantity 1 to 1000.
+fn valid_items(lines: &[(String, i32)]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    (1..=100).contains(&lines.len())
+        && lines.iter().all(|(product, quantity)| {
+            !product.is_empty()
+                && product.chars().count() <= 100
+                && !product.chars().any(|c| c.is_whitespace() || c.is_control())
+                && seen.insert(product.as_str())
+                && (1..=1000).contains(quantity)
+        })
+}
+
 fn read_back(app: &TestApp, id: &str) -> pb::Order {
     block(
         app.client
@@ -126,23 +136,75 @@ async fn any_order_request_gets_a_documented_code() {
     let db = database(&app).await;
     let known = app.known_user_id().await.to_string();
     let order = app.create_order(known.parse().unwrap(), &[("sku-1", 1)]).await;
-    let user = prop_oneof![Just(known.clone()), text()];
-    let item = || {
-        (text(), prop_oneof![1..=1000i32, any::<i32>()])
+    // CreateOrder: the one code each request calls for, from a model of the
+    // documented rules and of the request ids accepted so far. Valid users,
+    // items and request ids (a few, so that they are reused) are generated
+    // often enough to be accepted, and garbage beside them.
+    let user = prop_oneof![2 => Just(known.clone()), 1 => text()];
+    // Nearly valid product ids and quantities beside garbage: a space, a
+    // tab or a control character in an id, a repeated id (ten names), a
+    // quantity at either edge.
+    let product = prop_oneof![
+        4 => "sku-[0-9]",
+        1 => "sku[ \t\x7f\u{85}-][0-9]",
+        1 => text(),
+    ];
+    let quantity = prop_oneof![
+        4 => 1..=1000i32,
+        1 => -1..=1i32,
+        1 => 999..=1001i32,
+        1 => any::<i32>(),
+    ];
+    let item = move || {
+        (product.clone(), quantity.clone())
             .prop_map(|(product_id, quantity)| pb::OrderItem { product_id, quantity })
     };
     let items = prop_oneof![
-        proptest::collection::vec(item(), 0..4),
-        proptest::collection::vec(item(), 95..110),
+        4 => proptest::collection::vec(item(), 1..4),
+        1 => proptest::collection::vec(item(), 0..1),
+        1 => proptest::collection::vec(item(), 95..110),
     ];
-    run(
-        64,
-        (user.clone(), items, text()),
+    let request_ids = [uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
+    let request_id = prop_oneof![
+        2 => Just(String::new()),
+        3 => proptest::sample::select(request_ids.to_vec()).prop_map(|id| id.to_string()),
+        1 => text(),
+    ];
+    let known_uuid = uuid::Uuid::try_parse(&known).unwrap();
+    // Each request id accepted, and the user and items it was accepted for.
+    let used = std::sync::Mutex::new(std::collections::HashMap::<
+        uuid::Uuid,
+        (uuid::Uuid, Vec<(String, i32)>),
+    >::new());
+    let accepted = std::sync::Mutex::new(0_u32);
+    run_in_order(
+        96,
+        (user.clone(), items, request_id),
         |(user_id, items, request_id)| {
+            let lines: Vec<(String, i32)> = items
+                .iter()
+                .map(|item| (item.product_id.clone(), item.quantity))
+                .collect();
+            let user_uuid = uuid::Uuid::try_parse(&user_id).ok();
+            let request_uuid = uuid::Uuid::try_parse(&request_id).ok();
+            let expected = match (user_uuid, request_uuid) {
+                _ if !valid_items(&lines) => Code::InvalidArgument,
+                (None, _) => Code::InvalidArgument,
+                (_, None) if !request_id.is_empty() => Code::InvalidArgument,
+                (Some(user), Some(request)) if used.lock().unwrap().contains_key(&request) => {
+                    if used.lock().unwrap()[&request] == (user, lines.clone()) {
+                        Code::Ok
+                    } else {
+                        Code::AlreadyExists
+                    }
+                }
+                (Some(user), _) if user != known_uuid => Code::FailedPrecondition,
+                (Some(_), _) => Code::Ok,
+            };
             let request = pb::CreateOrderRequest {
-                user_id,
+                user_id: user_id.clone(),
                 items,
-                request_id,
+                request_id: request_id.clone(),
             };
             let before = state(&db);
             let outcome = block(app.client.clone().create_order(request))
@@ -150,17 +212,29 @@ async fn any_order_request_gets_a_documented_code() {
             check_effect(outcome.is_ok(), &before, &state(&db))?;
             if let Ok(order) = &outcome {
                 prop_assert_eq!(&read_back(&app, &order.id), order);
+                *accepted.lock().unwrap() += 1;
+                if let (Some(user), Some(request)) = (user_uuid, request_uuid) {
+                    used.lock()
+                        .unwrap()
+                        .entry(request)
+                        .or_insert((user, lines.clone()));
+                }
             }
-            check(
-                outcome.map(drop),
-                &[
-                    Code::Ok,
-                    Code::InvalidArgument,
-                    Code::FailedPrecondition,
-                    Code::AlreadyExists,
-                ],
-            )
+            let code = outcome.err().map_or(Code::Ok, |status| status.code());
+            prop_assert_eq!(
+                code,
+                expected,
+                "CreateOrder for {:?} with {:?}, request id {:?}",
+                user_id,
+                lines,
+                request_id
+            );
+            Ok(())
         },
+    );
+    assert!(
+        *accepted.lock().unwrap() > 0,
+        "valid orders were generated and accepted"
     );
     let order_id = prop_oneof![Just(order.id.clone()), text()];
     // The one code each id calls for, from the documented rules: the known
@@ -184,20 +258,61 @@ async fn any_order_request_gets_a_documented_code() {
         prop_assert_eq!(code, expected, "GetOrder {:?}", id);
         Ok(())
     });
-    run(
-        48,
-        (user, proptest::option::of(any::<i32>()), text()),
-        |(user_id, page_size, page_token)| {
-            let request = pb::ListOrdersRequest {
-                user_id,
-                page_size,
-                page_token,
-            };
-            let before = state(&db);
-            let outcome = block(app.client.clone().list_orders(request));
-            prop_assert_eq!(&before, &state(&db), "a read changed the database");
-            check(outcome.map(drop), &[Code::Ok, Code::InvalidArgument])
-        },
+    // ListOrders: a malformed user id, a page size outside 1..=1000 or a
+    // token that is not a page token (a UUID's 16 bytes in unpadded
+    // URL-safe base64) is INVALID_ARGUMENT; anything else a page.
+    let token = prop_oneof![
+        2 => Just(String::new()),
+        2 => any::<[u8; 16]>().prop_map(|bytes| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)),
+        1 => text(),
+    ];
+    let size = prop_oneof![
+        1 => Just(None),
+        2 => (1..=1000i32).prop_map(Some),
+        1 => any::<i32>().prop_map(Some),
+    ];
+    let listed = std::sync::Mutex::new(0_u32);
+    run(48, (user, size, token), |(user_id, page_size, page_token)| {
+        let token_ok = page_token.is_empty()
+            || base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&page_token)
+                .is_ok_and(|bytes| bytes.len() == 16);
+        let expected = if uuid::Uuid::try_parse(&user_id).is_err()
+            || page_size.is_some_and(|size| !(1..=1000).contains(&size))
+            || !token_ok
+        {
+            Code::InvalidArgument
+        } else {
+            Code::Ok
+        };
+        let request = pb::ListOrdersRequest {
+            user_id: user_id.clone(),
+            page_size,
+            page_token: page_token.clone(),
+        };
+        let before = state(&db);
+        let outcome = block(app.client.clone().list_orders(request));
+        prop_assert_eq!(&before, &state(&db), "a read changed the database");
+        if let Ok(page) = &outcome {
+            *listed.lock().unwrap() += 1;
+            prop_assert!(
+                page.get_ref().orders.len() <= usize::try_from(page_size.unwrap_or(50)).unwrap_or(0)
+            );
+        }
+        let code = outcome.err().map_or(Code::Ok, |status| status.code());
+        prop_assert_eq!(
+            code,
+            expected,
+            "ListOrders {:?} size {:?} token {:?}",
+            user_id,
+            page_size,
+            page_token
+        );
+        Ok(())
+    });
+    assert!(
+        *listed.lock().unwrap() > 0,
+        "valid pages were generated and listed"
     );
     // CancelOrder: a malformed id or a version under 1 is INVALID_ARGUMENT;
     // then an unknown order NOT_FOUND; then a cancelled one

@@ -3,6 +3,8 @@
 //! row, no outbox row); an accepted one is read back as it was answered,
 //! and each change of the users table comes with exactly one outbox row.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use shop_contracts::user as pb;
@@ -40,12 +42,6 @@ fn current_or_any_version() -> impl Strategy<Value = Option<i64>> {
 /// A known user's id, sometimes, so the deeper paths are reached too.
 fn id(known: String) -> impl Strategy<Value = String> {
     prop_oneof![Just(known), text()]
-}
-
-fn check(outcome: Result<(), tonic::Status>, allowed: &[Code]) -> Result<(), TestCaseError> {
-    let code = outcome.err().map_or(Code::Ok, |status| status.code());
-    prop_assert!(allowed.contains(&code), "code {code:?} is not one of {allowed:?}");
-    Ok(())
 }
 
 fn run<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) {
@@ -414,18 +410,56 @@ async fn any_get_update_or_delete_gets_the_one_code_its_request_calls_for_and_li
         model.lock().unwrap().deleted,
         "a valid delete was generated and accepted"
     );
-    run(
-        (proptest::option::of(any::<i32>()), text()),
-        |(page_size, page_token)| {
-            let request = pb::ListUsersRequest {
-                page_size,
-                page_token,
-            };
-            let before = state(&db);
-            let outcome = call(app.client.clone().list_users(request));
-            prop_assert_eq!(&before, &state(&db), "a read changed the database");
-            check(outcome.map(drop), &[Code::Ok, Code::InvalidArgument])
-        },
+    // ListUsers: a page size outside 1..=1000 or a token that is not a page
+    // token (a UUID's 16 bytes in unpadded URL-safe base64) is
+    // INVALID_ARGUMENT; anything else a page, at most its size long.
+    let size = prop_oneof![
+        1 => Just(None),
+        2 => (1..=1000i32).prop_map(Some),
+        1 => prop_oneof![-1..=1i32, 999..=1001i32].prop_map(Some),
+        1 => any::<i32>().prop_map(Some),
+    ];
+    let token = prop_oneof![
+        2 => Just(String::new()),
+        2 => any::<[u8; 16]>().prop_map(|bytes| URL_SAFE_NO_PAD.encode(bytes)),
+        1 => any::<Vec<u8>>().prop_map(|bytes| URL_SAFE_NO_PAD.encode(bytes)),
+        1 => text(),
+    ];
+    let listed = std::sync::Mutex::new(0_u32);
+    run((size, token), |(page_size, page_token)| {
+        let token_ok = page_token.is_empty()
+            || URL_SAFE_NO_PAD
+                .decode(&page_token)
+                .is_ok_and(|bytes| bytes.len() == 16);
+        let expected = if page_size.is_some_and(|size| !(1..=1000).contains(&size)) || !token_ok {
+            Code::InvalidArgument
+        } else {
+            Code::Ok
+        };
+        let request = pb::ListUsersRequest {
+            page_size,
+            page_token: page_token.clone(),
+        };
+        let before = state(&db);
+        let outcome = call(app.client.clone().list_users(request));
+        prop_assert_eq!(&before, &state(&db), "a read changed the database");
+        if let Ok(page) = &outcome {
+            *listed.lock().unwrap() += 1;
+            prop_assert!(page.get_ref().users.len() <= usize::try_from(page_size.unwrap_or(50)).unwrap_or(0));
+        }
+        let code = outcome.err().map_or(Code::Ok, |status| status.code());
+        prop_assert_eq!(
+            code,
+            expected,
+            "ListUsers size {:?} token {:?}",
+            page_size,
+            page_token
+        );
+        Ok(())
+    });
+    assert!(
+        *listed.lock().unwrap() > 0,
+        "valid pages were generated and listed"
     );
     app.create_user("after@example.com", "Still serving").await;
 }

@@ -105,45 +105,15 @@ async fn a_read_only_database_holds_events_without_charging_them_and_applies_the
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_that_loses_its_database_gives_up_its_partitions_to_a_healthy_one() {
     const USERS: usize = 20;
-    let mut h = crate::support::harness_with(|mut config, _| {
-        config.partitions = 4;
-        config.member_timeout = Duration::from_secs(1);
-        config
-    })
-    .await;
-    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
-        .await
-        .unwrap();
-    h.consumer_pool = shop_database::pool(&h.db.config_via(&database_proxy)).unwrap();
+    let (mut h, database_proxy) = replica_behind_a_proxy(|_| {}).await;
     h.start().await;
     // The healthy replica reaches the database directly.
-    let healthy =
-        shop_messaging::consumer::Consumer::new(h.config.clone(), h.pool.clone(), h.broker.config())
-            .subscribe::<shop_contracts::user::UserCreated, _>(crate::support::Recorder(
-                h.behavior.clone(),
-                "healthy".to_owned(),
-            ))
-            .subscribe::<shop_contracts::user::UserUpdated, _>(crate::support::Recorder(
-                h.behavior.clone(),
-                "healthy".to_owned(),
-            ));
+    let healthy = h.consumer_on("healthy", h.pool.clone(), h.broker.config());
     let _healthy = tokio::spawn(healthy.run(h.shutdown.child_token()));
     // Until the healthy replica applies something: the partitions are
     // split between the two (one probe user after another, each in some
     // partition).
-    let probes = std::sync::atomic::AtomicUsize::new(0);
-    shop_testkit::eventually(
-        "the healthy replica consuming",
-        Duration::from_secs(30),
-        || async {
-            let probe = probes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            h.publish(&created(&format!("probe-{probe}"), 1), Uuid::now_v7())
-                .await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            (applied_by(&h, "healthy").await > 0).then_some(())
-        },
-    )
-    .await;
+    until_consuming(&h, "healthy", "the healthy replica consuming").await;
     let users: Vec<String> = (0..USERS).map(|n| format!("fenced-{n}")).collect();
     for user in &users {
         h.publish(&created(user, 1), Uuid::now_v7()).await;
@@ -188,20 +158,162 @@ async fn a_replica_that_loses_its_database_gives_up_its_partitions_to_a_healthy_
     }
 
     // Its database back, the replica takes its share again.
-    let before = applied_by(&h, "main").await;
     database_proxy.refuse(false);
-    let probes = std::sync::atomic::AtomicUsize::new(0);
+    until_consuming(&h, "main", "the replica consuming again with its database back").await;
+}
+
+/// A live hand-over under a frozen owner: the replica that owns a user's
+/// partition is inside the transaction of that user's version 2 when its
+/// database link freezes (open, carrying nothing, new connections refused).
+/// Its heartbeats fail, the partition moves, the server ends the silent
+/// session past its idle-in-transaction timeout (the batch rolls back), and
+/// the healthy replica applies versions 2 to 4. When the frozen one gets its
+/// database back, it applies nothing again: the ledger holds versions 1 to
+/// 4 once each, version 1 by the old owner and the rest by the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_handed_over_from_a_frozen_owner_mid_transaction_is_applied_once_in_order() {
+    // The server lets go of a silent session's locks after three seconds.
+    let (mut h, database_proxy) = replica_behind_a_proxy(|config| {
+        config.idle_in_transaction_timeout = Duration::from_secs(3);
+    })
+    .await;
+    h.start().await;
+    // The healthy replica reaches the database directly.
+    let healthy = h.consumer_on("healthy", h.pool.clone(), h.broker.config());
+    let _healthy = tokio::spawn(healthy.run(h.shutdown.child_token()));
+
+    // A user whose partition the replica behind the proxy owns.
+    let mut owned = None;
+    for n in 0..200 {
+        let user = format!("handover-{n}");
+        h.publish(&created(&user, 1), Uuid::now_v7()).await;
+        let user_clone = user.clone();
+        let instance = shop_testkit::eventually(
+            "the candidate's version 1 applied",
+            Duration::from_secs(30),
+            || {
+                let user = user_clone.clone();
+                let h = &h;
+                async move { instance_of(h, &user, 1).await }
+            },
+        )
+        .await;
+        if instance == "main" {
+            owned = Some(user);
+            break;
+        }
+    }
+    let user = owned.expect("the replica behind the proxy owns a partition");
+
+    // Its version 2 held inside the owner's transaction.
+    *h.behavior.hold_user.lock().unwrap() = Some(user.clone());
+    h.publish(&crate::support::updated(&user, 2), Uuid::now_v7())
+        .await;
     shop_testkit::eventually(
-        "the replica consuming again with its database back",
+        "the owner inside version 2's transaction",
         Duration::from_secs(30),
         || async {
-            let probe = probes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            h.publish(&created(&format!("back-{probe}"), 1), Uuid::now_v7())
-                .await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            (applied_by(&h, "main").await > before).then_some(())
+            h.behavior
+                .deliveries
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(u, version, _)| *u == user && *version == 2)
+                .then_some(())
         },
     )
+    .await;
+    let frozen = database_proxy.freeze();
+    database_proxy.refuse(true);
+    assert!(
+        frozen > 0,
+        "the owner held database connections to freeze ({frozen})"
+    );
+    for version in [3, 4] {
+        h.publish(&crate::support::updated(&user, version), Uuid::now_v7())
+            .await;
+    }
+    // The held handler goes on into its frozen connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.behavior.release.notify_one();
+
+    shop_testkit::eventually(
+        "versions 2 to 4 applied by the new owner",
+        Duration::from_secs(60),
+        || async {
+            let mut versions = Vec::new();
+            for version in 2..=4 {
+                versions.push(instance_of(&h, &user, version).await?);
+            }
+            versions
+                .iter()
+                .all(|instance| instance == "healthy")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        database_proxy.refused() > 0,
+        "the frozen owner tried its database and was refused"
+    );
+
+    // The old owner's database back: nothing applied again.
+    database_proxy.refuse(false);
+    until_consuming(&h, "main", "the old owner consuming again").await;
+    let seen = crate::support::seen_by_user(&h.applied().await);
+    assert_eq!(
+        seen[&user],
+        [1, 2, 3, 4],
+        "the ledger holds each version once, in order"
+    );
+    assert_eq!(instance_of(&h, &user, 1).await.as_deref(), Some("main"));
+}
+
+/// Which instance applied `user`'s `version`, if one did.
+async fn instance_of(h: &crate::support::Harness, user: &str, version: i64) -> Option<String> {
+    use diesel::{ExpressionMethods as _, QueryDsl as _};
+    use diesel_async::RunQueryDsl as _;
+    let mut conn = h.pool.get().await.ok()?;
+    crate::support::applied::table
+        .filter(crate::support::applied::user_id.eq(user))
+        .filter(crate::support::applied::version.eq(version))
+        .select(crate::support::applied::instance)
+        .first::<String>(&mut conn)
+        .await
+        .ok()
+}
+
+/// A harness of four partitions and a member timeout of a second whose
+/// consumer ("main", not started) reaches the database through the proxy
+/// returned, with its database settings adjusted.
+async fn replica_behind_a_proxy(
+    adjust: impl FnOnce(&mut shop_database::DatabaseConfig),
+) -> (crate::support::Harness, TcpProxy) {
+    let mut h = crate::support::harness_with(|mut config, _| {
+        config.partitions = 4;
+        config.member_timeout = Duration::from_secs(1);
+        config
+    })
+    .await;
+    let database_proxy = TcpProxy::start(shop_testkit::postgres_addr().await)
+        .await
+        .unwrap();
+    let mut config = h.db.config_via(&database_proxy);
+    adjust(&mut config);
+    h.consumer_pool = shop_database::pool(&config).unwrap();
+    (h, database_proxy)
+}
+
+/// Publishes one probe user after another until `instance` applies one
+/// more event than it had: the replica consuming (again).
+async fn until_consuming(h: &crate::support::Harness, instance: &str, what: &str) {
+    let before = applied_by(h, instance).await;
+    shop_testkit::eventually(what, Duration::from_secs(30), || async {
+        h.publish(&created(&format!("probe-{}", Uuid::now_v7()), 1), Uuid::now_v7())
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (applied_by(h, instance).await > before).then_some(())
+    })
     .await;
 }
 

@@ -306,7 +306,13 @@ impl Harness {
     /// A consumer of this harness's queue whose applications are recorded
     /// as `instance`.
     pub fn consumer(&self, instance: &str, amqp: AmqpConfig) -> Consumer {
-        let consumer = Consumer::new(self.config.clone(), self.consumer_pool.clone(), amqp);
+        self.consumer_on(instance, self.consumer_pool.clone(), amqp)
+    }
+
+    /// [`Harness::consumer`] over `pool` (another replica's own database
+    /// link).
+    pub fn consumer_on(&self, instance: &str, pool: shop_database::Pool, amqp: AmqpConfig) -> Consumer {
+        let consumer = Consumer::new(self.config.clone(), pool, amqp);
         let consumer = match &self.resync {
             Some(producer) => consumer.resync(producer.clone()),
             None => consumer,
