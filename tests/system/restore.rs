@@ -1,0 +1,186 @@
+//! Restores heal: a database put back to an older dump, with both real
+//! services running, and what the order service does about it without an
+//! operator.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shop_contracts::user as user_pb;
+use shop_host::auth::Permission;
+use shop_testkit::{TestKeys, metric};
+use uuid::Uuid;
+
+use crate::system::{System, WAIT, start};
+
+/// How long a restore may take to heal: generous, not a timing assertion.
+const HEAL: Duration = Duration::from_secs(90);
+
+/// A file holding a token with `users:resync` from the test's keys,
+/// removed on drop.
+struct TokenFile(std::path::PathBuf);
+
+impl TokenFile {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("restore-resync-token-{}", Uuid::now_v7()));
+        std::fs::write(&path, TestKeys::shared().token_with(&[Permission::UsersResync])).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn create_users(system: &System, count: usize) -> HashMap<String, i64> {
+    let mut users = HashMap::new();
+    for index in 0..count {
+        let user = system
+            .users
+            .clone()
+            .create_user(user_pb::CreateUserRequest {
+                email: format!("restore-{index}-{}@example.com", Uuid::now_v7().simple()),
+                name: format!("Restored {index}"),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        users.insert(user.id, user.version);
+    }
+    users
+}
+
+/// Updates `user` once, expecting `versions[user]`; counts the new version.
+async fn update(system: &System, versions: &mut HashMap<String, i64>, user: &str) {
+    let version = versions[user];
+    system
+        .users
+        .clone()
+        .update_user(user_pb::UpdateUserRequest {
+            id: user.to_owned(),
+            expected_version: version,
+            name: Some(format!("Version {}", version + 1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    versions.insert(user.to_owned(), version + 1);
+}
+
+/// The order service's projection: each known user's version.
+async fn projected(system: &System) -> HashMap<String, i64> {
+    let (database, connection) = tokio_postgres::connect(system.order_db_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    database
+        .query("SELECT user_id::text, version FROM known_users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// Waits until the projection holds every user at `versions`.
+async fn wait_for_projection(system: &System, versions: &HashMap<String, i64>, within: Duration) {
+    shop_testkit::eventually(
+        "the projection at the user service's versions",
+        within,
+        || async {
+            let projected = projected(system).await;
+            versions
+                .iter()
+                .all(|(user, version)| projected.get(user) == Some(version))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn order_metric(system: &System, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let metrics = shop_testkit::http_get(system.order_admin, "/metrics")
+        .await
+        .ok()?
+        .1;
+    metric(&metrics, name, labels)
+}
+
+/// The orders database is put back to a dump taken 50 updates ago, while
+/// the user service goes on: every user's next event arrives above the
+/// restored position, parks behind a gap, and the gap policy (`resync`)
+/// asks the real user service for the user's snapshot, which jumps the
+/// projection back to the user service's version. No operator acts.
+#[tokio::test(flavor = "multi_thread")]
+async fn restoring_the_orders_database_from_an_older_dump_heals_by_resync_without_an_operator() {
+    let mut system = start(true).await;
+    let mut versions = create_users(&system, 20).await;
+    let users: Vec<String> = versions.keys().cloned().collect();
+    for round in 0..3 {
+        for user in &users[round..] {
+            update(&system, &mut versions, user).await;
+        }
+    }
+    wait_for_projection(&system, &versions, WAIT).await;
+
+    // The dump, taken while the order service is stopped.
+    system.stop_order_service().await;
+    let dump = system.order_database().copy().await.unwrap();
+    let settings = system.order_settings.clone();
+    system.start_order_service(settings.clone()).await;
+
+    for index in 0..50 {
+        update(&system, &mut versions, &users[index % users.len()]).await;
+    }
+    wait_for_projection(&system, &versions, WAIT).await;
+    let before = projected(&system).await;
+
+    // The restore, then the order service again with the resync settings.
+    system.stop_order_service().await;
+    system.order_database().restore_from(&dump).await.unwrap();
+    let after_restore = projected(&system).await;
+    let went_back = users
+        .iter()
+        .filter(|user| after_restore[*user] < before[*user])
+        .count();
+    assert!(
+        went_back >= 19,
+        "the restore put positions back: {went_back} of 20"
+    );
+    let token = TokenFile::new();
+    let mut resyncing = settings;
+    resyncing.service.consumer.gap_timeout = Duration::from_secs(1);
+    resyncing.service.consumer.sweep_interval = Duration::from_millis(100);
+    resyncing.service.resync.url = Some(format!("http://{}", system.user_addr));
+    resyncing.service.resync.token_file = Some(token.0.clone());
+    resyncing.service.resync.timeout = Duration::from_secs(10);
+    let healing = Instant::now();
+    system.start_order_service(resyncing).await;
+
+    for user in &users {
+        update(&system, &mut versions, user).await;
+    }
+    wait_for_projection(&system, &versions, HEAL).await;
+    println!(
+        "restore healed: 20 users back at the user service's versions {:?} after the order service started",
+        healing.elapsed()
+    );
+    let queue = system.order_settings.service.user_events_queue.clone();
+    let requested = order_metric(
+        &system,
+        "consumer_gap_actions_total",
+        &[
+            ("queue", queue.as_str()),
+            ("policy", "resync"),
+            ("outcome", "requested"),
+        ],
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(requested > 0.0, "healed by resync requests: {requested}");
+    drop(token);
+}
