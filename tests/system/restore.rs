@@ -184,3 +184,80 @@ async fn restoring_the_orders_database_from_an_older_dump_heals_by_resync_withou
     assert!(requested > 0.0, "healed by resync requests: {requested}");
     drop(token);
 }
+
+/// The users database is put back to when its users were at version 1,
+/// after the order service applied their version 3: the user service
+/// reuses versions 2 and 3 for new changes. Version 3 arrives with an event
+/// id other than the one applied at 3: counted in
+/// `consumer_version_conflicts_total`, listed in `inbox_conflicts`, not
+/// applied. Not detected: the reused version 2, below the position, is
+/// taken for a late duplicate and dropped like one (no conflict recorded);
+/// only a version at the position is compared with the event applied there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_users_database_reports_reused_versions_as_conflicts() {
+    let mut system = start(true).await;
+    let mut versions = create_users(&system, 5).await;
+    let users: Vec<String> = versions.keys().cloned().collect();
+    wait_for_projection(&system, &versions, WAIT).await;
+
+    // The dump of the users database, all users at version 1.
+    system.stop_user_service().await;
+    let dump = system.user_database().copy().await.unwrap();
+    system.start_user_service().await;
+    for user in &users {
+        update(&system, &mut versions, user).await;
+        update(&system, &mut versions, user).await;
+    }
+    wait_for_projection(&system, &versions, WAIT).await;
+    let applied = versions.clone();
+
+    // The restore: the user service is back at version 1 and reuses 2, 3.
+    system.stop_user_service().await;
+    system.user_database().restore_from(&dump).await.unwrap();
+    system.start_user_service().await;
+    let mut reused: HashMap<String, i64> = users.iter().map(|user| (user.clone(), 1)).collect();
+    for user in &users {
+        update(&system, &mut reused, user).await;
+        update(&system, &mut reused, user).await;
+    }
+    assert_eq!(reused, applied, "the same versions, reused");
+
+    let queue = system.order_settings.service.user_events_queue.clone();
+    let conflicts = shop_testkit::eventually("a conflict per user", WAIT, || async {
+        order_metric(
+            &system,
+            "consumer_version_conflicts_total",
+            &[("queue", queue.as_str())],
+        )
+        .await
+        .filter(|count| *count >= users.len() as f64)
+    })
+    .await;
+    assert_eq!(conflicts, users.len() as f64);
+    let (database, connection) = tokio_postgres::connect(system.order_db_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut listed: Vec<(String, i64)> = database
+        .query(
+            "SELECT aggregate_id, aggregate_version FROM inbox_conflicts WHERE event_id <> applied_event",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    listed.sort();
+    let mut expected: Vec<(String, i64)> = users.iter().map(|user| (user.clone(), 3)).collect();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "version 3 of each user listed; version 2 is not"
+    );
+    assert_eq!(
+        projected(&system).await,
+        applied,
+        "the reused versions not applied"
+    );
+}
