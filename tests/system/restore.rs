@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shop_contracts::user as user_pb;
 use shop_host::auth::Permission;
-use shop_testkit::{TestKeys, metric};
+use shop_testkit::{Running, TestDatabase, TestKeys, metric};
 use uuid::Uuid;
 
 use crate::system::{System, WAIT, start};
@@ -71,11 +71,24 @@ async fn update(system: &System, versions: &mut HashMap<String, i64>, user: &str
     versions.insert(user.to_owned(), version + 1);
 }
 
+/// `settings` with a 1 s gap timeout and the resync settings: the real user
+/// service, asked with the token in `token`.
+fn resyncing_from(settings: &mut order_service::Config, system: &System, token: &TokenFile) {
+    settings.service.consumer.gap_timeout = Duration::from_secs(1);
+    settings.service.consumer.sweep_interval = Duration::from_millis(100);
+    settings.service.resync.url = Some(format!("http://{}", system.user_addr));
+    settings.service.resync.token_file = Some(token.0.clone());
+    settings.service.resync.timeout = Duration::from_secs(10);
+}
+
 /// The order service's projection: each known user's version.
 async fn projected(system: &System) -> HashMap<String, i64> {
-    let (database, connection) = tokio_postgres::connect(system.order_db_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    projected_in(system.order_db_url()).await
+}
+
+/// The projection in the order service database at `url`.
+async fn projected_in(url: &str) -> HashMap<String, i64> {
+    let (database, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     database
         .query("SELECT user_id::text, version FROM known_users", &[])
@@ -88,11 +101,16 @@ async fn projected(system: &System) -> HashMap<String, i64> {
 
 /// Waits until the projection holds every user at `versions`.
 async fn wait_for_projection(system: &System, versions: &HashMap<String, i64>, within: Duration) {
+    wait_for_projection_in(system.order_db_url(), versions, within).await;
+}
+
+/// [`wait_for_projection`] in the order service database at `url`.
+async fn wait_for_projection_in(url: &str, versions: &HashMap<String, i64>, within: Duration) {
     shop_testkit::eventually(
         "the projection at the user service's versions",
         within,
         || async {
-            let projected = projected(system).await;
+            let projected = projected_in(url).await;
             versions
                 .iter()
                 .all(|(user, version)| projected.get(user) == Some(version))
@@ -103,10 +121,12 @@ async fn wait_for_projection(system: &System, versions: &HashMap<String, i64>, w
 }
 
 async fn order_metric(system: &System, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let metrics = shop_testkit::http_get(system.order_admin, "/metrics")
-        .await
-        .ok()?
-        .1;
+    metric_at(system.order_admin, name, labels).await
+}
+
+/// The metric `name` with `labels` at the admin address `admin`.
+async fn metric_at(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let metrics = shop_testkit::http_get(admin, "/metrics").await.ok()?.1;
     metric(&metrics, name, labels)
 }
 
@@ -153,11 +173,7 @@ async fn restoring_the_orders_database_from_an_older_dump_heals_by_resync_withou
     );
     let token = TokenFile::new();
     let mut resyncing = settings;
-    resyncing.service.consumer.gap_timeout = Duration::from_secs(1);
-    resyncing.service.consumer.sweep_interval = Duration::from_millis(100);
-    resyncing.service.resync.url = Some(format!("http://{}", system.user_addr));
-    resyncing.service.resync.token_file = Some(token.0.clone());
-    resyncing.service.resync.timeout = Duration::from_secs(10);
+    resyncing_from(&mut resyncing, &system, &token);
     let healing = Instant::now();
     system.start_order_service(resyncing).await;
 
@@ -260,4 +276,74 @@ async fn a_restored_users_database_reports_reused_versions_as_conflicts() {
         applied,
         "the reused versions not applied"
     );
+}
+
+/// A new consumer group (another order service, its own database and
+/// queue) started after the users' traffic: it never saw their earlier
+/// events, so each user's next event parks behind a gap from version 1,
+/// and the gap policy's resync catches the group up from the user service
+/// (the snapshots reach the first group too, as duplicates).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_consumer_group_started_after_the_traffic_catches_up_by_resync() {
+    let system = start(true).await;
+    let mut versions = create_users(&system, 10).await;
+    let users: Vec<String> = versions.keys().cloned().collect();
+    for user in &users {
+        update(&system, &mut versions, user).await;
+        update(&system, &mut versions, user).await;
+    }
+    wait_for_projection(&system, &versions, WAIT).await;
+
+    let database = TestDatabase::create(
+        order_service::app::MIGRATIONS,
+        std::path::Path::new(order_service::app::MIGRATIONS_DIR),
+    )
+    .await
+    .unwrap();
+    let token = TokenFile::new();
+    let mut settings = system.order_settings.clone();
+    settings.host.database = database.config();
+    let queue = system.broker.queue("order-service-2.user-events");
+    settings.service.user_events_queue = queue.clone();
+    settings.service.events_exchange = system.broker.exchange("order-service-2.order.events");
+    resyncing_from(&mut settings, &system, &token);
+    system
+        .broker
+        .track_topology(&settings.service.consumer().topology());
+    let app = order_service::Application::build(settings).await.unwrap();
+    let (addr, admin) = (app.local_addr(), app.admin_addr());
+    let _group = Running::spawn(|shutdown| app.run(shutdown));
+    shop_testkit::eventually("the new group's consumer to serve", WAIT, || async {
+        shop_host::healthcheck::check_at(addr, order_service::app::CONSUMER_HEALTH)
+            .await
+            .ok()
+    })
+    .await;
+    assert!(
+        projected_in(database.url()).await.is_empty(),
+        "the group starts empty"
+    );
+
+    let started = Instant::now();
+    for user in &users {
+        update(&system, &mut versions, user).await;
+    }
+    wait_for_projection_in(database.url(), &versions, HEAL).await;
+    println!(
+        "new consumer group caught up: 10 users at the user service's versions {:?} after their first event",
+        started.elapsed()
+    );
+    let requested = metric_at(
+        admin,
+        "consumer_gap_actions_total",
+        &[
+            ("queue", queue.as_str()),
+            ("policy", "resync"),
+            ("outcome", "requested"),
+        ],
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(requested > 0.0, "caught up by resync requests: {requested}");
+    wait_for_projection(&system, &versions, WAIT).await;
 }
