@@ -130,6 +130,18 @@ async fn metric_at(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &st
     metric(&metrics, name, labels)
 }
 
+/// `consumer_gap_actions_total{policy="resync",outcome="requested"}` of
+/// `queue` at the admin address `admin` (0 before any).
+async fn resync_requests(admin: std::net::SocketAddr, queue: &str) -> f64 {
+    metric_at(
+        admin,
+        "consumer_gap_actions_total",
+        &[("queue", queue), ("policy", "resync"), ("outcome", "requested")],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
 /// The orders database is put back to a dump taken 50 updates ago, while
 /// the user service goes on: every user's next event arrives above the
 /// restored position, parks behind a gap, and the gap policy (`resync`)
@@ -181,22 +193,12 @@ async fn restoring_the_orders_database_from_an_older_dump_heals_by_resync_withou
         update(&system, &mut versions, user).await;
     }
     wait_for_projection(&system, &versions, HEAL).await;
-    println!(
+    eprintln!(
         "restore healed: 20 users back at the user service's versions {:?} after the order service started",
         healing.elapsed()
     );
-    let queue = system.order_settings.service.user_events_queue.clone();
-    let requested = order_metric(
-        &system,
-        "consumer_gap_actions_total",
-        &[
-            ("queue", queue.as_str()),
-            ("policy", "resync"),
-            ("outcome", "requested"),
-        ],
-    )
-    .await
-    .unwrap_or(0.0);
+    let queue = &system.order_settings.service.user_events_queue;
+    let requested = resync_requests(system.order_admin, queue).await;
     assert!(requested > 0.0, "healed by resync requests: {requested}");
     drop(token);
 }
@@ -329,21 +331,11 @@ async fn a_new_consumer_group_started_after_the_traffic_catches_up_by_resync() {
         update(&system, &mut versions, user).await;
     }
     wait_for_projection_in(database.url(), &versions, HEAL).await;
-    println!(
+    eprintln!(
         "new consumer group caught up: 10 users at the user service's versions {:?} after their first event",
         started.elapsed()
     );
-    let requested = metric_at(
-        admin,
-        "consumer_gap_actions_total",
-        &[
-            ("queue", queue.as_str()),
-            ("policy", "resync"),
-            ("outcome", "requested"),
-        ],
-    )
-    .await
-    .unwrap_or(0.0);
+    let requested = resync_requests(admin, &queue).await;
     assert!(requested > 0.0, "caught up by resync requests: {requested}");
     wait_for_projection(&system, &versions, WAIT).await;
 }
