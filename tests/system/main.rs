@@ -16,4 +16,5 @@ mod monitoring;
 mod processes;
 mod python;
 mod readme;
+mod restore;
 mod system;

@@ -28,6 +28,8 @@ pub struct System {
     pub orders: OrderServiceClient<AuthChannel>,
     pub user_settings: user_service::Config,
     pub order_settings: order_service::Config,
+    /// The order service's admin address (`/metrics`).
+    pub order_admin: SocketAddr,
     // Dropped in this order: the services stop before their names and
     // databases go.
     _user_service: Running,
@@ -181,6 +183,7 @@ pub async fn start_with(options: Options) -> System {
         .await
         .unwrap();
     let (user_addr, order_addr) = (user_app.local_addr(), order_app.local_addr());
+    let order_admin = order_app.admin_addr();
     let user_service = Running::spawn(|shutdown| user_app.run(shutdown));
     let order_service = Running::spawn(|shutdown| order_app.run(shutdown));
     let system = System {
@@ -190,6 +193,7 @@ pub async fn start_with(options: Options) -> System {
         orders: OrderServiceClient::new(with_service_token(channel(order_addr).await)),
         user_settings,
         order_settings,
+        order_admin,
         _user_service: user_service,
         _order_service: order_service,
         broker,
@@ -225,6 +229,47 @@ impl System {
     /// The user service's database, as the test identity.
     pub fn user_db_url(&self) -> &str {
         self._user_db.url()
+    }
+
+    /// The order service's database.
+    pub fn order_database(&self) -> &TestDatabase {
+        &self._order_db
+    }
+
+    /// The user service's database.
+    pub fn user_database(&self) -> &TestDatabase {
+        &self._user_db
+    }
+
+    /// Stops the order service (its pool closed with it).
+    pub async fn stop_order_service(&mut self) {
+        self._order_service.stop().await.unwrap();
+    }
+
+    /// Starts the order service again, with `settings`, on new ports;
+    /// returns once its consumer serves.
+    pub async fn start_order_service(&mut self, settings: order_service::Config) {
+        let app = order_service::Application::build(settings.clone()).await.unwrap();
+        (self.order_addr, self.order_admin) = (app.local_addr(), app.admin_addr());
+        self._order_service = Running::spawn(|shutdown| app.run(shutdown));
+        self.orders = OrderServiceClient::new(with_service_token(channel(self.order_addr).await));
+        self.order_settings = settings;
+        self.wait_until_serving(self.order_addr).await;
+    }
+
+    /// Stops the user service (its pool and relay with it).
+    pub async fn stop_user_service(&mut self) {
+        self._user_service.stop().await.unwrap();
+    }
+
+    /// Starts the user service again, with its settings, on a new port.
+    pub async fn start_user_service(&mut self) {
+        let app = user_service::Application::build(self.user_settings.clone())
+            .await
+            .unwrap();
+        self.user_addr = app.local_addr();
+        self._user_service = Running::spawn(|shutdown| app.run(shutdown));
+        self.users = UserServiceClient::new(with_service_token(channel(self.user_addr).await));
     }
 
     /// The user service's outbox relay, run by the test.

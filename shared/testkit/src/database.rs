@@ -178,6 +178,51 @@ impl TestDatabase {
         Ok(())
     }
 
+    /// A copy of the database as it is now (`CREATE DATABASE … TEMPLATE`),
+    /// dropped with the copy; nothing may be connected to it meanwhile, so
+    /// stop its service first. What a dump taken then would restore.
+    pub async fn copy(&self) -> anyhow::Result<Self> {
+        let name = format!("test_{}", crate::short_id());
+        self.end_sessions().await?;
+        admin_client()
+            .await?
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_identifier(&name),
+                quote_identifier(&self.name)
+            ))
+            .await
+            .context("failed to copy the test database")?;
+        Ok(Self {
+            url: with_database(&self.admin_url, &name),
+            admin_url: self.admin_url.clone(),
+            name,
+        })
+    }
+
+    /// Restores the database to `copy` (a [`Self::copy`] of it): drops it,
+    /// ending its sessions, and creates it again from the copy, under the
+    /// same name, as an operator restoring a dump would.
+    pub async fn restore_from(&self, copy: &Self) -> anyhow::Result<()> {
+        let client = admin_client().await?;
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_identifier(&self.name)
+            ))
+            .await
+            .context("failed to drop the test database")?;
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_identifier(&self.name),
+                quote_identifier(&copy.name)
+            ))
+            .await
+            .context("failed to restore the test database")?;
+        Ok(())
+    }
+
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
